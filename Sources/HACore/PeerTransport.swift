@@ -1,0 +1,344 @@
+@preconcurrency import Crypto
+import Foundation
+import NIOCore
+import NIOPosix
+
+/// Who is at the other end of a session, as its hello claimed and its MAC proved.
+public struct PeerHello: Hashable, Sendable {
+    public var cluster: String
+    public var node: NodeID
+    /// The channel's purpose, e.g. "quorum" or "replication".
+    public var channel: String
+    public init(cluster: String, node: NodeID, channel: String) {
+        self.cluster = cluster; self.node = node; self.channel = channel
+    }
+}
+
+/// What a session reports to its owner. Every call arrives on the connection's event loop.
+public struct PeerSessionCallbacks {
+    public var established: (PeerConnection) -> Void
+    public var frame: (PeerConnection, Frame) -> Void
+    public var closed: (PeerConnection?, String) -> Void
+    public init(established: @escaping (PeerConnection) -> Void,
+                frame: @escaping (PeerConnection, Frame) -> Void,
+                closed: @escaping (PeerConnection?, String) -> Void) {
+        self.established = established; self.frame = frame; self.closed = closed
+    }
+}
+
+/// An authenticated, replay-protected session over TCP (design.md §3 "Frames").
+///
+/// Handshake: each side sends a hello frame (sequence 0, MAC with the cluster key) with a
+/// fresh 16-byte nonce. Each direction then uses its own key,
+/// HMAC(clusterKey, "hamgr/1" ‖ sender ‖ senderNonce ‖ receiverNonce), with sequences from 1,
+/// so frames from an earlier session, or echoed back, fail authentication.
+public final class PeerConnection: @unchecked Sendable, CustomStringConvertible {
+    public let channel: Channel
+    public let local: PeerHello
+    public let remote: PeerHello
+    public var eventLoop: EventLoop { channel.eventLoop }
+    private var sealer: FrameSealer  // event loop only
+    /// Set by the owner to tag the connection (e.g. the epoch it was opened for).
+    public var userInfo: Any?
+
+    init(channel: Channel, local: PeerHello, remote: PeerHello, sendKey: SymmetricKey) {
+        self.channel = channel; self.local = local; self.remote = remote
+        self.sealer = FrameSealer(key: sendKey)
+    }
+
+    public var description: String { "\(remote.channel) link \(local.node)↔\(remote.node) (\(remote.cluster))" }
+
+    /// Seal and write a frame; flush unless the caller batches. Safe from any thread.
+    public func send(kind: UInt8, epoch: Epoch, payload: ByteBuffer, flush: Bool = true) {
+        if eventLoop.inEventLoop {
+            var out = channel.allocator.buffer(capacity: payload.readableBytes + 64)
+            sealer.seal(kind: kind, epoch: epoch, payload: payload, into: &out)
+            if flush { channel.writeAndFlush(out, promise: nil) } else { channel.write(out, promise: nil) }
+        } else {
+            eventLoop.execute { self.send(kind: kind, epoch: epoch, payload: payload, flush: flush) }
+        }
+    }
+
+    public func flush() {
+        if eventLoop.inEventLoop { channel.flush() } else { eventLoop.execute { self.channel.flush() } }
+    }
+
+    /// Bytes queued in the socket's outbound buffer are above the high-water mark.
+    public var isWritable: Bool { channel.isWritable }
+
+    public func close() { channel.close(promise: nil) }
+}
+
+/// Frame kind 0 is the transport's keepalive on every channel; owners never see it.
+public let keepaliveFrameKind: UInt8 = 0
+
+final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    enum Side { case dialer, listener }
+    private let side: Side
+    private let local: PeerHello?  // nil on a listener until the route names it
+    private let keyForCluster: (String) -> SymmetricKey?
+    private let route: (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?
+    private let idleTimeout: TimeAmount
+    private var callbacks: PeerSessionCallbacks?
+    private var connection: PeerConnection?
+    private var openSealer: FrameSealer?
+    private var myNonce = [UInt8](repeating: 0, count: 16)
+    private var clusterKey: SymmetricKey?
+    private var lastReceive = NIODeadline.now()
+    private var timer: RepeatedTask?
+    private var closeReason = "connection closed by peer"
+
+    init(side: Side, local: PeerHello?, keyForCluster: @escaping (String) -> SymmetricKey?,
+         route: @escaping (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?,
+         idleTimeout: TimeAmount) {
+        self.side = side; self.local = local; self.keyForCluster = keyForCluster
+        self.route = route; self.idleTimeout = idleTimeout
+        var rng = SystemRandomNumberGenerator()
+        for i in 0..<16 { myNonce[i] = UInt8.random(in: 0...255, using: &rng) }
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        if side == .dialer, let local {
+            guard let key = keyForCluster(local.cluster) else { return fail(context, "no key for cluster \(local.cluster)") }
+            clusterKey = key
+            sendHello(context, local, key: key)
+        }
+        let ctx = context
+        timer = context.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(idleTimeout.nanoseconds / 3), delay: .nanoseconds(idleTimeout.nanoseconds / 3)) { [weak self] _ in
+            guard let self else { return }
+            if NIODeadline.now() - self.lastReceive > self.idleTimeout {
+                self.fail(ctx, "peer silent for more than \(self.idleTimeout.nanoseconds / 1_000_000) ms")
+            } else if let c = self.connection {
+                c.send(kind: keepaliveFrameKind, epoch: .zero, payload: ByteBuffer())
+            }
+        }
+        context.fireChannelActive()
+    }
+
+    private func sendHello(_ context: ChannelHandlerContext, _ me: PeerHello, key: SymmetricKey) {
+        var p = context.channel.allocator.buffer(capacity: 128)
+        Self.writeString(me.cluster, to: &p)
+        Self.writeString(me.node.name, to: &p)
+        Self.writeString(me.channel, to: &p)
+        p.writeBytes(myNonce)
+        var s = FrameSealer(key: key, firstSequence: 0)
+        var out = context.channel.allocator.buffer(capacity: 256)
+        s.seal(kind: 255, epoch: .zero, payload: p, into: &out)
+        context.writeAndFlush(NIOAny(out), promise: nil)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let body = unwrapInboundIn(data)
+        lastReceive = .now()
+        if var opener = openSealer, let conn = connection {
+            switch opener.open(body) {
+            case .success(let frame):
+                openSealer = opener
+                if frame.kind != keepaliveFrameKind { callbacks?.frame(conn, frame) }
+            case .failure(let err):
+                fail(context, err.description)
+            }
+            return
+        }
+        handleHello(context, body)
+    }
+
+    private func handleHello(_ context: ChannelHandlerContext, _ body: ByteBuffer) {
+        // Read the claimed cluster before authenticating: the key depends on it.
+        var peek = body
+        peek.moveReaderIndex(forwardBy: min(Frame.headerBytes, peek.readableBytes))
+        guard let cluster = Self.readString(&peek), let node = Self.readString(&peek),
+              let chan = Self.readString(&peek), let nonce = peek.readBytes(length: 16) else {
+            return fail(context, "malformed hello")
+        }
+        guard let key = clusterKey ?? keyForCluster(cluster) else { return fail(context, "hello for unknown cluster \(cluster)") }
+        var helloOpener = FrameSealer(key: key, firstSequence: 0)
+        guard case .success(let f) = helloOpener.open(body), f.kind == 255 else {
+            return fail(context, "hello failed authentication (wrong cluster key?)")
+        }
+        let remote = PeerHello(cluster: cluster, node: NodeID(node), channel: chan)
+        let me: PeerHello
+        switch side {
+        case .dialer:
+            me = local!
+            guard remote.cluster == me.cluster, remote.channel == me.channel else { return fail(context, "peer answered for \(remote)") }
+            guard let r = route(remote) else { return fail(context, "unexpected peer \(remote.node)") }
+            callbacks = r.callbacks
+        case .listener:
+            guard let r = route(remote) else { return fail(context, "refused hello from \(remote.node) for \(cluster)/\(chan)") }
+            me = r.local
+            callbacks = r.callbacks
+            clusterKey = key
+            sendHello(context, me, key: key)
+        }
+        let sendKey = Self.sessionKey(key, sender: me.node.name, senderNonce: myNonce, receiverNonce: nonce)
+        let recvKey = Self.sessionKey(key, sender: remote.node.name, senderNonce: nonce, receiverNonce: myNonce)
+        openSealer = FrameSealer(key: recvKey)
+        let conn = PeerConnection(channel: context.channel, local: me, remote: remote, sendKey: sendKey)
+        connection = conn
+        callbacks?.established(conn)
+    }
+
+    static func sessionKey(_ key: SymmetricKey, sender: String, senderNonce: [UInt8], receiverNonce: [UInt8]) -> SymmetricKey {
+        var mac = HMAC<SHA256>(key: key)
+        mac.update(data: Array("hamgr/1".utf8))
+        mac.update(data: Array(sender.utf8))
+        mac.update(data: senderNonce)
+        mac.update(data: receiverNonce)
+        return SymmetricKey(data: Array(mac.finalize()))
+    }
+
+    private func fail(_ context: ChannelHandlerContext, _ reason: String) {
+        closeReason = reason
+        context.close(promise: nil)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        closeReason = (error as? FrameError)?.description ?? "\(error)"
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        timer?.cancel()
+        callbacks?.closed(connection, closeReason)
+        callbacks = nil
+        context.fireChannelInactive()
+    }
+
+    static func writeString(_ s: String, to b: inout ByteBuffer) {
+        let bytes = Array(s.utf8.prefix(255))
+        b.writeInteger(UInt8(bytes.count)); b.writeBytes(bytes)
+    }
+    static func readString(_ b: inout ByteBuffer) -> String? {
+        guard let n: UInt8 = b.readInteger(), let s = b.readString(length: Int(n)) else { return nil }
+        return s
+    }
+}
+
+/// Parses "host:port" (IPv4, hostname, or "[v6]:port").
+public func parseHostPort(_ s: String, key: String = "address") throws -> (host: String, port: Int) {
+    var host: Substring
+    let portPart: Substring
+    if s.hasPrefix("["), let close = s.firstIndex(of: "]") {
+        host = s[s.index(after: s.startIndex)..<close]
+        let rest = s[s.index(after: close)...]
+        guard rest.hasPrefix(":") else { throw ConfigError(key: key, message: "'\(s)' is not HOST:PORT") }
+        portPart = rest.dropFirst()
+    } else {
+        guard let colon = s.lastIndex(of: ":") else { throw ConfigError(key: key, message: "'\(s)' is not HOST:PORT") }
+        host = s[..<colon]; portPart = s[s.index(after: colon)...]
+    }
+    guard !host.isEmpty, let port = Int(portPart), (1...65535).contains(port) else {
+        throw ConfigError(key: key, message: "'\(s)' is not HOST:PORT with a port in 1…65535")
+    }
+    return (String(host), port)
+}
+
+private func configureTCP(_ channel: Channel, userTimeout: TimeAmount) -> EventLoopFuture<Void> {
+    let ms = Int(userTimeout.nanoseconds / 1_000_000)
+    return channel.setOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1).flatMap {
+        // Without TCP_USER_TIMEOUT a silently dropped link keeps unacknowledged data for minutes.
+        channel.setOption(ChannelOptions.Types.SocketOption(level: .tcp, name: .init(rawValue: 18 /* TCP_USER_TIMEOUT */)), value: ms)
+    }
+}
+
+private func sessionPipeline(_ channel: Channel, _ handler: PeerSessionHandler, userTimeout: TimeAmount) -> EventLoopFuture<Void> {
+    configureTCP(channel, userTimeout: userTimeout).flatMap {
+        channel.pipeline.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameBodyDecoder()))
+            try channel.pipeline.syncOperations.addHandler(handler)
+        }
+    }
+}
+
+/// Accepts sessions on one address and routes each by its authenticated hello.
+public final class PeerListener: @unchecked Sendable {
+    public let channel: Channel
+    private init(channel: Channel) { self.channel = channel }
+
+    /// - Parameter route: given the remote's hello, our own hello and callbacks, or nil to refuse.
+    public static func bind(host: String, port: Int, group: EventLoopGroup, idleTimeout: TimeAmount,
+                            keyForCluster: @escaping (String) -> SymmetricKey?,
+                            route: @escaping (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?) -> EventLoopFuture<PeerListener> {
+        ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelInitializer { ch in
+                let h = PeerSessionHandler(side: .listener, local: nil, keyForCluster: keyForCluster, route: route, idleTimeout: idleTimeout)
+                return sessionPipeline(ch, h, userTimeout: idleTimeout)
+            }
+            .bind(host: host, port: port)
+            .map { PeerListener(channel: $0) }
+    }
+
+    public var localPort: Int? { channel.localAddress?.port }
+    public func close() -> EventLoopFuture<Void> { channel.close() }
+}
+
+/// Keeps one outbound session up, reconnecting after `retryDelay` whenever it drops.
+public final class PeerDialer: @unchecked Sendable {
+    private let group: EventLoopGroup
+    private let loop: EventLoop
+    private let host: String
+    private let port: Int
+    private let local: PeerHello
+    private let key: SymmetricKey
+    private let callbacks: PeerSessionCallbacks
+    private let idleTimeout: TimeAmount
+    private let retryDelay: TimeAmount
+    private var stopped = false  // loop only
+    private var current: Channel?
+
+    public init(group: EventLoopGroup, host: String, port: Int, local: PeerHello, key: SymmetricKey,
+                idleTimeout: TimeAmount, retryDelay: TimeAmount = .milliseconds(100), callbacks: PeerSessionCallbacks) {
+        self.group = group; self.loop = group.next(); self.host = host; self.port = port
+        self.local = local; self.key = key; self.callbacks = callbacks
+        self.idleTimeout = idleTimeout; self.retryDelay = retryDelay
+    }
+
+    public func start() { loop.execute { self.connect() } }
+
+    public func stop() {
+        loop.execute {
+            self.stopped = true
+            self.current?.close(promise: nil)
+        }
+    }
+
+    private func connect() {
+        guard !stopped else { return }
+        let wrapped = PeerSessionCallbacks(
+            established: callbacks.established,
+            frame: callbacks.frame,
+            closed: { [weak self] c, why in
+                self?.callbacks.closed(c, why)
+                self?.scheduleReconnect()
+            })
+        let h = PeerSessionHandler(side: .dialer, local: local, keyForCluster: { [key] _ in key },
+                                   route: { _ in (self.local, wrapped) }, idleTimeout: idleTimeout)
+        ClientBootstrap(group: loop)
+            .connectTimeout(idleTimeout)
+            .channelInitializer { ch in sessionPipeline(ch, h, userTimeout: self.idleTimeout) }
+            .connect(host: host, port: port)
+            .whenComplete { result in
+                self.loop.execute {
+                    switch result {
+                    case .success(let ch):
+                        if self.stopped { ch.close(promise: nil) } else { self.current = ch }
+                    case .failure:
+                        self.scheduleReconnect()
+                    }
+                }
+            }
+    }
+
+    private func scheduleReconnect() {
+        loop.execute {
+            self.current = nil
+            guard !self.stopped else { return }
+            self.loop.scheduleTask(in: self.retryDelay) { self.connect() }
+        }
+    }
+}
