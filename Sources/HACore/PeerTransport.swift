@@ -82,6 +82,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     private let keyForCluster: (String) -> SymmetricKey?
     private let route: (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?
     private let idleTimeout: TimeAmount
+    private let refused: ((String) -> Void)?
     private var callbacks: PeerSessionCallbacks?
     private var connection: PeerConnection?
     private var openSealer: FrameSealer?
@@ -93,9 +94,11 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
 
     init(side: Side, local: PeerHello?, keyForCluster: @escaping (String) -> SymmetricKey?,
          route: @escaping (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?,
-         idleTimeout: TimeAmount) {
+         idleTimeout: TimeAmount, dialerCallbacks: PeerSessionCallbacks? = nil, refused: ((String) -> Void)? = nil) {
         self.side = side; self.local = local; self.keyForCluster = keyForCluster
         self.route = route; self.idleTimeout = idleTimeout
+        self.callbacks = dialerCallbacks
+        self.refused = refused
         var rng = SystemRandomNumberGenerator()
         for i in 0..<16 { myNonce[i] = UInt8.random(in: 0...255, using: &rng) }
     }
@@ -165,8 +168,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
         case .dialer:
             me = local!
             guard remote.cluster == me.cluster, remote.channel == me.channel else { return fail(context, "peer answered for \(remote)") }
-            guard let r = route(remote) else { return fail(context, "unexpected peer \(remote.node)") }
-            callbacks = r.callbacks
+            guard route(remote) != nil else { return fail(context, "unexpected peer \(remote.node)") }
         case .listener:
             guard let r = route(remote) else { return fail(context, "refused hello from \(remote.node) for \(cluster)/\(chan)") }
             me = r.local
@@ -193,6 +195,9 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
 
     private func fail(_ context: ChannelHandlerContext, _ reason: String) {
         closeReason = reason
+        if connection == nil, side == .listener {
+            refused?("refused session from \(context.remoteAddress.map { "\($0)" } ?? "?"): \(reason)")
+        }
         context.close(promise: nil)
     }
 
@@ -260,13 +265,17 @@ public final class PeerListener: @unchecked Sendable {
     private init(channel: Channel) { self.channel = channel }
 
     /// - Parameter route: given the remote's hello, our own hello and callbacks, or nil to refuse.
+    /// - Parameter refused: told why a session was refused before it was established (wrong key,
+    ///   unknown cluster or node, garbled hello), for the log.
     public static func bind(host: String, port: Int, group: EventLoopGroup, idleTimeout: TimeAmount,
                             keyForCluster: @escaping (String) -> SymmetricKey?,
+                            refused: ((String) -> Void)? = nil,
                             route: @escaping (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?) -> EventLoopFuture<PeerListener> {
         ServerBootstrap(group: group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
-                let h = PeerSessionHandler(side: .listener, local: nil, keyForCluster: keyForCluster, route: route, idleTimeout: idleTimeout)
+                let h = PeerSessionHandler(side: .listener, local: nil, keyForCluster: keyForCluster, route: route,
+                                           idleTimeout: idleTimeout, refused: refused)
                 return sessionPipeline(ch, h, userTimeout: idleTimeout)
             }
             .bind(host: host, port: port)
@@ -317,7 +326,7 @@ public final class PeerDialer: @unchecked Sendable {
                 self?.scheduleReconnect()
             })
         let h = PeerSessionHandler(side: .dialer, local: local, keyForCluster: { [key] _ in key },
-                                   route: { _ in (self.local, wrapped) }, idleTimeout: idleTimeout)
+                                   route: { [local] _ in (local, wrapped) }, idleTimeout: idleTimeout, dialerCallbacks: wrapped)
         ClientBootstrap(group: loop)
             .connectTimeout(idleTimeout)
             .channelInitializer { ch in sessionPipeline(ch, h, userTimeout: self.idleTimeout) }

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The README's second command, and exactly what CI runs (.ci/run): installs what the tests
+# need, builds, runs the whole suite (unit, simulator, real-client and process tests), then
+# the fault-injection test bed's self-test and short matrix (root only: it creates netns hosts).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/deps.sh || exit 1
+fail=0
+swift build --build-tests || exit 1
+swift test --skip-build 2>&1 | tee /tmp/hamgr-swift-test.log
+[ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
+if [ "$(id -u)" -eq 0 ] && [ -x test-bed/run_matrix.sh ]; then
+  export HAMGR_BIN="$PWD/.build/debug/hamgr" HACTL_BIN="$PWD/.build/debug/hactl"
+  bash test-bed/selftest.sh || fail=1
+  bash test-bed/run_matrix.sh || fail=1
+else
+  echo "test-bed: skipped (needs root for network namespaces)"
+fi
+exit $fail
