@@ -297,12 +297,17 @@ public final class PeerDialer: @unchecked Sendable {
     private let callbacks: PeerSessionCallbacks
     private let idleTimeout: TimeAmount
     private let retryDelay: TimeAmount
+    private let sourceHost: String?
     private var stopped = false  // loop only
     private var current: Channel?
 
+    /// - Parameter sourceHost: bind outgoing connections to this local address (the node's own
+    ///   address on that network), so the link leaves from the network it belongs to.
     public init(group: EventLoopGroup, host: String, port: Int, local: PeerHello, key: SymmetricKey,
-                idleTimeout: TimeAmount, retryDelay: TimeAmount = .milliseconds(100), callbacks: PeerSessionCallbacks) {
+                idleTimeout: TimeAmount, retryDelay: TimeAmount = .milliseconds(100), sourceHost: String? = nil,
+                callbacks: PeerSessionCallbacks) {
         self.group = group; self.loop = group.next(); self.host = host; self.port = port
+        self.sourceHost = sourceHost
         self.local = local; self.key = key; self.callbacks = callbacks
         self.idleTimeout = idleTimeout; self.retryDelay = retryDelay
     }
@@ -327,10 +332,13 @@ public final class PeerDialer: @unchecked Sendable {
             })
         let h = PeerSessionHandler(side: .dialer, local: local, keyForCluster: { [key] _ in key },
                                    route: { [local] _ in (local, wrapped) }, idleTimeout: idleTimeout, dialerCallbacks: wrapped)
-        ClientBootstrap(group: loop)
+        var bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(idleTimeout)
             .channelInitializer { ch in sessionPipeline(ch, h, userTimeout: self.idleTimeout) }
-            .connect(host: host, port: port)
+        if let sourceHost, let source = try? SocketAddress(ipAddress: sourceHost, port: 0) {
+            bootstrap = bootstrap.bind(to: source)
+        }
+        bootstrap.connect(host: host, port: port)
             .whenComplete { result in
                 self.loop.execute {
                     switch result {
