@@ -1,0 +1,397 @@
+import Logging
+import NIOCore
+
+/// One NBD connection: the handshake, then pipelined requests. Confined to the channel's
+/// event loop. Requests go to the volume as soon as they are decoded; replies are written
+/// as each completes (in any order, as the spec allows) and flushed once per loop turn.
+final class NBDConnectionHandler: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// Stop reading from a client with this many requests or payload bytes outstanding.
+    static let maxInFlightRequests = 512
+    static let maxInFlightBytes = 256 * 1024 * 1024
+
+    private enum Phase { case clientFlags, options, transmission, closed }
+
+    private let server: NBDServer
+    private var logger: Logger
+    private var phase = Phase.clientFlags
+    private var pending: ByteBuffer?
+    private var noZeroes = false
+    private var structuredReplies = false
+
+    // Transmission state.
+    private var volume: BlockVolume?
+    private var capabilities = VolumeCapabilities()
+    private var exportSize: UInt64 = 0
+    private var decoder = NBDRequestDecoder(maximumPayloadBytes: VolumeCapabilities().maximumBlockSize)
+    private var inFlightRequests = 0
+    private var inFlightBytes = 0
+    private var disconnectRequested = false
+    private var readingPaused = false
+    private var flushScheduled = false
+    private var context: ChannelHandlerContext?
+
+    init(server: NBDServer) {
+        self.server = server
+        self.logger = server.logger
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        self.context = context
+        if let peer = context.channel.remoteAddress { logger[metadataKey: "peer"] = "\(peer)" }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        self.context = nil
+        phase = .closed
+        pending = nil
+    }
+
+    func channelActive(context: ChannelHandlerContext) {
+        var out = context.channel.allocator.buffer(capacity: 18)
+        NBDHandshakeEncoder.writeGreeting(flags: NBDHandshakeFlags.fixedNewstyle | NBDHandshakeFlags.noZeroes, into: &out)
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        if phase != .closed, inFlightRequests > 0 || (pending?.readableBytes ?? 0) > 0 {
+            logger.info("NBD client went away", metadata: ["inFlight": "\(inFlightRequests)", "unparsedBytes": "\(pending?.readableBytes ?? 0)"])
+        }
+        phase = .closed
+        pending = nil
+        context.fireChannelInactive()
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        logger.debug("NBD connection error", metadata: ["error": "\(error)"])
+        close(context)
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var incoming = unwrapInboundIn(data)
+        guard phase != .closed else { return }
+        if pending == nil || pending!.readableBytes == 0 {
+            pending = incoming
+        } else {
+            pending!.writeBuffer(&incoming)
+        }
+        process(context)
+    }
+
+    // MARK: decoding
+
+    private func process(_ context: ChannelHandlerContext) {
+        guard var buffer = pending else { return }
+        pending = nil
+        var slicedPayloads = false
+        do {
+            loop: while buffer.readableBytes > 0 || decoder.isSkippingPayload && phase == .transmission {
+                switch phase {
+                case .clientFlags:
+                    guard let flags = try NBDHandshakeDecoder.nextClientFlags(&buffer) else { break loop }
+                    noZeroes = flags & NBDHandshakeFlags.clientNoZeroes != 0
+                    phase = .options
+                case .options:
+                    guard let option = try NBDHandshakeDecoder.nextOption(&buffer) else { break loop }
+                    handleOption(option, context)
+                case .transmission:
+                    if disconnectRequested {  // the client MUST NOT send after NBD_CMD_DISC
+                        buffer.moveReaderIndex(to: buffer.writerIndex)
+                        break loop
+                    }
+                    if inFlightRequests >= Self.maxInFlightRequests || inFlightBytes >= Self.maxInFlightBytes {
+                        pauseReading(context)
+                        break loop
+                    }
+                    guard let event = try decoder.next(&buffer) else { break loop }
+                    switch event {
+                    case .request(let header, let payload):
+                        if payload != nil { slicedPayloads = true }
+                        dispatch(header, payload: payload, context)
+                    case .oversizedWrite(let header):
+                        inFlightRequests += 1
+                        complete(header, .write, .failure(.invalid, "write of \(header.length) bytes exceeds the maximum payload of \(capabilities.maximumBlockSize)"), started: nil)
+                    }
+                case .closed:
+                    break loop
+                }
+            }
+        } catch {
+            logger.notice("NBD protocol violation; closing", metadata: ["reason": "\(error)"])
+            close(context)
+            return
+        }
+        guard phase != .closed, buffer.readableBytes > 0 else { return }
+        if slicedPayloads {
+            // Write payloads still reference this storage: appending to it would copy it all
+            // (copy-on-write), so move only the unparsed tail to fresh storage.
+            var fresh = context.channel.allocator.buffer(capacity: max(buffer.readableBytes, 64 * 1024))
+            fresh.writeBuffer(&buffer)
+            pending = fresh
+        } else {
+            buffer.discardReadBytes()
+            pending = buffer
+        }
+    }
+
+    // MARK: handshake
+
+    private func handleOption(_ option: NBDOptionRequest, _ context: ChannelHandlerContext) {
+        var out = context.channel.allocator.buffer(capacity: 256)
+        let code = option.code
+        switch code {
+        case NBDOption.exportName:
+            // No way to send an error here: the spec says close.
+            guard let name = NBDHandshakeDecoder.parseExportName(option.data), server.matches(exportName: name) else {
+                logger.notice("NBD_OPT_EXPORT_NAME for an unknown export; closing")
+                return close(context)
+            }
+            switch server.openVolume(for: context.channel) {
+            case .failure(let refused):
+                logger.notice("NBD export refused; closing", metadata: ["reason": "\(refused.message)"])
+                return close(context)
+            case .success(let v):
+                NBDHandshakeEncoder.writeExportNameReply(size: v.sizeBytes, flags: NBDTransmissionFlags(capabilities: v.capabilities), noZeroes: noZeroes, into: &out)
+                context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+                enterTransmission(v)
+            }
+        case NBDOption.abort:
+            NBDHandshakeEncoder.writeOptionReply(option: code, type: NBDOptionReply.ack, into: &out)
+            context.writeAndFlush(wrapOutboundOut(out)).whenComplete { _ in context.close(promise: nil) }
+            phase = .closed
+        case NBDOption.list:
+            if option.data.readableBytes != 0 {
+                NBDHandshakeEncoder.writeOptionError(option: code, type: NBDOptionReply.errInvalid, message: "NBD_OPT_LIST takes no data", into: &out)
+            } else {
+                NBDHandshakeEncoder.writeServerReply(name: server.exportName, description: server.exportDescription, into: &out)
+                NBDHandshakeEncoder.writeOptionReply(option: code, type: NBDOptionReply.ack, into: &out)
+            }
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        case NBDOption.info, NBDOption.go:
+            answerInfo(option, context, &out)
+        case NBDOption.structuredReply:
+            if option.data.readableBytes != 0 {
+                NBDHandshakeEncoder.writeOptionError(option: code, type: NBDOptionReply.errInvalid, message: "NBD_OPT_STRUCTURED_REPLY takes no data", into: &out)
+            } else {
+                structuredReplies = true
+                NBDHandshakeEncoder.writeOptionReply(option: code, type: NBDOptionReply.ack, into: &out)
+            }
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        default:
+            NBDHandshakeEncoder.writeOptionError(option: code, type: NBDOptionReply.errUnsupported, message: "option \(code) is not supported by hamgr", into: &out)
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        }
+    }
+
+    private func answerInfo(_ option: NBDOptionRequest, _ context: ChannelHandlerContext, _ out: inout ByteBuffer) {
+        let code = option.code
+        defer { context.writeAndFlush(wrapOutboundOut(out), promise: nil) }
+        guard let (name, requests) = NBDHandshakeDecoder.parseInfoRequest(option.data) else {
+            NBDHandshakeEncoder.writeOptionError(option: code, type: NBDOptionReply.errInvalid, message: "malformed NBD_OPT_INFO/GO data", into: &out)
+            return
+        }
+        guard server.matches(exportName: name) else {
+            NBDHandshakeEncoder.writeOptionError(option: code, type: NBDOptionReply.errUnknown,
+                                                 message: "no export named \"\(name)\"; this server exports \"\(server.exportName)\"", into: &out)
+            return
+        }
+        let opened = code == NBDOption.go ? server.openVolume(for: context.channel) : server.currentExport()
+        switch opened {
+        case .failure(let refused):
+            NBDHandshakeEncoder.writeOptionError(option: code, type: NBDOptionReply.errUnknown, message: refused.message, into: &out)
+        case .success(let v):
+            let caps = v.capabilities
+            NBDHandshakeEncoder.writeInfoExport(option: code, size: v.sizeBytes, flags: NBDTransmissionFlags(capabilities: caps), into: &out)
+            if requests.contains(NBDInfo.name) {
+                NBDHandshakeEncoder.writeInfoString(option: code, info: NBDInfo.name, text: server.exportName, into: &out)
+            }
+            if requests.contains(NBDInfo.description), let text = server.exportDescription {
+                NBDHandshakeEncoder.writeInfoString(option: code, info: NBDInfo.description, text: text, into: &out)
+            }
+            // Sent even unasked: the client may ignore it, and our limits are the defaults.
+            NBDHandshakeEncoder.writeInfoBlockSize(option: code, minimum: caps.minimumBlockSize, preferred: caps.preferredBlockSize,
+                                                   maximum: caps.maximumBlockSize, into: &out)
+            NBDHandshakeEncoder.writeOptionReply(option: code, type: NBDOptionReply.ack, into: &out)
+            if code == NBDOption.go { enterTransmission(v) }
+        }
+    }
+
+    private func enterTransmission(_ v: BlockVolume) {
+        volume = v
+        capabilities = v.capabilities
+        exportSize = v.sizeBytes
+        decoder = NBDRequestDecoder(maximumPayloadBytes: capabilities.maximumBlockSize)
+        phase = .transmission
+        logger.debug("NBD transmission phase", metadata: ["structuredReplies": "\(structuredReplies)"])
+    }
+
+    // MARK: transmission
+
+    private enum Outcome {
+        case success(ByteBuffer?)
+        case failure(NBDError, String)
+    }
+
+    private func dispatch(_ h: NBDRequestHeader, payload: ByteBuffer?, _ context: ChannelHandlerContext) {
+        let kind = NBDOperationKind(command: h.type)
+        if kind == .disconnect {
+            disconnectRequested = true
+            server.recorder.record(.disconnect, .ok)
+            closeIfDrained(context)
+            return
+        }
+        inFlightRequests += 1
+        guard let volume = volume else { return complete(h, kind, .failure(.shutdown, "the export is closed"), started: nil) }
+        let caps = capabilities
+        let end = h.offset.addingReportingOverflow(UInt64(h.length))
+        let inBounds = !end.overflow && end.partialValue <= exportSize
+        let loop = context.eventLoop
+        let fua = h.flags.contains(.fua)
+        func reject(_ e: NBDError, _ why: String) { complete(h, kind, .failure(e, why), started: nil) }
+
+        switch kind {
+        case .read:
+            guard h.flags.isSubset(of: [.fua]) else { return reject(.invalid, "unsupported flags for NBD_CMD_READ") }
+            guard h.length <= caps.maximumBlockSize else { return reject(.invalid, "read of \(h.length) bytes exceeds the maximum payload of \(caps.maximumBlockSize)") }
+            guard inBounds else { return reject(.invalid, "read beyond the end of the export") }
+            if h.length == 0 { return complete(h, kind, .success(nil), started: nil) }
+            volume.read(offset: h.offset, length: Int(h.length), on: loop).whenComplete { [self] r in
+                completeResult(h, kind, r.map { .success($0) }, started: nil)
+            }
+        case .write:
+            guard !caps.readOnly else { return reject(.perm, "the export is read-only") }
+            guard h.flags.isSubset(of: [.fua]) else { return reject(.invalid, "unsupported flags for NBD_CMD_WRITE") }
+            // Spec: a write beyond the end SHOULD get ENOSPC (reads and trims get EINVAL).
+            guard inBounds else { return reject(.noSpace, "write beyond the end of the export") }
+            let data = payload ?? ByteBuffer()
+            inFlightBytes += data.readableBytes
+            let started = NIODeadline.now()
+            volume.write(offset: h.offset, data: data, fua: fua, on: loop).whenComplete { [self] r in
+                inFlightBytes -= data.readableBytes
+                completeResult(h, kind, r.map { _ in .success(nil) }, started: started, bytes: data.readableBytes)
+            }
+        case .flush:
+            guard caps.flush else { return reject(.invalid, "NBD_CMD_FLUSH was not advertised") }
+            guard h.flags.isSubset(of: [.fua]) else { return reject(.invalid, "unsupported flags for NBD_CMD_FLUSH") }
+            volume.flush(on: loop).whenComplete { [self] r in completeResult(h, kind, r.map { _ in .success(nil) }, started: nil) }
+        case .trim:
+            guard !caps.readOnly else { return reject(.perm, "the export is read-only") }
+            guard caps.trim else { return reject(.invalid, "NBD_CMD_TRIM was not advertised") }
+            guard h.flags.isSubset(of: [.fua]) else { return reject(.invalid, "unsupported flags for NBD_CMD_TRIM") }
+            guard inBounds else { return reject(.invalid, "trim beyond the end of the export") }
+            if h.length == 0 { return complete(h, kind, .success(nil), started: nil) }
+            volume.trim(offset: h.offset, length: Int(h.length), fua: fua, on: loop).whenComplete { [self] r in
+                completeResult(h, kind, r.map { _ in .success(nil) }, started: nil)
+            }
+        case .writeZeroes:
+            guard !caps.readOnly else { return reject(.perm, "the export is read-only") }
+            guard caps.writeZeroes else { return reject(.invalid, "NBD_CMD_WRITE_ZEROES was not advertised") }
+            guard h.flags.isSubset(of: [.fua, .noHole]) else { return reject(.invalid, "unsupported flags for NBD_CMD_WRITE_ZEROES") }
+            guard inBounds else { return reject(.noSpace, "write beyond the end of the export") }
+            if h.length == 0 { return complete(h, kind, .success(nil), started: nil) }
+            volume.writeZeroes(offset: h.offset, length: Int(h.length), fua: fua, mayDeallocate: !h.flags.contains(.noHole), on: loop)
+                .whenComplete { [self] r in completeResult(h, kind, r.map { _ in .success(nil) }, started: nil) }
+        case .disconnect, .unknown:
+            reject(.invalid, "unknown command \(h.type)")
+        }
+    }
+
+    private func completeResult(_ h: NBDRequestHeader, _ kind: NBDOperationKind, _ result: Result<Outcome, Error>, started: NIODeadline?, bytes: Int = 0) {
+        let outcome: Outcome
+        switch result {
+        case .success(let o): outcome = o
+        case .failure(let e as VolumeError): outcome = .failure(NBDError(e), e.description)
+        case .failure(let e): outcome = .failure(.io, "\(e)")
+        }
+        complete(h, kind, outcome, started: started, bytes: bytes)
+    }
+
+    private func complete(_ h: NBDRequestHeader, _ kind: NBDOperationKind, _ outcome: Outcome, started: NIODeadline?, bytes: Int = 0) {
+        inFlightRequests -= 1
+        let latency = started.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e9 }
+        switch outcome {
+        case .success(let data):
+            server.recorder.record(kind, .ok, bytes: kind == .read ? (data?.readableBytes ?? 0) : bytes, latencySeconds: latency)
+        case .failure(let e, let why):
+            server.recorder.record(kind, e, latencySeconds: latency)
+            logger.debug("NBD request failed", metadata: ["op": "\(kind.name)", "error": "\(e.name)", "reason": "\(why)"])
+        }
+        guard phase == .transmission, let context = context else { return }
+        var header = context.channel.allocator.buffer(capacity: 32)
+        switch outcome {
+        case .success(let data):
+            if kind == .read, var data = data, data.readableBytes > 0 {
+                if structuredReplies {
+                    NBDReplyEncoder.writeOffsetDataHeader(cookie: h.cookie, offset: h.offset, dataBytes: data.readableBytes, into: &header)
+                } else {
+                    NBDReplyEncoder.writeSimpleReply(cookie: h.cookie, error: .ok, into: &header)
+                }
+                if data.readableBytes <= 16 * 1024 {  // small: one buffer, one iovec
+                    header.writeBuffer(&data)
+                    context.write(wrapOutboundOut(header), promise: nil)
+                } else {
+                    context.write(wrapOutboundOut(header), promise: nil)
+                    context.write(wrapOutboundOut(data), promise: nil)
+                }
+            } else if kind == .read && structuredReplies {
+                NBDReplyEncoder.writeDone(cookie: h.cookie, into: &header)  // a read must not get a simple reply
+                context.write(wrapOutboundOut(header), promise: nil)
+            } else {
+                NBDReplyEncoder.writeSimpleReply(cookie: h.cookie, error: .ok, into: &header)
+                context.write(wrapOutboundOut(header), promise: nil)
+            }
+        case .failure(let e, let why):
+            if structuredReplies {
+                NBDReplyEncoder.writeErrorChunk(cookie: h.cookie, error: e, message: why, into: &header)
+            } else {
+                NBDReplyEncoder.writeSimpleReply(cookie: h.cookie, error: e, into: &header)
+            }
+            context.write(wrapOutboundOut(header), promise: nil)
+        }
+        scheduleFlush(context)
+        if readingPaused, inFlightRequests < Self.maxInFlightRequests / 2, inFlightBytes < Self.maxInFlightBytes / 2 {
+            resumeReading(context)
+        }
+        closeIfDrained(context)
+    }
+
+    /// Replies completing in the same loop turn share one flush (one writev).
+    private func scheduleFlush(_ context: ChannelHandlerContext) {
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        context.eventLoop.execute { [self] in
+            flushScheduled = false
+            self.context?.flush()
+        }
+    }
+
+    private func pauseReading(_ context: ChannelHandlerContext) {
+        guard !readingPaused else { return }
+        readingPaused = true
+        _ = try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+    }
+
+    private func resumeReading(_ context: ChannelHandlerContext) {
+        readingPaused = false
+        _ = try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
+        process(context)  // requests already buffered
+    }
+
+    private func closeIfDrained(_ context: ChannelHandlerContext) {
+        guard disconnectRequested, inFlightRequests == 0, phase == .transmission else { return }
+        phase = .closed
+        // Flush the last replies first: NBD_CMD_DISC means "finish what is outstanding".
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).whenComplete { _ in
+            context.close(promise: nil)
+        }
+    }
+
+    private func close(_ context: ChannelHandlerContext) {
+        phase = .closed
+        pending = nil
+        context.close(promise: nil)
+    }
+}

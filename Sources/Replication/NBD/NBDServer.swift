@@ -1,0 +1,137 @@
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// The NBD export of one volume (design.md §3, docs/nbd.md): fixed newstyle handshake,
+/// pipelined transmission, any number of connections. The volume can be swapped or
+/// withdrawn at any time (promotion, demotion); connections to a withdrawn volume close.
+public final class NBDServer: @unchecked Sendable {
+    public let exportName: String
+    public let exportDescription: String?
+    let logger: Logger
+    let recorder = NBDStatisticsRecorder()
+    private let group: EventLoopGroup
+
+    /// What a connection sees of the export; mutated only under `lock`.
+    private struct State {
+        var volume: BlockVolume?
+        var refusal = "the export is not open yet"
+        var listener: Channel?
+        var stopped = false
+        /// Every accepted connection, with the volume it is serving (nil during the handshake).
+        var connections: [ObjectIdentifier: (channel: Channel, volume: BlockVolume?)] = [:]
+    }
+    private let lock = NIOLock()
+    private var state = State()
+
+    public init(group: EventLoopGroup, exportName: String, exportDescription: String? = nil, logger: Logger) {
+        self.group = group
+        self.exportName = exportName
+        self.exportDescription = exportDescription
+        self.logger = logger
+    }
+
+    /// Binds the listener. With port 0 the kernel picks one: see `boundPort`.
+    public func start(host: String, port: Int) -> EventLoopFuture<Void> {
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelOption(ChannelOptions.recvAllocator,
+                                value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 64 * 1024, maximum: 1024 * 1024))
+            .childChannelInitializer { [self] channel in
+                guard register(channel) else { return channel.close() }
+                channel.closeFuture.whenComplete { [self] _ in unregister(channel) }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NBDConnectionHandler(server: self))
+                }
+            }
+        return bootstrap.bind(host: host, port: port).map { [self] channel in
+            lock.withLockVoid { state.listener = channel }
+            logger.info("NBD export listening", metadata: ["export": "\(exportName)", "address": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
+        }
+    }
+
+    public var boundPort: Int? { lock.withLock { state.listener?.localAddress?.port } }
+
+    /// Opens the export with `volume`, or refuses it with `refusal` as the message clients
+    /// get (NBD_REP_ERR_UNKNOWN to GO/INFO; a close after EXPORT_NAME). Connections serving
+    /// another volume are closed: after a demotion no client may keep writing here.
+    public func setVolume(_ volume: BlockVolume?, refusal: String) {
+        let toClose: [Channel] = lock.withLock {
+            state.volume = volume
+            state.refusal = refusal
+            var closing: [Channel] = []
+            for (id, entry) in state.connections {
+                if let served = entry.volume, served !== volume {
+                    closing.append(entry.channel)
+                    state.connections[id] = (entry.channel, nil)
+                }
+            }
+            return closing
+        }
+        if !toClose.isEmpty {
+            logger.notice("NBD export volume changed; closing connections", metadata: ["connections": "\(toClose.count)"])
+        }
+        for channel in toClose { channel.close(promise: nil) }
+    }
+
+    /// Closes the listener and every connection. In-flight requests finish in the volume but
+    /// their replies are dropped.
+    public func stop() -> EventLoopFuture<Void> {
+        let (listener, channels): (Channel?, [Channel]) = lock.withLock {
+            state.stopped = true
+            let l = state.listener
+            state.listener = nil
+            return (l, state.connections.values.map { $0.channel })
+        }
+        let loop = group.next()
+        var futures: [EventLoopFuture<Void>] = []
+        if let l = listener { futures.append(l.close().recover { _ in }) }
+        for c in channels { futures.append(c.close().recover { _ in }) }
+        return EventLoopFuture.andAllComplete(futures, on: loop)
+    }
+
+    public var statistics: NBDStatistics { recorder.snapshot() }
+
+    // MARK: connection registry (called by NBDConnectionHandler)
+
+    private func register(_ channel: Channel) -> Bool {
+        let ok = lock.withLock { () -> Bool in
+            guard !state.stopped else { return false }
+            state.connections[ObjectIdentifier(channel)] = (channel, nil)
+            return true
+        }
+        if ok { recorder.connectionOpened() }
+        return ok
+    }
+
+    private func unregister(_ channel: Channel) {
+        let removed = lock.withLock { state.connections.removeValue(forKey: ObjectIdentifier(channel)) != nil }
+        if removed { recorder.connectionClosed() }
+    }
+
+    /// The volume a GO/INFO would get now, or the refusal text.
+    func currentExport() -> Result<BlockVolume, ExportRefused> {
+        lock.withLock { state.volume.map { .success($0) } ?? .failure(ExportRefused(message: state.refusal)) }
+    }
+
+    /// Atomically takes the current volume for `channel` entering transmission, so that a
+    /// concurrent `setVolume` either sees this connection or this connection sees its volume.
+    func openVolume(for channel: Channel) -> Result<BlockVolume, ExportRefused> {
+        lock.withLock {
+            guard let v = state.volume else { return .failure(ExportRefused(message: state.refusal)) }
+            guard state.connections[ObjectIdentifier(channel)] != nil else {
+                return .failure(ExportRefused(message: "the server is stopping"))
+            }
+            state.connections[ObjectIdentifier(channel)] = (channel, v)
+            return .success(v)
+        }
+    }
+
+    struct ExportRefused: Error { var message: String }
+
+    /// Whether a client's export name selects this export ("" is the default export).
+    func matches(exportName name: String) -> Bool { name.isEmpty || name == exportName }
+}
