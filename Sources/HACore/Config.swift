@@ -1,0 +1,590 @@
+@preconcurrency import Crypto
+import Foundation
+import TOMLKit
+
+/// One cluster's configuration: the TOML file of design.md §5, the same on every host.
+///
+/// `load(path:)` parses and validates; every problem is a `ConfigError` whose key is the
+/// path of the offending key (`cluster.protocol`, `node[1].service_address`, `volume.size`).
+/// Node and resource indexes count from 0 in the order they appear in the file.
+/// Unknown keys are errors: a typo must never silently fall back to a default.
+public struct ClusterConfig: Sendable, Equatable {
+    public struct Cluster: Sendable, Equatable {
+        public var name: String
+        /// Absolute path of the cluster key (≥ 32 bytes, mode 0600).
+        public var keyFile: String
+        /// Absolute path of the admin bearer token (mode 0600); nil refuses all admin actions.
+        public var adminTokenFile: String?
+        public var replicationProtocol: ReplicationProtocol
+        public var splitBrain: SplitBrainPolicy
+        public var afterSplitBrain: AfterSplitBrain
+
+        public init(name: String, keyFile: String, adminTokenFile: String? = nil,
+                    replicationProtocol: ReplicationProtocol = .c, splitBrain: SplitBrainPolicy = .prohibit,
+                    afterSplitBrain: AfterSplitBrain = .disconnect) {
+            self.name = name; self.keyFile = keyFile; self.adminTokenFile = adminTokenFile
+            self.replicationProtocol = replicationProtocol; self.splitBrain = splitBrain
+            self.afterSplitBrain = afterSplitBrain
+        }
+    }
+
+    public struct Volume: Sendable, Equatable {
+        public var sizeBytes: UInt64
+        /// Granularity of the dirty bitmap and of resync/verify.
+        public var chunkSizeBytes: UInt64
+        /// Resync bandwidth cap in bytes per second.
+        public var resyncRateBytesPerSecond: UInt64
+
+        public static let defaultChunkSizeBytes: UInt64 = 64 << 10
+        public static let defaultResyncRateBytesPerSecond: UInt64 = 100 << 20
+
+        public init(sizeBytes: UInt64, chunkSizeBytes: UInt64 = Volume.defaultChunkSizeBytes,
+                    resyncRateBytesPerSecond: UInt64 = Volume.defaultResyncRateBytesPerSecond) {
+            self.sizeBytes = sizeBytes; self.chunkSizeBytes = chunkSizeBytes
+            self.resyncRateBytesPerSecond = resyncRateBytesPerSecond
+        }
+    }
+
+    public struct Node: Sendable, Equatable {
+        public var name: NodeID
+        /// HOST:PORT of the replication link (peer frames).
+        public var replicationAddress: String
+        /// HOST:PORT of the NBD export; differs per node.
+        public var serviceAddress: String
+        /// HOST:PORT of /metrics, /status, /healthz and the admin API.
+        public var statusAddress: String
+        /// Backing file or block device (absolute path).
+        public var backing: String
+        /// Metadata file (absolute path).
+        public var metadata: String
+        /// NBD export name; defaults to the cluster name.
+        public var exportName: String
+
+        public init(name: NodeID, replicationAddress: String, serviceAddress: String, statusAddress: String,
+                    backing: String, metadata: String, exportName: String) {
+            self.name = name; self.replicationAddress = replicationAddress; self.serviceAddress = serviceAddress
+            self.statusAddress = statusAddress; self.backing = backing; self.metadata = metadata
+            self.exportName = exportName
+        }
+    }
+
+    public struct Arbitrator: Sendable, Equatable {
+        public var address: String
+        public var statusAddress: String?
+        public var stateDir: String
+        public static let defaultStateDir = "/var/lib/hamgr/arbitrator"
+
+        public init(address: String, statusAddress: String? = nil, stateDir: String = Arbitrator.defaultStateDir) {
+            self.address = address; self.statusAddress = statusAddress; self.stateDir = stateDir
+        }
+    }
+
+    /// How a resource is driven (design.md §4).
+    public enum ResourceAgent: Sendable, Equatable, CustomStringConvertible {
+        /// An OCF resource agent: `$OCF_ROOT/resource.d/PROVIDER/AGENT`.
+        case ocf(provider: String, agent: String)
+        /// A systemd unit started and stopped over D-Bus.
+        case systemd(unit: String)
+        /// An executable taking `start|stop|monitor` with OCF-style exit codes.
+        case exec(path: String)
+
+        public var description: String {
+            switch self {
+            case .ocf(let p, let a): return "ocf:\(p):\(a)"
+            case .systemd(let u): return "systemd:\(u)"
+            case .exec(let p): return "exec:\(p)"
+            }
+        }
+
+        /// Parse `ocf:PROVIDER:AGENT`, `systemd:UNIT` or `exec:PATH`.
+        public static func parse(_ s: String, key: String) throws -> ResourceAgent {
+            let parts = s.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false).map(String.init)
+            let safe = { (x: String) in !x.isEmpty && !x.contains("/") && x != "." && x != ".." }
+            switch parts.first {
+            case "ocf" where parts.count == 3 && safe(parts[1]) && safe(parts[2]):
+                return .ocf(provider: parts[1], agent: parts[2])
+            case "systemd" where parts.count == 2 && safe(parts[1]):
+                return .systemd(unit: parts[1].contains(".") ? parts[1] : parts[1] + ".service")
+            case "exec" where parts.count >= 2:
+                let path = s.dropFirst("exec:".count)
+                guard path.hasPrefix("/") else {
+                    throw ConfigError(key: key, message: "'\(s)': exec: needs an absolute path")
+                }
+                return .exec(path: String(path))
+            default:
+                throw ConfigError(key: key, message: "'\(s)' is not ocf:PROVIDER:AGENT, systemd:UNIT or exec:/PATH")
+            }
+        }
+    }
+
+    public struct Resource: Sendable, Equatable {
+        public var name: String
+        public var agent: ResourceAgent
+        /// Agent parameters; OCF agents receive them as `OCF_RESKEY_<name>`.
+        public var params: [String: String]
+        public var monitorInterval: Duration
+        /// Restarts after monitor failures before the node gives up and switches over.
+        public var maxRestarts: Int
+        /// Time limit for one start, stop or monitor action.
+        public var timeout: Duration
+
+        public static let defaultMonitorInterval: Duration = .seconds(10)
+        public static let defaultMaxRestarts = 3
+        public static let defaultTimeout: Duration = .seconds(20)
+
+        public init(name: String, agent: ResourceAgent, params: [String: String] = [:],
+                    monitorInterval: Duration = Resource.defaultMonitorInterval,
+                    maxRestarts: Int = Resource.defaultMaxRestarts, timeout: Duration = Resource.defaultTimeout) {
+            self.name = name; self.agent = agent; self.params = params
+            self.monitorInterval = monitorInterval; self.maxRestarts = maxRestarts; self.timeout = timeout
+        }
+    }
+
+    public struct Hooks: Sendable, Equatable {
+        public var onPromote: String?
+        public var onDemote: String?
+        public var timeout: Duration
+        public static let defaultTimeout: Duration = .seconds(30)
+        public init(onPromote: String? = nil, onDemote: String? = nil, timeout: Duration = Hooks.defaultTimeout) {
+            self.onPromote = onPromote; self.onDemote = onDemote; self.timeout = timeout
+        }
+    }
+
+    public var cluster: Cluster
+    public var timeouts: LeaseTimings
+    public var volume: Volume
+    /// Exactly two data nodes, in file order.
+    public var nodes: [Node]
+    public var arbitrator: Arbitrator
+    /// Started in this order on promotion, stopped in reverse on demotion.
+    public var resources: [Resource]
+    public var hooks: Hooks
+    /// The file this was loaded from (nil when built in code).
+    public var sourcePath: String?
+
+    public init(cluster: Cluster, timeouts: LeaseTimings = .defaults, volume: Volume, nodes: [Node],
+                arbitrator: Arbitrator, resources: [Resource] = [], hooks: Hooks = Hooks(), sourcePath: String? = nil) {
+        self.cluster = cluster; self.timeouts = timeouts; self.volume = volume; self.nodes = nodes
+        self.arbitrator = arbitrator; self.resources = resources; self.hooks = hooks; self.sourcePath = sourcePath
+    }
+
+    // MARK: Lookup
+
+    /// The node called `name`; throws naming the known nodes otherwise.
+    public func node(named name: String) throws -> Node {
+        guard let n = nodes.first(where: { $0.name.name == name }) else {
+            throw ConfigError(key: "node", message: "no node named '\(name)' in cluster \(cluster.name) (nodes: \(nodes.map(\.name.name).joined(separator: ", ")))")
+        }
+        return n
+    }
+
+    /// The other data node.
+    public func peer(of name: String) throws -> Node {
+        _ = try node(named: name)
+        guard let p = nodes.first(where: { $0.name.name != name }) else {
+            throw ConfigError(key: "node", message: "node '\(name)' has no peer")
+        }
+        return p
+    }
+
+    /// The cluster key (checked: exists, ≥ 32 bytes, mode 0600).
+    public func loadClusterKey() throws -> SymmetricKey {
+        try SymmetricKey.load(clusterKeyFile: cluster.keyFile)
+    }
+
+    /// The admin bearer token, or nil when `cluster.admin_token_file` is not set.
+    public func loadAdminToken() throws -> String? {
+        guard let path = cluster.adminTokenFile else { return nil }
+        return try Self.readSecretFile(path, key: "cluster.admin_token_file")
+    }
+
+    /// Read a secret that must be mode 0600 (no group/other bits) and non-empty;
+    /// surrounding whitespace (a trailing newline from `echo`) is dropped.
+    public static func readSecretFile(_ path: String, key: String) throws -> String {
+        var st = stat()
+        guard stat(path, &st) == 0 else {
+            throw ConfigError(key: key, message: "cannot read \(path): \(String(cString: strerror(errno)))")
+        }
+        guard st.st_mode & 0o077 == 0 else {
+            throw ConfigError(key: key, message: "\(path) has mode \(String(st.st_mode & 0o777, radix: 8)); it must not be readable by group or others (chmod 600)")
+        }
+        guard let data = FileManager.default.contents(atPath: path),
+              let text = String(data: data, encoding: .utf8) else {
+            throw ConfigError(key: key, message: "cannot read \(path) as UTF-8 text")
+        }
+        let token = text.trimmingCharacters(in: .whitespacesAndNewlines)
+        guard token.count >= 16 else {
+            throw ConfigError(key: key, message: "\(path) holds \(token.count) characters; use at least 16 random characters")
+        }
+        return token
+    }
+
+    // MARK: Loading
+
+    /// Read, parse and validate the file at `path` (including the key and token files).
+    public static func load(path: String) throws -> ClusterConfig {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw ConfigError(key: "config", message: "cannot read \(path): \(String(cString: strerror(errno)))")
+        }
+        guard let text = String(data: data, encoding: .utf8) else {
+            throw ConfigError(key: "config", message: "\(path) is not UTF-8 text")
+        }
+        let dir = (URL(fileURLWithPath: path).standardizedFileURL.deletingLastPathComponent().path)
+        var config = try parse(toml: text, relativeTo: dir)
+        config.sourcePath = path
+        try config.validate()
+        return config
+    }
+
+    /// Parse TOML text. Relative file paths are resolved against `relativeTo`
+    /// (the config file's directory). Checks types, required and unknown keys; call
+    /// `validate()` for the cross-key rules and the key files.
+    public static func parse(toml text: String, relativeTo dir: String = FileManager.default.currentDirectoryPath) throws -> ClusterConfig {
+        let root: TOMLTable
+        do {
+            root = try TOMLTable(string: text)
+        } catch let e as TOMLParseError {
+            throw ConfigError(key: "config", message: "TOML syntax error at line \(e.source.begin.line), column \(e.source.begin.column): \(e.description)")
+        }
+        let top = TableReader(root, path: "")
+        try top.allow(["cluster", "timeouts", "volume", "node", "arbitrator", "resource", "hooks"])
+        let resolve = { (p: String) -> String in
+            p.hasPrefix("/") ? p : URL(fileURLWithPath: dir).appendingPathComponent(p).standardizedFileURL.path
+        }
+
+        // [cluster]
+        let c = try top.requiredTable("cluster")
+        try c.allow(["name", "key_file", "admin_token_file", "protocol", "split_brain", "after_split_brain"])
+        let name = try c.requiredString("name")
+        guard !name.isEmpty, name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == ".") }) else {
+            throw ConfigError(key: "cluster.name", message: "'\(name)' must be non-empty and use only letters, digits, '-', '_' and '.'")
+        }
+        let cluster = Cluster(
+            name: name,
+            keyFile: resolve(try c.requiredString("key_file")),
+            adminTokenFile: try c.string("admin_token_file").map(resolve),
+            replicationProtocol: try c.enumValue("protocol", default: .c),
+            splitBrain: try c.enumValue("split_brain", default: .prohibit),
+            afterSplitBrain: try c.enumValue("after_split_brain", default: .disconnect))
+
+        // [timeouts]
+        var timeouts = LeaseTimings.defaults
+        if let t = try top.table("timeouts") {
+            try t.allow(["renew_interval_ms", "lease_ms", "failure_timeout_ms", "drift"])
+            if let v = try t.positiveInt("renew_interval_ms") { timeouts.renewInterval = .milliseconds(v) }
+            if let v = try t.positiveInt("lease_ms") { timeouts.lease = .milliseconds(v) }
+            if let v = try t.positiveInt("failure_timeout_ms") { timeouts.failureTimeout = .milliseconds(v) }
+            if let v = try t.double("drift") { timeouts.drift = v }
+        }
+
+        // [volume]
+        let v = try top.requiredTable("volume")
+        try v.allow(["size", "chunk_size", "resync_rate"])
+        let volume = Volume(
+            sizeBytes: try v.size("size", required: true)!,
+            chunkSizeBytes: try v.size("chunk_size") ?? Volume.defaultChunkSizeBytes,
+            resyncRateBytesPerSecond: try v.size("resync_rate") ?? Volume.defaultResyncRateBytesPerSecond)
+
+        // [[node]]
+        let nodeTables = try top.requiredArrayOfTables("node")
+        var nodes: [Node] = []
+        for (i, nt) in nodeTables.enumerated() {
+            let n = TableReader(nt, path: "node[\(i)]")
+            try n.allow(["name", "replication_address", "service_address", "status_address", "backing", "metadata", "export_name"])
+            let nodeName = try n.requiredString("name")
+            guard !nodeName.isEmpty, nodeName.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") }) else {
+                throw ConfigError(key: "node[\(i)].name", message: "'\(nodeName)' must be non-empty and use only letters, digits, '-' and '_'")
+            }
+            nodes.append(Node(
+                name: NodeID(nodeName),
+                replicationAddress: try n.requiredString("replication_address"),
+                serviceAddress: try n.requiredString("service_address"),
+                statusAddress: try n.requiredString("status_address"),
+                backing: resolve(try n.requiredString("backing")),
+                metadata: resolve(try n.requiredString("metadata")),
+                exportName: try n.string("export_name") ?? name))
+        }
+
+        // [arbitrator]
+        let a = try top.requiredTable("arbitrator")
+        try a.allow(["address", "status_address", "state_dir"])
+        let arbitrator = Arbitrator(
+            address: try a.requiredString("address"),
+            statusAddress: try a.string("status_address"),
+            stateDir: resolve(try a.string("state_dir") ?? Arbitrator.defaultStateDir))
+
+        // [[resource]]
+        var resources: [Resource] = []
+        for (i, rt) in (try top.arrayOfTables("resource") ?? []).enumerated() {
+            let r = TableReader(rt, path: "resource[\(i)]")
+            try r.allow(["name", "agent", "params", "monitor_interval_ms", "max_restarts", "timeout_ms"])
+            let rname = try r.requiredString("name")
+            var params: [String: String] = [:]
+            if let pt = try r.table("params") {
+                for key in pt.table.keys.sorted() {
+                    guard !key.isEmpty, key.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "_") }) else {
+                        throw ConfigError(key: "resource[\(i)].params.\(key)", message: "parameter names may use only letters, digits and '_' (they become OCF_RESKEY_<name>)")
+                    }
+                    params[key] = try pt.scalarAsString(key)
+                }
+            }
+            resources.append(Resource(
+                name: rname,
+                agent: try ResourceAgent.parse(try r.requiredString("agent"), key: "resource[\(i)].agent"),
+                params: params,
+                monitorInterval: try r.positiveInt("monitor_interval_ms").map { .milliseconds($0) } ?? Resource.defaultMonitorInterval,
+                maxRestarts: try r.nonNegativeInt("max_restarts") ?? Resource.defaultMaxRestarts,
+                timeout: try r.positiveInt("timeout_ms").map { .milliseconds($0) } ?? Resource.defaultTimeout))
+        }
+
+        // [hooks]
+        var hooks = Hooks()
+        if let h = try top.table("hooks") {
+            try h.allow(["on_promote", "on_demote", "timeout_ms"])
+            hooks.onPromote = try h.string("on_promote").map(resolve)
+            hooks.onDemote = try h.string("on_demote").map(resolve)
+            if let ms = try h.positiveInt("timeout_ms") { hooks.timeout = .milliseconds(ms) }
+        }
+
+        return ClusterConfig(cluster: cluster, timeouts: timeouts, volume: volume, nodes: nodes,
+                             arbitrator: arbitrator, resources: resources, hooks: hooks)
+    }
+
+    // MARK: Validation
+
+    /// The cross-key rules, and the key and token files. Throws the first problem found.
+    public func validate() throws {
+        guard nodes.count == 2 else {
+            throw ConfigError(key: "node", message: "exactly two [[node]] entries are required, found \(nodes.count)")
+        }
+        if nodes[0].name == nodes[1].name {
+            throw ConfigError(key: "node[1].name", message: "'\(nodes[1].name)' is also the name of node[0]; node names must differ")
+        }
+
+        // Every listening address must parse, and no two may collide.
+        var seen: [String: String] = [:]
+        func address(_ value: String, key: String) throws {
+            let (host, port) = try parseHostPort(value, key: key)
+            let canonical = "\(host.lowercased()):\(port)"
+            if let other = seen[canonical] {
+                throw ConfigError(key: key, message: "'\(value)' is also used by \(other); every address must be distinct")
+            }
+            seen[canonical] = key
+        }
+        for (i, n) in nodes.enumerated() {
+            try address(n.replicationAddress, key: "node[\(i)].replication_address")
+            try address(n.serviceAddress, key: "node[\(i)].service_address")
+            try address(n.statusAddress, key: "node[\(i)].status_address")
+            if n.exportName.isEmpty || n.exportName.utf8.count > 4096 {
+                throw ConfigError(key: "node[\(i)].export_name", message: "must be 1…4096 bytes")
+            }
+        }
+        try address(arbitrator.address, key: "arbitrator.address")
+        if let s = arbitrator.statusAddress { try address(s, key: "arbitrator.status_address") }
+        for (i, n) in nodes.enumerated() {
+            if n.backing == n.metadata {
+                throw ConfigError(key: "node[\(i)].metadata", message: "must differ from backing (\(n.backing))")
+            }
+        }
+
+        // Volume geometry.
+        let chunk = volume.chunkSizeBytes
+        if chunk < 4096 || chunk & (chunk - 1) != 0 {
+            throw ConfigError(key: "volume.chunk_size", message: "\(chunk) bytes; must be a power of two of at least 4KiB")
+        }
+        if volume.sizeBytes == 0 || volume.sizeBytes % chunk != 0 {
+            throw ConfigError(key: "volume.size", message: "\(volume.sizeBytes) bytes is not a positive multiple of chunk_size (\(ByteSize.format(chunk)))")
+        }
+        if volume.resyncRateBytesPerSecond < 1 << 20 {
+            throw ConfigError(key: "volume.resync_rate", message: "\(volume.resyncRateBytesPerSecond) bytes/s; must be at least 1MiB (per second)")
+        }
+
+        // The lease rule (design.md §2): one inequality, checked at start.
+        if let first = timeouts.violations().first {
+            if let sep = first.range(of: ": ") {
+                throw ConfigError(key: String(first[..<sep.lowerBound]), message: String(first[sep.upperBound...]))
+            }
+            throw ConfigError(key: "timeouts", message: first)
+        }
+
+        if cluster.splitBrain == .prohibit && cluster.afterSplitBrain != .disconnect {
+            throw ConfigError(key: "cluster.after_split_brain", message: "'\(cluster.afterSplitBrain.rawValue)' only applies with split_brain = \"allow\"; with \"prohibit\" divergence cannot arise")
+        }
+
+        // Resources.
+        var names = Set<String>()
+        for (i, r) in resources.enumerated() {
+            if r.name.isEmpty || !r.name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") }) {
+                throw ConfigError(key: "resource[\(i)].name", message: "'\(r.name)' must be non-empty and use only letters, digits, '-' and '_'")
+            }
+            if !names.insert(r.name).inserted {
+                throw ConfigError(key: "resource[\(i)].name", message: "'\(r.name)' is used by an earlier resource; names must differ")
+            }
+        }
+
+        _ = try loadClusterKey()
+        _ = try loadAdminToken()
+    }
+
+    /// Checks only a data node needs (its hooks and exec: resources are executable).
+    public func validateNodeHost(_ name: String) throws {
+        _ = try node(named: name)
+        for (key, path) in [("hooks.on_promote", hooks.onPromote), ("hooks.on_demote", hooks.onDemote)] {
+            if let path, access(path, X_OK) != 0 {
+                throw ConfigError(key: key, message: "\(path) is not an executable file")
+            }
+        }
+        for (i, r) in resources.enumerated() {
+            if case .exec(let path) = r.agent, access(path, X_OK) != 0 {
+                throw ConfigError(key: "resource[\(i)].agent", message: "\(path) is not an executable file")
+            }
+        }
+    }
+}
+
+// MARK: - A TOML table reader that remembers which keys were read
+
+/// Reads typed values from one TOML table, naming the full key path in every error;
+/// `allow(_:)` rejects unknown keys before any value is read, so a typo is reported as
+/// itself rather than as the missing key it was meant to be.
+private final class TableReader {
+    let table: TOMLTable
+    let path: String
+
+    init(_ table: TOMLTable, path: String) { self.table = table; self.path = path }
+
+    func key(_ k: String) -> String { path.isEmpty ? k : "\(path).\(k)" }
+
+    private func value(_ k: String) -> TOMLValueConvertible? {
+        table[k]
+    }
+
+    private func typeError(_ k: String, _ want: String, _ got: TOMLValueConvertible) -> ConfigError {
+        ConfigError(key: key(k), message: "expected \(want), found \(got.type) \(got.debugDescription)")
+    }
+
+    func string(_ k: String) throws -> String? {
+        guard let v = value(k) else { return nil }
+        guard let s = v.string else { throw typeError(k, "a string", v) }
+        return s
+    }
+
+    func requiredString(_ k: String) throws -> String {
+        guard let s = try string(k) else { throw ConfigError(key: key(k), message: "required key is missing") }
+        return s
+    }
+
+    func int(_ k: String) throws -> Int? {
+        guard let v = value(k) else { return nil }
+        guard let i = v.int else { throw typeError(k, "an integer", v) }
+        return i
+    }
+
+    func positiveInt(_ k: String) throws -> Int? {
+        guard let i = try int(k) else { return nil }
+        guard i > 0 else { throw ConfigError(key: key(k), message: "must be positive, got \(i)") }
+        return i
+    }
+
+    func nonNegativeInt(_ k: String) throws -> Int? {
+        guard let i = try int(k) else { return nil }
+        guard i >= 0 else { throw ConfigError(key: key(k), message: "must not be negative, got \(i)") }
+        return i
+    }
+
+    func double(_ k: String) throws -> Double? {
+        guard let v = value(k) else { return nil }
+        if let d = v.double { return d }
+        if let i = v.int { return Double(i) }
+        throw typeError(k, "a number", v)
+    }
+
+    /// A size: a string such as "64KiB" or a bare integer of bytes.
+    func size(_ k: String, required: Bool = false) throws -> UInt64? {
+        guard let v = value(k) else {
+            if required { throw ConfigError(key: key(k), message: "required key is missing") }
+            return nil
+        }
+        if let i = v.int {
+            guard i >= 0 else { throw ConfigError(key: key(k), message: "must not be negative") }
+            return UInt64(i)
+        }
+        guard let s = v.string else { throw typeError(k, "a size such as \"1GiB\"", v) }
+        return try ByteSize.parse(s, key: key(k))
+    }
+
+    func enumValue<E: RawRepresentable & CaseIterable>(_ k: String, default d: E) throws -> E where E.RawValue == String {
+        guard let s = try string(k) else { return d }
+        guard let e = E(rawValue: s) else {
+            throw ConfigError(key: key(k), message: "unknown value '\(s)'; expected one of \(E.allCases.map { "\"\($0.rawValue)\"" }.joined(separator: ", "))")
+        }
+        return e
+    }
+
+    func table(_ k: String) throws -> TableReader? {
+        guard let v = value(k) else { return nil }
+        guard let t = v.table else { throw typeError(k, "a table", v) }
+        return TableReader(t, path: key(k))
+    }
+
+    func requiredTable(_ k: String) throws -> TableReader {
+        guard let t = try table(k) else { throw ConfigError(key: key(k), message: "required section [\(key(k))] is missing") }
+        return t
+    }
+
+    func arrayOfTables(_ k: String) throws -> [TOMLTable]? {
+        guard let v = value(k) else { return nil }
+        guard let a = v.array else { throw typeError(k, "an array of tables ([[\(key(k))]])", v) }
+        var out: [TOMLTable] = []
+        for (i, e) in a.enumerated() {
+            guard let t = e.table else {
+                throw ConfigError(key: "\(key(k))[\(i)]", message: "expected a table, found \(e.type)")
+            }
+            out.append(t)
+        }
+        return out
+    }
+
+    func requiredArrayOfTables(_ k: String) throws -> [TOMLTable] {
+        guard let a = try arrayOfTables(k) else {
+            throw ConfigError(key: key(k), message: "required [[\(key(k))]] entries are missing")
+        }
+        return a
+    }
+
+    /// A parameter value: strings as they are, numbers and booleans in their TOML spelling.
+    func scalarAsString(_ k: String) throws -> String {
+        guard let v = value(k) else { throw ConfigError(key: key(k), message: "missing") }
+        if let s = v.string { return s }
+        if let i = v.int { return String(i) }
+        if let b = v.bool { return b ? "true" : "false" }
+        if let d = v.double { return String(d) }
+        throw typeError(k, "a string, number or boolean", v)
+    }
+
+    /// Reject keys outside `known`, suggesting the nearest known one.
+    func allow(_ known: [String]) throws {
+        for k in table.keys.sorted() where !known.contains(k) {
+            var message = "unknown key"
+            if let near = known.min(by: { editDistance($0, k) < editDistance($1, k) }), editDistance(near, k) <= 2 {
+                message += "; did you mean '\(near)'?"
+            }
+            throw ConfigError(key: key(k), message: message)
+        }
+    }
+}
+
+private func editDistance(_ a: String, _ b: String) -> Int {
+    let a = Array(a), b = Array(b)
+    if a.isEmpty { return b.count }
+    if b.isEmpty { return a.count }
+    var prev = Array(0...b.count)
+    for i in 1...a.count {
+        var cur = [i] + Array(repeating: 0, count: b.count)
+        for j in 1...b.count {
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1))
+        }
+        prev = cur
+    }
+    return prev[b.count]
+}

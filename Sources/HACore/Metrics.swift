@@ -1,0 +1,308 @@
+import Foundation
+
+/// A small, thread-safe metrics registry that renders the Prometheus text exposition
+/// format 0.0.4 (served at `/metrics`, checked with `promtool check metrics`).
+///
+/// A family is a name with its HELP and TYPE; each distinct label set is one series.
+/// Asking again for the same name and labels returns the same series, so callers may
+/// look series up on the hot path or keep the handle.
+public final class MetricsRegistry: @unchecked Sendable {
+    public enum Kind: String, Sendable { case counter, gauge, histogram }
+
+    private final class Family {
+        let name: String
+        let help: String
+        let kind: Kind
+        let buckets: [Double]
+        var series: [[LabelPair]: AnyObject] = [:]
+        init(name: String, help: String, kind: Kind, buckets: [Double]) {
+            self.name = name; self.help = help; self.kind = kind; self.buckets = buckets
+        }
+    }
+
+    struct LabelPair: Hashable { var name: String; var value: String }
+
+    private let lock = NSLock()
+    private var families: [String: Family] = [:]
+
+    /// The content type of `render()`'s output.
+    public static let contentType = "text/plain; version=0.0.4; charset=utf-8"
+
+    public init() {}
+
+    /// A counter series. Counter names end in `_total` (appended if missing).
+    public func counter(_ name: String, help: String, labels: [String: String] = [:]) -> Counter {
+        let full = name.hasSuffix("_total") ? name : name + "_total"
+        return series(full, help: help, kind: .counter, buckets: [], labels: labels) { Counter() }
+    }
+
+    /// A gauge series.
+    public func gauge(_ name: String, help: String, labels: [String: String] = [:]) -> Gauge {
+        series(name, help: help, kind: .gauge, buckets: [], labels: labels) { Gauge() }
+    }
+
+    /// A histogram series with the given upper bounds (`+Inf` is implied).
+    public func histogram(_ name: String, help: String, buckets: [Double] = Histogram.defaultLatencyBuckets,
+                          labels: [String: String] = [:]) -> Histogram {
+        let bounds = Array(Set(buckets.filter { $0.isFinite })).sorted()
+        precondition(!bounds.isEmpty, "histogram \(name) needs at least one finite bucket")
+        precondition(labels["le"] == nil, "histogram \(name) must not use the label 'le'")
+        return series(name, help: help, kind: .histogram, buckets: bounds, labels: labels) { Histogram(bounds: bounds) }
+    }
+
+    private func series<T: AnyObject>(_ name: String, help: String, kind: Kind, buckets: [Double],
+                                      labels: [String: String], make: () -> T) -> T {
+        precondition(Self.isValidMetricName(name), "invalid metric name '\(name)'")
+        for l in labels.keys {
+            precondition(Self.isValidLabelName(l), "invalid label name '\(l)' on \(name)")
+        }
+        let key = labels.map { LabelPair(name: $0.key, value: $0.value) }.sorted { $0.name < $1.name }
+        lock.lock(); defer { lock.unlock() }
+        let family: Family
+        if let f = families[name] {
+            precondition(f.kind == kind, "metric \(name) registered as \(f.kind.rawValue), asked for as \(kind.rawValue)")
+            precondition(f.buckets == buckets, "histogram \(name) registered with other buckets")
+            family = f
+        } else {
+            family = Family(name: name, help: help, kind: kind, buckets: buckets)
+            families[name] = family
+        }
+        if let existing = family.series[key] { return existing as! T }
+        let s = make()
+        family.series[key] = s
+        return s
+    }
+
+    /// Remove one series (e.g. a resource that left the config).
+    public func remove(_ name: String, labels: [String: String] = [:]) {
+        let key = labels.map { LabelPair(name: $0.key, value: $0.value) }.sorted { $0.name < $1.name }
+        lock.lock(); defer { lock.unlock() }
+        families[name]?.series[key] = nil
+        families[name + "_total"]?.series[key] = nil
+    }
+
+    /// The exposition text, families sorted by name, series by labels.
+    public func render() -> String {
+        lock.lock()
+        let snapshot = families.values.sorted { $0.name < $1.name }.map { f in
+            (f, f.series.sorted { Self.labelText($0.key) < Self.labelText($1.key) })
+        }
+        lock.unlock()
+
+        var out = ""
+        for (family, series) in snapshot where !series.isEmpty {
+            // A counter's family in 0.0.4 text is named like its samples, `…_total`.
+            out += "# HELP \(family.name) \(Self.escapeHelp(family.help))\n"
+            out += "# TYPE \(family.name) \(family.kind.rawValue)\n"
+            for (labels, object) in series {
+                switch family.kind {
+                case .counter:
+                    out += "\(family.name)\(Self.labelText(labels)) \(Self.format((object as! Counter).value))\n"
+                case .gauge:
+                    out += "\(family.name)\(Self.labelText(labels)) \(Self.format((object as! Gauge).value))\n"
+                case .histogram:
+                    let h = (object as! Histogram).snapshot()
+                    var cumulative: UInt64 = 0
+                    for (i, bound) in family.buckets.enumerated() {
+                        cumulative += h.counts[i]
+                        let le = labels + [LabelPair(name: "le", value: Self.format(bound))]
+                        out += "\(family.name)_bucket\(Self.labelText(le)) \(cumulative)\n"
+                    }
+                    let inf = labels + [LabelPair(name: "le", value: "+Inf")]
+                    out += "\(family.name)_bucket\(Self.labelText(inf)) \(h.count)\n"
+                    out += "\(family.name)_sum\(Self.labelText(labels)) \(Self.format(h.sum))\n"
+                    out += "\(family.name)_count\(Self.labelText(labels)) \(h.count)\n"
+                }
+            }
+        }
+        return out
+    }
+
+    // MARK: Text format details
+
+    static func labelText(_ labels: [LabelPair]) -> String {
+        guard !labels.isEmpty else { return "" }
+        return "{" + labels.map { "\($0.name)=\"\(escapeLabelValue($0.value))\"" }.joined(separator: ",") + "}"
+    }
+
+    /// Label values escape backslash, double quote and line feed.
+    public static func escapeLabelValue(_ s: String) -> String {
+        var out = ""
+        out.reserveCapacity(s.utf8.count)
+        for ch in s {
+            switch ch {
+            case "\\": out += "\\\\"
+            case "\"": out += "\\\""
+            case "\n": out += "\\n"
+            default: out.append(ch)
+            }
+        }
+        return out
+    }
+
+    /// HELP text escapes backslash and line feed.
+    public static func escapeHelp(_ s: String) -> String {
+        s.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\n", with: "\\n")
+    }
+
+    /// Go-compatible float text: integers without a fraction, `+Inf`, `-Inf`, `NaN`.
+    public static func format(_ v: Double) -> String {
+        if v.isNaN { return "NaN" }
+        if v == .infinity { return "+Inf" }
+        if v == -.infinity { return "-Inf" }
+        if v == v.rounded(), abs(v) < 1e15 { return String(Int64(v)) }
+        return "\(v)"
+    }
+
+    public static func isValidMetricName(_ s: String) -> Bool {
+        guard let first = s.unicodeScalars.first, first.isASCIILetterOrUnderscore || first == ":" else { return false }
+        return s.unicodeScalars.allSatisfy { $0.isASCIILetterOrUnderscore || $0 == ":" || ("0"..."9").contains($0) }
+    }
+
+    public static func isValidLabelName(_ s: String) -> Bool {
+        guard let first = s.unicodeScalars.first, first.isASCIILetterOrUnderscore, !s.hasPrefix("__") else { return false }
+        return s.unicodeScalars.allSatisfy { $0.isASCIILetterOrUnderscore || ("0"..."9").contains($0) }
+    }
+}
+
+private extension Unicode.Scalar {
+    var isASCIILetterOrUnderscore: Bool { ("a"..."z").contains(self) || ("A"..."Z").contains(self) || self == "_" }
+}
+
+/// A monotonically increasing count.
+public final class Counter: @unchecked Sendable {
+    private let lock = NSLock()
+    private var _value: Double = 0
+    init() {}
+    public func increment(by amount: Double = 1) {
+        precondition(amount >= 0, "a counter only goes up (asked to add \(amount))")
+        lock.lock(); _value += amount; lock.unlock()
+    }
+    public var value: Double { lock.lock(); defer { lock.unlock() }; return _value }
+}
+
+/// A value that goes up and down.
+public final class Gauge: @unchecked Sendable {
+    private let lock = NSLock()
+    private var _value: Double = 0
+    init() {}
+    public func set(_ v: Double) { lock.lock(); _value = v; lock.unlock() }
+    public func set(_ v: Bool) { set(v ? 1 : 0) }
+    public func set<I: BinaryInteger>(_ v: I) { set(Double(v)) }
+    public func add(_ d: Double) { lock.lock(); _value += d; lock.unlock() }
+    public var value: Double { lock.lock(); defer { lock.unlock() }; return _value }
+}
+
+/// Observations counted into fixed buckets.
+public final class Histogram: @unchecked Sendable {
+    /// Write-latency bounds in seconds: 0.5 ms … 2.5 s.
+    public static let defaultLatencyBuckets: [Double] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5]
+
+    struct Snapshot { var counts: [UInt64]; var count: UInt64; var sum: Double }
+    private let lock = NSLock()
+    private let bounds: [Double]
+    private var counts: [UInt64]
+    private var count: UInt64 = 0
+    private var sum: Double = 0
+
+    init(bounds: [Double]) { self.bounds = bounds; self.counts = Array(repeating: 0, count: bounds.count) }
+
+    public func observe(_ v: Double) {
+        // Per-bucket (not cumulative) counts; render() accumulates. Values above the
+        // last bound land only in +Inf, which is `count`.
+        let i = bounds.firstIndex { v <= $0 }
+        lock.lock()
+        if let i { counts[i] += 1 }
+        count += 1
+        sum += v
+        lock.unlock()
+    }
+
+    public func observe(_ d: Duration) { observe(d.seconds) }
+
+    func snapshot() -> Snapshot {
+        lock.lock(); defer { lock.unlock() }
+        return Snapshot(counts: counts, count: count, sum: sum)
+    }
+}
+
+/// The node's metrics, named once here so that docs, dashboards and code agree
+/// (docs/operator-guide.md "Metrics" lists them).
+public final class NodeMetrics: @unchecked Sendable {
+    public let registry: MetricsRegistry
+    public let epoch: Gauge
+    public let quorum: Gauge
+    public let peerUp: Gauge
+    public let arbitratorUp: Gauge
+    public let leaseRemainingSeconds: Gauge
+    public let replicationLagBytes: Gauge
+    public let outOfSyncBytes: Gauge
+    public let resyncDoneBytes: Gauge
+    public let resyncTotalBytes: Gauge
+    public let maintenance: Gauge
+    public let splitBrain: Gauge
+    public let writeLatencySeconds: Histogram
+    public let replicationSentBytes: Counter
+
+    public init(registry: MetricsRegistry = MetricsRegistry(), version: String = hamgrVersion) {
+        self.registry = registry
+        registry.gauge("hamgr_build_info", help: "Always 1; the version label names the running build.", labels: ["version": version]).set(1)
+        epoch = registry.gauge("hamgr_epoch", help: "Current epoch (term) known to this node.")
+        quorum = registry.gauge("hamgr_quorum", help: "1 if this node is in a quorum (2 of node, peer, arbitrator).")
+        peerUp = registry.gauge("hamgr_peer_up", help: "1 if the replication link to the peer is connected.")
+        arbitratorUp = registry.gauge("hamgr_arbitrator_up", help: "1 if the arbitrator answered recently.")
+        leaseRemainingSeconds = registry.gauge("hamgr_lease_remaining_seconds", help: "Time left on the master lease as this node counts it (0 when not master).")
+        replicationLagBytes = registry.gauge("hamgr_replication_lag_bytes", help: "Bytes written locally and not yet confirmed by the peer.")
+        outOfSyncBytes = registry.gauge("hamgr_out_of_sync_bytes", help: "Bytes marked out of sync in the dirty bitmap.")
+        resyncDoneBytes = registry.gauge("hamgr_resync_done_bytes", help: "Bytes copied by the running resync (0 when none runs).")
+        resyncTotalBytes = registry.gauge("hamgr_resync_total_bytes", help: "Bytes the running resync has to copy (0 when none runs).")
+        maintenance = registry.gauge("hamgr_maintenance", help: "1 while maintenance mode holds automatic failover.")
+        splitBrain = registry.gauge("hamgr_split_brain", help: "1 while a detected split brain awaits resolution.")
+        writeLatencySeconds = registry.histogram("hamgr_write_latency_seconds", help: "Time from receiving an NBD write to acknowledging it.")
+        replicationSentBytes = registry.counter("hamgr_replication_sent_bytes_total", help: "Bytes of writes and resync data sent to the peer.")
+        setRole(.secondary)
+    }
+
+    /// One-hot `hamgr_role{role=...}`.
+    public func setRole(_ role: Role) {
+        for r in Role.allCases {
+            registry.gauge("hamgr_role", help: "1 for the role this node holds now.", labels: ["role": r.rawValue]).set(r == role)
+        }
+    }
+
+    /// One-hot `hamgr_disk_state{state=...}`.
+    public func setDiskState(_ state: DiskState) {
+        for s in DiskState.allCases {
+            registry.gauge("hamgr_disk_state", help: "1 for the disk state this node holds now.", labels: ["state": s.rawValue]).set(s == state)
+        }
+    }
+
+    /// `hamgr_nbd_requests_total{op, result}`; op is read/write/flush/trim/write_zeroes/disc,
+    /// result is ok or an errno name (EIO, EINVAL, ENOSPC, EPERM…).
+    public func nbdRequest(op: String, result: String) {
+        registry.counter("hamgr_nbd_requests_total", help: "NBD requests served, by command and result.", labels: ["op": op, "result": result]).increment()
+    }
+
+    /// `hamgr_failovers_total{kind}`: kind is switchover, failover or forced.
+    public func failover(kind: String) {
+        registry.counter("hamgr_failovers_total", help: "Promotions of this node, by kind (switchover, failover, forced).", labels: ["kind": kind]).increment()
+    }
+
+    /// `hamgr_resource_up{resource}`.
+    public func resourceUp(_ name: String, _ up: Bool) {
+        registry.gauge("hamgr_resource_up", help: "1 while the resource's last monitor succeeded.", labels: ["resource": name]).set(up)
+    }
+
+    /// `hamgr_resource_restarts_total{resource}`.
+    public func resourceRestarted(_ name: String) {
+        registry.counter("hamgr_resource_restarts_total", help: "Restarts of a resource after a failed monitor.", labels: ["resource": name]).increment()
+    }
+
+    /// `hamgr_hook_runs_total{hook, result}`: result is ok, failed or timeout.
+    public func hookRun(_ hook: String, result: String) {
+        registry.counter("hamgr_hook_runs_total", help: "Hook runs by hook and result (ok, failed, timeout).", labels: ["hook": hook, "result": result]).increment()
+    }
+}
+
+/// The version string reported in `/status`, `hamgr_build_info` and `--version`.
+public let hamgrVersion = "0.1.0"

@@ -1,0 +1,344 @@
+import Foundation
+
+/// The `/status` document of a data node (design.md §5), shared by `hamgr` (which
+/// serves it) and `hactl` (which reads it). JSON keys are snake_case and stable;
+/// docs/operator-guide.md "The /status document" describes every field.
+public struct StatusDocument: Codable, Sendable, Equatable {
+    public struct Master: Codable, Sendable, Equatable {
+        public var node: String
+        public var serviceAddress: String
+        public init(node: String, serviceAddress: String) { self.node = node; self.serviceAddress = serviceAddress }
+        enum CodingKeys: String, CodingKey { case node, serviceAddress = "service_address" }
+    }
+
+    public struct Peer: Codable, Sendable, Equatable {
+        public var node: String
+        /// The peer's status endpoint (`http://HOST:PORT`), so a client can ask it too.
+        public var statusURL: String?
+        public var reachable: Bool
+        public var replication: PeerReplicationState
+        /// The peer's disk state as last reported over the link (nil if never heard).
+        public var diskState: DiskState?
+        public init(node: String, statusURL: String? = nil, reachable: Bool, replication: PeerReplicationState, diskState: DiskState?) {
+            self.node = node; self.statusURL = statusURL; self.reachable = reachable
+            self.replication = replication; self.diskState = diskState
+        }
+        enum CodingKeys: String, CodingKey {
+            case node, reachable, replication
+            case statusURL = "status_url", diskState = "disk_state"
+        }
+    }
+
+    public struct Arbitrator: Codable, Sendable, Equatable {
+        public var reachable: Bool
+        public init(reachable: Bool) { self.reachable = reachable }
+    }
+
+    public struct Resync: Codable, Sendable, Equatable {
+        public var doneBytes: UInt64
+        public var totalBytes: UInt64
+        /// "resync" or "verify".
+        public var kind: String
+        public init(doneBytes: UInt64, totalBytes: UInt64, kind: String = "resync") {
+            self.doneBytes = doneBytes; self.totalBytes = totalBytes; self.kind = kind
+        }
+        enum CodingKeys: String, CodingKey { case doneBytes = "done_bytes", totalBytes = "total_bytes", kind }
+        public var fraction: Double { totalBytes == 0 ? 1 : min(1, Double(doneBytes) / Double(totalBytes)) }
+    }
+
+    public struct Resource: Codable, Sendable, Equatable {
+        public var name: String
+        /// stopped, starting, running, failed, stopping.
+        public var state: String
+        public var restarts: Int
+        public init(name: String, state: String, restarts: Int) { self.name = name; self.state = state; self.restarts = restarts }
+    }
+
+    public var cluster: String
+    public var node: String
+    public var role: Role
+    public var epoch: UInt64
+    public var master: Master?
+    public var diskState: DiskState
+    public var peer: Peer
+    public var arbitrator: Arbitrator
+    public var quorum: Bool
+    /// Remaining master lease as this node counts it (0 unless master).
+    public var leaseValidMs: Int64
+    public var outOfSyncBytes: UInt64
+    public var resync: Resync?
+    /// Set while a detected divergence awaits resolution (a human-readable description).
+    public var splitBrain: String?
+    /// Why this node is secondary when no master exists (nil otherwise).
+    public var whyNotPromoted: String?
+    public var maintenance: Bool
+    /// This node's NBD service address.
+    public var serviceAddress: String
+    /// The current data generation, hex.
+    public var generation: String
+    public var resources: [Resource]
+    public var version: String
+
+    public init(cluster: String, node: String, role: Role, epoch: UInt64, master: Master?, diskState: DiskState,
+                peer: Peer, arbitrator: Arbitrator, quorum: Bool, leaseValidMs: Int64 = 0, outOfSyncBytes: UInt64 = 0,
+                resync: Resync? = nil, splitBrain: String? = nil, whyNotPromoted: String? = nil, maintenance: Bool = false,
+                serviceAddress: String, generation: String, resources: [Resource] = [], version: String = hamgrVersion) {
+        self.cluster = cluster; self.node = node; self.role = role; self.epoch = epoch; self.master = master
+        self.diskState = diskState; self.peer = peer; self.arbitrator = arbitrator; self.quorum = quorum
+        self.leaseValidMs = leaseValidMs; self.outOfSyncBytes = outOfSyncBytes; self.resync = resync
+        self.splitBrain = splitBrain; self.whyNotPromoted = whyNotPromoted; self.maintenance = maintenance
+        self.serviceAddress = serviceAddress; self.generation = generation; self.resources = resources
+        self.version = version
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case cluster, node, role, epoch, master, peer, arbitrator, quorum, resync, maintenance, generation, resources, version
+        case diskState = "disk_state", leaseValidMs = "lease_valid_ms", outOfSyncBytes = "out_of_sync_bytes"
+        case splitBrain = "split_brain", whyNotPromoted = "why_not_promoted", serviceAddress = "service_address"
+    }
+
+    /// Encode with explicit nulls for absent optionals: scripts test `.master == null`
+    /// and a missing key would read the same in jq but not in stricter consumers.
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(cluster, forKey: .cluster)
+        try c.encode(node, forKey: .node)
+        try c.encode(role, forKey: .role)
+        try c.encode(epoch, forKey: .epoch)
+        try c.encode(master, forKey: .master)
+        try c.encode(diskState, forKey: .diskState)
+        try c.encode(peer, forKey: .peer)
+        try c.encode(arbitrator, forKey: .arbitrator)
+        try c.encode(quorum, forKey: .quorum)
+        try c.encode(leaseValidMs, forKey: .leaseValidMs)
+        try c.encode(outOfSyncBytes, forKey: .outOfSyncBytes)
+        try c.encode(resync, forKey: .resync)
+        try c.encode(splitBrain, forKey: .splitBrain)
+        try c.encode(whyNotPromoted, forKey: .whyNotPromoted)
+        try c.encode(maintenance, forKey: .maintenance)
+        try c.encode(serviceAddress, forKey: .serviceAddress)
+        try c.encode(generation, forKey: .generation)
+        try c.encode(resources, forKey: .resources)
+        try c.encode(version, forKey: .version)
+    }
+}
+
+/// The arbitrator's `/status`: what it knows of every cluster it serves.
+public struct ArbitratorStatusDocument: Codable, Sendable, Equatable {
+    public struct ClusterEntry: Codable, Sendable, Equatable {
+        public var name: String
+        /// The node holding the lease this arbitrator granted, if it is still valid.
+        public var master: String?
+        /// Highest epoch promised.
+        public var epoch: UInt64
+        /// Nodes recorded as outdated, with the epoch of the mark.
+        public var outdated: [OutdatedMark]
+        /// Milliseconds since each node was last heard from (nil: never since start).
+        public var lastContactMs: [String: Int64?]
+        public init(name: String, master: String?, epoch: UInt64, outdated: [OutdatedMark], lastContactMs: [String: Int64?]) {
+            self.name = name; self.master = master; self.epoch = epoch; self.outdated = outdated; self.lastContactMs = lastContactMs
+        }
+        enum CodingKeys: String, CodingKey { case name, master, epoch, outdated, lastContactMs = "last_contact_ms" }
+        public func encode(to encoder: Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(name, forKey: .name)
+            try c.encode(master, forKey: .master)
+            try c.encode(epoch, forKey: .epoch)
+            try c.encode(outdated, forKey: .outdated)
+            try c.encode(lastContactMs, forKey: .lastContactMs)
+        }
+    }
+
+    public struct OutdatedMark: Codable, Sendable, Equatable {
+        public var node: String
+        public var epoch: UInt64
+        public init(node: String, epoch: UInt64) { self.node = node; self.epoch = epoch }
+    }
+
+    public var role: String
+    public var clusters: [ClusterEntry]
+    public var version: String
+
+    public init(clusters: [ClusterEntry], version: String = hamgrVersion) {
+        self.role = "arbitrator"; self.clusters = clusters; self.version = version
+    }
+}
+
+extension JSONEncoder {
+    /// The encoder for everything hamgr serves: sorted keys, so output is diffable.
+    public static var hamgr: JSONEncoder {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes]
+        return e
+    }
+}
+
+/// A JSON value, for admin request parameters and response fields.
+public enum JSONValue: Codable, Sendable, Equatable, CustomStringConvertible {
+    case null
+    case bool(Bool)
+    case number(Double)
+    case string(String)
+    case array([JSONValue])
+    case object([String: JSONValue])
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.singleValueContainer()
+        if c.decodeNil() { self = .null }
+        else if let b = try? c.decode(Bool.self) { self = .bool(b) }
+        else if let n = try? c.decode(Double.self) { self = .number(n) }
+        else if let s = try? c.decode(String.self) { self = .string(s) }
+        else if let a = try? c.decode([JSONValue].self) { self = .array(a) }
+        else { self = .object(try c.decode([String: JSONValue].self)) }
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.singleValueContainer()
+        switch self {
+        case .null: try c.encodeNil()
+        case .bool(let b): try c.encode(b)
+        case .number(let n):
+            if n == n.rounded(), abs(n) < 1e15 { try c.encode(Int64(n)) } else { try c.encode(n) }
+        case .string(let s): try c.encode(s)
+        case .array(let a): try c.encode(a)
+        case .object(let o): try c.encode(o)
+        }
+    }
+
+    public var boolValue: Bool? { if case .bool(let b) = self { return b }; return nil }
+    public var stringValue: String? { if case .string(let s) = self { return s }; return nil }
+    public var numberValue: Double? { if case .number(let n) = self { return n }; return nil }
+
+    public var description: String {
+        guard let data = try? JSONEncoder().encode(self), let s = String(data: data, encoding: .utf8) else { return "?" }
+        return s
+    }
+
+    /// Parse a JSON object from bytes; nil if the bytes are not a JSON object.
+    public static func parseObject(_ data: Data) -> [String: JSONValue]? {
+        if data.isEmpty { return [:] }
+        return try? JSONDecoder().decode([String: JSONValue].self, from: data)
+    }
+}
+
+/// The JSON body of every admin response: `{"ok": …, "message": …, …fields}`.
+public struct AdminReply: Codable, Sendable, Equatable {
+    public var ok: Bool
+    public var message: String
+    public var fields: [String: JSONValue]
+
+    public init(ok: Bool, message: String, fields: [String: JSONValue] = [:]) {
+        self.ok = ok; self.message = message; self.fields = fields
+    }
+
+    private struct Key: CodingKey {
+        var stringValue: String; var intValue: Int? { nil }
+        init(stringValue: String) { self.stringValue = stringValue }
+        init?(intValue: Int) { nil }
+    }
+
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: Key.self)
+        ok = try c.decodeIfPresent(Bool.self, forKey: Key(stringValue: "ok")) ?? false
+        message = try c.decodeIfPresent(String.self, forKey: Key(stringValue: "message")) ?? ""
+        var f: [String: JSONValue] = [:]
+        for k in c.allKeys where k.stringValue != "ok" && k.stringValue != "message" {
+            f[k.stringValue] = try c.decode(JSONValue.self, forKey: k)
+        }
+        fields = f
+    }
+
+    public func encode(to encoder: Encoder) throws {
+        var c = encoder.container(keyedBy: Key.self)
+        for (k, v) in fields where k != "ok" && k != "message" { try c.encode(v, forKey: Key(stringValue: k)) }
+        try c.encode(ok, forKey: Key(stringValue: "ok"))
+        try c.encode(message, forKey: Key(stringValue: "message"))
+    }
+}
+
+/// An operator command on the admin API: `POST /admin/<action>` with a JSON object body.
+/// Parsed strictly (unknown parameters are refused) so a typo in a script fails loudly.
+public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
+    /// Planned handover to the peer (design.md §2 "Switchover"); zero loss.
+    case switchover
+    /// Promote this node; `force` skips the quorum and up-to-date checks (disasters only).
+    case promote(force: Bool)
+    /// Demote this node to secondary.
+    case demote
+    /// Hold (on) or release (off) automatic failover and resource restarts.
+    case maintenance(on: Bool)
+    /// Compare chunk hashes with the peer.
+    case verify
+    /// Resync chunks found out of sync (by verify or the bitmap).
+    case resync
+    /// Resolve a split brain by discarding one side's changes since divergence.
+    case resolve(discard: DiscardSide)
+
+    public enum DiscardSide: String, Sendable, CaseIterable { case local, peer }
+
+    public static let actions = ["switchover", "promote", "demote", "maintenance", "verify", "resync", "resolve"]
+
+    public var action: String {
+        switch self {
+        case .switchover: return "switchover"
+        case .promote: return "promote"
+        case .demote: return "demote"
+        case .maintenance: return "maintenance"
+        case .verify: return "verify"
+        case .resync: return "resync"
+        case .resolve: return "resolve"
+        }
+    }
+
+    /// The request body for this command.
+    public var params: [String: JSONValue] {
+        switch self {
+        case .promote(let force): return force ? ["force": .bool(true)] : [:]
+        case .maintenance(let on): return ["on": .bool(on)]
+        case .resolve(let side): return ["discard": .string(side.rawValue)]
+        case .switchover, .demote, .verify, .resync: return [:]
+        }
+    }
+
+    public var description: String {
+        params.isEmpty ? action : "\(action) \(JSONValue.object(params))"
+    }
+
+    /// Parse an action name and its parameters; the error text is meant for a 400 reply.
+    public static func parse(action: String, params: [String: JSONValue]) throws -> AdminCommand {
+        func only(_ allowed: Set<String>) throws {
+            if let extra = params.keys.sorted().first(where: { !allowed.contains($0) }) {
+                throw AdminCommandError("\(action): unknown parameter '\(extra)'" + (allowed.isEmpty ? "; it takes none" : "; allowed: \(allowed.sorted().joined(separator: ", "))"))
+            }
+        }
+        func bool(_ k: String) throws -> Bool? {
+            guard let v = params[k] else { return nil }
+            guard let b = v.boolValue else { throw AdminCommandError("\(action): '\(k)' must be true or false, got \(v)") }
+            return b
+        }
+        switch action {
+        case "switchover": try only([]); return .switchover
+        case "promote": try only(["force"]); return .promote(force: try bool("force") ?? false)
+        case "demote": try only([]); return .demote
+        case "maintenance":
+            try only(["on"])
+            guard let on = try bool("on") else { throw AdminCommandError("maintenance: 'on' (true or false) is required") }
+            return .maintenance(on: on)
+        case "verify": try only([]); return .verify
+        case "resync": try only([]); return .resync
+        case "resolve":
+            try only(["discard"])
+            guard let s = params["discard"]?.stringValue, let side = DiscardSide(rawValue: s) else {
+                throw AdminCommandError("resolve: 'discard' must be \"local\" or \"peer\"")
+            }
+            return .resolve(discard: side)
+        default:
+            throw AdminCommandError("unknown admin action '\(action)'")
+        }
+    }
+}
+
+public struct AdminCommandError: Error, CustomStringConvertible {
+    public var description: String
+    public init(_ d: String) { description = d }
+}

@@ -1,0 +1,342 @@
+import Foundation
+import HACore
+import Logging
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+
+/// One admin request after authentication and parameter parsing.
+struct AdminRequest: Sendable {
+    var command: AdminCommand
+    /// The raw JSON parameters (already checked by `AdminCommand.parse`).
+    var params: [String: JSONValue]
+    /// Who asked (for the audit log line).
+    var remote: String
+}
+
+/// The answer to an admin request: the HTTP status and the JSON reply.
+struct AdminResponse: Sendable {
+    var status: Int
+    var reply: AdminReply
+
+    init(status: Int, reply: AdminReply) { self.status = status; self.reply = reply }
+
+    /// 200, the action was carried out (or started, for verify/resync).
+    static func ok(_ message: String, fields: [String: JSONValue] = [:]) -> AdminResponse {
+        AdminResponse(status: 200, reply: AdminReply(ok: true, message: message, fields: fields))
+    }
+
+    /// The action was refused in this state (409 Conflict by default), with the reason.
+    static func refused(_ message: String, status: Int = 409, fields: [String: JSONValue] = [:]) -> AdminResponse {
+        AdminResponse(status: status, reply: AdminReply(ok: false, message: message, fields: fields))
+    }
+}
+
+/// What the status server asks the daemon. Each closure is called on the connection's
+/// event loop; returned futures may complete on any loop.
+struct StatusHandlers: Sendable {
+    /// The `/status` JSON document (already encoded).
+    var status: @Sendable (EventLoop) -> EventLoopFuture<Data>
+    /// The `/metrics` exposition text.
+    var metrics: @Sendable () -> String
+    /// `/healthz`: true → 200 "ok", false → 503.
+    var healthy: @Sendable () -> Bool
+    /// An authenticated, parsed admin request.
+    var admin: @Sendable (AdminRequest, EventLoop) -> EventLoopFuture<AdminResponse>
+
+    init(status: @escaping @Sendable (EventLoop) -> EventLoopFuture<Data>,
+         metrics: @escaping @Sendable () -> String,
+         healthy: @escaping @Sendable () -> Bool,
+         admin: @escaping @Sendable (AdminRequest, EventLoop) -> EventLoopFuture<AdminResponse>) {
+        self.status = status; self.metrics = metrics; self.healthy = healthy; self.admin = admin
+    }
+
+    /// Convenience: a status document produced synchronously and encoded with `JSONEncoder.hamgr`.
+    init<Doc: Encodable>(statusDocument: @escaping @Sendable () -> Doc,
+                         metrics: @escaping @Sendable () -> String,
+                         healthy: @escaping @Sendable () -> Bool,
+                         admin: @escaping @Sendable (AdminRequest, EventLoop) -> EventLoopFuture<AdminResponse>) {
+        self.init(status: { loop in
+            loop.makeCompletedFuture { try JSONEncoder.hamgr.encode(statusDocument()) }
+        }, metrics: metrics, healthy: healthy, admin: admin)
+    }
+}
+
+/// Where a request goes; pure, so routing is testable without a socket.
+enum StatusRoute: Equatable {
+    case metrics, status, healthz
+    case admin(String)
+    case notFound
+    case methodNotAllowed(allow: String)
+
+    static func route(method: HTTPMethod, uri: String) -> StatusRoute {
+        let path = String(uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? "")
+        let isGet = method == .GET || method == .HEAD
+        switch path {
+        case "/metrics": return isGet ? .metrics : .methodNotAllowed(allow: "GET, HEAD")
+        case "/status": return isGet ? .status : .methodNotAllowed(allow: "GET, HEAD")
+        case "/healthz": return isGet ? .healthz : .methodNotAllowed(allow: "GET, HEAD")
+        default:
+            guard path.hasPrefix("/admin/") else { return .notFound }
+            let action = String(path.dropFirst("/admin/".count))
+            guard AdminCommand.actions.contains(action) else { return .notFound }
+            return method == .POST ? .admin(action) : .methodNotAllowed(allow: "POST")
+        }
+    }
+}
+
+/// Bearer-token check for the admin API.
+enum AdminAuth: Equatable {
+    case allowed
+    /// No token file configured: admin actions are refused outright (403).
+    case disabled
+    /// Missing or wrong token (401).
+    case unauthorized
+
+    static func check(authorization: String?, token: String?) -> AdminAuth {
+        guard let token, !token.isEmpty else { return .disabled }
+        guard let header = authorization else { return .unauthorized }
+        let parts = header.split(separator: " ", maxSplits: 1)
+        guard parts.count == 2, parts[0].lowercased() == "bearer" else { return .unauthorized }
+        return constantTimeEquals(parts[1].trimmingCharacters(in: .whitespaces), token) ? .allowed : .unauthorized
+    }
+
+    /// Compares every byte of the expected token whatever the input, so the time taken
+    /// does not reveal how long a matching prefix was.
+    static func constantTimeEquals(_ given: String, _ expected: String) -> Bool {
+        let g = Array(given.utf8), e = Array(expected.utf8)
+        var diff: UInt8 = g.count == e.count ? 0 : 1
+        for i in 0..<e.count {
+            diff |= e[i] ^ (i < g.count ? g[i] : 0)
+        }
+        return diff == 0
+    }
+}
+
+/// The HTTP server on `status_address`: `/metrics`, `/status`, `/healthz` and the admin API
+/// (design.md §4). Malformed requests get 400 and lose their connection; oversized headers
+/// (over 16 KiB) and bodies (over 64 KiB) are refused; idle connections close after 60 s.
+final class StatusServer: @unchecked Sendable {
+    static let maxBodyBytes = 64 * 1024
+    static let maxHeaderBytes = 16 * 1024
+    static let idleTimeout: TimeAmount = .seconds(60)
+
+    private let group: EventLoopGroup
+    private let host: String
+    private let port: Int
+    private let adminToken: String?
+    private let handlers: StatusHandlers
+    private let logger: Logger
+    private let lock = NSLock()
+    private var channel: Channel?
+
+    /// `adminToken` nil refuses every admin action with 403.
+    init(group: EventLoopGroup, host: String, port: Int, adminToken: String?, handlers: StatusHandlers, logger: Logger) {
+        self.group = group; self.host = host; self.port = port
+        self.adminToken = adminToken; self.handlers = handlers; self.logger = logger
+    }
+
+    /// Bind and serve. Port 0 picks a free port (see `boundPort`).
+    func start() -> EventLoopFuture<Void> {
+        let handlers = self.handlers, token = self.adminToken, logger = self.logger
+        var limits = NIOHTTPDecoderLimitConfiguration()
+        limits.maxHeaderListSize = Self.maxHeaderBytes
+        limits.maxHeaderFieldSize = Self.maxHeaderBytes
+        limits.maxHeaderFieldCount = 100
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(ChannelOptions.backlog, value: 64)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let sync = channel.pipeline.syncOperations
+                    try sync.configureHTTPServerPipeline(
+                        withPipeliningAssistance: true, withErrorHandling: true,
+                        withEncoderConfiguration: .init(), withDecoderLimitConfiguration: limits)
+                    try sync.addHandler(IdleStateHandler(allTimeout: Self.idleTimeout))
+                    try sync.addHandler(StatusHTTPHandler(handlers: handlers, adminToken: token, logger: logger))
+                }
+            }
+        return bootstrap.bind(host: host, port: port).map { ch in
+            self.lock.lock(); self.channel = ch; self.lock.unlock()
+            logger.info("status server listening", metadata: ["event": "status_listen", "address": "\(ch.localAddress.map { "\($0)" } ?? "?")"])
+        }
+    }
+
+    /// The port actually bound (after `start()` succeeded).
+    var boundPort: Int? {
+        lock.lock(); defer { lock.unlock() }
+        return channel?.localAddress?.port
+    }
+
+    /// Stop listening; open connections are closed with the server channel's children.
+    func stop() -> EventLoopFuture<Void> {
+        lock.lock(); let ch = channel; channel = nil; lock.unlock()
+        guard let ch else { return group.next().makeSucceededVoidFuture() }
+        return ch.close()
+    }
+}
+
+/// One connection. Requests arrive whole (head, body ≤ 64 KiB, end) thanks to the
+/// pipelining handler, which also holds back the next request until this one is answered.
+private final class StatusHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let handlers: StatusHandlers
+    private let adminToken: String?
+    private let logger: Logger
+    private var head: HTTPRequestHead?
+    private var body = ByteBuffer()
+    private var tooLarge = false
+
+    init(handlers: StatusHandlers, adminToken: String?, logger: Logger) {
+        self.handlers = handlers; self.adminToken = adminToken; self.logger = logger
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let h):
+            head = h; body.clear(); tooLarge = false
+            if let cl = h.headers.first(name: "content-length").flatMap(Int.init), cl > StatusServer.maxBodyBytes {
+                tooLarge = true
+            }
+        case .body(var chunk):
+            if tooLarge { return }
+            if body.readableBytes + chunk.readableBytes > StatusServer.maxBodyBytes {
+                tooLarge = true; body.clear()
+            } else {
+                body.writeBuffer(&chunk)
+            }
+        case .end:
+            guard let h = head else { return }
+            head = nil
+            if tooLarge {
+                respond(context: context, head: h, status: .payloadTooLarge, contentType: "text/plain; charset=utf-8",
+                        body: "request body larger than \(StatusServer.maxBodyBytes) bytes\n", close: true)
+                return
+            }
+            handle(context: context, head: h, body: body)
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is IdleStateHandler.IdleStateEvent {
+            context.close(promise: nil)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        logger.debug("status connection error", metadata: ["event": "status_conn_error", "error": "\(error)"])
+        context.close(promise: nil)
+    }
+
+    private func handle(context: ChannelHandlerContext, head: HTTPRequestHead, body: ByteBuffer) {
+        let loop = context.eventLoop
+        switch StatusRoute.route(method: head.method, uri: head.uri) {
+        case .metrics:
+            respond(context: context, head: head, status: .ok, contentType: MetricsRegistry.contentType, body: handlers.metrics())
+        case .healthz:
+            let ok = handlers.healthy()
+            respond(context: context, head: head, status: ok ? .ok : .serviceUnavailable,
+                    contentType: "text/plain; charset=utf-8", body: ok ? "ok\n" : "unhealthy\n")
+        case .status:
+            handlers.status(loop).hop(to: loop).whenComplete { result in
+                switch result {
+                case .success(let data):
+                    self.respond(context: context, head: head, status: .ok, contentType: "application/json",
+                                 bodyBytes: ByteBuffer(bytes: data))
+                case .failure(let error):
+                    self.respond(context: context, head: head, status: .internalServerError,
+                                 contentType: "text/plain; charset=utf-8", body: "status unavailable: \(error)\n")
+                }
+            }
+        case .notFound:
+            respond(context: context, head: head, status: .notFound, contentType: "text/plain; charset=utf-8",
+                    body: "not found; try /status, /metrics, /healthz or POST /admin/{\(AdminCommand.actions.joined(separator: ","))}\n")
+        case .methodNotAllowed(let allow):
+            respond(context: context, head: head, status: .methodNotAllowed, contentType: "text/plain; charset=utf-8",
+                    body: "method \(head.method) not allowed here\n", extraHeaders: [("Allow", allow)])
+        case .admin(let action):
+            admin(context: context, head: head, action: action, body: body)
+        }
+    }
+
+    private func admin(context: ChannelHandlerContext, head: HTTPRequestHead, action: String, body: ByteBuffer) {
+        let remote = context.remoteAddress.map { "\($0)" } ?? "?"
+        func reply(_ status: HTTPResponseStatus, _ r: AdminReply) {
+            let data = (try? JSONEncoder.hamgr.encode(r)) ?? Data("{}".utf8)
+            respond(context: context, head: head, status: status, contentType: "application/json", bodyBytes: ByteBuffer(bytes: data))
+        }
+        switch AdminAuth.check(authorization: head.headers.first(name: "authorization"), token: adminToken) {
+        case .disabled:
+            logger.warning("admin request refused: no admin token configured", metadata: ["event": "admin_refused", "action": "\(action)", "remote": "\(remote)"])
+            reply(.forbidden, AdminReply(ok: false, message: "admin actions are disabled: set cluster.admin_token_file (a mode 0600 file) and restart"))
+            return
+        case .unauthorized:
+            logger.warning("admin request refused: bad or missing bearer token", metadata: ["event": "admin_unauthorized", "action": "\(action)", "remote": "\(remote)"])
+            reply(.unauthorized, AdminReply(ok: false, message: "missing or wrong bearer token"))
+            return
+        case .allowed:
+            break
+        }
+        guard let params = JSONValue.parseObject(Data(body.readableBytesView)) else {
+            reply(.badRequest, AdminReply(ok: false, message: "the request body must be a JSON object"))
+            return
+        }
+        let command: AdminCommand
+        do {
+            command = try AdminCommand.parse(action: action, params: params)
+        } catch {
+            reply(.badRequest, AdminReply(ok: false, message: "\(error)"))
+            return
+        }
+        logger.notice("admin request", metadata: ["event": "admin_request", "action": "\(command)", "remote": "\(remote)"])
+        let loop = context.eventLoop
+        let logger = self.logger
+        handlers.admin(AdminRequest(command: command, params: params, remote: remote), loop).hop(to: loop).whenComplete { result in
+            switch result {
+            case .success(let r):
+                logger.notice("admin request done", metadata: ["event": "admin_result", "action": "\(command)", "status": "\(r.status)", "message": "\(r.reply.message)"])
+                reply(HTTPResponseStatus(statusCode: r.status), r.reply)
+            case .failure(let error):
+                logger.error("admin request failed", metadata: ["event": "admin_result", "action": "\(command)", "error": "\(error)"])
+                reply(.internalServerError, AdminReply(ok: false, message: "\(error)"))
+            }
+        }
+    }
+
+    private func respond(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus,
+                         contentType: String, body: String, close: Bool = false, extraHeaders: [(String, String)] = []) {
+        respond(context: context, head: head, status: status, contentType: contentType,
+                bodyBytes: ByteBuffer(string: body), close: close, extraHeaders: extraHeaders)
+    }
+
+    private func respond(context: ChannelHandlerContext, head: HTTPRequestHead, status: HTTPResponseStatus,
+                         contentType: String, bodyBytes: ByteBuffer, close: Bool = false, extraHeaders: [(String, String)] = []) {
+        guard context.channel.isActive else { return }
+        let keepAlive = head.isKeepAlive && !close
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: contentType)
+        headers.add(name: "Content-Length", value: String(bodyBytes.readableBytes))
+        headers.add(name: "Cache-Control", value: "no-store")
+        headers.add(name: "Connection", value: keepAlive ? "keep-alive" : "close")
+        for (k, v) in extraHeaders { headers.add(name: k, value: v) }
+        let response = HTTPResponseHead(version: head.version, status: status, headers: headers)
+        context.write(wrapOutboundOut(.head(response)), promise: nil)
+        if head.method != .HEAD {
+            context.write(wrapOutboundOut(.body(.byteBuffer(bodyBytes))), promise: nil)
+        }
+        let done = context.writeAndFlushPromise()
+        context.writeAndFlush(wrapOutboundOut(.end(nil)), promise: done)
+        if !keepAlive {
+            done.futureResult.whenComplete { _ in context.close(promise: nil) }
+        }
+    }
+}
+
+private extension ChannelHandlerContext {
+    func writeAndFlushPromise() -> EventLoopPromise<Void> { eventLoop.makePromise() }
+}
