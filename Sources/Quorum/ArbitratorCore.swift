@@ -1,0 +1,197 @@
+import HACore
+
+public enum ArbitratorAction: Equatable, Sendable {
+    case send(cluster: String, to: NodeID, QuorumMessage)
+    /// Must be durable before any later action of the same batch runs.
+    case persist(cluster: String, ArbitratorPersistentState)
+    case log(QuorumEvent)
+}
+
+/// What /metrics and /status show for one cluster.
+public struct ArbitratorClusterStatus: Equatable, Sendable {
+    public var cluster: String
+    public var epoch: Epoch
+    public var master: NodeID?
+    public var votedFor: NodeID?
+    public var leaseHolder: NodeID?
+    /// On the arbitrator's clock; nil when no lease is running.
+    public var leaseExpiry: Instant?
+    public var outdated: [OutdateMark]
+    public var lastContact: [NodeID: Instant]
+}
+
+/// The arbitrator (witness) of design.md §2: one vote per cluster, for many clusters in one
+/// process. Per message: one dictionary lookup and a few comparisons; it persists only when
+/// an epoch, vote, master, generation or mark changes, never for a routine renewal.
+public struct ArbitratorCore: Sendable {
+    public let settings: QuorumSettings
+
+    struct ClusterState: Sendable {
+        var persisted: ArbitratorPersistentState
+        var leaseHolder: NodeID?
+        var leaseExpiry: Instant?
+        var lastContact: [NodeID: Instant] = [:]
+    }
+
+    private var table: [String: ClusterState] = [:]
+    /// First instant seen after (re)start: a lease granted before a crash is honoured until
+    /// `startedAt + lease` (restart quarantine), since its expiry was not persisted.
+    private var startedAt: Instant?
+
+    public init(settings: QuorumSettings, persisted: [String: ArbitratorPersistentState]) {
+        self.settings = settings
+        for (name, p) in persisted { table[name] = ClusterState(persisted: p) }
+    }
+
+    public var clusters: [String] { table.keys.sorted() }
+
+    public func status(cluster: String) -> ArbitratorClusterStatus? {
+        guard let c = table[cluster] else { return nil }
+        return ArbitratorClusterStatus(cluster: cluster, epoch: c.persisted.promisedEpoch, master: c.persisted.master,
+                                       votedFor: c.persisted.votedFor, leaseHolder: c.leaseHolder, leaseExpiry: c.leaseExpiry,
+                                       outdated: c.persisted.outdated, lastContact: c.lastContact)
+    }
+
+    public mutating func handle(cluster: String, from: NodeID, _ message: QuorumMessage, at now: Instant) -> [ArbitratorAction] {
+        if startedAt == nil { startedAt = now }
+        var c = table[cluster] ?? ClusterState(persisted: .initial)
+        var out: [ArbitratorAction] = []
+        c.lastContact[from] = now
+        switch message {
+        case let .renew(e, seq, generation):
+            let granted = mayFollow(&c, master: from, epoch: e, generation: generation, cluster: cluster, &out)
+            if granted {
+                c.leaseHolder = from
+                c.leaseExpiry = now + settings.timings.lease
+            }
+            out.append(.send(cluster: cluster, to: from, .renewReply(epoch: e, seq: seq, granted: granted, promised: c.persisted.promisedEpoch)))
+        case let .voteRequest(r):
+            vote(&c, r, candidate: from, cluster: cluster, now: now, &out)
+        case let .outdate(peer, e, instance):
+            var granted = peer != from && mayFollow(&c, master: from, epoch: e, generation: nil, cluster: cluster, &out)
+            if granted {
+                let pos = MarkPosition(epoch: e, instance: instance)
+                if pos <= c.persisted.clearedPosition(of: peer) {
+                    granted = false // a late duplicate of a mark that was already cleared
+                } else if let m = c.persisted.mark(of: peer), pos <= m.position {
+                    // Already recorded (duplicate) or superseded by a newer mark: still outdated.
+                } else {
+                    c.persisted.outdated.removeAll { $0.node == peer }
+                    c.persisted.outdated.append(OutdateMark(node: peer, epoch: e, instance: instance))
+                    c.persisted.outdated.sort { $0.node < $1.node }
+                    out.append(.persist(cluster: cluster, c.persisted))
+                    out.append(.log(event("peerOutdated", cluster, c, [("node", peer.name), ("by", from.name), ("markEpoch", e.description)])))
+                }
+            }
+            out.append(.send(cluster: cluster, to: from, .outdateReply(peer: peer, epoch: e, instance: instance, granted: granted,
+                                                                    promised: c.persisted.promisedEpoch)))
+        case let .clearOutdate(peer, e, instance):
+            let pos = MarkPosition(epoch: e, instance: instance)
+            var changed = false
+            if pos > c.persisted.clearedPosition(of: peer) {
+                c.persisted.cleared.removeAll { $0.node == peer }
+                c.persisted.cleared.append(OutdateMark(node: peer, epoch: e, instance: instance))
+                c.persisted.cleared.sort { $0.node < $1.node }
+                changed = true
+            }
+            if let m = c.persisted.mark(of: peer), m.position <= pos {
+                c.persisted.outdated.removeAll { $0.node == peer }
+                changed = true
+                out.append(.log(event("outdateCleared", cluster, c, [("node", peer.name), ("by", from.name)])))
+            }
+            if changed { out.append(.persist(cluster: cluster, c.persisted)) }
+            out.append(.send(cluster: cluster, to: from, .clearOutdateReply(peer: peer, epoch: e, instance: instance)))
+        case let .release(e, to):
+            // The sender closed its write gate before sending this: its lease is over.
+            if e == c.persisted.promisedEpoch, c.persisted.master == from, c.leaseHolder == from {
+                c.leaseExpiry = now
+                out.append(.log(event("leaseReleased", cluster, c, [("by", from.name), ("handoverTo", to?.name ?? "none")])))
+            }
+        case .renewReply, .voteReply, .outdateReply, .clearOutdateReply, .heartbeat:
+            out.append(.log(QuorumEvent("messageIgnored", [.init("cluster", cluster), .init("from", from.name), .init("kind", NodeCore.kind(message))])))
+        }
+        table[cluster] = c
+        return out
+    }
+
+    /// Renewal rule: follow `master` in epoch `e` unless an older epoch, or this epoch belongs
+    /// to someone else (our vote or the master we know). A newer epoch is adopted: its master
+    /// won a quorum, which already required the old master's lease to be over or given up.
+    private func mayFollow(_ c: inout ClusterState, master: NodeID, epoch e: Epoch, generation: GenerationID?,
+                           cluster: String, _ out: inout [ArbitratorAction]) -> Bool {
+        var p = c.persisted
+        if e < p.promisedEpoch { return false }
+        if e == p.promisedEpoch {
+            if let v = p.votedFor, v != master { return false }
+            if let m = p.master, m != master { return false }
+        } else {
+            p.promisedEpoch = e
+            p.votedFor = nil
+        }
+        p.master = master
+        if let g = generation, !g.isNone { p.masterGeneration = g }
+        if p != c.persisted {
+            let newEpoch = p.promisedEpoch != c.persisted.promisedEpoch || p.master != c.persisted.master
+            c.persisted = p
+            out.append(.persist(cluster: cluster, p))
+            if newEpoch { out.append(.log(event("following", cluster, c, [("master", master.name)]))) }
+        }
+        return true
+    }
+
+    private func vote(_ c: inout ClusterState, _ r: VoteRequest, candidate: NodeID, cluster: String, now: Instant,
+                      _ out: inout [ArbitratorAction]) {
+        let p = c.persisted
+        var why: VoteRefusal?
+        var repeatVote = false
+        if r.epoch < p.promisedEpoch {
+            why = .staleEpoch
+        } else if r.epoch == p.promisedEpoch, let v = p.votedFor {
+            if v == candidate { repeatVote = true } else { why = .alreadyVoted(v) }
+        } else if r.epoch == p.promisedEpoch, let m = p.master, m != candidate {
+            why = .alreadyVoted(m)
+        }
+        if why == nil, !repeatVote, !settings.has(.skipLeaseWait) {
+            let quarantineEnd = (startedAt ?? now) + settings.timings.lease
+            if let expiry = c.leaseExpiry, let holder = c.leaseHolder, holder != candidate, now < expiry {
+                why = .leaseHeld(holder: holder, remainingMilliseconds: Self.ms(expiry - now))
+            } else if now < quarantineEnd, c.leaseHolder != candidate {
+                why = .restartQuarantine(remainingMilliseconds: Self.ms(quarantineEnd - now))
+            }
+        }
+        if why == nil, !repeatVote, !r.force {
+            if r.disk != .upToDate {
+                why = .notUpToDate(r.disk)
+            } else if let m = p.mark(of: candidate) {
+                why = .outdated(at: m.epoch)
+            } else if !p.masterGeneration.isNone, r.generations.current != p.masterGeneration,
+                      !r.generations.knows(p.masterGeneration) {
+                why = .dataBehind
+            }
+        }
+        if let why {
+            out.append(.send(cluster: cluster, to: candidate, .voteReply(epoch: r.epoch, round: r.round, promised: p.promisedEpoch, refusal: why)))
+            out.append(.log(event("voteRefused", cluster, c, [("candidate", candidate.name), ("candidateEpoch", r.epoch.description), ("why", NodeCore.explain(why, candidate: candidate))])))
+            return
+        }
+        if !repeatVote {
+            c.persisted.promisedEpoch = r.epoch
+            c.persisted.votedFor = candidate
+            c.persisted.master = candidate
+            if r.force { c.persisted.masterGeneration = .none } // a forced master starts a new generation
+            if !settings.has(.votesNotPersisted) { out.append(.persist(cluster: cluster, c.persisted)) }
+            out.append(.log(event("voteGranted", cluster, c, [("candidate", candidate.name), ("force", String(r.force))])))
+        }
+        // A vote is a lease grant to the winner, starting now on this clock.
+        c.leaseHolder = candidate
+        c.leaseExpiry = now + settings.timings.lease
+        out.append(.send(cluster: cluster, to: candidate, .voteReply(epoch: r.epoch, round: r.round, promised: r.epoch, refusal: nil)))
+    }
+
+    private static func ms(_ d: Duration) -> UInt32 { UInt32(clamping: Int64(d.milliseconds.rounded(.up))) }
+
+    private func event(_ name: String, _ cluster: String, _ c: ClusterState, _ fields: [(String, String)]) -> QuorumEvent {
+        QuorumEvent(name, [.init("cluster", cluster), .init("epoch", c.persisted.promisedEpoch.description)]
+                    + fields.map { QuorumEvent.Field($0.0, $0.1) })
+    }
+}

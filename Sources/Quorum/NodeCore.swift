@@ -1,0 +1,753 @@
+import HACore
+
+/// The quorum state machine of one data node (design.md §2): leases, elections, outdating the
+/// peer, switchover. Pure: `handle(event, at: now) -> [NodeAction]`; no clock, socket or global RNG.
+public struct NodeCore: Sendable {
+    public let cluster: String
+    public let me: NodeID
+    public let peer: NodeID
+    public let arbitrator: NodeID
+    public let settings: QuorumSettings
+
+    // Durable state as this node acts on it (every change is followed by a `.persist`).
+    private var state: NodePersistentState
+    private var disk: LocalDisk
+    private var rng: SplitMix64
+    private var role: Role = .secondary
+    private var gate: WriteGate
+    /// Highest epoch seen anywhere; a new candidacy goes above it.
+    private var highestSeenEpoch: Epoch
+
+    // As a voter.
+    /// The node holding the lease this node granted (nil: unknown, e.g. right after a restart).
+    private var grantedLeaseHolder: NodeID?
+    /// Until then this node votes for nobody but `grantedLeaseHolder` (restart: now + lease).
+    private var grantedLeaseExpiry: Instant
+    private var lastHeardMaster: Instant
+    private var nextCandidacyAt: Instant
+
+    private var lastPeerContact: Instant?
+    private var lastArbitratorContact: Instant?
+    private var peerHeartbeat: Heartbeat?
+    private var lastHeartbeatSent: Instant?
+
+    private var candidacy: Candidacy?
+    private var roundCounter: UInt64 = 0
+    /// After handing over in a switchover: resend the release until the new master renews.
+    private var handover: Handover?
+
+    // As master.
+    private var masterEpoch: Epoch = .zero
+    private var primarySince: Instant
+    private var leaseValidUntil: Instant = .zero
+    private var lastGrantAt: Instant = .zero
+    private var renewSeq: UInt64 = 0
+    private var renewsSent: [(seq: UInt64, at: Instant)] = []
+    private var lastRenewSent: Instant?
+    private var peerReplication: PeerReplicationState = .disconnected
+    private var peerReplicationSince: Instant
+    private var fence = PeerFence()
+    private var drainingSince: Instant?
+
+    private var whyNotPromoted: String?
+    private var lastNow: Instant
+
+    struct Candidacy: Sendable {
+        var epoch: Epoch
+        var force: Bool
+        /// A sitting master moving itself to a newer epoch its peer already promised.
+        var bump: Bool
+        var startedAt: Instant
+        var lastSentAt: Instant
+        var rounds: [(round: UInt64, at: Instant)] = []
+        var heardFrom: Set<NodeID> = []
+    }
+
+    struct Handover: Sendable {
+        var epoch: Epoch
+        var until: Instant
+        var lastSent: Instant
+    }
+
+    /// Progress of "outdate before continuing" for the current mastership.
+    struct PeerFence: Sendable {
+        /// Last mark instance used; marks of one epoch are ordered by it.
+        var instance: UInt64 = 0
+        var requesting: (epoch: Epoch, instance: UInt64, since: Instant, lastSent: Instant)?
+        /// The arbitrator recorded the peer as outdated: `peerRequired` is false.
+        var confirmed = false
+        var clearing: (epoch: Epoch, instance: UInt64, lastSent: Instant)?
+    }
+
+    public init(cluster: String, me: NodeID, peer: NodeID, arbitrator: NodeID, settings: QuorumSettings,
+                persisted: NodePersistentState, disk: LocalDisk, now: Instant) {
+        self.cluster = cluster
+        self.me = me
+        self.peer = peer
+        self.arbitrator = arbitrator
+        self.settings = settings
+        self.state = persisted
+        self.disk = disk
+        self.rng = SplitMix64(seed: settings.jitterSeed ^ fnv1a(cluster) ^ fnv1a(me.name) &* 31)
+        self.gate = WriteGate(epoch: persisted.promisedEpoch, validUntil: .zero, peerRequired: true)
+        self.highestSeenEpoch = persisted.promisedEpoch
+        // Restart quarantine: before the crash this node may have granted a lease it no longer
+        // remembers; it votes for nobody until such a lease would have run out.
+        self.grantedLeaseExpiry = settings.has(.skipLeaseWait) ? now : now + settings.timings.lease
+        self.lastHeardMaster = now
+        self.nextCandidacyAt = now
+        self.primarySince = now
+        self.peerReplicationSince = now
+        self.lastNow = now
+    }
+
+    private var timings: LeaseTimings { settings.timings }
+
+    public var status: NodeQuorumStatus {
+        let now = lastNow
+        let window = timings.failureTimeout
+        let peerUp = lastPeerContact.map { now - $0 < window } ?? false
+        let arbUp: Bool? = role == .primary || candidacy != nil
+            ? (lastArbitratorContact.map { now - $0 < window } ?? false) : nil
+        return NodeQuorumStatus(
+            role: role, epoch: state.promisedEpoch,
+            master: role == .primary ? me : state.master,
+            leaseValidUntil: role == .primary ? leaseValidUntil : nil,
+            hasQuorum: role == .primary ? now < leaseValidUntil : (state.master != nil && now - lastHeardMaster < window),
+            peerReachable: peerUp, arbitratorReachable: arbUp, maintenance: state.maintenance,
+            whyNotPromoted: role == .primary ? nil : whyNotPromoted, gate: gate, disk: disk.state,
+            peerReplication: peerReplication, peerOutdated: role == .primary && fence.confirmed,
+            switchoverInProgress: drainingSince != nil)
+    }
+
+    // MARK: - Entry point
+
+    public mutating func handle(_ event: NodeEvent, at now: Instant) -> [NodeAction] {
+        var out: [NodeAction] = []
+        lastNow = now
+        if role == .primary, now >= max(leaseValidUntil, primarySince + timings.masterLeaseSpan) {
+            stepDown(reason: "lease lapsed", master: nil, now: now, &out)
+        }
+        switch event {
+        case .tick:
+            if role == .primary { primaryTick(now, &out) } else { secondaryTick(now, &out) }
+        case .linkUp:
+            break // reachability follows from messages, not from connections
+        case .linkDown(let n):
+            if n == peer { lastPeerContact = nil } else if n == arbitrator { lastArbitratorContact = nil }
+        case .received(let from, let message):
+            receive(message, from: from, now: now, &out)
+        case .disk(let d):
+            onDisk(d, now: now, &out)
+        case .peerReplication(let s):
+            onPeerReplication(s, now: now, &out)
+        case .admin(let command):
+            onAdmin(command, now: now, &out)
+        case .switchoverDrained:
+            onDrained(now: now, &out)
+        }
+        syncGate(&out)
+        return out
+    }
+
+    // MARK: - Gate, persistence, logging
+
+    private var desiredGate: WriteGate {
+        role == .primary
+            ? WriteGate(epoch: masterEpoch, validUntil: leaseValidUntil, peerRequired: !fence.confirmed)
+            : WriteGate(epoch: state.promisedEpoch, validUntil: .zero, peerRequired: true)
+    }
+
+    private mutating func syncGate(_ out: inout [NodeAction]) {
+        let g = desiredGate
+        if g != gate { gate = g; out.append(.writeGate(g)) }
+    }
+
+    private mutating func persist(_ out: inout [NodeAction]) { out.append(.persist(state)) }
+
+    /// Persisting a vote (and the epoch it promises) before replying is what keeps a restarted
+    /// voter from voting twice; the planted bug leaves it out.
+    private mutating func persistVote(_ out: inout [NodeAction]) {
+        if settings.has(.votesNotPersisted) { return }
+        persist(&out)
+    }
+
+    private func log(_ name: String, _ fields: [(String, String)] = [], _ out: inout [NodeAction]) {
+        var f = [QuorumEvent.Field("cluster", cluster), QuorumEvent.Field("node", me.name),
+                 QuorumEvent.Field("epoch", String(role == .primary ? masterEpoch.value : state.promisedEpoch.value)),
+                 QuorumEvent.Field("role", role.rawValue)]
+        f.append(contentsOf: fields.map { QuorumEvent.Field($0.0, $0.1) })
+        out.append(.log(QuorumEvent(name, f)))
+    }
+
+    private mutating func noteEpoch(_ e: Epoch) { if e > highestSeenEpoch { highestSeenEpoch = e } }
+
+    private mutating func jitter(upTo d: Duration) -> Duration {
+        let ms = max(1, Int64(d.milliseconds))
+        return .milliseconds(Int64(rng.next() % UInt64(ms)))
+    }
+
+    // MARK: - Ticks
+
+    private mutating func primaryTick(_ now: Instant, _ out: inout [NodeAction]) {
+        if let since = drainingSince, now >= since + timings.failureTimeout {
+            drainingSince = nil
+            out.append(.adminResult(.switchover, .failure(AdminRefusal("drain did not finish within \(Int(timings.failureTimeout.milliseconds)) ms; writes resume, this node stays master"))))
+            log("switchoverAbandoned", [("reason", "drain timeout")], &out)
+        }
+        if lastRenewSent.map({ now >= $0 + timings.renewInterval }) ?? true {
+            sendRenewals(now, &out)
+        }
+        if settings.splitBrain == .allow, now >= lastGrantAt + timings.failureTimeout {
+            // Availability over consistency: an isolated master keeps its own lease.
+            leaseValidUntil = max(leaseValidUntil, now + timings.masterLeaseSpan)
+        }
+        progressFence(now, &out)
+        if var c = candidacy {
+            if now >= c.startedAt + timings.failureTimeout {
+                candidacy = nil
+                nextCandidacyAt = now + jitter(upTo: timings.failureTimeout)
+                log("reelectionFailed", [("candidateEpoch", c.epoch.description)], &out)
+            } else if now >= c.lastSentAt + timings.renewInterval {
+                sendVoteRound(&c, now, &out)
+                candidacy = c
+            }
+        }
+    }
+
+    private mutating func secondaryTick(_ now: Instant, _ out: inout [NodeAction]) {
+        if lastHeartbeatSent.map({ now >= $0 + timings.renewInterval }) ?? true {
+            lastHeartbeatSent = now
+            out.append(.send(to: peer, .heartbeat(Heartbeat(epoch: state.promisedEpoch, master: state.master, disk: disk.state,
+                                                            generations: disk.generations, maintenance: state.maintenance))))
+        }
+        if var h = handover {
+            if now >= h.until {
+                handover = nil
+            } else if now >= h.lastSent + timings.renewInterval {
+                h.lastSent = now
+                handover = h
+                out.append(.send(to: peer, .release(epoch: h.epoch, handoverTo: peer)))
+            }
+        }
+        if var c = candidacy {
+            if now >= c.startedAt + timings.failureTimeout {
+                if settings.splitBrain == .allow, c.heardFrom.isEmpty, !c.bump {
+                    winAlone(c, now, &out)
+                } else {
+                    candidacy = nil
+                    nextCandidacyAt = now + jitter(upTo: timings.failureTimeout)
+                    log("candidacyFailed", [("candidateEpoch", c.epoch.description), ("why", whyNotPromoted ?? "no grant")], &out)
+                }
+            } else if now >= c.lastSentAt + timings.renewInterval {
+                sendVoteRound(&c, now, &out)
+                candidacy = c
+            }
+            return
+        }
+        if now < lastHeardMaster + timings.failureTimeout { return } // the master is alive
+        if let blocker = candidacyBlocker(now) {
+            whyNotPromoted = blocker
+            return
+        }
+        if now < nextCandidacyAt { return }
+        startCandidacy(force: false, bump: false, now, &out)
+    }
+
+    private func candidacyBlocker(_ now: Instant) -> String? {
+        if state.maintenance { return "maintenance mode is on" }
+        if handover != nil { return "handed over to \(peer) (switchover)" }
+        if disk.state != .upToDate { return "local disk is \(disk.state.rawValue)" }
+        if !settings.has(.skipLeaseWait), now < grantedLeaseExpiry {
+            let ms = Int((grantedLeaseExpiry - now).milliseconds)
+            if let h = grantedLeaseHolder { return "waiting \(ms) ms for the lease granted to \(h) to expire" }
+            return "restart quarantine: \(ms) ms more"
+        }
+        if highestSeenEpoch.value == UInt64.max || state.promisedEpoch.value == UInt64.max { return "epoch space exhausted" }
+        return nil
+    }
+
+    // MARK: - Master: renewals, lease, outdate
+
+    private mutating func sendRenewals(_ now: Instant, _ out: inout [NodeAction]) {
+        renewSeq &+= 1
+        renewsSent.append((renewSeq, now))
+        if renewsSent.count > 32 { renewsSent.removeFirst(renewsSent.count - 32) }
+        lastRenewSent = now
+        let m = QuorumMessage.renew(epoch: masterEpoch, seq: renewSeq, generation: disk.generations.current)
+        out.append(.send(to: peer, m))
+        out.append(.send(to: arbitrator, m))
+    }
+
+    private mutating func progressFence(_ now: Instant, _ out: inout [NodeAction]) {
+        if peerReplication != .inSync, !fence.confirmed, now >= peerReplicationSince + timings.renewInterval {
+            if settings.has(.skipOutdate) {
+                fence.confirmed = true
+                log("peerOutdated", [("peer", peer.name), ("confirmedBy", "nobody")], &out)
+                return
+            }
+            if let r = fence.requesting {
+                if settings.splitBrain == .allow, now >= r.since + timings.failureTimeout {
+                    fence.requesting = nil
+                    fence.confirmed = true
+                    log("peerOutdated", [("peer", peer.name), ("confirmedBy", "nobody (split_brain=allow)")], &out)
+                } else if now >= r.lastSent + timings.renewInterval {
+                    fence.requesting = (r.epoch, r.instance, r.since, now)
+                    out.append(.send(to: arbitrator, .outdate(peer: peer, epoch: r.epoch, instance: r.instance)))
+                }
+            } else {
+                fence.instance += 1
+                fence.clearing = nil
+                fence.requesting = (masterEpoch, fence.instance, now, now)
+                log("outdatingPeer", [("peer", peer.name), ("replication", peerReplication.rawValue), ("instance", String(fence.instance))], &out)
+                out.append(.send(to: arbitrator, .outdate(peer: peer, epoch: masterEpoch, instance: fence.instance)))
+            }
+        }
+        if let c = fence.clearing, now >= c.lastSent + timings.renewInterval {
+            fence.clearing = (c.epoch, c.instance, now)
+            out.append(.send(to: arbitrator, .clearOutdate(peer: peer, epoch: c.epoch, instance: c.instance)))
+        }
+    }
+
+    private mutating func onPeerReplication(_ s: PeerReplicationState, now: Instant, _ out: inout [NodeAction]) {
+        let old = peerReplication
+        if s != old { peerReplication = s; peerReplicationSince = now }
+        guard role == .primary, s != old else { return }
+        if s == .inSync {
+            fence.requesting = nil
+            if fence.confirmed {
+                // The gate requires the peer again before the arbitrator forgets the mark.
+                fence.confirmed = false
+                syncGate(&out)
+            }
+            log("peerInSync", [("peer", peer.name)], &out)
+            startClear(now, &out)
+        } else {
+            log("peerReplication", [("peer", peer.name), ("state", s.rawValue)], &out)
+        }
+    }
+
+    private mutating func startClear(_ now: Instant, _ out: inout [NodeAction]) {
+        fence.clearing = (masterEpoch, fence.instance, now)
+        out.append(.send(to: arbitrator, .clearOutdate(peer: peer, epoch: masterEpoch, instance: fence.instance)))
+    }
+
+    private mutating func stepDown(reason: String, master: NodeID?, now: Instant, _ out: inout [NodeAction]) {
+        role = .secondary
+        leaseValidUntil = .zero
+        syncGate(&out) // closed before anything else happens
+        if drainingSince != nil {
+            drainingSince = nil
+            out.append(.adminResult(.switchover, .failure(AdminRefusal("switchover failed: \(reason)"))))
+        }
+        candidacy = nil
+        fence = PeerFence()
+        lastHeardMaster = now
+        lastRenewSent = nil
+        state.role = .secondary
+        persist(&out)
+        out.append(.becomeSecondary(epoch: state.promisedEpoch, master: master))
+        log("demoted", [("reason", reason)], &out)
+    }
+
+    // MARK: - Elections
+
+    private mutating func startCandidacy(force: Bool, bump: Bool, _ now: Instant, _ out: inout [NodeAction]) {
+        let e = Epoch(max(state.promisedEpoch, highestSeenEpoch).value + 1)
+        state.promisedEpoch = e
+        state.votedFor = me
+        if !bump { state.master = nil }
+        persistVote(&out)
+        noteEpoch(e)
+        var c = Candidacy(epoch: e, force: force, bump: bump, startedAt: now, lastSentAt: now)
+        syncGate(&out)
+        log(bump ? "reelection" : "candidacy", [("candidateEpoch", e.description), ("force", String(force))], &out)
+        sendVoteRound(&c, now, &out)
+        candidacy = c
+    }
+
+    private mutating func sendVoteRound(_ c: inout Candidacy, _ now: Instant, _ out: inout [NodeAction]) {
+        roundCounter &+= 1
+        c.rounds.append((roundCounter, now))
+        if c.rounds.count > 16 { c.rounds.removeFirst() }
+        c.lastSentAt = now
+        let r = VoteRequest(epoch: c.epoch, round: roundCounter, disk: disk.state, generations: disk.generations, force: c.force)
+        out.append(.send(to: peer, .voteRequest(r)))
+        out.append(.send(to: arbitrator, .voteRequest(r)))
+    }
+
+    private mutating func onVoteReply(from: NodeID, epoch: Epoch, round: UInt64, promised: Epoch, refusal: VoteRefusal?,
+                                      now: Instant, _ out: inout [NodeAction]) {
+        noteEpoch(promised)
+        guard var c = candidacy, epoch == c.epoch else { return }
+        c.heardFrom.insert(from)
+        candidacy = c
+        if let refusal {
+            let who = from == arbitrator ? "arbitrator" : "peer \(from)"
+            whyNotPromoted = "\(who) refused vote: \(Self.explain(refusal, candidate: me))"
+            log("voteRefused", [("by", from.name), ("candidateEpoch", epoch.description), ("why", Self.explain(refusal, candidate: me))], &out)
+            if promised > c.epoch {
+                candidacy = nil
+                nextCandidacyAt = now + jitter(upTo: timings.renewInterval)
+            }
+            return
+        }
+        guard let sent = c.rounds.first(where: { $0.round == round }) else { return }
+        win(c, leaseAnchor: sent.at, via: from, now, &out)
+    }
+
+    static func explain(_ r: VoteRefusal, candidate: NodeID) -> String {
+        switch r {
+        case .outdated(let e): return "\(candidate) is outdated at epoch \(e)"
+        case .notUpToDate(let d): return "\(candidate) disk is \(d.rawValue)"
+        case .dataBehind: return "\(candidate) data is behind"
+        case .diverged: return "\(candidate) data diverged (split brain)"
+        default: return r.description
+        }
+    }
+
+    private mutating func win(_ c: Candidacy, leaseAnchor: Instant, via: NodeID, _ now: Instant, _ out: inout [NodeAction]) {
+        candidacy = nil
+        whyNotPromoted = nil
+        let wasPrimary = role == .primary
+        masterEpoch = c.epoch
+        state.master = me
+        state.lastMasterEpoch = c.epoch
+        state.role = .primary
+        persist(&out)
+        // A vote granted by another voter is also a lease grant, anchored at the request's send time.
+        leaseValidUntil = max(wasPrimary ? leaseValidUntil : .zero, leaseAnchor + timings.masterLeaseSpan)
+        lastGrantAt = now
+        if wasPrimary {
+            syncGate(&out)
+            log("epochRaised", [("via", via.name)], &out)
+            return
+        }
+        becomeMaster(now)
+        syncGate(&out)
+        out.append(.becomePrimary(epoch: c.epoch, newGeneration: c.force))
+        log("promoted", [("via", "vote of \(via)"), ("force", String(c.force))], &out)
+    }
+
+    private mutating func winAlone(_ c: Candidacy, _ now: Instant, _ out: inout [NodeAction]) {
+        candidacy = nil
+        whyNotPromoted = nil
+        masterEpoch = c.epoch
+        state.master = me
+        state.lastMasterEpoch = c.epoch
+        state.role = .primary
+        persist(&out)
+        becomeMaster(now)
+        leaseValidUntil = now + timings.masterLeaseSpan
+        syncGate(&out)
+        out.append(.becomePrimary(epoch: c.epoch, newGeneration: true))
+        log("promoted", [("via", "nobody answered for failure_timeout (split_brain=allow)")], &out)
+    }
+
+    private mutating func becomeMaster(_ now: Instant) {
+        role = .primary
+        primarySince = now
+        fence = PeerFence()
+        peerReplication = .disconnected
+        peerReplicationSince = now
+        lastRenewSent = nil
+        drainingSince = nil
+        handover = nil
+        grantedLeaseHolder = me
+    }
+
+    /// The voting rules of design.md §2, for a data node voting for its peer.
+    private func refusal(for r: VoteRequest, from candidate: NodeID, now: Instant) -> VoteRefusal? {
+        if r.epoch < state.promisedEpoch { return .staleEpoch }
+        if r.epoch == state.promisedEpoch {
+            if let v = state.votedFor { return v == candidate ? nil : .alreadyVoted(v) }
+            if let m = state.master, m != candidate { return .alreadyVoted(m) }
+        }
+        if role == .primary { return .isMaster }
+        if !settings.has(.skipLeaseWait), grantedLeaseHolder != candidate, now < grantedLeaseExpiry {
+            let ms = UInt32(clamping: Int64((grantedLeaseExpiry - now).milliseconds.rounded(.up)))
+            if let h = grantedLeaseHolder { return .leaseHeld(holder: h, remainingMilliseconds: ms) }
+            return .restartQuarantine(remainingMilliseconds: ms)
+        }
+        if !r.force {
+            if r.disk != .upToDate { return .notUpToDate(r.disk) }
+            let mine = disk.generations
+            if disk.state != .diskless, !mine.current.isNone, mine.current != r.generations.current,
+               !r.generations.knows(mine.current) {
+                return mine.knows(r.generations.current) ? .dataBehind : .diverged
+            }
+        }
+        return nil
+    }
+
+    private mutating func onVoteRequest(_ r: VoteRequest, from: NodeID, now: Instant, _ out: inout [NodeAction]) {
+        noteEpoch(r.epoch)
+        if let why = refusal(for: r, from: from, now: now) {
+            log("voteRefused", [("candidate", from.name), ("candidateEpoch", r.epoch.description), ("why", why.description)], &out)
+            out.append(.send(to: from, .voteReply(epoch: r.epoch, round: r.round, promised: state.promisedEpoch, refusal: why)))
+            return
+        }
+        let fresh = !(r.epoch == state.promisedEpoch && state.votedFor == from)
+        candidacy = nil
+        handover = nil
+        state.promisedEpoch = r.epoch
+        state.votedFor = from
+        state.master = from
+        if fresh { persistVote(&out) }
+        // A vote is also a lease grant to the candidate (its lease starts at the request).
+        grantedLeaseHolder = from
+        grantedLeaseExpiry = now + timings.lease
+        lastHeardMaster = now
+        syncGate(&out)
+        if fresh {
+            out.append(.becomeSecondary(epoch: r.epoch, master: from))
+            log("voteGranted", [("candidate", from.name), ("candidateEpoch", r.epoch.description)], &out)
+        }
+        out.append(.send(to: from, .voteReply(epoch: r.epoch, round: r.round, promised: r.epoch, refusal: nil)))
+    }
+
+    // MARK: - Messages
+
+    private mutating func receive(_ m: QuorumMessage, from: NodeID, now: Instant, _ out: inout [NodeAction]) {
+        if from == peer { lastPeerContact = now } else if from == arbitrator { lastArbitratorContact = now } else {
+            log("messageIgnored", [("from", from.name), ("why", "not a member of this cluster")], &out)
+            return
+        }
+        switch m {
+        case let .renew(e, seq, _) where from == peer:
+            onRenew(epoch: e, seq: seq, now: now, &out)
+        case let .renewReply(e, seq, granted, promised):
+            onRenewReply(from: from, epoch: e, seq: seq, granted: granted, promised: promised, now: now, &out)
+        case let .voteRequest(r) where from == peer:
+            onVoteRequest(r, from: from, now: now, &out)
+        case let .voteReply(e, round, promised, refusal):
+            onVoteReply(from: from, epoch: e, round: round, promised: promised, refusal: refusal, now: now, &out)
+        case let .outdateReply(p, e, i, granted, promised) where from == arbitrator:
+            noteEpoch(promised)
+            guard role == .primary, p == peer, let r = fence.requesting, r.epoch == e, r.instance == i else { return }
+            fence.requesting = nil
+            if granted {
+                fence.confirmed = true
+                syncGate(&out)
+                log("peerOutdated", [("peer", peer.name), ("confirmedBy", arbitrator.name), ("instance", String(i))], &out)
+            } else {
+                log("outdateRefused", [("peer", peer.name), ("arbitratorEpoch", promised.description)], &out)
+            }
+        case let .clearOutdateReply(p, e, i) where from == arbitrator:
+            if let c = fence.clearing, p == peer, c.epoch == e, c.instance == i { fence.clearing = nil }
+        case let .release(e, to) where from == peer:
+            onRelease(epoch: e, handoverTo: to, now: now, &out)
+        case let .heartbeat(h) where from == peer:
+            peerHeartbeat = h
+            noteEpoch(h.epoch)
+        default:
+            log("messageIgnored", [("from", from.name), ("kind", Self.kind(m))], &out)
+        }
+    }
+
+    static func kind(_ m: QuorumMessage) -> String {
+        switch m {
+        case .renew: return "renew"
+        case .renewReply: return "renewReply"
+        case .voteRequest: return "voteRequest"
+        case .voteReply: return "voteReply"
+        case .outdate: return "outdate"
+        case .outdateReply: return "outdateReply"
+        case .clearOutdate: return "clearOutdate"
+        case .clearOutdateReply: return "clearOutdateReply"
+        case .release: return "release"
+        case .heartbeat: return "heartbeat"
+        }
+    }
+
+    private mutating func onRenew(epoch e: Epoch, seq: UInt64, now: Instant, _ out: inout [NodeAction]) {
+        noteEpoch(e)
+        if role == .primary {
+            guard e > masterEpoch else {
+                out.append(.send(to: peer, .renewReply(epoch: e, seq: seq, granted: false, promised: state.promisedEpoch)))
+                return
+            }
+            // The peer won a newer epoch, so our lease has lapsed by the voters' clocks.
+            stepDown(reason: "\(peer) is master of epoch \(e)", master: nil, now: now, &out)
+        }
+        let acceptable = e > state.promisedEpoch
+            || (e == state.promisedEpoch && (state.votedFor == nil || state.votedFor == peer) && (state.master == nil || state.master == peer))
+        guard acceptable else {
+            out.append(.send(to: peer, .renewReply(epoch: e, seq: seq, granted: false, promised: state.promisedEpoch)))
+            return
+        }
+        let newMaster = e != state.promisedEpoch || state.master != peer
+        if let c = candidacy, c.epoch <= e { candidacy = nil }
+        if e > state.promisedEpoch { state.votedFor = nil }
+        if newMaster {
+            state.promisedEpoch = e
+            state.master = peer
+            persist(&out)
+        }
+        if let h = handover, e > h.epoch { handover = nil }
+        grantedLeaseHolder = peer
+        grantedLeaseExpiry = now + timings.lease
+        lastHeardMaster = now
+        whyNotPromoted = nil
+        syncGate(&out)
+        if newMaster {
+            out.append(.becomeSecondary(epoch: e, master: peer))
+            log("following", [("master", peer.name)], &out)
+        }
+        out.append(.send(to: peer, .renewReply(epoch: e, seq: seq, granted: true, promised: state.promisedEpoch)))
+    }
+
+    private mutating func onRenewReply(from: NodeID, epoch e: Epoch, seq: UInt64, granted: Bool, promised: Epoch,
+                                       now: Instant, _ out: inout [NodeAction]) {
+        noteEpoch(promised)
+        guard role == .primary, e == masterEpoch else { return }
+        if granted {
+            if let sent = renewsSent.first(where: { $0.seq == seq }) {
+                leaseValidUntil = max(leaseValidUntil, sent.at + timings.masterLeaseSpan)
+                lastGrantAt = now
+            }
+        } else if from == peer, promised >= masterEpoch, candidacy == nil, drainingSince == nil,
+                  now < leaseValidUntil, now >= nextCandidacyAt {
+            // The peer promised an epoch at least ours to someone else (its own failed candidacy):
+            // it will never follow us there. Move to a newer epoch with the voters' consent.
+            startCandidacy(force: false, bump: true, now, &out)
+        }
+    }
+
+    private mutating func onRelease(epoch e: Epoch, handoverTo: NodeID?, now: Instant, _ out: inout [NodeAction]) {
+        guard role == .secondary, e.value < UInt64.max, e >= state.promisedEpoch || e.next == state.promisedEpoch else { return }
+        let next = e.next
+        if next == state.promisedEpoch, state.master == me { return } // duplicate
+        // The old master closed its gate before sending this: its lease is given up.
+        if grantedLeaseHolder == peer || grantedLeaseHolder == nil { grantedLeaseExpiry = now }
+        lastHeardMaster = now - timings.failureTimeout
+        nextCandidacyAt = now
+        let mayTake = handoverTo == me && disk.state == .upToDate && !state.maintenance
+            && (next > state.promisedEpoch || state.votedFor == nil || state.votedFor == me)
+            && (next > state.promisedEpoch || state.master == nil || state.master == me)
+        guard mayTake else {
+            log("masterReleased", [("releasedEpoch", e.description), ("handover", handoverTo?.name ?? "none")], &out)
+            return
+        }
+        // The old master voted for us in e+1; with our own vote that is two of three.
+        candidacy = nil
+        state.promisedEpoch = next
+        state.votedFor = me
+        state.master = me
+        state.lastMasterEpoch = next
+        state.role = .primary
+        persist(&out)
+        noteEpoch(next)
+        masterEpoch = next
+        becomeMaster(now)
+        leaseValidUntil = .zero // the gate opens with the first granted renewal
+        whyNotPromoted = nil
+        syncGate(&out)
+        out.append(.becomePrimary(epoch: next, newGeneration: false))
+        log("promoted", [("via", "switchover from \(peer)")], &out)
+        sendRenewals(now, &out)
+    }
+
+    private mutating func onDisk(_ d: LocalDisk, now: Instant, _ out: inout [NodeAction]) {
+        let old = disk
+        disk = d
+        if old.state != d.state {
+            log("diskState", [("from", old.state.rawValue), ("to", d.state.rawValue)], &out)
+            if d.state != .upToDate, let c = candidacy, !c.force, !c.bump { candidacy = nil }
+        }
+    }
+
+    // MARK: - Admin
+
+    private mutating func onAdmin(_ command: AdminCommand, now: Instant, _ out: inout [NodeAction]) {
+        func refuse(_ why: String) {
+            out.append(.adminResult(command, .failure(AdminRefusal(why))))
+            log("adminRefused", [("command", "\(command)"), ("why", why)], &out)
+        }
+        switch command {
+        case .switchover:
+            guard role == .primary else { return refuse("this node is not the master (master: \(state.master?.name ?? "none"))") }
+            guard drainingSince == nil else { return refuse("a switchover is already draining") }
+            guard candidacy == nil else { return refuse("an epoch change is in progress; retry") }
+            guard now < leaseValidUntil else { return refuse("this master holds no valid lease") }
+            guard !fence.confirmed else { return refuse("peer is outdated") }
+            guard peerReplication == .inSync else { return refuse("peer is not in sync (\(peerReplication.rawValue))") }
+            guard let c = lastPeerContact, now - c < timings.failureTimeout else { return refuse("peer is unreachable") }
+            if let h = peerHeartbeat {
+                guard !h.maintenance else { return refuse("peer is in maintenance") }
+                guard h.disk == .upToDate else { return refuse("peer disk is \(h.disk.rawValue)") }
+            }
+            drainingSince = now
+            out.append(.drainForSwitchover)
+            log("switchoverDraining", [("to", peer.name)], &out)
+        case .promote(let force):
+            guard role == .secondary else { return refuse("already master at epoch \(masterEpoch)") }
+            guard !state.maintenance else { return refuse("maintenance mode is on") }
+            guard candidacy == nil else { return refuse("an election is already running") }
+            if !force, disk.state != .upToDate { return refuse("local disk is \(disk.state.rawValue); promote --force overrides") }
+            if let m = state.master, m != me, now < lastHeardMaster + timings.failureTimeout {
+                return refuse("\(m) is master at epoch \(state.promisedEpoch); run switchover there")
+            }
+            if state.promisedEpoch.value == UInt64.max || highestSeenEpoch.value == UInt64.max { return refuse("epoch space exhausted") }
+            startCandidacy(force: force, bump: false, now, &out)
+            out.append(.adminResult(command, .success("election started for epoch \(state.promisedEpoch)\(force ? " (forced: new data generation)" : "")")))
+        case .demote:
+            guard role == .primary else { return refuse("this node is not the master") }
+            let e = masterEpoch
+            stepDown(reason: "admin demote", master: nil, now: now, &out)
+            out.append(.send(to: peer, .release(epoch: e, handoverTo: nil)))
+            out.append(.send(to: arbitrator, .release(epoch: e, handoverTo: nil)))
+            out.append(.adminResult(command, .success("stepped down from epoch \(e)")))
+        case .maintenance(let on):
+            if on, role == .primary { return refuse("this node is the master; switch over first") }
+            if state.maintenance != on {
+                state.maintenance = on
+                persist(&out)
+                if on, let c = candidacy, !c.bump { candidacy = nil }
+            }
+            out.append(.adminResult(command, .success("maintenance \(on ? "on" : "off")")))
+            log("maintenance", [("on", String(on))], &out)
+        }
+    }
+
+    private mutating func onDrained(now: Instant, _ out: inout [NodeAction]) {
+        guard role == .primary, drainingSince != nil else {
+            log("drainIgnored", [("why", "no switchover in progress")], &out)
+            return
+        }
+        drainingSince = nil
+        guard candidacy == nil, state.promisedEpoch == masterEpoch, now < leaseValidUntil else {
+            out.append(.adminResult(.switchover, .failure(AdminRefusal("switchover failed: the epoch changed or the lease lapsed while draining"))))
+            return
+        }
+        let e = masterEpoch
+        // Close the gate first: from here on this node never acknowledges in epoch e.
+        leaseValidUntil = now
+        role = .secondary
+        syncGate(&out)
+        fence = PeerFence()
+        state.promisedEpoch = e.next
+        state.votedFor = peer
+        state.master = peer
+        state.role = .secondary
+        persist(&out)
+        noteEpoch(e.next)
+        grantedLeaseHolder = peer
+        grantedLeaseExpiry = now + timings.lease
+        lastHeardMaster = now
+        handover = Handover(epoch: e, until: now + timings.failureTimeout, lastSent: now)
+        syncGate(&out)
+        out.append(.becomeSecondary(epoch: e.next, master: peer))
+        out.append(.send(to: peer, .release(epoch: e, handoverTo: peer)))
+        out.append(.send(to: arbitrator, .release(epoch: e, handoverTo: peer)))
+        out.append(.adminResult(.switchover, .success("handed over to \(peer) for epoch \(e.next)")))
+        log("switchedOver", [("to", peer.name)], &out)
+    }
+}
+
+/// FNV-1a, to derive per-node jitter seeds without a global RNG.
+func fnv1a(_ s: String) -> UInt64 {
+    var h: UInt64 = 0xcbf2_9ce4_8422_2325
+    for b in s.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
+    return h
+}

@@ -1,0 +1,95 @@
+import Foundation
+import HACore
+
+/// What a data node writes durably (fsync) before relying on it (design.md §1, §2).
+/// A restarted node reads it back and rejoins as secondary.
+public struct NodePersistentState: Codable, Equatable, Sendable {
+    /// Highest epoch this node granted anything in (a vote or a renewal). Never goes back;
+    /// renewals and replication frames of older epochs are refused.
+    public var promisedEpoch: Epoch
+    /// The node this node voted for in `promisedEpoch` (itself when it was a candidate).
+    public var votedFor: NodeID?
+    /// The master this node knows for `promisedEpoch`.
+    public var master: NodeID?
+    /// The epoch in which this node last became master (nil: never).
+    public var lastMasterEpoch: Epoch?
+    /// Role when last written. Informational: a restart always rejoins as secondary.
+    public var role: Role
+    /// Admin maintenance mode: never a candidate while set.
+    public var maintenance: Bool
+
+    public init(promisedEpoch: Epoch = .zero, votedFor: NodeID? = nil, master: NodeID? = nil,
+                lastMasterEpoch: Epoch? = nil, role: Role = .secondary, maintenance: Bool = false) {
+        self.promisedEpoch = promisedEpoch; self.votedFor = votedFor; self.master = master
+        self.lastMasterEpoch = lastMasterEpoch; self.role = role; self.maintenance = maintenance
+    }
+
+    public static let initial = NodePersistentState()
+
+    public func encoded() -> [UInt8] { StateCoding.encode(self) }
+    public static func decode(_ bytes: [UInt8]) throws -> NodePersistentState { try StateCoding.decode(bytes) }
+}
+
+/// A mark the arbitrator keeps: `node` lacks writes the master of `epoch` acknowledged alone.
+public struct OutdateMark: Codable, Equatable, Sendable {
+    public var node: NodeID
+    public var epoch: Epoch
+    public var instance: UInt64
+    public init(node: NodeID, epoch: Epoch, instance: UInt64) { self.node = node; self.epoch = epoch; self.instance = instance }
+    var position: MarkPosition { MarkPosition(epoch: epoch, instance: instance) }
+}
+
+/// (epoch, instance), ordered: marks and clears of one node are applied only in this order.
+public struct MarkPosition: Codable, Equatable, Comparable, Sendable {
+    public var epoch: Epoch
+    public var instance: UInt64
+    public init(epoch: Epoch, instance: UInt64) { self.epoch = epoch; self.instance = instance }
+    public static func < (a: MarkPosition, b: MarkPosition) -> Bool { (a.epoch, a.instance) < (b.epoch, b.instance) }
+    public static let zero = MarkPosition(epoch: .zero, instance: 0)
+}
+
+/// What the arbitrator writes durably per cluster before replying, so that a restarted
+/// arbitrator never grants twice (design.md §2 "The arbitrator persists").
+public struct ArbitratorPersistentState: Codable, Equatable, Sendable {
+    /// Highest epoch the arbitrator granted anything in.
+    public var promisedEpoch: Epoch
+    /// Its vote in `promisedEpoch`, if any.
+    public var votedFor: NodeID?
+    /// The master it knows for `promisedEpoch` (from its vote or the master's renewals).
+    public var master: NodeID?
+    /// The data generation the master last announced; a candidate that does not know it is behind.
+    public var masterGeneration: GenerationID
+    /// Active outdated marks (at most one per node).
+    public var outdated: [OutdateMark]
+    /// Per node, the newest (epoch, instance) a master cleared up to; older marks are stale.
+    public var cleared: [OutdateMark]
+
+    public init(promisedEpoch: Epoch = .zero, votedFor: NodeID? = nil, master: NodeID? = nil,
+                masterGeneration: GenerationID = .none, outdated: [OutdateMark] = [], cleared: [OutdateMark] = []) {
+        self.promisedEpoch = promisedEpoch; self.votedFor = votedFor; self.master = master
+        self.masterGeneration = masterGeneration; self.outdated = outdated; self.cleared = cleared
+    }
+
+    public static let initial = ArbitratorPersistentState()
+
+    public func mark(of node: NodeID) -> OutdateMark? { outdated.first { $0.node == node } }
+    func clearedPosition(of node: NodeID) -> MarkPosition { cleared.first { $0.node == node }?.position ?? .zero }
+
+    public func encoded() -> [UInt8] { StateCoding.encode(self) }
+    public static func decode(_ bytes: [UInt8]) throws -> ArbitratorPersistentState { try StateCoding.decode(bytes) }
+}
+
+/// Persisted state is small and written rarely (on epoch, vote and mark changes), so JSON:
+/// readable in an incident, versioned by its keys.
+enum StateCoding {
+    static func encode<T: Encodable>(_ value: T) -> [UInt8] {
+        let e = JSONEncoder()
+        e.outputFormatting = [.sortedKeys]
+        // Encoding these plain structs cannot fail; a failure would be a programming error.
+        guard let data = try? e.encode(value) else { preconditionFailure("cannot encode \(T.self)") }
+        return [UInt8](data)
+    }
+    static func decode<T: Decodable>(_ bytes: [UInt8]) throws -> T {
+        try JSONDecoder().decode(T.self, from: Data(bytes))
+    }
+}
