@@ -62,6 +62,8 @@ def lease_valid(s):
     for k in ("lease_valid", "leaseValid", "has_lease"):
         if isinstance(s.get(k), bool):
             return s[k]
+    if isinstance(s.get("lease_valid_ms"), (int, float)):
+        return s["lease_valid_ms"] > 0
     le = s.get("lease")
     if isinstance(le, dict):
         for k in ("valid", "held"):
@@ -260,7 +262,8 @@ class Checker:
         times = []
         for r in conv:
             if r.get("ok"):
-                times.append(r["seconds"])
+                if r.get("after") == "heal":
+                    times.append(r["seconds"])
             else:
                 self.violate("no-convergence", {k: r.get(k) for k in ("after", "fault_id", "kind", "bound",
                                                                        "last_status")})

@@ -184,6 +184,8 @@ class Bed:
         p = self.procs.get(name)
         if not p:
             return None
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            p["killed"] = True  # an exit we caused, not a crash
         try:
             if sig == signal.SIGKILL:
                 os.kill(p["pid"], signal.SIGCONT)

@@ -1,0 +1,41 @@
+#!/bin/sh
+# CI matrix: every fault kind at least once, against the real daemon, bounded to
+# 10 minutes in total. Exits non-zero on any violation (or setup failure) and
+# prints "N passed, M failed".
+#   HAMGR_BIN=.build/debug/hamgr test-bed/run_matrix.sh
+#   test-bed/run_matrix.sh --standin      (plumbing only, NOT a hamgr result)
+set -u
+cd "$(dirname "$0")"
+PY=/usr/bin/python3
+EXTRA="${1:-}"
+OUT="${BED_OUT:-/tmp/hamgr-bed/matrix-$(date +%Y%m%d-%H%M%S)}"
+mkdir -p "$OUT"
+START=$(date +%s)
+BUDGET=${BED_MATRIX_BUDGET:-600}
+pass=0; fail=0
+# seed:kinds — groups first (each kind in a calm cluster), then all kinds mixed.
+for round in \
+  "101:isolate,cut-ab,one-way" \
+  "102:loss,delay,slow" \
+  "103:kill,pause,freeze" \
+  "104:disk-full,disk-eio" \
+  "105:isolate,cut-ab,one-way,loss,delay,slow,kill,pause,freeze,disk-full,disk-eio"; do
+  seed=${round%%:*}; kinds=${round#*:}
+  left=$(( BUDGET - ($(date +%s) - START) ))
+  if [ "$left" -lt 60 ]; then
+    echo "matrix: time budget exhausted before seed $seed"; fail=$((fail + 1)); continue
+  fi
+  echo "== seed $seed kinds $kinds (budget left ${left}s)"
+  timeout -k 10 "$left" $PY run.py --seed "$seed" --kinds "$kinds" --out "$OUT/seed$seed" $EXTRA \
+    >"$OUT/seed$seed.out" 2>"$OUT/seed$seed.err"
+  rc=$?
+  grep -E "^(checker|VIOLATION|seed=)" "$OUT/seed$seed.out"
+  grep "^SUMMARY " "$OUT/seed$seed.out" >>"$OUT/summary.jsonl"
+  if [ $rc -eq 0 ]; then pass=$((pass + 1)); else
+    fail=$((fail + 1)); echo "   round failed rc=$rc (log: $OUT/seed$seed.err)"; tail -3 "$OUT/seed$seed.err"
+  fi
+done
+$PY netns.py cleanup-stale >/dev/null 2>&1
+[ -s "$OUT/summary.jsonl" ] && $PY report.py "$OUT/summary.jsonl" >"$OUT/report.txt" && cat "$OUT/report.txt"
+echo "$pass passed, $fail failed"
+[ $fail -eq 0 ]
