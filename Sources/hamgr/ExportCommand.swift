@@ -1,6 +1,111 @@
 import ArgumentParser
+import Dispatch
+import Foundation
+import HACore
+import Logging
+import NIOCore
+import NIOPosix
+import Replication
 
+/// `hamgr export`: serve a local backing store over NBD, unreplicated (bring-up, benchmarks).
 struct ExportCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "export", abstract: "(being built)")
-    func run() throws { throw ValidationError("hamgr export is not built yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "export",
+        abstract: "Serve a local file or block device over NBD, unreplicated.",
+        discussion: "Runs until SIGINT or SIGTERM. Sizes accept 4096, 512KiB, 256MiB, 1GiB, 2TiB (also K/M/G/T, KB/MB/GB = powers of 1000).")
+
+    @Option(name: .long, help: "Backing file or block device (a missing file is created sparse).")
+    var backing: String
+
+    @Option(name: .long, help: "Size to create or extend a backing file to, e.g. 1GiB.")
+    var size: String?
+
+    @Option(name: .long, help: "Address to listen on, HOST:PORT (port 0 picks a free one).")
+    var listen: String = "127.0.0.1:10809"
+
+    @Option(name: .long, help: "Export name (clients may also ask for the default export \"\").")
+    var name: String = "hamgr"
+
+    @Flag(name: .long, help: "Serve the export read-only.")
+    var readOnly = false
+
+    @Option(name: .long, help: "Event loop threads (default: CPU count).")
+    var eventLoops: Int?
+
+    @Option(name: .long, help: "I/O threads doing pread/pwrite/fdatasync.")
+    var ioThreads: Int = 4
+
+    func validate() throws {
+        if let s = size, ByteSize.parse(s) == nil { throw ValidationError("--size: cannot read \"\(s)\" as a size (e.g. 256MiB, 1GiB, 4096)") }
+        if HostPort.parse(listen) == nil { throw ValidationError("--listen: expected HOST:PORT, got \"\(listen)\"") }
+        if ioThreads < 1 { throw ValidationError("--io-threads: must be at least 1") }
+    }
+
+    func run() throws {
+        var logger = Logger(label: "hamgr.export")
+        logger.logLevel = .info
+        let createSize = size.flatMap(ByteSize.parse)
+        let store: BackingStore
+        do { store = try BackingStore(path: backing, createSize: createSize) } catch {
+            throw ValidationError("--backing: \(error)")
+        }
+        guard store.sizeBytes > 0 else { throw ValidationError("--backing: \(backing) is empty; give --size") }
+        let (host, port) = HostPort.parse(listen)!
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops ?? System.coreCount)
+        let volume = LocalVolume(store: store, ioThreads: ioThreads, readOnly: readOnly)
+        let server = NBDServer(group: group, exportName: name, exportDescription: "hamgr unreplicated export of \(backing)", logger: logger)
+        server.setVolume(volume, refusal: "")
+        try server.start(host: host, port: port).wait()
+        // One line on stdout that scripts can wait for and parse.
+        print("hamgr export: serving \(backing) (\(store.sizeBytes) bytes) as \"\(name)\" on \(host):\(server.boundPort ?? port)")
+        fflush(stdout)
+
+        let done = DispatchSemaphore(value: 0)
+        var sources: [DispatchSourceSignal] = []
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { done.signal() }
+            source.resume()
+            sources.append(source)
+        }
+        done.wait()
+        logger.info("stopping NBD export")
+        try? server.stop().wait()
+        volume.shutdown()
+        try? store.sync()
+        try? group.syncShutdownGracefully()
+        _ = sources
+    }
+}
+
+/// Byte sizes as people write them: "4096", "512KiB", "1GiB", "1G" (binary), "1GB" (decimal).
+fileprivate enum ByteSize {
+    static func parse(_ text: String) -> UInt64? {
+        let s = text.trimmingCharacters(in: .whitespaces)
+        guard let split = s.firstIndex(where: { !$0.isNumber }) ?? Optional(s.endIndex) else { return nil }
+        guard let number = UInt64(s[..<split]) else { return nil }
+        let unit = s[split...].trimmingCharacters(in: .whitespaces).lowercased()
+        let multipliers: [String: UInt64] = [
+            "": 1, "b": 1,
+            "k": 1 << 10, "kib": 1 << 10, "kb": 1000,
+            "m": 1 << 20, "mib": 1 << 20, "mb": 1_000_000,
+            "g": 1 << 30, "gib": 1 << 30, "gb": 1_000_000_000,
+            "t": 1 << 40, "tib": 1 << 40, "tb": 1_000_000_000_000,
+        ]
+        guard let m = multipliers[unit] else { return nil }
+        let (v, overflow) = number.multipliedReportingOverflow(by: m)
+        return overflow ? nil : v
+    }
+}
+
+/// "HOST:PORT" or "[v6]:PORT".
+fileprivate enum HostPort {
+    static func parse(_ text: String) -> (String, Int)? {
+        guard let colon = text.lastIndex(of: ":"), let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.isEmpty else { return nil }
+        return (host, port)
+    }
 }
