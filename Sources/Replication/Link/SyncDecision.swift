@@ -1,0 +1,133 @@
+import HACore
+
+/// What one side tells the other in the handshake, as far as the sync decision needs it.
+public struct SyncSide: Hashable, Sendable {
+    public var node: NodeID
+    public var generations: DataGenerations
+    public var diskState: DiskState
+    public var role: Role
+    /// The side has out-of-sync chunks of its own (bitmap bits or crash AL extents).
+    public var hasDirtyChunks: Bool
+    /// The side was primary and crashed; its AL extents are in its dirty set.
+    public var crashedPrimary: Bool
+    /// The operator chose to discard this side's changes after a split brain.
+    public var discardLocal: Bool
+    public var sizeBytes: UInt64
+    public var chunkBytes: Int
+
+    public init(node: NodeID, generations: DataGenerations, diskState: DiskState, role: Role,
+                hasDirtyChunks: Bool = false, crashedPrimary: Bool = false, discardLocal: Bool = false,
+                sizeBytes: UInt64, chunkBytes: Int) {
+        self.node = node; self.generations = generations; self.diskState = diskState; self.role = role
+        self.hasDirtyChunks = hasDirtyChunks; self.crashedPrimary = crashedPrimary; self.discardLocal = discardLocal
+        self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes
+    }
+}
+
+/// How much a resync sends.
+public enum SyncScope: Hashable, Sendable {
+    /// The source's bitmap ∪ the target's dirty chunks.
+    case bitmap
+    /// Every chunk (no usable bitmap relation).
+    case full
+}
+
+/// The outcome of comparing generations on connect (design.md §1, §3; DRBD's UUID rules).
+/// Computed independently on both sides; `decide(me:peer:)` and `decide(peer, me)` always
+/// mirror each other, so no decision message is needed.
+public enum SyncDecision: Hashable, Sendable, CustomStringConvertible {
+    case inSync
+    case becomeSource(SyncScope)
+    case becomeTarget(SyncScope)
+    /// Both sides changed data since they parted: refuse, touch nothing, report.
+    case splitBrain(String)
+    /// The link cannot be used (mismatched volume, no consistent side, both primary …).
+    case refuse(String)
+
+    public var description: String {
+        switch self {
+        case .inSync: return "in sync"
+        case .becomeSource(let s): return "sync source (\(s))"
+        case .becomeTarget(let s): return "sync target (\(s))"
+        case .splitBrain(let why): return "split brain: \(why)"
+        case .refuse(let why): return "refused: \(why)"
+        }
+    }
+
+    public var mirrored: SyncDecision {
+        switch self {
+        case .becomeSource(let s): return .becomeTarget(s)
+        case .becomeTarget(let s): return .becomeSource(s)
+        default: return self
+        }
+    }
+
+    /// Pure and total: every pair of sides gets exactly one answer.
+    public static func decide(me: SyncSide, peer: SyncSide) -> SyncDecision {
+        // Evaluate from the side whose name sorts first so both ends run the same code path.
+        if peer.node < me.node { return decideOrdered(peer, me).mirrored }
+        return decideOrdered(me, peer)
+    }
+
+    /// `a` is the side whose name sorts first; the answer is from `a`'s point of view.
+    private static func decideOrdered(_ a: SyncSide, _ b: SyncSide) -> SyncDecision {
+        guard a.sizeBytes == b.sizeBytes, a.chunkBytes == b.chunkBytes else {
+            return .refuse("volume geometry differs: \(a.node) has \(a.sizeBytes) bytes in \(a.chunkBytes)-byte chunks, \(b.node) \(b.sizeBytes) in \(b.chunkBytes)")
+        }
+        if a.diskState == .diskless || b.diskState == .diskless { return .refuse("a side is diskless") }
+        if a.diskState == .inconsistent && b.diskState == .inconsistent {
+            return .refuse("neither side has consistent data")
+        }
+        let ga = a.generations, gb = b.generations
+        if ga.current.isNone || gb.current.isNone { return .refuse("a side has no data generation") }
+
+        let result: SyncDecision
+        if ga.current == gb.current {
+            if a.role == .primary && b.role == .primary { return .refuse("both sides are primary") }
+            if a.diskState == .inconsistent { result = .becomeTarget(.bitmap) }
+            else if b.diskState == .inconsistent { result = .becomeSource(.bitmap) }
+            else if !a.hasDirtyChunks && !b.hasDirtyChunks { return .inSync }
+            else if a.role != b.role { result = a.role == .primary ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
+            else if a.crashedPrimary != b.crashedPrimary { result = a.crashedPrimary ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
+            else if a.hasDirtyChunks != b.hasDirtyChunks { result = a.hasDirtyChunks ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
+            else { result = .becomeSource(.bitmap) }  // a sorts first
+        } else if !ga.bitmap.isNone && ga.bitmap == gb.bitmap {
+            // Both branched from the same generation and both wrote: divergence.
+            switch (a.discardLocal, b.discardLocal) {
+            case (true, false): result = .becomeTarget(.bitmap)
+            case (false, true): result = .becomeSource(.bitmap)
+            default: return .splitBrain("\(a.node) (\(ga.current)) and \(b.node) (\(gb.current)) both changed data since generation \(ga.bitmap)")
+            }
+        } else if !ga.bitmap.isNone && ga.bitmap == gb.current {
+            result = .becomeSource(.bitmap)
+        } else if !gb.bitmap.isNone && gb.bitmap == ga.current {
+            result = .becomeTarget(.bitmap)
+        } else if ga.history.contains(gb.current) {
+            result = .becomeSource(.full)
+        } else if gb.history.contains(ga.current) {
+            result = .becomeTarget(.full)
+        } else {
+            let shared = [ga.bitmap] + ga.history
+            let related = shared.contains { gb.knows($0) }
+            switch (a.discardLocal, b.discardLocal) {
+            case (true, false): result = .becomeTarget(.full)
+            case (false, true): result = .becomeSource(.full)
+            default:
+                return .splitBrain(related
+                    ? "\(a.node) (\(ga.current)) and \(b.node) (\(gb.current)) diverged from a common generation"
+                    : "\(a.node) (\(ga.current)) and \(b.node) (\(gb.current)) hold unrelated data")
+            }
+        }
+        // The source must hold consistent data and a primary is never overwritten by resync.
+        switch result {
+        case .becomeSource:
+            if a.diskState == .inconsistent { return .refuse("\(a.node) would be sync source but is inconsistent") }
+            if b.role == .primary { return .refuse("primary \(b.node) would become sync target of \(a.node)") }
+        case .becomeTarget:
+            if b.diskState == .inconsistent { return .refuse("\(b.node) would be sync source but is inconsistent") }
+            if a.role == .primary { return .refuse("primary \(a.node) would become sync target of \(b.node)") }
+        default: break
+        }
+        return result
+    }
+}

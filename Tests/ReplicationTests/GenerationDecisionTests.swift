@@ -1,0 +1,118 @@
+import HACore
+@testable import Replication
+import XCTest
+
+/// The sync decision table (docs/replication.md "Sync decision"), one row per relation,
+/// each checked from both ends.
+final class GenerationDecisionTests: XCTestCase {
+    let X0 = GenerationID(0x10), X1 = GenerationID(0x11), X2 = GenerationID(0x12), X3 = GenerationID(0x13), Z = GenerationID(0x99)
+
+    func side(_ n: NodeID, _ cur: GenerationID, bitmap: GenerationID = .none, history: [GenerationID] = [], disk: DiskState = .upToDate,
+              role: Role = .secondary, dirty: Bool = false, crashed: Bool = false, discard: Bool = false,
+              size: UInt64 = 1 << 30, chunk: Int = 65536) -> SyncSide {
+        SyncSide(node: n, generations: DataGenerations(current: cur, bitmap: bitmap, history: history), diskState: disk, role: role,
+                 hasDirtyChunks: dirty, crashedPrimary: crashed, discardLocal: discard, sizeBytes: size, chunkBytes: chunk)
+    }
+
+    /// Asserts the decision from a's side and the mirrored one from b's side.
+    func check(_ a: SyncSide, _ b: SyncSide, _ expected: SyncDecision, file: StaticString = #filePath, line: UInt = #line) {
+        let da = SyncDecision.decide(me: a, peer: b), db = SyncDecision.decide(me: b, peer: a)
+        switch expected {
+        case .splitBrain:
+            guard case .splitBrain = da, case .splitBrain = db else { return XCTFail("\(da) / \(db)", file: file, line: line) }
+        case .refuse:
+            guard case .refuse = da, case .refuse = db else { return XCTFail("\(da) / \(db)", file: file, line: line) }
+        default:
+            XCTAssertEqual(da, expected, "a's view", file: file, line: line)
+            XCTAssertEqual(db, expected.mirrored, "b's view", file: file, line: line)
+        }
+    }
+
+    func testEqualCurrentClean() {
+        check(side("a", X1), side("b", X1), .inSync)
+        check(side("a", X1, role: .primary), side("b", X1), .inSync)
+        check(side("a", X1, disk: .outdated), side("b", X1), .inSync)
+    }
+
+    func testEqualCurrentWithDirtyChunks() {
+        // Primary side is source.
+        check(side("a", X1, dirty: true), side("b", X1, role: .primary), .becomeTarget(.bitmap))
+        // Crashed primary's AL: the crashed side is source when neither is primary.
+        check(side("a", X1, dirty: true), side("b", X1, dirty: true, crashed: true), .becomeTarget(.bitmap))
+        // Only one side dirty.
+        check(side("a", X1), side("b", X1, dirty: true), .becomeTarget(.bitmap))
+        // Both dirty, same standing: the name sorting first is source, from both ends.
+        check(side("a", X1, dirty: true), side("b", X1, dirty: true), .becomeSource(.bitmap))
+        // An interrupted resync: the inconsistent side is target.
+        check(side("a", X1, disk: .inconsistent), side("b", X1), .becomeTarget(.bitmap))
+        check(side("a", X1, role: .primary), side("b", X1, role: .primary), .refuse(""))
+    }
+
+    func testBitmapRelation() {
+        // a branched from X1 while b stayed there: a is source for its bitmap.
+        check(side("a", X2, bitmap: X1, role: .primary), side("b", X1), .becomeSource(.bitmap))
+        check(side("a", X1), side("b", X2, bitmap: X1), .becomeTarget(.bitmap))
+        // Returning crashed primary (X1 + AL) against the promoted node (X2 over X1).
+        check(side("a", X1, dirty: true, crashed: true), side("b", X2, bitmap: X1, role: .primary), .becomeTarget(.bitmap))
+        // Interrupted resync target still at X1, inconsistent.
+        check(side("a", X2, bitmap: X1), side("b", X1, disk: .inconsistent), .becomeSource(.bitmap))
+    }
+
+    func testHistoryRelationNeedsFullSync() {
+        check(side("a", X3, history: [X2, X1]), side("b", X1), .becomeSource(.full))
+        check(side("a", X1, disk: .inconsistent), side("b", X3, bitmap: X2, history: [X1]), .becomeTarget(.full))
+    }
+
+    func testSplitBrain() {
+        // Both branched from X1 and wrote.
+        check(side("a", X2, bitmap: X1, role: .primary), side("b", X3, bitmap: X1, role: .primary), .splitBrain(""))
+        check(side("a", X2, bitmap: X1), side("b", X3, bitmap: X1), .splitBrain(""))
+        // Diverged from a common ancestor further back.
+        check(side("a", X2, bitmap: X1, history: [X0]), side("b", X3, bitmap: X0), .splitBrain(""))
+        // Unrelated data.
+        check(side("a", X2), side("b", Z), .splitBrain(""))
+        if case .splitBrain(let why) = SyncDecision.decide(me: side("a", X2), peer: side("b", Z)) {
+            XCTAssertTrue(why.contains("unrelated"), why)
+        }
+    }
+
+    func testSplitBrainResolvedByDiscardingOneSide() {
+        check(side("a", X2, bitmap: X1, discard: true), side("b", X3, bitmap: X1, role: .primary), .becomeTarget(.bitmap))
+        check(side("a", X2, bitmap: X1), side("b", X3, bitmap: X1, discard: true), .becomeSource(.bitmap))
+        check(side("a", X2, discard: true), side("b", Z), .becomeTarget(.full))
+        // Both asked to discard: still split brain.
+        check(side("a", X2, bitmap: X1, discard: true), side("b", X3, bitmap: X1, discard: true), .splitBrain(""))
+    }
+
+    func testRefusals() {
+        check(side("a", X1), side("b", X1, size: 2 << 30), .refuse(""))
+        check(side("a", X1), side("b", X1, chunk: 4096), .refuse(""))
+        check(side("a", X1, disk: .inconsistent), side("b", X1, disk: .inconsistent), .refuse(""))
+        check(side("a", X1, disk: .diskless), side("b", X1), .refuse(""))
+        check(side("a", .none), side("b", X1), .refuse(""))
+        // The source would be inconsistent.
+        check(side("a", X2, bitmap: X1, disk: .inconsistent), side("b", X1), .refuse(""))
+        // A primary is never made a sync target.
+        check(side("a", X2, bitmap: X1), side("b", X1, role: .primary), .refuse(""))
+        check(side("a", X3, history: [X1]), side("b", X1, role: .primary), .refuse(""))
+    }
+
+    func testSymmetryOverRandomPairs() {
+        var rng = SplitMix64(seed: 7)
+        let ids = [GenerationID.none, X0, X1, X2, X3]
+        func pick<T>(_ xs: [T]) -> T { xs[Int(rng.next() % UInt64(xs.count))] }
+        for _ in 0..<5000 {
+            let a = side("a", pick(Array(ids.dropFirst())), bitmap: pick(ids), history: [pick(ids)].filter { !$0.isNone },
+                         disk: pick(DiskState.allCases), role: pick(Role.allCases), dirty: pick([true, false]),
+                         crashed: pick([true, false]), discard: pick([true, false]))
+            let b = side("b", pick(Array(ids.dropFirst())), bitmap: pick(ids), history: [pick(ids)].filter { !$0.isNone },
+                         disk: pick(DiskState.allCases), role: pick(Role.allCases), dirty: pick([true, false]),
+                         crashed: pick([true, false]), discard: pick([true, false]))
+            let da = SyncDecision.decide(me: a, peer: b), db = SyncDecision.decide(me: b, peer: a)
+            XCTAssertEqual(da.mirrored, db, "\(a) vs \(b)")
+            // Invariants: never sync into a primary, never from an inconsistent side.
+            if case .becomeSource = da { XCTAssertNotEqual(b.role, .primary); XCTAssertNotEqual(a.diskState, .inconsistent) }
+            if case .becomeTarget = da { XCTAssertNotEqual(a.role, .primary); XCTAssertNotEqual(b.diskState, .inconsistent) }
+        }
+    }
+}
