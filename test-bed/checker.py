@@ -36,6 +36,10 @@ Definitions (docs/reliability.md, "Checker rules"):
                    within the bound (default 30 s), as recorded by the driver.
   R6 final read    The final master could be read at the end.
   R7 crashes       No node log shows a panic / fatal error / failed precondition.
+  R8 log epochs    The daemons' stderr logs (`TIME LEVEL label: message key=value…`):
+                   two different nodes logging a promotion (event/message matching
+                   "promot") for the same epoch is a violation. Promotion/demotion
+                   lines form a timeline in verdict.json.
 """
 import argparse
 import collections
@@ -51,6 +55,28 @@ INF = float("inf")
 CRASH_RE = re.compile(r"Fatal error|fatalError|Precondition failed|Assertion failed|"
                       r"panic|Segmentation fault|SIGSEGV|SIGILL|Illegal instruction|"
                       r"Current stack trace", re.I)
+
+
+LOG_RE = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d+)?Z?) +(\w+) +([^:]+): (.*)$")
+KV_RE = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
+
+
+def parse_log_line(line):
+    """hamgr's stderr line -> dict(t, level, label, message, kv) or None."""
+    m = LOG_RE.match(line.strip())
+    if not m:
+        return None
+    import datetime
+    ts = m.group(1).rstrip("Z")
+    try:
+        t = datetime.datetime.fromisoformat(ts).replace(tzinfo=datetime.timezone.utc).timestamp()
+    except ValueError:
+        return None
+    rest = m.group(4)
+    kv = {k: v.strip('"') for k, v in KV_RE.findall(rest)}
+    first_kv = KV_RE.search(rest)
+    msg = rest[:first_kv.start()].strip() if first_kv else rest
+    return {"t": t, "level": m.group(2), "label": m.group(3), "message": msg, "kv": kv}
 
 
 def eff_end(w):
@@ -269,7 +295,45 @@ class Checker:
                                                                        "last_status")})
         self.stats["convergence_times"] = times
 
+    def check_log_epochs(self):
+        promos = collections.defaultdict(set)
+        timeline = []
+        for f in sorted(os.listdir(self.dir)):
+            if not (f.startswith("node-") and f.endswith(".log")):
+                continue
+            node = f[len("node-"):-len(".log")]
+            try:
+                fh = open(os.path.join(self.dir, f), errors="replace")
+            except OSError:
+                continue
+            with fh:
+                for n, line in enumerate(fh, 1):
+                    if n > 2000000:
+                        break
+                    if "promot" not in line and "demot" not in line:
+                        continue
+                    p = parse_log_line(line)
+                    if not p:
+                        continue
+                    ev = p["kv"].get("event", "")
+                    what = (ev + " " + p["message"]).lower()
+                    kind = "promote" if "promot" in what and "demot" not in ev else (
+                        "demote" if "demot" in what else None)
+                    if not kind:
+                        continue
+                    epoch = p["kv"].get("epoch")
+                    timeline.append({"t": p["t"], "node": node, "kind": kind, "epoch": epoch,
+                                     "line": line.strip()[:200]})
+                    if kind == "promote" and epoch is not None and ev.startswith("promot"):
+                        promos[epoch].add(node)
+        for epoch, nodes in promos.items():
+            if len(nodes) > 1:
+                self.violate("dual-promote-same-epoch-log", {"epoch": epoch, "nodes": sorted(nodes)})
+        timeline.sort(key=lambda e: e["t"])
+        self.log_timeline = timeline[:500]
+
     def check_logs(self):
+        self.check_log_epochs()
         for f in sorted(os.listdir(self.dir)):
             if not (f.startswith("node-") or f.startswith("arb")) or not f.endswith(".log"):
                 continue
@@ -292,7 +356,7 @@ class Checker:
                 "stats": dict(self.stats),
                 "violations": {k: {"count": len(v), "examples": v[:self.max_examples]}
                                for k, v in self.violations.items()},
-                "findings": self.findings[:20]}
+                "findings": self.findings[:20], "log_timeline": getattr(self, "log_timeline", [])}
 
 
 def main():

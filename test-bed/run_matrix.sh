@@ -36,6 +36,6 @@ for round in \
   fi
 done
 $PY netns.py cleanup-stale >/dev/null 2>&1
-[ -s "$OUT/summary.jsonl" ] && $PY report.py "$OUT/summary.jsonl" >"$OUT/report.txt" && cat "$OUT/report.txt"
+touch "$OUT/summary.jsonl"; $PY report.py "$OUT/summary.jsonl" >"$OUT/report.txt"; cat "$OUT/report.txt"
 echo "$pass passed, $fail failed"
 [ $fail -eq 0 ]
