@@ -159,6 +159,19 @@ class Cluster:
         self.bed.mount_disk(self.images[h], mnt)
         self.start(h)
 
+    def admin(self, h, action, timeout=30):
+        """POST /admin/ACTION with the bearer token, from the client namespace."""
+        with open(self.token_path) as f:
+            token = f.read().strip()
+        cp = try_run(["ip", "netns", "exec", self.bed.ns["c"], "curl", "-s", "--max-time", str(timeout),
+                      "-o", "-", "-w", "\n%{http_code}", "-X", "POST", "-H", "Authorization: Bearer " + token,
+                      "-H", "Content-Type: application/json", "--data", "{}",
+                      "http://%s/admin/%s" % (self.addr(h, STATUS_PORT), action)], timeout=timeout + 5)
+        if cp is None:
+            return 0, "timeout"
+        body, _, code = cp.stdout.rpartition("\n")
+        return int(code) if code.isdigit() else 0, body
+
     # links -----------------------------------------------------------------
     def link_ports(self, src, dst):
         """TCP ports on dst that src connects to (what a delay on src->dst must carry)."""

@@ -14,6 +14,8 @@ Kinds (see docs/reliability.md):
   disk-full  fill the node's (loop-mounted ext4) filesystem; heal removes the filler
   disk-eio   ext4 shutdown ioctl: every read/write/fsync on the node's disk -> EIO;
              heal = kill node, unmount, e2fsck, mount, restart (disk replaced/repaired)
+  switchover not a fault: a planned POST /admin/switchover to the master under load
+             (design: zero loss, < 1 s without a master); heal does nothing
 
 Targets "master"/"backup" are resolved from the latest /status poll at inject time.
 """
@@ -29,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PY, BED_DIR, log, run, try_run  # noqa: E402
 
 ALL_KINDS = ["isolate", "cut-ab", "one-way", "loss", "delay", "slow", "kill", "pause", "freeze",
-             "disk-full", "disk-eio"]
+             "disk-full", "disk-eio", "switchover"]
 EXT4_IOC_SHUTDOWN = 0x8004587D
 EXT4_GOING_FLAGS_NOLOGFLUSH = 2
 RELAY_BASE_PORT = 21000
@@ -62,13 +64,16 @@ def make_fault(rng, kind):
         return {"kind": kind, "host": rng.choice(["master", "master", "backup", "w"]), "hold": hold}
     if kind == "freeze":
         return {"kind": kind, "host": rng.choice(["master", "backup", "w"]), "hold": rng.uniform(3, 5)}
+    if kind == "switchover":
+        return {"kind": kind, "host": "master", "hold": rng.uniform(1, 3)}
     if kind in ("disk-full", "disk-eio"):
         return {"kind": kind, "host": rng.choice(["master", "backup"]), "hold": rng.uniform(2, 5)}
     raise ValueError("unknown fault kind %r" % kind)
 
 
-def schedule(seed, kinds, count):
-    """count faults, cycling through kinds in a seeded order so each kind appears."""
+def schedule(seed, kinds, count, target=None):
+    """count faults, cycling through kinds in a seeded order so each kind appears.
+    target ("master"/"backup"/"w") pins host/src of the faults that have one."""
     rng = random.Random(seed)
     out = []
     order = []
@@ -76,7 +81,15 @@ def schedule(seed, kinds, count):
         if not order:
             order = list(kinds)
             rng.shuffle(order)
-        out.append(make_fault(rng, order.pop()))
+        f = make_fault(rng, order.pop())
+        if target:
+            if "host" in f and not (f["kind"] in ("slow", "disk-full", "disk-eio") and target == "w"):
+                f["host"] = target
+            if "src" in f:
+                f["src"] = target
+                if f["dst"] == target:
+                    f["dst"] = "w" if target != "w" else "backup"
+        out.append(f)
     return out
 
 
@@ -230,6 +243,15 @@ class Nemesis:
 
     def _heal_freeze(self, f, h):
         self.bed.thaw(h)
+
+    def _inj_switchover(self, f):
+        code, body = self.cluster.admin(f["host"], "switchover")
+        f["http_code"] = code
+        f["reply"] = body[:200]
+        return None
+
+    def _heal_switchover(self, f, st):
+        pass
 
     # storage ---------------------------------------------------------------
     def _inj_disk_full(self, f):

@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--size-mb", type=int, default=32)
     ap.add_argument("--gap", type=float, default=1.0, help="quiet seconds between faults")
     ap.add_argument("--no-pinned", action="store_true")
+    ap.add_argument("--target", choices=["master", "backup", "w"], help="pin every fault's target host")
     a = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run.py needs root")
@@ -45,7 +46,7 @@ def main():
             sys.exit("unknown fault kind %r (known: %s)" % (k, ", ".join(nemesis.ALL_KINDS)))
     conv_bound = float(os.environ.get("BED_CONVERGE_BOUND", "30"))
     boot_bound = float(os.environ.get("BED_BOOT_BOUND", "90"))
-    faults = nemesis.schedule(a.seed, kinds, a.faults or len(kinds))
+    faults = nemesis.schedule(a.seed, kinds, a.faults or len(kinds), a.target)
 
     netns.cleanup_stale(verbose=False)
     bed = netns.Bed()

@@ -18,8 +18,8 @@ for round in \
   "101:isolate,cut-ab,one-way" \
   "102:loss,delay,slow" \
   "103:kill,pause,freeze" \
-  "104:disk-full,disk-eio" \
-  "105:isolate,cut-ab,one-way,loss,delay,slow,kill,pause,freeze,disk-full,disk-eio"; do
+  "104:disk-full,disk-eio,switchover" \
+  "105:isolate,cut-ab,one-way,loss,delay,slow,kill,pause,freeze,disk-full,disk-eio,switchover"; do
   seed=${round%%:*}; kinds=${round#*:}
   left=$(( BUDGET - ($(date +%s) - START) ))
   if [ "$left" -lt 60 ]; then

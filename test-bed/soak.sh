@@ -21,9 +21,9 @@ mkdir -p "$OUT"
 if [ $MODE = planted ]; then
   # Faults that end a master's lease while clients can still reach it.
   KINDS=${BED_KINDS:-isolate,pause,freeze,one-way,isolate,pause}
-  ARGS="--planted --kinds $KINDS"
+  ARGS="--planted --target master --kinds $KINDS"
 else
-  KINDS=${BED_KINDS:-isolate,cut-ab,one-way,loss,delay,slow,kill,pause,freeze,disk-full,disk-eio}
+  KINDS=${BED_KINDS:-isolate,cut-ab,one-way,loss,delay,slow,kill,pause,freeze,disk-full,disk-eio,switchover}
   ARGS="--kinds $KINDS"
 fi
 i=0
