@@ -224,7 +224,18 @@ class Cluster:
             return False, "%s peer.replication %s" % (p, rep)
         return True, "primary=%s epoch=%s" % (p, st[p].get("epoch"))
 
-    def wait_converged(self, bound, n_max=100000):
+    def dead(self):
+        return [self.proc_name(h) for h in ("w",) + NODES
+                if self.proc_name(h) in self.bed.procs and not self.bed.alive(self.proc_name(h))]
+
+    def log_tail(self, name, n=15):
+        try:
+            with open(os.path.join(self.dir, name + ".log"), errors="replace") as f:
+                return "".join(f.readlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def wait_converged(self, bound, n_max=100000, fail_on_exit=False):
         t0 = time.monotonic()
         why = ""
         n = 0
@@ -233,6 +244,8 @@ class Cluster:
             ok, why = self.converged()
             if ok:
                 return True, time.monotonic() - t0, why
+            if fail_on_exit and self.dead():
+                return False, time.monotonic() - t0, "exited: %s" % " ".join(self.dead())
             time.sleep(0.1)
         return False, time.monotonic() - t0, why
 

@@ -78,11 +78,17 @@ def main():
         bed.spawn("poller", "c", [PY, os.path.join(BED_DIR, "workload.py"), "poll", "--cluster", cl.cluster_json,
                                   "--history", h_path, "--stop-file", stop_p, "--latest", cl.latest_path,
                                   "--seconds", "1800"], log_path=os.path.join(run_dir, "poller.log"))
-        ok, secs, why = cl.wait_converged(boot_bound)
+        ok, secs, why = cl.wait_converged(boot_bound, fail_on_exit=True)
         hist.write({"type": "converge", "after": "bootstrap", "ok": ok, "seconds": secs, "bound": boot_bound,
                     "why": why, "t": time.time()})
         if not ok:
             log("cluster did not come up within %ss: %s" % (boot_bound, why))
+            for name in ("arb", "node-a", "node-b"):
+                log("--- %s log tail:\n%s" % (name, cl.log_tail(name)))
+            print("SETUP FAILED: cluster did not converge at bootstrap: %s (run dir %s)" % (why, run_dir))
+            print("SUMMARY " + json.dumps({"seed": a.seed, "ok": False, "run_dir": run_dir, "standin": a.standin,
+                                           "faults": {}, "writes_acked": 0, "writes_lost": 0, "dual_master": 0,
+                                           "convergence": [], "violations": {"setup-failed": 1}}))
             rc = 3
             return rc
         log("cluster up in %.1fs: %s" % (secs, why))
@@ -109,6 +115,9 @@ def main():
                         "last_status": None if ok else {h: (r.get("s") or r.get("err")) for h, r in cl.latest().items()}})
             log("converged after %s in %.1fs" % (f["kind"], secs) if ok else
                 "NOT converged %.0fs after healing %s: %s" % (secs, f["kind"], why))
+            if not ok:
+                log("stopping the schedule: further faults on an unconverged cluster prove nothing")
+                break
             time.sleep(a.gap)
         open(stop_w, "w").close()
         try:
