@@ -420,6 +420,9 @@ def checker_flags_corruption_convergence_crash():
     expect_violation(GOOD[:-1] + [FINAL({"0": "garbage:bad checksum", "1": "f1-2"})], "corrupt-final")
     expect_violation(GOOD[:-1] + [FINAL({"0": "zz-9", "1": "f1-2"})], "phantom-final")
     expect_violation(GOOD + [R(0, "a", 2.7, 2.8, "garbage:bad magic")], "corrupt-read")
+    expect_violation(GOOD + [R(0, "a", 2.7, 2.8, "garbage:bad checksum")], "corrupt-read")
+    v = verdict(GOOD + [R(0, "a", 2.05, 2.08, "garbage:bad checksum")])  # overlaps write f0-2
+    assert_true(v["ok"] and v["stats"]["torn_reads_concurrent"] == 1, "torn concurrent read: %s" % v)
     expect_violation(GOOD + [CONV(False)], "no-convergence")
     expect_violation(GOOD[:-1], "no-final-read")
     d = mk_run(GOOD)

@@ -263,10 +263,7 @@ class Workload:
 
                     def rd():
                         holder["buf"] = conn.pread(BLOCK, b * BLOCK, self.op_timeout)
-                    try:
-                        self.op_pending_value(rec, rd, holder, b)
-                    finally:
-                        pass
+                    self.op_pending_value(rec, rd, holder, b)
                 else:
                     rec = dict(base, op="flush")
                     self.op(rec, lambda: conn.flush(self.op_timeout))
