@@ -1,0 +1,201 @@
+import Foundation
+import HACore
+import XCTest
+
+final class ConfigTests: XCTestCase {
+    func testValidConfigLoadsWithEveryKey() throws {
+        let f = try ConfigFixture()
+        let c = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML))
+        XCTAssertEqual(c.cluster.name, "web1")
+        XCTAssertEqual(c.cluster.keyFile, f.dir + "/web1.key", "relative paths resolve against the config's directory")
+        XCTAssertEqual(c.cluster.replicationProtocol, .c)
+        XCTAssertEqual(c.cluster.splitBrain, .prohibit)
+        XCTAssertEqual(c.timeouts, LeaseTimings.defaults)
+        XCTAssertEqual(c.volume.sizeBytes, 1 << 30)
+        XCTAssertEqual(c.volume.chunkSizeBytes, 64 << 10)
+        XCTAssertEqual(c.volume.resyncRateBytesPerSecond, 100 << 20)
+        XCTAssertEqual(c.nodes.map(\.name), ["a", "b"])
+        XCTAssertEqual(c.nodes[1].serviceAddress, "10.2.0.1:10809")
+        XCTAssertEqual(c.nodes[0].exportName, "web1", "export_name defaults to the cluster name")
+        XCTAssertEqual(c.arbitrator.address, "10.3.0.1:7790")
+        XCTAssertEqual(c.resources.count, 1)
+        XCTAssertEqual(c.resources[0].agent, .ocf(provider: "heartbeat", agent: "Filesystem"))
+        XCTAssertEqual(c.resources[0].params, ["device": "/dev/nbd0", "directory": "/srv/web1", "fstype": "ext4"])
+        XCTAssertEqual(c.resources[0].monitorInterval, .milliseconds(5000))
+        XCTAssertEqual(c.resources[0].maxRestarts, ClusterConfig.Resource.defaultMaxRestarts)
+        XCTAssertEqual(c.hooks.onPromote, "/etc/hamgr/announce.sh")
+        XCTAssertNil(c.hooks.onDemote)
+        XCTAssertEqual(try c.node(named: "b").statusAddress, "10.2.0.1:9650")
+        XCTAssertEqual(try c.peer(of: "a").name, "b")
+        XCTAssertEqual(try c.loadAdminToken(), "s3cret-token-0123456789")
+        XCTAssertNoThrow(try c.loadClusterKey())
+    }
+
+    func testOptionalSectionsTakeDefaults() throws {
+        let f = try ConfigFixture()
+        var toml = ConfigFixture.validTOML
+        for cut in ["[timeouts]\nrenew_interval_ms = 200\nlease_ms = 1200\nfailure_timeout_ms = 800\n",
+                    "chunk_size = \"64KiB\"\n", "resync_rate = \"100MiB\"\n", "admin_token_file = \"web1.token\"\n",
+                    "protocol = \"C\"\n", "split_brain = \"prohibit\"\n"] {
+            XCTAssertTrue(toml.contains(cut)); toml = toml.replacingOccurrences(of: cut, with: "")
+        }
+        let c = try ClusterConfig.load(path: f.write(toml))
+        XCTAssertEqual(c.timeouts, LeaseTimings.defaults)
+        XCTAssertEqual(c.volume.chunkSizeBytes, ClusterConfig.Volume.defaultChunkSizeBytes)
+        XCTAssertNil(c.cluster.adminTokenFile)
+        XCTAssertNil(try c.loadAdminToken())
+        XCTAssertEqual(c.cluster.replicationProtocol, .c)
+    }
+
+    /// Each broken config is refused with one error naming the key.
+    func testEachMistakeNamesItsKey() throws {
+        let cases: [(String, String, String)] = [
+            ("protocol = \"C\"", "protcol = \"C\"", "cluster.protcol"),
+            ("protocol = \"C\"", "protocol = \"D\"", "cluster.protocol"),
+            ("split_brain = \"prohibit\"", "split_brain = \"maybe\"", "cluster.split_brain"),
+            ("split_brain = \"prohibit\"", "split_brain = \"prohibit\"\nafter_split_brain = \"discard-least-changes\"", "cluster.after_split_brain"),
+            ("name = \"web1\"\n", "", "cluster.name"),
+            ("name = \"web1\"", "name = \"web 1\"", "cluster.name"),
+            ("service_address = \"10.2.0.1:10809\"", "service_address = \"10.1.0.1:10809\"", "node[1].service_address"),
+            ("status_address = \"10.2.0.1:9650\"", "status_address = \"10.1.0.1:7788\"", "node[1].status_address"),
+            ("replication_address = \"10.2.0.1:7788\"", "replication_address = \"10.2.0.1\"", "node[1].replication_address"),
+            ("service_address = \"10.1.0.1:10809\"", "service_address = \"10.1.0.1:70000\"", "node[0].service_address"),
+            ("address = \"10.3.0.1:7790\"", "address = \"10.3.0.1:x\"", "arbitrator.address"),
+            ("backing = \"/var/lib/hamgr/web1-a.img\"", "backng = \"/var/lib/hamgr/web1-a.img\"", "node[0].backng"),
+            ("metadata = \"/var/lib/hamgr/web1-b.meta\"\n", "", "node[1].metadata"),
+            ("name = \"b\"", "name = \"a\"", "node[1].name"),
+            ("size = \"1GiB\"", "size = \"1 gigabyte\"", "volume.size"),
+            ("size = \"1GiB\"", "size = 1000000", "volume.size"),
+            ("chunk_size = \"64KiB\"", "chunk_size = \"48KiB\"", "volume.chunk_size"),
+            ("chunk_size = \"64KiB\"", "chunk_size = \"2KiB\"", "volume.chunk_size"),
+            ("resync_rate = \"100MiB\"", "resync_rate = \"fast\"", "volume.resync_rate"),
+            ("renew_interval_ms = 200", "renew_interval_ms = 500", "timeouts.renew_interval_ms"),
+            ("failure_timeout_ms = 800", "failure_timeout_ms = 1300", "timeouts.failure_timeout_ms"),
+            ("failure_timeout_ms = 800", "failure_timeout_ms = 800\ndrift = 0.7", "timeouts.drift"),
+            ("lease_ms = 1200", "lease_ms = \"1200\"", "timeouts.lease_ms"),
+            ("lease_ms = 1200", "lease_ms = -5", "timeouts.lease_ms"),
+            ("[hooks]", "[hook]", "hook"),
+            ("on_promote = \"/etc/hamgr/announce.sh\"", "on_promte = \"/etc/hamgr/announce.sh\"", "hooks.on_promte"),
+            ("agent = \"ocf:heartbeat:Filesystem\"", "agent = \"lsb:apache\"", "resource[0].agent"),
+            ("agent = \"ocf:heartbeat:Filesystem\"", "agent = \"exec:relative/script\"", "resource[0].agent"),
+            ("fstype = \"ext4\" }", "fstype = \"ext4\", \"bad-name\" = 1 }", "resource[0].params.bad-name"),
+            ("monitor_interval_ms = 5000", "monitor_interval_ms = 0", "resource[0].monitor_interval_ms"),
+            ("monitor_interval_ms = 5000", "monitor_interval_ms = 5000\n\n[[resource]]\nname = \"fs\"\nagent = \"ocf:heartbeat:Dummy\"", "resource[1].name"),
+            ("[arbitrator]\naddress = \"10.3.0.1:7790\"\nstatus_address = \"10.3.0.1:9651\"\nstate_dir = \"/var/lib/hamgr/arbitrator\"\n", "", "arbitrator"),
+            ("key_file = \"web1.key\"", "key_file = \"missing.key\"", "cluster.key_file"),
+            ("[cluster]", "[cluster\n", "config"),
+        ]
+        for (old, new, key) in cases {
+            let f = try ConfigFixture()
+            let path = try f.write(ConfigFixture.variant(old, new))
+            XCTAssertThrowsError(try ClusterConfig.load(path: path), "\(new) should be refused") { error in
+                guard let e = error as? ConfigError else { return XCTFail("\(new): not a ConfigError: \(error)") }
+                XCTAssertEqual(e.key, key, "\(new) → \(e)")
+                XCTAssertFalse(e.message.isEmpty)
+            }
+        }
+    }
+
+    func testTypoSuggestsTheKnownKey() throws {
+        let f = try ConfigFixture()
+        let path = try f.write(ConfigFixture.variant("lease_ms = 1200", "leas_ms = 1200"))
+        XCTAssertThrowsError(try ClusterConfig.load(path: path)) { error in
+            XCTAssertEqual((error as? ConfigError)?.description, "timeouts.leas_ms: unknown key; did you mean 'lease_ms'?")
+        }
+    }
+
+    func testExactlyTwoNodes() throws {
+        let f = try ConfigFixture()
+        let secondNode = """
+        [[node]]
+        name = "b"
+        replication_address = "10.2.0.1:7788"
+        service_address = "10.2.0.1:10809"
+        status_address = "10.2.0.1:9650"
+        backing = "/var/lib/hamgr/web1-b.img"
+        metadata = "/var/lib/hamgr/web1-b.meta"
+
+        """
+        let path = try f.write(ConfigFixture.variant(secondNode, ""))
+        XCTAssertThrowsError(try ClusterConfig.load(path: path)) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "node")
+        }
+    }
+
+    func testKeyFileRules() throws {
+        let short = try ConfigFixture()
+        try short.writeSecret("web1.key", Data(repeating: 7, count: 16))
+        XCTAssertThrowsError(try ClusterConfig.load(path: short.write(ConfigFixture.validTOML))) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "cluster.key_file")
+            XCTAssertTrue("\(error)".contains("32"), "\(error)")
+        }
+        let open = try ConfigFixture()
+        chmod(open.dir + "/web1.key", 0o644)
+        XCTAssertThrowsError(try ClusterConfig.load(path: open.write(ConfigFixture.validTOML))) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "cluster.key_file")
+            XCTAssertTrue("\(error)".contains("chmod 600"), "\(error)")
+        }
+    }
+
+    func testTokenFileRules() throws {
+        let open = try ConfigFixture()
+        chmod(open.dir + "/web1.token", 0o640)
+        XCTAssertThrowsError(try ClusterConfig.load(path: open.write(ConfigFixture.validTOML))) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "cluster.admin_token_file")
+        }
+        let empty = try ConfigFixture()
+        try empty.writeSecret("web1.token", Data("\n".utf8))
+        XCTAssertThrowsError(try ClusterConfig.load(path: empty.write(ConfigFixture.validTOML))) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "cluster.admin_token_file")
+        }
+    }
+
+    func testUnknownNodeName() throws {
+        let f = try ConfigFixture()
+        let c = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML))
+        XCTAssertThrowsError(try c.node(named: "c")) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "node")
+            XCTAssertTrue("\(error)".contains("nodes: a, b"), "\(error)")
+        }
+    }
+
+    func testNodeHostChecksHooksAndExecResources() throws {
+        let f = try ConfigFixture()
+        let hook = f.dir + "/announce.sh"
+        try "#!/bin/sh\nexit 0\n".write(toFile: hook, atomically: true, encoding: .utf8)
+        chmod(hook, 0o755)
+        let good = try ClusterConfig.load(path: f.write(ConfigFixture.variant("/etc/hamgr/announce.sh", "announce.sh")))
+        XCTAssertNoThrow(try good.validateNodeHost("a"))
+        let bad = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML))
+        XCTAssertThrowsError(try bad.validateNodeHost("a")) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "hooks.on_promote")
+        }
+    }
+
+    func testResourceAgentForms() throws {
+        XCTAssertEqual(try ClusterConfig.ResourceAgent.parse("ocf:heartbeat:IPaddr2", key: "k"), .ocf(provider: "heartbeat", agent: "IPaddr2"))
+        XCTAssertEqual(try ClusterConfig.ResourceAgent.parse("systemd:nginx", key: "k"), .systemd(unit: "nginx.service"))
+        XCTAssertEqual(try ClusterConfig.ResourceAgent.parse("systemd:srv-web1.mount", key: "k"), .systemd(unit: "srv-web1.mount"))
+        XCTAssertEqual(try ClusterConfig.ResourceAgent.parse("exec:/usr/local/bin/svc:x", key: "k"), .exec(path: "/usr/local/bin/svc:x"))
+        for bad in ["ocf:heartbeat", "ocf::Dummy", "ocf:../x:Dummy", "systemd:", "exec:", "Dummy"] {
+            XCTAssertThrowsError(try ClusterConfig.ResourceAgent.parse(bad, key: "resource[0].agent"), bad)
+        }
+    }
+
+    func testSizes() throws {
+        XCTAssertEqual(try ByteSize.parse("1GiB", key: "k"), 1 << 30)
+        XCTAssertEqual(try ByteSize.parse("64KiB", key: "k"), 65536)
+        XCTAssertEqual(try ByteSize.parse("100 MiB", key: "k"), 100 << 20)
+        XCTAssertEqual(try ByteSize.parse("4096", key: "k"), 4096)
+        XCTAssertEqual(try ByteSize.parse("512B", key: "k"), 512)
+        XCTAssertEqual(try ByteSize.parse("2GB", key: "k"), 2_000_000_000)
+        for bad in ["", "GiB", "1.5GiB", "-1", "1 PiB", "99999999999999999999", "20000000TiB"] {
+            XCTAssertThrowsError(try ByteSize.parse(bad, key: "volume.size"), bad) { error in
+                XCTAssertEqual((error as? ConfigError)?.key, "volume.size")
+            }
+        }
+        XCTAssertEqual(ByteSize.format(1 << 30), "1 GiB")
+        XCTAssertEqual(ByteSize.format(1536 << 20), "1.5 GiB")
+        XCTAssertEqual(ByteSize.format(100), "100 B")
+    }
+}
