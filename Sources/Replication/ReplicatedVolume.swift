@@ -44,6 +44,8 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     private var started = false
     private var stopped = false
     private var dialer: PeerDialer?
+    private var watchdog: RepeatedTask?
+    private var ticksWithoutLink = 0
     private var link: LinkSession?
     private var writes: [UInt64: PendingWrite] = [:]
     private var nextSeq: UInt64 = 1
@@ -179,8 +181,34 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
                                    retryDelay: .nanoseconds(self.config.redialDelay.nanosecondsClamped), callbacks: self.inboundSession())
                 self.dialer = d
                 d.start()
+                self.watchdog = self.loop.scheduleRepeatedTask(initialDelay: .nanoseconds(self.config.linkTimeout.nanosecondsClamped),
+                                                               delay: .nanoseconds(self.config.linkTimeout.nanosecondsClamped)) { _ in
+                    self.checkDialer()
+                }
             }
         }
+    }
+
+    /// A hello refused by the peer (wrong cluster key, not routed) closes the socket without
+    /// telling the dialer, which then never redials; after two link timeouts without a
+    /// session, say so and start a fresh dialer.
+    private func checkDialer() {
+        guard !stopped, dialer != nil else { return }
+        guard link == nil else { ticksWithoutLink = 0; return }
+        ticksWithoutLink += 1
+        guard ticksWithoutLink >= 2 else { return }
+        ticksWithoutLink = 0
+        let why = "no replication session with \(config.peer) at \(config.peerReplicationAddress.host):\(config.peerReplicationAddress.port) for \(config.linkTimeout * 2): peer down, refusing the hello, or using another cluster key"
+        if snapshot.lastLinkError != why { logger.warning("\(why)") }
+        snapshot.lastLinkError = why
+        publish()
+        dialer?.stop()
+        let d = PeerDialer(group: group, host: config.peerReplicationAddress.host, port: config.peerReplicationAddress.port,
+                           local: PeerHello(cluster: config.cluster, node: config.me, channel: ReplicatedVolumeConfig.channel),
+                           key: config.clusterKey, idleTimeout: .nanoseconds(config.linkTimeout.nanosecondsClamped),
+                           retryDelay: .nanoseconds(config.redialDelay.nanosecondsClamped), callbacks: inboundSession())
+        dialer = d
+        d.start()
     }
 
     /// Clean shutdown: fail what is pending, make everything durable, mark clean.
@@ -189,6 +217,7 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
             guard !self.stopped else { return }
             self.stopped = true
             self.dialer?.stop()
+            self.watchdog?.cancel()
             if let l = self.link { self.linkDown(l, reason: "volume stopped"); l.conn.close() }
             self.failAllPending(.shuttingDown)
         }
@@ -1108,6 +1137,7 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         onLoop {
             self.stopped = true
             self.dialer?.stop()
+            self.watchdog?.cancel()
             self.link?.conn.close()
             self.link = nil
             for w in self.writes.values { w.promise?.fail(VolumeError.shuttingDown); w.promise = nil }
