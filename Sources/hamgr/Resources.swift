@@ -1,0 +1,360 @@
+import CSystemd
+import Foundation
+import HACore
+import Logging
+
+/// OCF resource agent exit codes (OCF RA API 1.1, "Return codes").
+enum OCFStatus: Int32, Sendable {
+    case success = 0
+    case errGeneric = 1
+    case errArgs = 2
+    case unimplemented = 3
+    case errPerm = 4
+    case errInstalled = 5
+    case errConfigured = 6
+    case notRunning = 7
+    case runningPromoted = 8
+    case failedPromoted = 9
+}
+
+/// The result of one agent action.
+struct AgentResult: Sendable, Equatable {
+    /// The OCF exit code (unknown codes are kept as they came).
+    var code: Int32
+    /// Human-readable detail: the agent's last output lines, or why it could not run.
+    var detail: String
+
+    var status: OCFStatus? { OCFStatus(rawValue: code) }
+    var ok: Bool { code == OCFStatus.success.rawValue }
+
+    static func failure(_ detail: String) -> AgentResult { AgentResult(code: OCFStatus.errGeneric.rawValue, detail: detail) }
+}
+
+enum ResourceAction: String, Sendable { case start, stop, monitor }
+
+/// Something that can start, stop and monitor one resource.
+protocol ResourceDriver: Sendable {
+    func run(_ action: ResourceAction) async -> AgentResult
+}
+
+/// `ocf:PROVIDER:AGENT` and `exec:PATH`: run the executable with the action as its only
+/// argument and the OCF environment (OCF_ROOT, OCF_RESOURCE_INSTANCE, OCF_RESKEY_<param>).
+struct ExecutableAgentDriver: ResourceDriver {
+    var path: String
+    var environment: [String: String]
+    var timeout: Duration
+
+    init(resource: ClusterConfig.Resource, ocfRoot: String) {
+        var env: [String: String] = [
+            "OCF_ROOT": ocfRoot,
+            "OCF_RA_VERSION_MAJOR": "1",
+            "OCF_RA_VERSION_MINOR": "1",
+            "OCF_RESOURCE_INSTANCE": resource.name,
+            "OCF_RESKEY_CRM_meta_timeout": String(Int(resource.timeout.milliseconds)),
+        ]
+        for (k, v) in resource.params { env["OCF_RESKEY_\(k)"] = v }
+        switch resource.agent {
+        case .ocf(let provider, let agent):
+            path = "\(ocfRoot)/resource.d/\(provider)/\(agent)"
+            env["OCF_RESOURCE_PROVIDER"] = provider
+            env["OCF_RESOURCE_TYPE"] = agent
+        case .exec(let p):
+            path = p
+            env["OCF_RESOURCE_TYPE"] = (p as NSString).lastPathComponent
+        case .systemd:
+            preconditionFailure("systemd: resources use SystemdUnitDriver")
+        }
+        environment = env
+        timeout = resource.timeout
+    }
+
+    func run(_ action: ResourceAction) async -> AgentResult {
+        do {
+            var env = environment
+            if action == .monitor { env["OCF_RESKEY_CRM_meta_interval"] = env["OCF_RESKEY_CRM_meta_interval"] ?? "1" }
+            let r = try await ChildProcess.run(path: path, arguments: [action.rawValue], environment: env, timeout: timeout)
+            if r.timedOut { return .failure("\(action.rawValue) timed out after \(Int(timeout.milliseconds)) ms; killed. \(HookRunner.tail(r.output))") }
+            guard let code = r.exitCode else { return .failure("\(action.rawValue) \(r.statusDescription). \(HookRunner.tail(r.output))") }
+            return AgentResult(code: code, detail: HookRunner.tail(r.output))
+        } catch {
+            return .failure("\(error)")
+        }
+    }
+}
+
+/// `systemd:UNIT`: StartUnit/StopUnit on the system bus (sd-bus), then wait for the unit's
+/// ActiveState; monitor maps `active` to success and anything else to not-running.
+/// Without a system bus (no systemd as PID 1, no D-Bus) every action fails and says so.
+struct SystemdUnitDriver: ResourceDriver {
+    var unit: String
+    var timeout: Duration
+
+    func run(_ action: ResourceAction) async -> AgentResult {
+        let unit = self.unit, timeout = self.timeout
+        return await withCheckedContinuation { cont in
+            let t = Thread { cont.resume(returning: Self.runBlocking(action, unit: unit, timeout: timeout)) }
+            t.name = "hamgr-sdbus"
+            t.start()
+        }
+    }
+
+    private static let destination = "org.freedesktop.systemd1"
+    private static let managerPath = "/org/freedesktop/systemd1"
+    private static let managerInterface = "org.freedesktop.systemd1.Manager"
+
+    static func runBlocking(_ action: ResourceAction, unit: String, timeout: Duration) -> AgentResult {
+        var bus: OpaquePointer?
+        let rc = sd_bus_open_system(&bus)
+        guard rc >= 0, let bus else {
+            return .failure("systemd:\(unit) needs the system D-Bus, which is not available here (sd_bus_open_system: \(String(cString: strerror(-rc))))")
+        }
+        defer { sd_bus_flush_close_unref(bus) }
+        do {
+            let path = try call(bus, "LoadUnit", args: [unit], replyType: "o")
+            switch action {
+            case .monitor:
+                return try activeState(bus, path) == "active"
+                    ? AgentResult(code: 0, detail: "active")
+                    : AgentResult(code: OCFStatus.notRunning.rawValue, detail: try activeState(bus, path))
+            case .start, .stop:
+                _ = try call(bus, action == .start ? "StartUnit" : "StopUnit", args: [unit, "replace"], replyType: "o")
+                let want: Set<String> = action == .start ? ["active"] : ["inactive", "failed"]
+                let deadline = ContinuousClock.now + timeout
+                var state = try activeState(bus, path)
+                while !want.contains(state) {
+                    if action == .start && state == "failed" { return .failure("\(unit) failed to start") }
+                    if ContinuousClock.now > deadline { return .failure("\(unit) still \(state) after \(Int(timeout.milliseconds)) ms") }
+                    usleep(100_000)
+                    state = try activeState(bus, path)
+                }
+                return AgentResult(code: 0, detail: state)
+            }
+        } catch {
+            return .failure("systemd:\(unit): \(error)")
+        }
+    }
+
+    struct BusError: Error, CustomStringConvertible { var description: String }
+
+    private static func activeState(_ bus: OpaquePointer, _ path: String) throws -> String {
+        var error = sd_bus_error()
+        defer { sd_bus_error_free(&error) }
+        var value: UnsafeMutablePointer<CChar>?
+        let rc = sd_bus_get_property_string(bus, destination, path, "org.freedesktop.systemd1.Unit", "ActiveState", &error, &value)
+        guard rc >= 0, let value else { throw BusError(description: "reading ActiveState: \(describe(error, rc))") }
+        defer { free(value) }
+        return String(cString: value)
+    }
+
+    /// Call a Manager method with string arguments; returns the reply's first value (type `o` or `s`).
+    private static func call(_ bus: OpaquePointer, _ member: String, args: [String], replyType: Character) throws -> String {
+        var message: OpaquePointer?
+        var rc = sd_bus_message_new_method_call(bus, &message, destination, managerPath, managerInterface, member)
+        guard rc >= 0, let message else { throw BusError(description: "\(member): \(String(cString: strerror(-rc)))") }
+        defer { sd_bus_message_unref(message) }
+        for a in args {
+            rc = a.withCString { sd_bus_message_append_basic(message, CChar(UInt8(ascii: "s")), $0) }
+            guard rc >= 0 else { throw BusError(description: "\(member): \(String(cString: strerror(-rc)))") }
+        }
+        var error = sd_bus_error()
+        defer { sd_bus_error_free(&error) }
+        var reply: OpaquePointer?
+        rc = sd_bus_call(bus, message, 25_000_000, &error, &reply)
+        guard rc >= 0, let reply else { throw BusError(description: "\(member) \(args.first ?? ""): \(describe(error, rc))") }
+        defer { sd_bus_message_unref(reply) }
+        var out: UnsafePointer<CChar>?
+        rc = sd_bus_message_read_basic(reply, CChar(replyType.asciiValue!), &out)
+        guard rc > 0, let out else { throw BusError(description: "\(member): unexpected reply") }
+        return String(cString: out)
+    }
+
+    private static func describe(_ e: sd_bus_error, _ rc: Int32) -> String {
+        if let m = e.message { return String(cString: m) }
+        if let n = e.name { return String(cString: n) }
+        return String(cString: strerror(-rc))
+    }
+}
+
+/// Runs the `[[resource]]` list of design.md §4: started in order after promotion,
+/// stopped in reverse before demotion, each monitored at its interval; a failed monitor
+/// restarts the resource up to `max_restarts` times, then `onGiveUp` asks the daemon to
+/// switch over. Restart counts start from zero at every `startAll()`.
+actor ResourceManager {
+    enum State: String, Sendable { case stopped, starting, running, failed, stopping }
+
+    struct ResourceError: Error, CustomStringConvertible {
+        var resource: String
+        var action: ResourceAction
+        var detail: String
+        var description: String { "resource \(resource): \(action.rawValue) failed: \(detail)" }
+    }
+
+    private struct Entry {
+        var config: ClusterConfig.Resource
+        var driver: ResourceDriver
+        var state: State = .stopped
+        var restarts = 0
+        var monitor: Task<Void, Never>?
+    }
+
+    private var entries: [Entry]
+    private let logger: Logger
+    private let metrics: NodeMetrics?
+    private let onGiveUp: @Sendable (_ resource: String, _ reason: String) async -> Void
+    private var maintenance = false
+
+    /// `drivers` replaces the agents by name (tests); everything else is built from the config.
+    init(resources: [ClusterConfig.Resource], logger: Logger, metrics: NodeMetrics? = nil,
+         ocfRoot: String = "/usr/lib/ocf", drivers: [String: ResourceDriver] = [:],
+         onGiveUp: @escaping @Sendable (_ resource: String, _ reason: String) async -> Void) {
+        entries = resources.map { r in
+            let driver: ResourceDriver
+            if let d = drivers[r.name] {
+                driver = d
+            } else if case .systemd(let unit) = r.agent {
+                driver = SystemdUnitDriver(unit: unit, timeout: r.timeout)
+            } else {
+                driver = ExecutableAgentDriver(resource: r, ocfRoot: ocfRoot)
+            }
+            return Entry(config: r, driver: driver)
+        }
+        self.logger = logger; self.metrics = metrics; self.onGiveUp = onGiveUp
+    }
+
+    /// Start every resource in order, then begin monitoring. If one fails to start, those
+    /// already started are stopped again (in reverse) and the error names the resource.
+    func startAll() async throws {
+        await cancelMonitors()
+        for i in entries.indices { entries[i].restarts = 0 }
+        for i in entries.indices {
+            let result = await perform(.start, at: i)
+            guard result.ok else {
+                entries[i].state = .failed
+                for j in (0..<i).reversed() { _ = await perform(.stop, at: j) }
+                throw ResourceError(resource: entries[i].config.name, action: .start, detail: Self.explain(result))
+            }
+        }
+        for i in entries.indices { startMonitor(i) }
+    }
+
+    /// Stop monitoring, then stop every resource in reverse order. Keeps going past a
+    /// failed stop (the rest must still come down) and throws the first failure after.
+    func stopAll() async throws {
+        await cancelMonitors()
+        var firstFailure: ResourceError?
+        for i in entries.indices.reversed() {
+            let result = await perform(.stop, at: i)
+            if !result.ok && result.status != .notRunning {
+                entries[i].state = .failed
+                firstFailure = firstFailure ?? ResourceError(resource: entries[i].config.name, action: .stop, detail: Self.explain(result))
+            }
+        }
+        if let firstFailure { throw firstFailure }
+    }
+
+    /// Maintenance holds restarts and give-ups: failures are logged and shown, nothing acts.
+    func setMaintenance(_ on: Bool) { maintenance = on }
+
+    /// Run every monitor once (e.g. on a secondary at startup, to find strays).
+    func probeAll() async -> [String: AgentResult] {
+        var out: [String: AgentResult] = [:]
+        for e in entries { out[e.config.name] = await e.driver.run(.monitor) }
+        return out
+    }
+
+    /// For `/status`.
+    func snapshot() -> [StatusDocument.Resource] {
+        entries.map { StatusDocument.Resource(name: $0.config.name, state: $0.state.rawValue, restarts: $0.restarts) }
+    }
+
+    // MARK: Internals
+
+    private func perform(_ action: ResourceAction, at i: Int) async -> AgentResult {
+        let name = entries[i].config.name
+        let agent = entries[i].config.agent.description
+        switch action {
+        case .start: entries[i].state = .starting
+        case .stop: entries[i].state = .stopping
+        case .monitor: break
+        }
+        let result = await entries[i].driver.run(action)
+        let ok = result.ok || (action == .stop && result.status == .notRunning)
+        switch action {
+        case .start: entries[i].state = ok ? .running : .failed
+        case .stop: entries[i].state = ok ? .stopped : .failed
+        case .monitor: break
+        }
+        if action != .monitor { metrics?.resourceUp(name, entries[i].state == .running) }
+        let meta: Logger.Metadata = ["event": "resource_\(action.rawValue)", "resource": "\(name)", "agent": "\(agent)", "rc": "\(result.code)"]
+        if ok {
+            logger.info("resource \(action.rawValue) ok", metadata: meta)
+        } else {
+            logger.error("resource \(action.rawValue) failed", metadata: meta.merging(["detail": "\(Self.explain(result))"]) { $1 })
+        }
+        return result
+    }
+
+    private func startMonitor(_ i: Int) {
+        let interval = entries[i].config.monitorInterval
+        entries[i].monitor = Task { [weak self] in
+            while !Task.isCancelled {
+                try? await Task.sleep(for: interval)
+                guard !Task.isCancelled, let self else { return }
+                if await !self.monitorOnce(i) { return }
+            }
+        }
+    }
+
+    /// One monitor round; false ends the monitor (gave up).
+    private func monitorOnce(_ i: Int) async -> Bool {
+        let entry = entries[i]
+        let result = await entry.driver.run(.monitor)
+        if Task.isCancelled { return false }
+        if result.ok {
+            metrics?.resourceUp(entry.config.name, true)
+            if entries[i].state == .failed { entries[i].state = .running }
+            return true
+        }
+        metrics?.resourceUp(entry.config.name, false)
+        let name = entry.config.name
+        let meta: Logger.Metadata = ["event": "resource_monitor_failed", "resource": "\(name)", "rc": "\(result.code)",
+                                     "restarts": "\(entry.restarts)", "max_restarts": "\(entry.config.maxRestarts)"]
+        if maintenance {
+            entries[i].state = .failed
+            logger.warning("resource monitor failed; maintenance mode, not acting", metadata: meta)
+            return true
+        }
+        if entry.restarts >= entry.config.maxRestarts {
+            entries[i].state = .failed
+            let reason = "resource \(name) failed its monitor (\(Self.explain(result))) after \(entry.restarts) restart(s)"
+            logger.error("resource keeps failing; giving up", metadata: meta)
+            // Outside the actor and this task: the daemon's switchover calls stopAll(),
+            // which waits for this monitor to end.
+            let onGiveUp = self.onGiveUp
+            Task.detached { await onGiveUp(name, reason) }
+            return false
+        }
+        entries[i].restarts += 1
+        metrics?.resourceRestarted(name)
+        logger.warning("resource monitor failed; restarting", metadata: meta)
+        _ = await perform(.stop, at: i)
+        if Task.isCancelled { return false }
+        _ = await perform(.start, at: i)
+        // A failed start shows at the next monitor and counts against max_restarts there.
+        return true
+    }
+
+    private func cancelMonitors() async {
+        let tasks = entries.compactMap(\.monitor)
+        for i in entries.indices {
+            entries[i].monitor?.cancel()
+            entries[i].monitor = nil
+        }
+        for t in tasks { await t.value }
+    }
+
+    private static func explain(_ r: AgentResult) -> String {
+        let name = r.status.map { "\($0)" } ?? "exit \(r.code)"
+        return r.detail.isEmpty ? "\(name) (rc \(r.code))" : "\(name) (rc \(r.code)): \(r.detail)"
+    }
+}
