@@ -320,6 +320,10 @@ public struct NodeCore: Sendable {
                 fence.confirmed = false
                 syncGate(&out)
             }
+            if state.peerOutdatedAt != nil {
+                state.peerOutdatedAt = nil
+                persist(&out)
+            }
             log("peerInSync", [("peer", peer.name)], &out)
             startClear(now, &out)
         } else {
@@ -471,6 +475,7 @@ public struct NodeCore: Sendable {
         }
         if !r.force {
             if r.disk != .upToDate { return .notUpToDate(r.disk) }
+            if let e = state.peerOutdatedAt { return .outdated(at: e) }
             let mine = disk.generations
             if disk.state != .diskless, !mine.current.isNone, mine.current != r.generations.current,
                !r.generations.knows(mine.current) {
@@ -528,6 +533,8 @@ public struct NodeCore: Sendable {
             fence.requesting = nil
             if granted {
                 fence.confirmed = true
+                state.peerOutdatedAt = e
+                persist(&out) // before the gate lets a write through without the peer
                 syncGate(&out)
                 log("peerOutdated", [("peer", peer.name), ("confirmedBy", arbitrator.name), ("instance", String(i))], &out)
             } else {
@@ -582,6 +589,8 @@ public struct NodeCore: Sendable {
         if newMaster {
             state.promisedEpoch = e
             state.master = peer
+            // The peer is master of a newer epoch: our data will follow its data from now on.
+            state.peerOutdatedAt = nil
             persist(&out)
         }
         if let h = handover, e > h.epoch { handover = nil }

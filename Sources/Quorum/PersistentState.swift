@@ -17,11 +17,18 @@ public struct NodePersistentState: Codable, Equatable, Sendable {
     public var role: Role
     /// Admin maintenance mode: never a candidate while set.
     public var maintenance: Bool
+    /// Set (before the first write acknowledged without the peer) to the epoch in which this
+    /// node, as master, had the arbitrator record its peer as outdated; cleared when the peer
+    /// is in sync again. While set this node never votes for its peer: a local copy of the
+    /// arbitrator's mark that does not depend on the data generations being reported in time.
+    public var peerOutdatedAt: Epoch?
 
     public init(promisedEpoch: Epoch = .zero, votedFor: NodeID? = nil, master: NodeID? = nil,
-                lastMasterEpoch: Epoch? = nil, role: Role = .secondary, maintenance: Bool = false) {
+                lastMasterEpoch: Epoch? = nil, role: Role = .secondary, maintenance: Bool = false,
+                peerOutdatedAt: Epoch? = nil) {
         self.promisedEpoch = promisedEpoch; self.votedFor = votedFor; self.master = master
         self.lastMasterEpoch = lastMasterEpoch; self.role = role; self.maintenance = maintenance
+        self.peerOutdatedAt = peerOutdatedAt
     }
 
     public static let initial = NodePersistentState()

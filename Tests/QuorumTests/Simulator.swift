@@ -21,7 +21,8 @@ final class Simulation {
         var seed: UInt64
         var bugs: Set<PlantedBug> = []
         var trace = false
-        var timings = LeaseTimings.defaults
+        /// nil: each seed picks one of `timingPresets` (all satisfy the lease rule).
+        var timings: LeaseTimings? = nil
         /// Time before the first fault (the first election happens here).
         var warmup: Duration = .milliseconds(1500)
         var faultPhase: Duration = .seconds(4)
@@ -123,10 +124,19 @@ final class Simulation {
 
     struct Stats { var events = 0; var acked = 0; var promotions = 0; var switchovers = 0 }
 
+    static let timingPresets: [LeaseTimings] = [
+        .defaults,
+        LeaseTimings(renewInterval: .milliseconds(100), lease: .milliseconds(700), failureTimeout: .milliseconds(450), drift: 0.1),
+        LeaseTimings(renewInterval: .milliseconds(150), lease: .milliseconds(1000), failureTimeout: .milliseconds(600), drift: 0.25),
+    ]
+
     init(_ config: Config) {
         self.config = config
-        self.settings = QuorumSettings(timings: config.timings, plantedBugs: config.bugs, jitterSeed: config.seed)
-        self.rng = SplitMix64(seed: config.seed &* 0x9E37_79B9_7F4A_7C15 &+ 1)
+        var rng = SplitMix64(seed: config.seed &* 0x9E37_79B9_7F4A_7C15 &+ 1)
+        let timings = config.timings ?? Self.timingPresets[Int(rng.next() % UInt64(Self.timingPresets.count))]
+        precondition(timings.violations().isEmpty, "simulator timings break the lease rule: \(timings.violations())")
+        self.settings = QuorumSettings(timings: timings, plantedBugs: config.bugs, jitterSeed: config.seed)
+        self.rng = rng
     }
 
     // MARK: - Randomness and clocks
@@ -155,7 +165,7 @@ final class Simulation {
     // MARK: - Run
 
     func run() -> Failure? {
-        let drift = config.timings.drift
+        let drift = settings.timings.drift
         for i in 0..<2 {
             nodes[i].rate = 1 + (Double(rng.next() % 1001) / 1000 - 0.5) * drift
             nodes[i].offset = uniform(0, Self.ms(100_000))
@@ -179,7 +189,7 @@ final class Simulation {
         }
         queue.push(uniform(Self.ms(10), Self.ms(100)), .clientWrite)
         queue.push(faultEnd, .heal)
-        trace("seed \(config.seed): rates a=\(nodes[0].rate) b=\(nodes[1].rate) w=\(arbitratorRate) loss=\(loss) dup=\(duplicate) slow=\(slow) faults=\(faults)")
+        trace("seed \(config.seed): \(settings.timings) rates a=\(nodes[0].rate) b=\(nodes[1].rate) w=\(arbitratorRate) loss=\(loss) dup=\(duplicate) slow=\(slow) faults=\(faults)")
 
         while let entry = queue.pop(), entry.time <= end {
             now = entry.time
