@@ -1,0 +1,126 @@
+import Foundation
+import HACore
+import NIOCore
+@testable import Replication
+import XCTest
+
+final class ResyncTests: XCTestCase {
+    func testBackupCrashThenResyncSendsOnlyDirtyChunks() throws {
+        let pair = try VolumePair(test: self)
+        pair.resyncRate = 8 << 20
+        try pair.open("b").setPromisedEpoch(Epoch(1))
+        let a = try pair.open("a", start: false)
+        try a.becomePrimary(epoch: Epoch(1), newGeneration: false)
+        a.setWriteGate(VolumePair.openGate(Epoch(1)))
+        a.start()
+        waitUntil("in sync") { a.status.peerState == .inSync }
+        let loop = pair.group.next()
+        var w = Workload(seed: 21, sizeBytes: pair.sizeBytes)
+        XCTAssertEqual(w.submit(a, count: 200, on: loop).waitAll().1, 0)
+        // Crash the backup in the middle of a burst.
+        let burst = w.submit(a, count: 100, on: loop)
+        pair.b!.simulateCrash()
+        waitUntil("link down") { a.status.peerState == .disconnected }
+        // Peer still required: a write now waits; it is neither acked nor failed.
+        let waiting = a.write(offset: 8 << 20, data: ByteBuffer(bytes: [UInt8](repeating: 8, count: 8192)), fua: false, on: loop)
+        usleep(300_000)
+        XCTAssertGreaterThanOrEqual(a.status.inFlightWrites, 1)
+        XCTAssertFalse(a.status.generations.bitmap.isNone, "a disconnected primary that dirtied the bitmap branched its generation")
+        // The arbitrator outdated b: a goes on alone, tracking chunks.
+        a.setWriteGate(VolumePair.openGate(Epoch(1), peerRequired: false))
+        XCTAssertEqual(burst.waitAll().1, 0)
+        try waiting.wait()
+        var w2 = Workload(seed: 22, sizeBytes: 4 << 20)  // confine new writes to the first 4 MiB
+        XCTAssertEqual(w2.submit(a, count: 80, on: loop).waitAll().1, 0)
+        try a.flush(on: loop).wait()
+        let dirtyBytes = a.status.outOfSyncBytes
+        let dirtyChunks = Int(dirtyBytes) / pair.chunkBytes
+        XCTAssertGreaterThan(dirtyChunks, 0)
+        XCTAssertLessThan(dirtyChunks, Int(pair.sizeBytes) / pair.chunkBytes, "not everything is dirty")
+        XCTAssertEqual(a.status.resyncBytesSent, 0)
+        // Backup returns (reopened from its files, no clean shutdown).
+        let started = ContinuousClock.now
+        let b = try pair.open("b")
+        waitUntil("resync done") { a.status.peerState == .inSync && b.status.diskState == .upToDate }
+        let elapsed = ContinuousClock.now - started
+        try a.flush(on: loop).wait()
+        let sent = a.status.resyncBytesSent
+        print("resync: \(dirtyChunks) dirty chunks (\(dirtyBytes) bytes), sent \(sent) bytes in \(elapsed) at ≤ \(pair.resyncRate) B/s")
+        XCTAssertEqual(sent, UInt64(dirtyChunks * pair.chunkBytes), "exactly the dirty chunks")
+        XCTAssertEqual(a.status.outOfSyncBytes, 0)
+        XCTAssertEqual(b.status.generations.current, a.status.generations.current)
+        XCTAssertTrue(a.status.generations.bitmap.isNone)
+        XCTAssertTrue(pair.fileBytes("a") == pair.fileBytes("b"))
+        // Rate limit: the burst allowance is a twentieth of a second's worth.
+        let floor = max(0, Double(sent) - Double(pair.resyncRate) / 20) / Double(pair.resyncRate)
+        XCTAssertGreaterThanOrEqual(elapsed.seconds, floor * 0.9, "resync faster than its rate limit")
+        let progress = pair.events.all.compactMap { e -> (UInt64, UInt64)? in
+            if case let .resyncProgress(d, t) = e.1, e.0 == "a" { return (d, t) }; return nil
+        }
+        XCTAssertEqual(progress.last?.0, sent)
+        XCTAssertEqual(progress.last?.1, sent)
+    }
+
+    func testPrimaryCrashFailoverThenOldPrimaryResyncsAsTarget() throws {
+        let pair = try VolumePair(test: self)
+        try pair.open("b").setPromisedEpoch(Epoch(1))
+        let a = try pair.open("a", start: false)
+        try a.becomePrimary(epoch: Epoch(1), newGeneration: false)
+        a.setWriteGate(VolumePair.openGate(Epoch(1)))
+        a.start()
+        waitUntil("in sync") { a.status.peerState == .inSync }
+        let loop = pair.group.next()
+        var w = Workload(seed: 31, sizeBytes: pair.sizeBytes)
+        XCTAssertEqual(w.submit(a, count: 150, on: loop).waitAll().1, 0)
+        // Primary dies with writes in flight.
+        _ = w.submit(a, count: 60, on: loop)
+        a.simulateCrash()
+        let b = pair.b!
+        waitUntil("b sees the link go") { b.status.peerState == .disconnected }
+        // Failover: b promoted in epoch 2 with a new generation; the quorum outdated a.
+        try b.becomePrimary(epoch: Epoch(2), newGeneration: true)
+        b.setWriteGate(VolumePair.openGate(Epoch(2), peerRequired: false))
+        var w2 = Workload(seed: 32, sizeBytes: pair.sizeBytes)
+        XCTAssertEqual(w2.submit(b, count: 80, on: loop).waitAll().1, 0)
+        try b.flush(on: loop).wait()
+        let bDirty = b.status.outOfSyncBytes
+        // The old primary returns as secondary: its AL extents are out of sync.
+        let a2 = try pair.open("a", start: false)
+        XCTAssertGreaterThan(a2.status.outOfSyncBytes, 0, "AL extents of the crashed primary marked")
+        XCTAssertTrue(pair.logs.contains("primary crash detected"))
+        let aDirty = a2.status.outOfSyncBytes
+        a2.becomeSecondary(epoch: Epoch(2))
+        a2.start()
+        waitUntil("old primary resynced") { b.status.peerState == .inSync && a2.status.diskState == .upToDate }
+        try b.flush(on: loop).wait()
+        print("failover resync: b bitmap \(bDirty) bytes, a AL \(aDirty) bytes, sent \(b.status.resyncBytesSent)")
+        XCTAssertLessThanOrEqual(b.status.resyncBytesSent, bDirty + aDirty)
+        XCTAssertGreaterThanOrEqual(b.status.resyncBytesSent, max(bDirty, aDirty))
+        XCTAssertEqual(a2.status.generations.current, b.status.generations.current)
+        XCTAssertEqual(a2.status.outOfSyncBytes, 0)
+        XCTAssertTrue(pair.fileBytes("a") == pair.fileBytes("b"))
+        // And b goes on mirroring to a.
+        b.setWriteGate(VolumePair.openGate(Epoch(2)))
+        XCTAssertEqual(w2.submit(b, count: 50, on: loop).waitAll().1, 0)
+        try b.flush(on: loop).wait()
+        XCTAssertTrue(pair.fileBytes("a") == pair.fileBytes("b"))
+    }
+
+    func testBitmapAndCleanFlagSurviveRestart() throws {
+        let pair = try VolumePair(test: self)
+        let a = try pair.open("a", start: false)
+        try a.becomePrimary(epoch: Epoch(1), newGeneration: false)
+        a.setWriteGate(VolumePair.openGate(Epoch(1), peerRequired: false))
+        let loop = pair.group.next()
+        // No peer: each write dirties its chunks before it is acked.
+        try a.write(offset: 0, data: ByteBuffer(bytes: [UInt8](repeating: 3, count: 100)), fua: false, on: loop).wait()
+        try a.write(offset: 5 * 65536 + 10, data: ByteBuffer(bytes: [UInt8](repeating: 3, count: 65536)), fua: false, on: loop).wait()
+        XCTAssertEqual(a.status.outOfSyncBytes, 3 * 65536)
+        let gens = a.status.generations
+        a.stop()
+        let again = try pair.open("a", start: false)
+        XCTAssertEqual(again.status.outOfSyncBytes, 3 * 65536)
+        XCTAssertEqual(again.status.generations, gens)
+        XCTAssertFalse(pair.logs.contains("primary crash detected"), "a clean stop is not a crash")
+    }
+}
