@@ -397,6 +397,12 @@ public struct NodeCore: Sendable {
             return
         }
         guard let sent = c.rounds.first(where: { $0.round == round }) else { return }
+        // A grant is worth only the lease it carries: once that would have lapsed, the voter may
+        // have voted again (in a newer epoch) and this epoch may already be superseded.
+        guard now < sent.at + timings.masterLeaseSpan else {
+            log("staleVoteIgnored", [("by", from.name), ("candidateEpoch", epoch.description)], &out)
+            return
+        }
         win(c, leaseAnchor: sent.at, via: from, now, &out)
     }
 
@@ -626,7 +632,7 @@ public struct NodeCore: Sendable {
     private mutating func onRelease(epoch e: Epoch, handoverTo: NodeID?, now: Instant, _ out: inout [NodeAction]) {
         guard role == .secondary, e.value < UInt64.max, e >= state.promisedEpoch || e.next == state.promisedEpoch else { return }
         let next = e.next
-        if next == state.promisedEpoch, state.master == me { return } // duplicate
+        if next == state.promisedEpoch, state.master == me || candidacy?.epoch == next { return } // duplicate
         // The old master closed its gate before sending this: its lease is given up.
         if grantedLeaseHolder == peer || grantedLeaseHolder == nil { grantedLeaseExpiry = now }
         lastHeardMaster = now - timings.failureTimeout
@@ -638,23 +644,21 @@ public struct NodeCore: Sendable {
             log("masterReleased", [("releasedEpoch", e.description), ("handover", handoverTo?.name ?? "none")], &out)
             return
         }
-        // The old master voted for us in e+1; with our own vote that is two of three.
+        // The old master voted for us in e+1. Stand at once in e+1: its vote is granted again
+        // with a fresh lease anchor, so a release that arrives late (after the old master moved
+        // on to a newer epoch) promotes nobody.
+        guard next.value < UInt64.max else { return }
         candidacy = nil
         state.promisedEpoch = next
         state.votedFor = me
-        state.master = me
-        state.lastMasterEpoch = next
-        state.role = .primary
+        state.master = nil
         persist(&out)
         noteEpoch(next)
-        masterEpoch = next
-        becomeMaster(now)
-        leaseValidUntil = .zero // the gate opens with the first granted renewal
-        whyNotPromoted = nil
+        var c = Candidacy(epoch: next, force: false, bump: false, startedAt: now, lastSentAt: now)
         syncGate(&out)
-        out.append(.becomePrimary(epoch: next, newGeneration: false))
-        log("promoted", [("via", "switchover from \(peer)")], &out)
-        sendRenewals(now, &out)
+        log("candidacy", [("candidateEpoch", next.description), ("via", "switchover from \(peer)")], &out)
+        sendVoteRound(&c, now, &out)
+        candidacy = c
     }
 
     private mutating func onDisk(_ d: LocalDisk, now: Instant, _ out: inout [NodeAction]) {

@@ -20,7 +20,8 @@ final class SimulationTests: XCTestCase {
             seeds = [one]
         } else {
             let count = Self.env("HAMGR_SIM_SEEDS").flatMap(UInt64.init) ?? 10_000
-            seeds = Array(1...max(1, count))
+            let first = Self.env("HAMGR_SIM_SEED_START").flatMap(UInt64.init) ?? 1
+            seeds = Array(first..<first + max(1, count))
         }
         let start = ContinuousClock.now
         var events = 0, acked = 0, promotions = 0, switchovers = 0
