@@ -29,8 +29,10 @@ Definitions (docs/reliability.md, "Checker rules"):
                    [start, end] intervals overlap.
   R4 dual-primary  Two nodes reporting role "primary" in /status polls at overlapping
                    times: with the same epoch always a violation; with different epochs
-                   a violation when the overlap exceeds the tolerance (poll jitter), or
-                   when both polls say their lease is valid (if /status exposes it).
+                   a violation when the overlap exceeds the tolerance (poll jitter).
+  R4b dual-lease   A primary's poll [t0,t1] with lease_valid_ms = L claims a lease until
+                   t0 + L; another node's poll of a primary with a lease in another epoch
+                   ending at u1 with t0 <= u1 < t0 + L - 50 ms: two open write gates.
   R5 convergence   After every heal the cluster reached exactly one primary, a
                    secondary with disk_state upToDate and peer replication inSync,
                    within the bound (default 30 s), as recorded by the driver.
@@ -102,12 +104,13 @@ def lease_valid(s):
 
 
 class Checker:
-    def __init__(self, run_dir, lease_ms=1200, tol=0.5, max_examples=5):
+    def __init__(self, run_dir, lease_ms=1200, tol=0.5, max_examples=5, lease_tol=0.05):
         self.dir = run_dir
         self.history_path = os.path.join(run_dir, "history.jsonl")
         self.recs = read_jsonl(self.history_path)
         self.lease_ms = lease_ms
         self.tol = tol
+        self.lease_tol = lease_tol
         self.max_examples = max_examples
         self.violations = collections.OrderedDict()
         self.findings = []
@@ -288,12 +291,48 @@ class Checker:
                 self.violate("dual-primary", d)
             else:
                 self.findings.append(dict(d, note="primary reports overlapped within tolerance"))
-        for x, y, a, b, ov in self.overlaps(self.primary_intervals(leased=True)):
-            if a[2] != b[2]:
-                self.violate("dual-primary-both-leased", {"nodes": [x, y], "epochs": [a[2], b[2]],
-                                                          "overlap_s": round(ov, 3)})
+        self.check_lease_claims()
         self.stats["dual_primary_intervals"] = count
         self.stats["dual_primary_seconds"] = round(total, 3)
+
+    def check_lease_claims(self, window=10.0):
+        """Two nodes claiming a valid lease at one real instant (two open write gates).
+
+        A poll [t0, t1] of a primary reporting lease_valid_ms = L says: its lease is valid
+        until at least t0 + L (the earliest the document could have been made). Another
+        node's poll [u0, u1] reporting primary with a lease in a different epoch says it
+        holds one at some instant <= u1. Violation if t0 < u1 and t0 + L > u1 + tol."""
+        claims = collections.defaultdict(list)
+        for r in self.recs:
+            if r.get("type") != "status" or not r.get("ok") or r["node"] == "w":
+                continue
+            s = r["s"] if isinstance(r.get("s"), dict) else {}
+            if s.get("role") != "primary":
+                continue
+            rem = s.get("lease_valid_ms")
+            if isinstance(rem, (int, float)) and rem > 0:
+                claims[r["node"]].append((r["t0"], r["t1"], s.get("epoch"), rem / 1000.0))
+        nodes = sorted(claims)
+        n = 0
+        for x in nodes:
+            for y in nodes:
+                if x == y:
+                    continue
+                ys = sorted(claims[y], key=lambda c: c[1])
+                for (t0, t1, ex, rem) in claims[x]:
+                    for (u0, u1, ey, _r) in ys:
+                        if u1 < t0 or u1 > t0 + window:
+                            continue
+                        if ex != ey and t0 + rem > u1 + self.lease_tol:
+                            n += 1
+                            if n <= 20:
+                                self.violate("dual-lease", {
+                                    "holder": x, "holder_epoch": ex, "holder_poll_t0": t0,
+                                    "holder_lease_valid_ms": int(rem * 1000),
+                                    "other": y, "other_epoch": ey, "other_poll_t1": u1,
+                                    "overlap_s": round(t0 + rem - u1, 3)})
+                            break
+        self.stats["dual_lease_claims"] = n
 
     def check_convergence(self):
         conv = [r for r in self.recs if r.get("type") == "converge"]

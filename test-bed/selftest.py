@@ -406,10 +406,11 @@ def checker_flags_dual_master():
     expect_violation(GOOD + [ST("b", 3.0, "primary", 1), ST("b", 3.2, "primary", 1)],
                      "dual-primary-same-epoch")
     expect_violation(GOOD + [ST("a", 5.0, "primary", 1), ST("a", 6.5, "primary", 1)], "dual-primary")
-    expect_violation(GOOD + [ST("a", 5.0, "primary", 1, lease_valid=True),
-                             ST("a", 5.3, "primary", 1, lease_valid=True),
-                             ST("b", 5.1, "primary", 2, lease_valid=True),
-                             ST("b", 5.4, "primary", 2, lease_valid=True)], "dual-primary-both-leased")
+    expect_violation(GOOD + [ST("a", 4.3, "primary", 1, lease_valid_ms=900),
+                             ST("b", 4.6, "primary", 2, lease_valid_ms=1000)], "dual-lease")
+    v = verdict(GOOD + [ST("a", 4.3, "primary", 1, lease_valid_ms=150),   # ends before b's claim
+                        ST("b", 4.6, "primary", 2, lease_valid_ms=1000)])
+    assert_true("dual-lease" not in v["violations"], "lease ended in time: %s" % v["violations"])
     # a brief overlap inside the poll tolerance is a finding, not a violation
     v = verdict(GOOD + [ST("a", 4.5, "primary", 1)])
     assert_true(v["ok"] and v["findings"], "brief overlap: %s" % json.dumps(v))
