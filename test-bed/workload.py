@@ -20,6 +20,7 @@ Workers:
            so two nodes acknowledging writes at once is observable
 """
 import argparse
+import collections
 import hashlib
 import json
 import os
@@ -173,6 +174,10 @@ class Workload:
         self.lock = threading.Lock()
         self.op_timeout = op_timeout
         self.conn_seq = 0
+        # Blocks recently acknowledged, with the node that acked them: pinned readers
+        # prefer blocks another node just wrote, which is where a deposed master that
+        # still serves would return stale data.
+        self.recent = collections.deque(maxlen=128)
 
     def stopping(self):
         return time.monotonic() > self.deadline or os.path.exists(self.stop_file)
@@ -243,6 +248,8 @@ class Workload:
                     time.sleep(0.3 if pinned else 0.1)
                     continue
             r = rng.random()
+            if pinned:  # more reads on the pinned workers: 45 % write, 45 % read, 10 % flush
+                r = 0.65 * r / 0.45 if r < 0.45 else (0.65 + 0.25 * (r - 0.45) / 0.45 if r < 0.9 else r)
             base = {"type": "op", "worker": name, "node": node, "addr": addr, "epoch_seen": epoch,
                     "conn": cid}
             try:
@@ -253,11 +260,16 @@ class Workload:
                     data = encode_block(b, name, seq, epoch, t)
                     rec = dict(base, op="write", block=b, wid="%s-%d" % (name, seq))
                     self.op(rec, lambda: conn.pwrite(data, b * BLOCK, self.op_timeout))
+                    self.recent.append((b, node))
                     written.append(b)
                     if len(written) > 256:
                         written = written[-256:]
                 elif r < 0.9:
-                    b = rng.choice(written) if rng.random() < 0.5 else rng.randrange(self.hot)
+                    others = [x for x, n in list(self.recent) if n != node] if pinned else []
+                    if others and rng.random() < 0.6:
+                        b = rng.choice(others)
+                    else:
+                        b = rng.choice(written) if rng.random() < 0.5 else rng.randrange(self.hot)
                     rec = dict(base, op="read", block=b)
                     holder = {}
 
