@@ -7,12 +7,12 @@ import NIOPosix
 
 /// A `BlockVolume` mirrored to the peer node over the replication link (design.md §3).
 ///
-/// Threads: all mutable state lives on `loop` (one event loop of the group). Disk work runs
-/// on `io`, one serial queue, so metadata persists, local writes, resync and verify reads
-/// and the frames of the data stream leave in exactly one order — the order the peer
-/// applies them in. Client reads use a separate concurrent queue.
-/// The decisions (sync decision, ack rule, fencing, AL, bitmap, throttle) are the pure
-/// types in `Store/` and `Link/`; this file carries them out.
+/// This is the shell around `ReplicationCore` (the decisions, pure): it owns the files, the
+/// sessions and the queues, feeds the core events and carries out its actions.
+/// Threads: the core lives on `loop` (one event loop of the group). Disk work runs on `io`,
+/// one serial queue, in the order the core emitted it, and the data-stream frames are handed
+/// to the connection from that queue — so the peer applies writes, resync chunks and verify
+/// hashes in exactly the order this disk saw them. Client reads use a concurrent queue.
 public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     public let config: ReplicatedVolumeConfig
     public var sizeBytes: UInt64 { config.sizeBytes }
@@ -28,100 +28,32 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     private let readQueue = DispatchQueue(label: "hamgr.replication.read", attributes: .concurrent)
     private let backing: BackingStore
     private let meta: MetadataStore  // io queue only
-    private let chunkCount: Int
-    private let dead = LockedFlag()  // set by a simulated crash: io does nothing more
+    private let dead = LockedFlag()  // set by a simulated crash: nothing more reaches the disk or the peer
 
-    // MARK: loop-confined state
-    private var header: MetadataHeader
-    private var bitmap: DirtyBitmap
-    private var al: ActivityLog
-    private var role: Role = .secondary
-    private var roleEpoch: Epoch
-    private var promisedEpoch: Epoch
-    private var gate: WriteGate = .closed
-    private var gateTimer: Scheduled<Void>?
-    private var suspended = false
+    // loop-confined
+    private var core: ReplicationCore
+    private var sessions: [SessionID: PeerConnection] = [:]
+    private var sessionIDs: [ObjectIdentifier: SessionID] = [:]
+    private var nextSession: SessionID = 1
+    private var requests: [RequestID: EventLoopPromise<Void>] = [:]
+    private var drains: [RequestID: @Sendable (Result<Void, Error>) -> Void] = [:]
+    private var nextRequest: RequestID = 1
     private var started = false
-    private var stopped = false
+    private var halted = false
     private var dialer: PeerDialer?
     private var watchdog: RepeatedTask?
     private var ticksWithoutLink = 0
-    private var link: LinkSession?
-    private var writes: [UInt64: PendingWrite] = [:]
-    private var nextSeq: UInt64 = 1
-    private var alWaiters: [() -> Void] = []
-    private var resync: ResyncRun?
-    private var targetRun: TargetRun?
-    private var verify: VerifyRun?
-    private var targetMismatches: [Int] = []
-    private var snapshot = ReplicationStatus()
+
     private let statusLock = NSLock()
-    private var lastPeerState: PeerReplicationState = .disconnected
-    private var lastDisk: (DiskState, DataGenerations)?
-    private var rng = SystemRandomNumberGenerator()
-
-    private final class LinkSession {
-        let conn: PeerConnection
-        var sent: LinkHandshake?
-        var peer: LinkHandshake?
-        var decision: SyncDecision?
-        /// Writes that arrived while the handshake was open; they wait for the decision.
-        var held: [() -> Void] = []
-        init(conn: PeerConnection) { self.conn = conn }
-        var ready: Bool { decision != nil }
-        /// The peer applies this node's writes.
-        var following: Bool {
-            switch decision { case .inSync?, .becomeSource?: return true; default: return false }
-        }
-    }
-
-    private final class PendingWrite {
-        let seq: UInt64
-        let chunks: Range<Int>
-        let extents: [Int]
-        let bytes: Int
-        let barrier: Bool
-        var promise: EventLoopPromise<Void>?
-        var localDone = false
-        var confirmation: PeerConfirmation = .pending
-        var peerLost: Bool
-        var bitmapDurable = false
-        var failedLocally = false
-        init(seq: UInt64, chunks: Range<Int>, extents: [Int], bytes: Int, barrier: Bool, promise: EventLoopPromise<Void>?, peerLost: Bool) {
-            self.seq = seq; self.chunks = chunks; self.extents = extents; self.bytes = bytes
-            self.barrier = barrier; self.promise = promise; self.peerLost = peerLost
-        }
-    }
-
-    private struct ResyncRun {
-        var cursor: ResyncCursor
-        var throttle: ResyncThrottle
-        var totalBytes: UInt64
-        var doneBytes: UInt64 = 0
-        var pumpScheduled = false
-        var finishing = false
-    }
-
-    private struct TargetRun {
-        var totalBytes: UInt64
-        var doneBytes: UInt64 = 0
-    }
-
-    private struct VerifyRun {
-        var next = 0
-        var inFlight = 0
-        var mismatches: [Int] = []
-    }
-
-    // MARK: init
+    private var snapshot = ReplicationStatus()
 
     /// Opens (or creates) the backing store and metadata.
     ///
     /// A missing metadata file is initialised with the pair's *initial generation*, derived
     /// from cluster name, size and chunk size, and disk state upToDate: two new (zero)
-    /// stores are then identical and need no initial full sync. Creating metadata next to a
-    /// backing store that already holds different data on the two nodes is the operator's
-    /// error; `startVerify()` finds it and `requestResync()` repairs it.
+    /// stores are then identical and need no initial full sync. Creating metadata next to
+    /// backing stores that already hold different data is the operator's error;
+    /// `startVerify()` finds it and `requestResync()` repairs it.
     public init(config: ReplicatedVolumeConfig, group: EventLoopGroup, logger: Logger, clock: @escaping @Sendable () -> Instant) throws {
         try config.validate()
         self.config = config
@@ -134,7 +66,6 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         var caps = VolumeCapabilities()
         caps.multiConn = true  // one store, one write order; a flush covers every acked write
         self.capabilities = caps
-        chunkCount = MetadataLayout.chunkCount(sizeBytes: config.sizeBytes, chunkBytes: config.chunkBytes)
         backing = try BackingStore(path: config.backingPath, createSize: config.sizeBytes)
         guard backing.sizeBytes >= config.sizeBytes else {
             throw ConfigError(key: "node.backing", message: "\(config.backingPath) holds \(backing.sizeBytes) bytes, the volume needs \(config.sizeBytes)")
@@ -149,15 +80,18 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         if rec.recoveredChunks > 0 {
             log.warning("primary crash detected: \(meta.openedAL.count) activity-log extents (\(rec.recoveredChunks) chunks) marked out of sync")
         }
+        // Bits first, then the empty AL, then the header: a crash in between loses nothing.
         try meta.writeBitmapPages(rec.dirtyPages.map { ($0, rec.bitmap.pageBytes($0)) })
         try meta.writeAL([])
         try meta.writeHeader(rec.header)
-        header = meta.header
-        bitmap = rec.bitmap
-        al = ActivityLog(capacity: config.activityLogExtents)
-        roleEpoch = header.epoch
-        promisedEpoch = header.epoch
-        publish()
+        let settings = ReplicationSettings(me: config.me, peer: config.peer, sizeBytes: config.sizeBytes, chunkBytes: config.chunkBytes,
+                                           replicationProtocol: config.replicationProtocol, activityLogExtentBytes: config.activityLogExtentBytes,
+                                           activityLogExtents: config.activityLogExtents, windowChunks: config.resyncWindowChunks,
+                                           resyncRateBytesPerSecond: config.resyncRateBytesPerSecond,
+                                           maximumWriteBytes: Int(caps.maximumBlockSize))
+        var seed = SystemRandomNumberGenerator()
+        core = ReplicationCore(settings: settings, header: meta.header, bitmap: rec.bitmap, seed: seed.next())
+        snapshot = core.status
     }
 
     /// The generation both nodes of a new pair start in.
@@ -172,209 +106,77 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     /// Dial the peer (when this node's name sorts first) or wait for its session.
     public func start() {
         onLoop {
-            guard !self.started, !self.stopped else { return }
+            guard !self.started, !self.halted else { return }
             self.started = true
-            if self.config.me < self.config.peer {
-                let d = PeerDialer(group: self.group, host: self.config.peerReplicationAddress.host, port: self.config.peerReplicationAddress.port,
-                                   local: PeerHello(cluster: self.config.cluster, node: self.config.me, channel: ReplicatedVolumeConfig.channel),
-                                   key: self.config.clusterKey, idleTimeout: .nanoseconds(self.config.linkTimeout.nanosecondsClamped),
-                                   retryDelay: .nanoseconds(self.config.redialDelay.nanosecondsClamped), callbacks: self.inboundSession())
-                self.dialer = d
-                d.start()
-                self.watchdog = self.loop.scheduleRepeatedTask(initialDelay: .nanoseconds(self.config.linkTimeout.nanosecondsClamped),
-                                                               delay: .nanoseconds(self.config.linkTimeout.nanosecondsClamped)) { _ in
-                    self.checkDialer()
-                }
-            }
+            guard self.config.me < self.config.peer else { return }
+            self.startDialer()
+            let every = TimeAmount.nanoseconds(self.config.linkTimeout.nanosecondsClamped)
+            self.watchdog = self.loop.scheduleRepeatedTask(initialDelay: every, delay: every) { _ in self.checkDialer() }
         }
-    }
-
-    /// A hello refused by the peer (wrong cluster key, not routed) closes the socket without
-    /// telling the dialer, which then never redials; after two link timeouts without a
-    /// session, say so and start a fresh dialer.
-    private func checkDialer() {
-        guard !stopped, dialer != nil else { return }
-        guard link == nil else { ticksWithoutLink = 0; return }
-        ticksWithoutLink += 1
-        guard ticksWithoutLink >= 2 else { return }
-        ticksWithoutLink = 0
-        let why = "no replication session with \(config.peer) at \(config.peerReplicationAddress.host):\(config.peerReplicationAddress.port) for \(config.linkTimeout * 2): peer down, refusing the hello, or using another cluster key"
-        if snapshot.lastLinkError != why { logger.warning("\(why)") }
-        snapshot.lastLinkError = why
-        publish()
-        dialer?.stop()
-        let d = PeerDialer(group: group, host: config.peerReplicationAddress.host, port: config.peerReplicationAddress.port,
-                           local: PeerHello(cluster: config.cluster, node: config.me, channel: ReplicatedVolumeConfig.channel),
-                           key: config.clusterKey, idleTimeout: .nanoseconds(config.linkTimeout.nanosecondsClamped),
-                           retryDelay: .nanoseconds(config.redialDelay.nanosecondsClamped), callbacks: inboundSession())
-        dialer = d
-        d.start()
     }
 
     /// Clean shutdown: fail what is pending, make everything durable, mark clean.
     public func stop() {
         onLoop {
-            guard !self.stopped else { return }
-            self.stopped = true
-            self.dialer?.stop()
-            self.watchdog?.cancel()
-            if let l = self.link { self.linkDown(l, reason: "volume stopped"); l.conn.close() }
-            self.failAllPending(.shuttingDown)
+            guard !self.halted else { return }
+            self.run(.stop)
+            self.halt()
         }
-        let (h, bm): (MetadataHeader, DirtyBitmap) = onLoop {
-            var h = self.header
-            h.flags.insert(.cleanShutdown)
-            h.flags.remove(.wasPrimary)
-            self.header = h
-            return (h, self.bitmap)
-        }
-        io.sync {
-            guard !dead.value else { return }
-            do {
-                try backing.sync()
-                try meta.writeBitmap(bm)
-                try meta.writeAL([])
-                try meta.writeHeader(h)
-            } catch {
-                logger.error("clean shutdown failed: \(error)")
-            }
-        }
-        logger.info("replicated volume stopped cleanly")
+        io.sync {}  // the final batch (sync, bitmap, empty AL, clean header) is on disk
     }
 
     /// Callbacks for a session the daemon's PeerListener routed here (channel "replication").
     public func inboundSession() -> PeerSessionCallbacks {
         PeerSessionCallbacks(
-            established: { [weak self] conn in self?.loop.execute { self?.adopt(conn) } },
+            established: { [weak self] conn in self?.loop.execute { self?.established(conn) } },
             frame: { [weak self] conn, frame in self?.loop.execute { self?.received(frame, on: conn) } },
             closed: { [weak self] conn, why in self?.loop.execute { self?.closed(conn, why) } })
     }
 
-    public func setWriteGate(_ gate: WriteGate) {
-        onLoop {
-            self.gate = gate
-            self.gateTimer?.cancel()
-            let wait = gate.validUntil - self.clock()
-            if wait > .zero {
-                self.gateTimer = self.loop.scheduleTask(in: .nanoseconds(wait.nanosecondsClamped + 1_000)) { self.evaluateAll() }
-            }
-            self.evaluateAll()
-        }
-    }
+    public func setWriteGate(_ gate: WriteGate) { onLoop { self.run(.gate(gate)) } }
 
     /// Accept writes in `epoch`. `newGeneration` starts a new data generation (failover,
-    /// forced promotion) so a later reconnect can tell who changed what.
+    /// forced promotion) so a later reconnect can tell who changed what. Throws unless the
+    /// disk is upToDate; returns after the header is durable.
     public func becomePrimary(epoch: Epoch, newGeneration: Bool) throws {
-        let h: MetadataHeader = try onLoopThrowing {
-            guard !self.stopped else { throw VolumeError.shuttingDown }
-            guard self.header.diskState == .upToDate else {
-                throw VolumeError.invalid("disk is \(self.header.diskState); only an upToDate disk may be promoted")
+        try onLoopThrowing {
+            guard !self.halted else { throw VolumeError.shuttingDown }
+            switch self.core.becomePrimary(epoch: epoch, newGeneration: newGeneration, now: self.clock()) {
+            case .failure(let e): throw e
+            case .success(let actions): self.perform(actions); self.publish()
             }
-            if self.role == .primary && self.roleEpoch == epoch && !newGeneration { return self.header }
-            self.role = .primary
-            self.suspended = false
-            self.roleEpoch = max(self.roleEpoch, epoch)
-            self.promisedEpoch = max(self.promisedEpoch, epoch)
-            self.header.epoch = max(self.header.epoch, epoch)
-            self.header.flags.insert(.wasPrimary)
-            if newGeneration { self.header.generations.branch(to: self.freshGeneration()) }
-            self.logger.notice("primary in epoch \(epoch)\(newGeneration ? ", new generation \(self.header.generations.current)" : "")")
-            self.publish()
-            return self.header
         }
-        // Durable before the first write is accepted.
-        try io.sync { try meta.writeHeader(h) }
+        io.sync {}
     }
 
     /// Stop accepting writes (pending ones fail with notPrimary) and follow the peer.
-    public func becomeSecondary(epoch: Epoch) {
-        onLoop {
-            self.roleEpoch = max(self.roleEpoch, epoch)
-            self.promisedEpoch = max(self.promisedEpoch, epoch)
-            self.header.epoch = max(self.header.epoch, epoch)
-            if self.role == .primary { self.logger.notice("secondary in epoch \(epoch)") }
-            self.role = .secondary
-            self.suspended = false
-            self.failAllPending(.notPrimary(master: nil))
-            self.persistHeader()
-            self.publish()
-        }
-    }
+    public func becomeSecondary(epoch: Epoch) { onLoop { self.run(.becomeSecondary(epoch)) } }
 
     /// Fencing: refuse data frames from epochs older than `epoch`.
-    public func setPromisedEpoch(_ epoch: Epoch) {
-        onLoop {
-            guard epoch > self.promisedEpoch else { return }
-            self.promisedEpoch = epoch
-            self.header.epoch = max(self.header.epoch, epoch)
-            self.persistHeader()
-            self.publish()
-        }
-    }
+    public func setPromisedEpoch(_ epoch: Epoch) { onLoop { self.run(.promise(epoch)) } }
 
     /// Switchover: refuse new writes, wait for in-flight ones, then a flush round trip
     /// proves the peer has everything.
     public func drainForSwitchover(_ done: @escaping @Sendable (Result<Void, Error>) -> Void) {
         onLoop {
-            guard self.role == .primary else { return done(.failure(VolumeError.notPrimary(master: nil))) }
-            self.suspended = true
-            self.waitDrained {
-                guard let l = self.link, l.following else {
-                    return done(.failure(VolumeError.invalid("peer is not in sync; switchover needs a connected, up-to-date peer")))
-                }
-                let p = self.loop.makePromise(of: Void.self)
-                self.submitFlush(promise: p, isInternal: true)
-                p.futureResult.whenComplete { r in done(r.mapError { $0 }) }
-            }
+            let id = self.nextRequest
+            self.nextRequest += 1
+            self.drains[id] = done
+            self.run(.drain(id))
         }
     }
 
-    /// Hash every chunk on both sides; mismatches are reported and marked for `requestResync()`.
-    public func startVerify() {
-        onLoop {
-            guard let l = self.link, l.ready, self.verify == nil, case .inSync? = l.decision else {
-                self.logger.warning("verify needs a connected peer in sync")
-                return
-            }
-            self.logger.info("online verify started over \(self.chunkCount) chunks")
-            self.verify = VerifyRun()
-            self.pumpVerify()
-            self.publish()
-        }
-    }
+    /// Hash every chunk on both sides; mismatches are reported (`status.lastVerifyMismatches`,
+    /// `.verifyFinished`) and repaired by `requestResync()`.
+    public func startVerify() { onLoop { self.run(.startVerify) } }
 
-    /// Resync the chunks known out of sync (bitmap, last verify's mismatches) from the
-    /// source side; on the other side this asks the peer to do it.
-    public func requestResync() {
-        onLoop {
-            guard let l = self.link, l.ready else { return self.logger.warning("resync needs a connected peer") }
-            let mismatches = self.snapshot.lastVerifyMismatches ?? []
-            if self.isRepairSource(l) {
-                let pages = self.bitmap.mark(mismatches)
-                self.persistPages(pages)
-                self.startResync(l)
-            } else {
-                let runs = ChunkRun.runs(of: Array(Set(mismatches + self.bitmap.setChunks)).sorted())
-                self.send(.resyncRequest(runs), on: l)
-            }
-        }
-    }
+    /// Resync the chunks known out of sync (bitmap, last verify's mismatches) from the source
+    /// side; on the other side this asks the peer to do it.
+    public func requestResync() { onLoop { self.run(.requestResync) } }
 
     /// After a split brain: `discardLocal` makes this node the sync target of the peer on the
     /// next connect (its changes since the divergence are overwritten).
-    public func resolveSplitBrain(discardLocal: Bool) {
-        onLoop {
-            if discardLocal {
-                guard self.role == .secondary else { return self.logger.error("a primary cannot discard its data; demote it first") }
-                self.header.flags.insert(.discardLocal)
-                self.persistHeader()
-                self.logger.warning("split brain: this node's changes will be discarded on the next connect")
-            }
-            self.snapshot.splitBrain = nil
-            self.publish()
-            if let l = self.link { l.conn.close() }  // reconnect and decide again
-        }
-    }
+    public func resolveSplitBrain(discardLocal: Bool) { onLoop { self.run(.resolveSplitBrain(discardLocal: discardLocal)) } }
 
     public var status: ReplicationStatus {
         statusLock.lock(); defer { statusLock.unlock() }
@@ -387,7 +189,7 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         if let e = checkRange(offset, length) { return loop.makeFailedFuture(e) }
         let p = loop.makePromise(of: ByteBuffer.self)
         self.loop.execute {
-            guard self.role == .primary, !self.stopped else { return p.fail(VolumeError.notPrimary(master: nil)) }
+            guard self.core.role == .primary, !self.halted else { return p.fail(VolumeError.notPrimary(master: nil)) }
             self.readQueue.async {
                 do { p.succeed(try self.backing.read(offset: offset, length: length)) } catch { p.fail(Self.volumeError(error)) }
             }
@@ -398,15 +200,11 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     public func write(offset: UInt64, data: ByteBuffer, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
         if let e = checkRange(offset, data.readableBytes) { return loop.makeFailedFuture(e) }
         if data.readableBytes == 0 { return loop.makeSucceededVoidFuture() }
-        let p = loop.makePromise(of: Void.self)
-        self.loop.execute { self.submitWrite(.data(data), offset: offset, length: data.readableBytes, fua: fua, promise: p) }
-        return p.futureResult
+        return submit(on: loop) { .write($0, .data(data), offset: offset, length: data.readableBytes, fua: fua) }
     }
 
     public func flush(on loop: EventLoop) -> EventLoopFuture<Void> {
-        let p = loop.makePromise(of: Void.self)
-        self.loop.execute { self.submitFlush(promise: p, isInternal: false) }
-        return p.futureResult
+        submit(on: loop) { .flush($0) }
     }
 
     /// Trim zeroes the range on both nodes (deallocating where possible), so the replicas
@@ -418,8 +216,18 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     public func writeZeroes(offset: UInt64, length: Int, fua: Bool, mayDeallocate: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
         if let e = checkRange(offset, length) { return loop.makeFailedFuture(e) }
         if length == 0 { return loop.makeSucceededVoidFuture() }
-        let p = loop.makePromise(of: Void.self)
-        self.loop.execute { self.submitWrite(.zeroes(mayDeallocate: mayDeallocate), offset: offset, length: length, fua: fua, promise: p) }
+        return submit(on: loop) { .write($0, .zeroes(mayDeallocate: mayDeallocate), offset: offset, length: length, fua: fua) }
+    }
+
+    private func submit(on caller: EventLoop, _ event: @escaping (RequestID) -> CoreEvent) -> EventLoopFuture<Void> {
+        let p = caller.makePromise(of: Void.self)
+        loop.execute {
+            guard !self.halted else { return p.fail(VolumeError.shuttingDown) }
+            let id = self.nextRequest
+            self.nextRequest += 1
+            self.requests[id] = p
+            self.run(event(id))
+        }
         return p.futureResult
     }
 
@@ -430,663 +238,164 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         return nil
     }
 
-    // MARK: write path (primary)
+    // MARK: running the core
 
-    private enum WriteOp { case data(ByteBuffer), zeroes(mayDeallocate: Bool) }
+    private func run(_ event: CoreEvent) {
+        guard !halted else { return }
+        perform(core.handle(event, now: clock()))
+        publish()
+    }
 
-    private func submitWrite(_ op: WriteOp, offset: UInt64, length: Int, fua: Bool, promise: EventLoopPromise<Void>) {
-        guard !stopped else { return promise.fail(VolumeError.shuttingDown) }
-        guard role == .primary else { return promise.fail(VolumeError.notPrimary(master: nil)) }
-        guard !suspended else { return promise.fail(VolumeError.shuttingDown) }
-        if let l = link, !l.ready {
-            l.held.append { self.submitWrite(op, offset: offset, length: length, fua: fua, promise: promise) }
-            return
-        }
-        let extents = ActivityLog.extents(offset: offset, length: length, extentBytes: config.activityLogExtentBytes)
-        let alPersist: [Int]?
-        switch al.begin(extents) {
-        case .full:
-            alWaiters.append { self.submitWrite(op, offset: offset, length: length, fua: fua, promise: promise) }
-            return
-        case .hot: alPersist = nil
-        case .persist(let hot): alPersist = hot
-        }
-        let seq = nextSeq
-        nextSeq += 1
-        let first = Int(offset / UInt64(config.chunkBytes)), last = Int((offset + UInt64(length) - 1) / UInt64(config.chunkBytes))
-        let chunks = first..<(last + 1)
-        let following = link?.following ?? false
-        let w = PendingWrite(seq: seq, chunks: chunks, extents: extents, bytes: length, barrier: fua, promise: promise, peerLost: !following)
-        writes[seq] = w
-        let (headerWrite, pages) = following ? (nil, []) : markOutOfSync(chunks)
-        var framed: (PeerConnection, ByteBuffer)?
-        if following, let l = link {
-            var flags: WriteFlags = fua ? [.fua] : []
-            var data: ByteBuffer?
-            switch op {
-            case .data(let d): data = d
-            case .zeroes(let dealloc): flags.insert(.zeroes); if dealloc { flags.insert(.mayDeallocate) }
-            }
-            framed = (l.conn, LinkMessage.write(seq: seq, offset: offset, flags: flags, length: UInt32(length), data: data).encode())
-        }
-        let epoch = frameEpoch
-        let frame = framed
-        io.async {
-            guard !self.dead.value else { return }
-            do {
-                if let hot = alPersist { try self.meta.writeAL(hot) }
-                if let h = headerWrite { try self.meta.writeHeader(h) }
-                try self.meta.writeBitmapPages(pages)
-                // Sent from the I/O queue so the peer sees the same order as this disk.
-                if let (c, f) = frame { c.send(kind: LinkFrameKind.write.rawValue, epoch: epoch, payload: f) }
-                switch op {
-                case .data(let d): try self.backing.write(offset: offset, buffer: d)
-                case .zeroes(let dealloc): try self.backing.writeZeroes(offset: offset, length: length, mayDeallocate: dealloc)
+    private func perform(_ actions: [CoreAction]) {
+        for a in actions {
+            switch a {
+            case .io(let batch):
+                let epoch = core.frameEpoch
+                let conns = sessions
+                io.async { self.execute(batch, epoch: epoch, conns: conns) }
+            case let .send(s, m):
+                guard let c = sessions[s] else { continue }
+                c.send(kind: m.kind.rawValue, epoch: core.frameEpoch, payload: m.encode(allocator: c.channel.allocator))
+            case .close(let s):
+                sessions[s]?.close()
+            case let .complete(id, e):
+                guard let p = requests.removeValue(forKey: id) else { continue }
+                if let e { p.fail(e) } else { p.succeed(()) }
+            case let .drained(id, e):
+                guard let f = drains.removeValue(forKey: id) else { continue }
+                if let e { f(.failure(e)) } else { f(.success(())) }
+            case .emit(let ev):
+                onEvent?(ev)
+            case let .log(level, message):
+                switch level {
+                case .info: logger.info("\(message)")
+                case .notice: logger.notice("\(message)")
+                case .warning: logger.warning("\(message)")
+                case .error: logger.error("\(message)")
+                case .critical: logger.critical("\(message)")
                 }
-                if fua { try self.backing.sync() }
-                self.loop.execute { self.localDone(seq, queued: frame != nil) }
-            } catch {
-                self.loop.execute { self.localFailed(seq, error) }
+            case .wakeUp(let d):
+                loop.scheduleTask(in: .nanoseconds(max(0, d.nanosecondsClamped))) { self.run(.tick) }
             }
         }
-        publish()
     }
 
-    private func submitFlush(promise: EventLoopPromise<Void>, isInternal: Bool) {
-        guard !stopped else { return promise.fail(VolumeError.shuttingDown) }
-        guard role == .primary else { return promise.fail(VolumeError.notPrimary(master: nil)) }
-        guard isInternal || !suspended else { return promise.fail(VolumeError.shuttingDown) }
-        if let l = link, !l.ready {
-            l.held.append { self.submitFlush(promise: promise, isInternal: isInternal) }
-            return
+    /// Runs one batch on the I/O queue; reports its outcome to the core.
+    private func execute(_ b: IOBatch, epoch: Epoch, conns: [SessionID: PeerConnection]) {
+        guard !dead.value else { return }
+        var failure: (String, Int32)?
+        var extra: [IOCompletion] = []
+        func send(_ s: SessionID, _ m: LinkMessage) {
+            conns[s]?.send(kind: m.kind.rawValue, epoch: epoch, payload: m.encode())
         }
-        let seq = nextSeq
-        nextSeq += 1
-        let following = link?.following ?? false
-        let w = PendingWrite(seq: seq, chunks: 0..<0, extents: [], bytes: 0, barrier: true, promise: promise, peerLost: !following)
-        writes[seq] = w
-        let conn = following ? link?.conn : nil
-        let epoch = frameEpoch
-        io.async {
-            guard !self.dead.value else { return }
+        for step in b.steps {
             do {
-                conn?.send(kind: LinkFrameKind.flush.rawValue, epoch: epoch, payload: LinkMessage.flush(id: seq).encode())
-                try self.backing.sync()
-                self.loop.execute { self.localDone(seq, queued: conn != nil) }
+                switch step {
+                case .writeAL(let hot): try meta.writeAL(hot)
+                case .writeHeader(let h): try meta.writeHeader(h)
+                case .writeBitmapPages(let pages): try meta.writeBitmapPages(pages.map { ($0.index, $0.bytes) })
+                case .writeBitmap(let bm): try meta.writeBitmap(bm)
+                case let .send(s, m): send(s, m)
+                case let .writeData(offset, data): try backing.write(offset: offset, buffer: data)
+                case let .writeZeroes(offset, length, dealloc): try backing.writeZeroes(offset: offset, length: length, mayDeallocate: dealloc)
+                case .sync: try backing.sync()
+                case let .sendChunk(s, chunk, offset, length):
+                    send(s, .resyncData(chunk: UInt64(chunk), data: try backing.read(offset: offset, length: length)))
+                case let .sendChunkHash(s, chunk, offset, length):
+                    let data = try backing.read(offset: offset, length: length)
+                    send(s, .verifyRequest(chunk: UInt64(chunk), sha256: data.withUnsafeReadableBytes { Array(SHA256.hash(data: $0)) }))
+                case let .compareChunkHash(s, chunk, offset, length, hash):
+                    let data = try backing.read(offset: offset, length: length)
+                    let match = data.withUnsafeReadableBytes { Array(SHA256.hash(data: $0)) } == hash
+                    send(s, .verifyReply(chunk: UInt64(chunk), match: match))
+                    extra.append(.verifyCompared(chunk: chunk, match: match))
+                }
             } catch {
-                self.loop.execute { self.localFailed(seq, error) }
+                failure = ("\(error)", (error as? StoreError)?.errno ?? EIO)
+                break
+            }
+        }
+        if let (s, ack) = b.ack { send(s, ack.message(status: failure?.1 ?? 0)) }
+        if let (why, errno) = failure {
+            let f = b.failure
+            loop.execute { self.run(.ioFailed(f, why, errno: errno)) }
+        } else {
+            let then = b.then
+            guard then != nil || !extra.isEmpty else { return }
+            loop.execute {
+                if let then { self.run(.io(then)) }
+                for e in extra { self.run(.io(e)) }
             }
         }
     }
 
-    /// Marks chunks the peer will not get; branches the generation the first time.
-    private func markOutOfSync(_ chunks: Range<Int>) -> (MetadataHeader?, [(Int, [UInt8])]) {
-        var h: MetadataHeader?
-        if role == .primary && header.generations.bitmap.isNone {
-            header.generations.branch(to: freshGeneration())
-            logger.notice("peer not following: new generation \(header.generations.current) over \(header.generations.bitmap)")
-            h = header
-        }
-        let pages = bitmap.mark(chunks)
-        return (h, pages.map { ($0, bitmap.pageBytes($0)) })
+    private func publish() {
+        let s = core.status
+        statusLock.lock()
+        snapshot = s
+        statusLock.unlock()
     }
 
-    private func localDone(_ seq: UInt64, queued: Bool) {
-        guard let w = writes[seq] else { return }
-        w.localDone = true
-        w.bitmapDurable = true  // every metadata write issued before it on the queue is synced
-        if queued && w.confirmation < .queued { w.confirmation = .queued }
-        evaluate(w)
-        publish()
+    // MARK: sessions
+
+    private func established(_ conn: PeerConnection) {
+        guard started, !halted else { return conn.close() }
+        let id = nextSession
+        nextSession += 1
+        sessions[id] = conn
+        sessionIDs[ObjectIdentifier(conn)] = id
+        ticksWithoutLink = 0
+        run(.linkUp(id, conn.remote.node))
     }
 
-    private func localFailed(_ seq: UInt64, _ error: Error) {
-        logger.error("local write failed: \(error)")
-        onEvent?(.diskFailure("\(error)"))
-        guard let w = writes[seq] else { return }
-        w.promise?.fail(Self.volumeError(error))
-        w.promise = nil
-        w.failedLocally = true
-        retireIfDone(w)
-        publish()
-    }
-
-    private func evaluate(_ w: PendingWrite) {
-        if let p = w.promise {
-            switch AckRule.verdict(localDone: w.localDone, confirmation: w.confirmation, peerLost: w.peerLost, bitmapDurable: w.bitmapDurable,
-                                   barrier: w.barrier, protocol: config.replicationProtocol, gate: gate, now: clock()) {
-            case .wait: break
-            case .ack: w.promise = nil; p.succeed(())
-            case .fail(let e): w.promise = nil; p.fail(e)
-            }
-        }
-        retireIfDone(w)
-    }
-
-    private func evaluateAll() {
-        for w in writes.values.sorted(by: { $0.seq < $1.seq }) { evaluate(w) }
-        publish()
-    }
-
-    /// A write leaves the AL only when the peer has it or the bitmap records that it lacks it.
-    private func retireIfDone(_ w: PendingWrite) {
-        guard w.promise == nil else { return }
-        let settled = w.failedLocally || (w.localDone && (w.confirmation == .written || (w.peerLost && w.bitmapDurable)))
-        guard settled, writes.removeValue(forKey: w.seq) != nil else { return }
-        al.end(w.extents)
-        if !alWaiters.isEmpty {
-            let waiting = alWaiters
-            alWaiters = []
-            for f in waiting { f() }
-        }
-        checkDrained()
-    }
-
-    private var drainWaiters: [() -> Void] = []
-    private func waitDrained(_ f: @escaping () -> Void) { drainWaiters.append(f); checkDrained() }
-    private func checkDrained() {
-        guard !drainWaiters.isEmpty, !writes.values.contains(where: { $0.promise != nil }), alWaiters.isEmpty else { return }
-        let ws = drainWaiters
-        drainWaiters = []
-        for f in ws { f() }
-    }
-
-    private func failAllPending(_ e: VolumeError) {
-        for w in writes.values where w.promise != nil { w.promise!.fail(e); w.promise = nil; retireIfDone(w) }
-        let waiting = alWaiters + (link?.held ?? [])
-        alWaiters = []
-        link?.held = []
-        for f in waiting { f() }  // they see the new role / stopped and fail
-    }
-
-    // MARK: link lifecycle
-
-    private var frameEpoch: Epoch { role == .primary ? roleEpoch : max(roleEpoch, promisedEpoch) }
-
-    private func adopt(_ conn: PeerConnection) {
-        guard started, !stopped, conn.remote.node == config.peer else {
-            logger.warning("refused replication session from \(conn.remote.node)")
-            return conn.close()
-        }
-        if let old = link {
-            logger.info("new replication session replaces the old one")
-            linkDown(old, reason: "replaced by a new session")
-            old.conn.close()
-        }
-        let l = LinkSession(conn: conn)
-        link = l
-        snapshot.linksEstablished += 1
-        let hs = LinkHandshake(sizeBytes: config.sizeBytes, chunkBytes: UInt32(config.chunkBytes), generations: header.generations,
-                               diskState: header.diskState, role: role, crashedPrimary: header.flags.contains(.crashRecoveryPending),
-                               discardLocal: header.flags.contains(.discardLocal), dirtyRuns: bitmap.runs)
-        l.sent = hs
-        logger.info("replication link up with \(conn.remote.node); handshake sent (generation \(hs.generations.current), \(hs.diskState), \(bitmap.setCount) dirty chunks)")
-        send(.handshake(hs), on: l)
-        publish()
+    private func received(_ frame: Frame, on conn: PeerConnection) {
+        guard let id = sessionIDs[ObjectIdentifier(conn)] else { return }
+        run(.frame(id, kind: frame.kind, epoch: frame.epoch, payload: frame.payload))
     }
 
     private func closed(_ conn: PeerConnection?, _ why: String) {
-        guard let conn else {
-            // The hello never completed (refused, wrong key, unreachable).
-            if snapshot.lastLinkError != why { logger.warning("replication session failed: \(why)") }
-            snapshot.lastLinkError = why
-            return publish()
-        }
-        guard let l = link, l.conn === conn else { return }
-        logger.warning("replication link down: \(why)")
-        if snapshot.splitBrain == nil { snapshot.lastLinkError = why }
-        linkDown(l, reason: why)
+        guard let conn else { return run(.linkDown(nil, why)) }
+        guard let id = sessionIDs.removeValue(forKey: ObjectIdentifier(conn)) else { return }
+        sessions[id] = nil
+        run(.linkDown(id, why))
     }
 
-    /// The peer no longer follows: every write it has not confirmed goes into the bitmap.
-    private func linkDown(_ l: LinkSession, reason: String) {
-        guard link === l else { return }
-        link = nil
-        resync = nil
-        targetRun = nil
-        if verify != nil { logger.warning("verify aborted: \(reason)"); verify = nil }
-        let unconfirmed = writes.values.filter { !$0.peerLost && $0.confirmation < .written && !$0.failedLocally }.sorted { $0.seq < $1.seq }
-        if !unconfirmed.isEmpty {
-            var headerWrite: MetadataHeader?
-            var pages = Set<Int>()
-            for w in unconfirmed {
-                w.peerLost = true
-                w.bitmapDurable = false
-                let (h, ps) = markOutOfSync(w.chunks)
-                if let h { headerWrite = h }
-                for (p, _) in ps { pages.insert(p) }
-            }
-            let seqs = unconfirmed.map(\.seq)
-            let newHeader = headerWrite
-            let pageList = pages.sorted().map { ($0, bitmap.pageBytes($0)) }
-            io.async {
-                guard !self.dead.value else { return }
-                do {
-                    if let h = newHeader { try self.meta.writeHeader(h) }
-                    try self.meta.writeBitmapPages(pageList)
-                    self.loop.execute {
-                        for s in seqs { self.writes[s]?.bitmapDurable = true }
-                        self.evaluateAll()
-                    }
-                } catch {
-                    self.loop.execute { self.metadataFailed(error) }
-                }
-            }
-        }
-        let held = l.held
-        l.held = []
-        for f in held { f() }
-        evaluateAll()
-        publish()
+    private func startDialer() {
+        let d = PeerDialer(group: group, host: config.peerReplicationAddress.host, port: config.peerReplicationAddress.port,
+                           local: PeerHello(cluster: config.cluster, node: config.me, channel: ReplicatedVolumeConfig.channel),
+                           key: config.clusterKey, idleTimeout: .nanoseconds(config.linkTimeout.nanosecondsClamped),
+                           retryDelay: .nanoseconds(config.redialDelay.nanosecondsClamped), callbacks: inboundSession())
+        dialer = d
+        d.start()
     }
 
-    private func refuse(_ l: LinkSession, _ why: String) {
-        logger.error("replication link refused: \(why)")
-        snapshot.lastLinkError = why
-        send(.refuse(why), on: l)
-        linkDown(l, reason: why)
-        l.conn.close()
+    /// A hello the peer refuses can close the socket without the dialer hearing of it, and
+    /// then it never redials; after two link timeouts without a session, say so and start a
+    /// fresh dialer.
+    private func checkDialer() {
+        guard !halted, dialer != nil else { return }
+        guard sessions.isEmpty else { ticksWithoutLink = 0; return }
+        ticksWithoutLink += 1
+        guard ticksWithoutLink >= 2 else { return }
+        ticksWithoutLink = 0
+        let why = "no replication session with \(config.peer) at \(config.peerReplicationAddress.host):\(config.peerReplicationAddress.port) for \(config.linkTimeout * 2): peer down, refusing the hello, or using another cluster key"
+        run(.linkDown(nil, why))
+        dialer?.stop()
+        startDialer()
     }
 
-    private func send(_ m: LinkMessage, on l: LinkSession) {
-        l.conn.send(kind: m.kind.rawValue, epoch: frameEpoch, payload: m.encode(allocator: l.conn.channel.allocator))
-    }
-
-    // MARK: inbound frames
-
-    private func received(_ frame: Frame, on conn: PeerConnection) {
-        guard let l = link, l.conn === conn else { return }
-        let msg: LinkMessage
-        switch LinkMessage.decode(kind: frame.kind, payload: frame.payload) {
-        case .success(let m): msg = m
-        case .failure(let e): return refuse(l, "\(e)")
-        }
-        if EpochFence.isFenced(msg.kind), !EpochFence.admits(frameEpoch: frame.epoch, promised: promisedEpoch) {
-            snapshot.fencedFrames += 1
-            return refuse(l, "fenced \(msg.kind) frame from epoch \(frame.epoch); this node promised epoch \(promisedEpoch)")
-        }
-        if case .handshake = msg {} else if case .refuse = msg {} else if !l.ready {
-            return refuse(l, "\(msg.kind) frame before the handshake")
-        }
-        switch msg {
-        case .handshake(let hs): handshake(hs, on: l)
-        case .refuse(let why):
-            logger.error("peer refused the link: \(why)")
-            snapshot.lastLinkError = "peer: \(why)"
-            linkDown(l, reason: why)
-            l.conn.close()
-        case let .write(seq, offset, flags, length, data): applyWrite(seq: seq, offset: offset, flags: flags, length: length, data: data, on: l)
-        case let .writeAck(seq, stage, status):
-            if status != 0 { return refuse(l, "peer failed to write (errno \(status))") }
-            if let w = writes[seq] {
-                let c: PeerConfirmation = stage == .written ? .written : .received
-                if c > w.confirmation { w.confirmation = c }
-                evaluate(w)
-            }
-        case .flush(let id):
-            guard role == .secondary else { return refuse(l, "flush frame while primary") }
-            let epoch = frameEpoch
-            io.async {
-                guard !self.dead.value else { return }
-                var st: Int32 = 0
-                do { try self.backing.sync() } catch { st = (error as? StoreError)?.errno ?? EIO; self.loop.execute { self.metadataFailed(error) } }
-                conn.send(kind: LinkFrameKind.flushAck.rawValue, epoch: epoch, payload: LinkMessage.flushAck(id: id, status: st).encode())
-            }
-        case let .flushAck(id, status):
-            if status != 0 { return refuse(l, "peer failed to flush (errno \(status))") }
-            if let w = writes[id] { w.confirmation = .written; evaluate(w) }
-        case let .resyncData(chunk, data): applyResyncChunk(Int(chunk), data, on: l)
-        case let .resyncAck(chunk, status):
-            if status != 0 { return refuse(l, "peer failed to write resync chunk \(chunk) (errno \(status))") }
-            resyncAcked(Int(chunk), on: l)
-        case .resyncDone(let gens): targetFinish(gens, on: l)
-        case .resyncFinished: sourceFinish(on: l)
-        case let .verifyRequest(chunk, hash): verifyChunk(Int(chunk), hash, on: l)
-        case let .verifyReply(chunk, match): verifyReplied(Int(chunk), match)
-        case .verifyEnd:
-            snapshot.lastVerifyMismatches = targetMismatches.sorted()
-            logger.info("verify by peer finished: \(targetMismatches.count) mismatched chunks")
-            onEvent?(.verifyFinished(mismatchedChunks: targetMismatches.sorted()))
-        case .resyncRequest(let runs):
-            guard isRepairSource(l) else { return logger.warning("peer asked for a resync this node cannot source") }
-            let pages = bitmap.mark(runs.flatMap { Array($0.chunks) })
-            persistPages(pages)
-            startResync(l)
-        }
-        publish()
-    }
-
-    private func handshake(_ peer: LinkHandshake, on l: LinkSession) {
-        guard l.peer == nil, let mine = l.sent else { return refuse(l, "second handshake") }
-        l.peer = peer
-        let me = SyncSide(node: config.me, generations: mine.generations, diskState: mine.diskState, role: mine.role,
-                          hasDirtyChunks: !mine.dirtyRuns.isEmpty, crashedPrimary: mine.crashedPrimary, discardLocal: mine.discardLocal,
-                          sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes))
-        let them = SyncSide(node: config.peer, generations: peer.generations, diskState: peer.diskState, role: peer.role,
-                            hasDirtyChunks: !peer.dirtyRuns.isEmpty, crashedPrimary: peer.crashedPrimary, discardLocal: peer.discardLocal,
-                            sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes))
-        let d = SyncDecision.decide(me: me, peer: them)
-        snapshot.peerDiskState = peer.diskState
-        logger.info("sync decision with \(config.peer): \(d) (mine \(mine.generations.current)/\(mine.generations.bitmap), peer \(peer.generations.current)/\(peer.generations.bitmap))")
-        switch d {
-        case .splitBrain(let why):
-            if snapshot.splitBrain != why {
-                logger.critical("SPLIT BRAIN, link refused, both stores left untouched: \(why)")
-                onEvent?(.splitBrain(why))
-            }
-            snapshot.splitBrain = why
-            linkDown(l, reason: "split brain")
-            l.conn.close()
-            return
-        case .refuse(let why):
-            return refuse(l, why)
-        case .inSync:
-            snapshot.splitBrain = nil
-            l.decision = d
-            if header.diskState == .outdated || header.flags.contains(.crashRecoveryPending) {
-                header.diskState = .upToDate
-                header.flags.remove(.crashRecoveryPending)
-                persistHeader()
-            }
-        case .becomeSource(let scope):
-            snapshot.splitBrain = nil
-            l.decision = d
-            var pages = bitmap.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
-            if scope == .full {
-                // Record the relation so an interrupted full sync resumes as a bitmap sync.
-                if !header.generations.bitmap.isNone { header.generations.pushHistory(header.generations.bitmap) }
-                header.generations.bitmap = peer.generations.current
-                bitmap.markAll()
-                pages = Array(0..<bitmap.pageCount)
-            }
-            persistHeader()
-            persistPages(pages)
-            startResync(l)
-        case .becomeTarget(let scope):
-            snapshot.splitBrain = nil
-            l.decision = d
-            header.diskState = .inconsistent
-            persistHeader()
-            var union = bitmap
-            union.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
-            if scope == .full { union.markAll() }
-            targetRun = TargetRun(totalBytes: bytes(ofChunks: union.setChunks))
-            logger.notice("resync target: \(targetRun!.totalBytes) bytes to receive from \(config.peer)")
-        }
-        let held = l.held
-        l.held = []
-        for f in held { f() }
-        evaluateAll()
-    }
-
-    private func bytes(ofChunks chunks: [Int]) -> UInt64 {
-        chunks.reduce(UInt64(0)) { $0 + UInt64(chunkLength($1)) }
-    }
-
-    private func chunkLength(_ c: Int) -> Int {
-        Int(min(UInt64(config.chunkBytes), config.sizeBytes - UInt64(c) * UInt64(config.chunkBytes)))
-    }
-
-    private func applyWrite(seq: UInt64, offset: UInt64, flags: WriteFlags, length: UInt32, data: ByteBuffer?, on l: LinkSession) {
-        guard role == .secondary else { return refuse(l, "write frame while this node is primary") }
-        if case .becomeSource? = l.decision { return refuse(l, "write frame from the sync target") }
-        guard checkRange(offset, Int(length)) == nil else { return refuse(l, "write frame outside the volume: \(offset)+\(length)") }
-        let epoch = frameEpoch
-        if config.replicationProtocol == .b {
-            send(.writeAck(seq: seq, stage: .received, status: 0), on: l)
-        }
-        let conn = l.conn
-        io.async {
-            guard !self.dead.value else { return }
-            var st: Int32 = 0
-            do {
-                if flags.contains(.zeroes) {
-                    try self.backing.writeZeroes(offset: offset, length: Int(length), mayDeallocate: flags.contains(.mayDeallocate))
-                } else if let data {
-                    try self.backing.write(offset: offset, buffer: data)
-                }
-                if flags.contains(.fua) { try self.backing.sync() }
-            } catch {
-                st = (error as? StoreError)?.errno ?? EIO
-                self.loop.execute { self.metadataFailed(error) }
-            }
-            conn.send(kind: LinkFrameKind.writeAck.rawValue, epoch: epoch, payload: LinkMessage.writeAck(seq: seq, stage: .written, status: st).encode())
-        }
-    }
-
-    // MARK: resync
-
-    private func isRepairSource(_ l: LinkSession) -> Bool {
-        guard header.diskState == .upToDate else { return false }
-        if role == .primary { return true }
-        if l.peer?.role == .primary { return false }
-        return config.me < config.peer
-    }
-
-    private func startResync(_ l: LinkSession) {
-        guard resync == nil else { return pumpResync() }
-        let total = bytes(ofChunks: bitmap.setChunks)
-        resync = ResyncRun(cursor: ResyncCursor(window: config.resyncWindowChunks),
-                           throttle: ResyncThrottle(bytesPerSecond: config.resyncRateBytesPerSecond, chunkBytes: config.chunkBytes),
-                           totalBytes: total)
-        logger.notice("resync source: \(bitmap.setCount) chunks (\(total) bytes) to \(config.peer) at ≤ \(config.resyncRateBytesPerSecond) B/s")
-        onEvent?(.resyncProgress(done: 0, total: total))
-        pumpResync()
-    }
-
-    private func pumpResync() {
-        guard var r = resync, let l = link, !r.finishing else { return }
-        defer { resync = r }
-        while r.cursor.inFlight.count < config.resyncWindowChunks {
-            if bitmap.nextSet(from: r.cursor.next) == nil { break }
-            if let wait = r.throttle.take(config.chunkBytes, now: clock()) {
-                if !r.pumpScheduled {
-                    r.pumpScheduled = true
-                    loop.scheduleTask(in: .nanoseconds(wait.nanosecondsClamped)) {
-                        self.resync?.pumpScheduled = false
-                        self.pumpResync()
-                    }
-                }
-                return
-            }
-            guard let chunk = r.cursor.take(from: bitmap) else { break }
-            let offset = UInt64(chunk) * UInt64(config.chunkBytes)
-            let len = chunkLength(chunk)
-            let conn = l.conn
-            let epoch = frameEpoch
-            // Read on the I/O queue: after every write issued before it, before every later one.
-            io.async {
-                guard !self.dead.value else { return }
-                do {
-                    let data = try self.backing.read(offset: offset, length: len)
-                    conn.send(kind: LinkFrameKind.resyncData.rawValue, epoch: epoch, payload: LinkMessage.resyncData(chunk: UInt64(chunk), data: data).encode())
-                    self.loop.execute { self.snapshot.resyncBytesSent += UInt64(len); self.publish() }
-                } catch {
-                    self.loop.execute { self.metadataFailed(error) }
-                }
-            }
-        }
-        if r.cursor.passComplete(bitmap: bitmap) {
-            r.finishing = true
-            let gens = header.generations
-            let conn = l.conn
-            let epoch = frameEpoch
-            io.async {
-                guard !self.dead.value else { return }
-                conn.send(kind: LinkFrameKind.resyncDone.rawValue, epoch: epoch, payload: LinkMessage.resyncDone(gens).encode())
-            }
-        }
-    }
-
-    private func resyncAcked(_ chunk: Int, on l: LinkSession) {
-        guard var r = resync, r.cursor.acked(chunk) else { return }
-        bitmap.clear(chunk)
-        r.doneBytes += UInt64(chunkLength(chunk))
-        resync = r
-        onEvent?(.resyncProgress(done: r.doneBytes, total: r.totalBytes))
-        pumpResync()
-    }
-
-    private func sourceFinish(on l: LinkSession) {
-        guard let r = resync, r.finishing else { return }
-        resync = nil
-        if !header.generations.bitmap.isNone {
-            header.generations.pushHistory(header.generations.bitmap)
-            header.generations.bitmap = .none
-        }
-        header.flags.remove(.crashRecoveryPending)
-        l.decision = .inSync
-        snapshot.peerDiskState = .upToDate
-        snapshot.resyncDoneBytes = r.doneBytes
-        snapshot.resyncTotalBytes = r.totalBytes
-        persistHeader(withBitmap: true)
-        logger.notice("resync finished: \(r.doneBytes) bytes; \(config.peer) is up to date")
-        publish()
-    }
-
-    private func applyResyncChunk(_ chunk: Int, _ data: ByteBuffer, on l: LinkSession) {
-        guard role == .secondary, chunk >= 0, chunk < chunkCount, data.readableBytes == chunkLength(chunk) else {
-            return refuse(l, "bad resync chunk \(chunk) (\(data.readableBytes) bytes)")
-        }
-        if targetRun == nil {  // an on-demand repair of an in-sync peer
-            targetRun = TargetRun(totalBytes: 0)
-        }
-        let conn = l.conn, epoch = frameEpoch
-        io.async {
-            guard !self.dead.value else { return }
-            var st: Int32 = 0
-            do { try self.backing.write(offset: UInt64(chunk) * UInt64(self.config.chunkBytes), buffer: data) } catch {
-                st = (error as? StoreError)?.errno ?? EIO
-                self.loop.execute { self.metadataFailed(error) }
-            }
-            conn.send(kind: LinkFrameKind.resyncAck.rawValue, epoch: epoch, payload: LinkMessage.resyncAck(chunk: UInt64(chunk), status: st).encode())
-            self.loop.execute {
-                self.targetRun?.doneBytes += UInt64(data.readableBytes)
-                self.publish()
-            }
-        }
-    }
-
-    private func targetFinish(_ gens: DataGenerations, on l: LinkSession) {
-        guard role == .secondary else { return refuse(l, "resync done while primary") }
-        let conn = l.conn, epoch = frameEpoch
-        io.async {
-            guard !self.dead.value else { return }
-            do { try self.backing.sync() } catch { self.loop.execute { self.metadataFailed(error) }; return }
-            self.loop.execute {
-                guard self.link === l else { return }
-                if self.header.generations.current != gens.current { self.header.generations.pushHistory(self.header.generations.current) }
-                self.header.generations.current = gens.current
-                self.header.generations.bitmap = .none
-                self.header.diskState = .upToDate
-                self.header.flags.remove(.crashRecoveryPending)
-                self.header.flags.remove(.discardLocal)
-                self.bitmap.clearAll()
-                l.decision = .inSync
-                if let t = self.targetRun {
-                    self.snapshot.resyncDoneBytes = t.doneBytes
-                    self.snapshot.resyncTotalBytes = max(t.totalBytes, t.doneBytes)
-                }
-                self.targetRun = nil
-                self.persistHeader(withBitmap: true)
-                self.logger.notice("resync target finished: up to date in generation \(gens.current)")
-                self.io.async {
-                    guard !self.dead.value else { return }
-                    conn.send(kind: LinkFrameKind.resyncFinished.rawValue, epoch: epoch, payload: LinkMessage.resyncFinished.encode())
-                }
-                self.publish()
-            }
-        }
-    }
-
-    // MARK: verify
-
-    private func pumpVerify() {
-        guard var v = verify, let l = link else { return }
-        defer { verify = v }
-        while v.inFlight < config.resyncWindowChunks && v.next < chunkCount {
-            let chunk = v.next
-            v.next += 1
-            v.inFlight += 1
-            let conn = l.conn, epoch = frameEpoch, len = chunkLength(chunk)
-            io.async {
-                guard !self.dead.value else { return }
-                do {
-                    let data = try self.backing.read(offset: UInt64(chunk) * UInt64(self.config.chunkBytes), length: len)
-                    let hash = data.withUnsafeReadableBytes { Array(SHA256.hash(data: $0)) }
-                    conn.send(kind: LinkFrameKind.verifyRequest.rawValue, epoch: epoch, payload: LinkMessage.verifyRequest(chunk: UInt64(chunk), sha256: hash).encode())
-                } catch {
-                    self.loop.execute { self.metadataFailed(error) }
-                }
-            }
-        }
-    }
-
-    private func verifyReplied(_ chunk: Int, _ match: Bool) {
-        guard var v = verify else { return }
-        v.inFlight -= 1
-        if !match { v.mismatches.append(chunk) }
-        verify = v
-        if v.next >= chunkCount && v.inFlight == 0 {
-            verify = nil
-            let mm = v.mismatches.sorted()
-            snapshot.lastVerifyMismatches = mm
-            logger.notice("verify finished: \(mm.count) of \(chunkCount) chunks differ\(mm.isEmpty ? "" : ": \(mm.prefix(20))")")
-            if let l = link { send(.verifyEnd(chunks: UInt64(chunkCount)), on: l) }
-            onEvent?(.verifyFinished(mismatchedChunks: mm))
-        } else {
-            pumpVerify()
-        }
-    }
-
-    private func verifyChunk(_ chunk: Int, _ hash: [UInt8], on l: LinkSession) {
-        guard chunk >= 0, chunk < chunkCount else { return refuse(l, "verify of chunk \(chunk) outside the volume") }
-        if chunk == 0 { targetMismatches = [] }
-        let conn = l.conn, len = chunkLength(chunk), epoch = frameEpoch
-        io.async {
-            guard !self.dead.value else { return }
-            var match = false
-            if let data = try? self.backing.read(offset: UInt64(chunk) * UInt64(self.config.chunkBytes), length: len) {
-                match = data.withUnsafeReadableBytes { Array(SHA256.hash(data: $0)) } == hash
-            }
-            conn.send(kind: LinkFrameKind.verifyReply.rawValue, epoch: epoch, payload: LinkMessage.verifyReply(chunk: UInt64(chunk), match: match).encode())
-            if !match { self.loop.execute { self.targetMismatches.append(chunk) } }
-        }
-    }
-
-    // MARK: persistence helpers
-
-    private func persistHeader(withBitmap: Bool = false) {
-        let h = header
-        let bm: DirtyBitmap? = withBitmap ? bitmap : nil
-        io.async {
-            guard !self.dead.value else { return }
-            do {
-                if let bm { try self.meta.writeBitmap(bm) }
-                try self.meta.writeHeader(h)
-            } catch { self.loop.execute { self.metadataFailed(error) } }
-        }
-        publish()
-    }
-
-    private func persistPages(_ pages: [Int]) {
-        guard !pages.isEmpty else { return }
-        let list = pages.map { ($0, bitmap.pageBytes($0)) }
-        io.async {
-            guard !self.dead.value else { return }
-            do { try self.meta.writeBitmapPages(list) } catch { self.loop.execute { self.metadataFailed(error) } }
-        }
-    }
-
-    private func metadataFailed(_ error: Error) {
-        logger.critical("disk failure: \(error)")
-        onEvent?(.diskFailure("\(error)"))
-    }
-
-    private func freshGeneration() -> GenerationID {
-        var g: UInt64 = 0
-        while g == 0 { g = rng.next() }
-        return GenerationID(g)
+    private func halt() {
+        halted = true
+        dialer?.stop()
+        dialer = nil
+        watchdog?.cancel()
+        for c in sessions.values { c.close() }
+        sessions = [:]
+        sessionIDs = [:]
+        for p in requests.values { p.fail(VolumeError.shuttingDown) }
+        requests = [:]
+        for f in drains.values { f(.failure(VolumeError.shuttingDown)) }
+        drains = [:]
     }
 
     static func volumeError(_ e: Error) -> VolumeError {
@@ -1095,69 +404,25 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         return .io(errno: EIO)
     }
 
-    // MARK: status
-
-    private func publish() {
-        var s = snapshot
-        s.role = role
-        s.epoch = roleEpoch
-        s.promisedEpoch = promisedEpoch
-        s.diskState = header.diskState
-        s.generations = header.generations
-        let peerState: PeerReplicationState
-        if let l = link {
-            switch l.decision { case .inSync?: peerState = .inSync; default: peerState = .behind }
-        } else { peerState = .disconnected }
-        s.peerState = peerState
-        if link == nil { s.peerDiskState = nil }
-        s.outOfSyncBytes = bytes(ofChunks: bitmap.setChunks)
-        if let r = resync { s.resyncDoneBytes = r.doneBytes; s.resyncTotalBytes = r.totalBytes }
-        if let t = targetRun { s.resyncDoneBytes = t.doneBytes; s.resyncTotalBytes = max(t.totalBytes, t.doneBytes) }
-        s.inFlightWrites = writes.values.filter { $0.promise != nil }.count
-        s.replicationLagBytes = writes.values.filter { !$0.peerLost && $0.confirmation < .written }.reduce(UInt64(0)) { $0 + UInt64($1.bytes) }
-        s.verifyRunning = verify != nil
-        statusLock.lock()
-        snapshot = s
-        statusLock.unlock()
-        if peerState != lastPeerState {
-            lastPeerState = peerState
-            onEvent?(.peer(peerState))
-        }
-        if lastDisk == nil || lastDisk!.0 != header.diskState || lastDisk!.1 != header.generations {
-            lastDisk = (header.diskState, header.generations)
-            onEvent?(.disk(header.diskState, header.generations))
-        }
-    }
-
     // MARK: crash simulation (tests)
 
     /// Drops the volume as a crash would: no flush, no metadata update, link cut.
     func simulateCrash() {
         dead.set()
-        onLoop {
-            self.stopped = true
-            self.dialer?.stop()
-            self.watchdog?.cancel()
-            self.link?.conn.close()
-            self.link = nil
-            for w in self.writes.values { w.promise?.fail(VolumeError.shuttingDown); w.promise = nil }
-            self.writes = [:]
-            self.alWaiters = []
-        }
+        onLoop { self.halt() }
     }
 
     // MARK: loop helpers
 
     /// Runs `f` on the volume's loop and waits for it (control-plane calls only).
-    @discardableResult
-    private func onLoop<T>(_ f: @escaping () -> T) -> T {
+    private func onLoop(_ f: @escaping () -> Void) {
         if loop.inEventLoop { return f() }
-        return try! loop.submit(f).wait()
+        try? loop.submit(f).wait()
     }
 
-    private func onLoopThrowing<T>(_ f: @escaping () throws -> T) throws -> T {
+    private func onLoopThrowing(_ f: @escaping () throws -> Void) throws {
         if loop.inEventLoop { return try f() }
-        return try loop.submit(f).wait()
+        try loop.submit(f).wait()
     }
 }
 

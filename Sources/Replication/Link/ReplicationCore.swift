@@ -1,0 +1,940 @@
+import HACore
+import NIOCore
+
+/// One replication session, as the shell numbers them (it maps ids to `PeerConnection`s).
+public typealias SessionID = UInt64
+/// One client request (the shell maps ids to promises).
+public typealias RequestID = UInt64
+
+public enum WriteOp: Hashable, Sendable {
+    case data(ByteBuffer)
+    case zeroes(mayDeallocate: Bool)
+}
+
+/// The knobs of the core, from `ReplicatedVolumeConfig`.
+public struct ReplicationSettings: Hashable, Sendable {
+    public var me: NodeID
+    public var peer: NodeID
+    public var sizeBytes: UInt64
+    public var chunkBytes: Int
+    public var replicationProtocol: ReplicationProtocol
+    public var activityLogExtentBytes: Int
+    public var activityLogExtents: Int
+    public var windowChunks: Int
+    public var resyncRateBytesPerSecond: Int
+    public var maximumWriteBytes: Int
+
+    public init(me: NodeID, peer: NodeID, sizeBytes: UInt64, chunkBytes: Int, replicationProtocol: ReplicationProtocol,
+                activityLogExtentBytes: Int, activityLogExtents: Int, windowChunks: Int, resyncRateBytesPerSecond: Int,
+                maximumWriteBytes: Int = 32 << 20) {
+        self.me = me; self.peer = peer; self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes
+        self.replicationProtocol = replicationProtocol; self.activityLogExtentBytes = activityLogExtentBytes
+        self.activityLogExtents = activityLogExtents; self.windowChunks = windowChunks
+        self.resyncRateBytesPerSecond = resyncRateBytesPerSecond; self.maximumWriteBytes = maximumWriteBytes
+    }
+
+    public var chunkCount: Int { MetadataLayout.chunkCount(sizeBytes: sizeBytes, chunkBytes: chunkBytes) }
+}
+
+/// A bitmap page to persist.
+public struct BitmapPage: Hashable, Sendable {
+    public var index: Int
+    public var bytes: [UInt8]
+}
+
+/// One step for the serial I/O queue. Steps of a batch run in order, and batches run in
+/// the order the core emitted them: that order is the write order of the local disk and of
+/// the data stream to the peer.
+public enum IOStep: Sendable {
+    case writeAL([Int])
+    case writeHeader(MetadataHeader)
+    case writeBitmapPages([BitmapPage])
+    case writeBitmap(DirtyBitmap)
+    /// Hand a data-stream frame to the session (from the I/O queue, so it keeps disk order).
+    case send(SessionID, LinkMessage)
+    case writeData(offset: UInt64, data: ByteBuffer)
+    case writeZeroes(offset: UInt64, length: Int, mayDeallocate: Bool)
+    case sync
+    /// Read a chunk and send it as `resyncData`.
+    case sendChunk(SessionID, chunk: Int, offset: UInt64, length: Int)
+    /// Read a chunk, hash it and send `verifyRequest`.
+    case sendChunkHash(SessionID, chunk: Int, offset: UInt64, length: Int)
+    /// Read a chunk, compare its hash, send `verifyReply`, report `.verifyCompared`.
+    case compareChunkHash(SessionID, chunk: Int, offset: UInt64, length: Int, sha256: [UInt8])
+}
+
+/// Acknowledgement a backup sends after a batch, with status 0 or the failing errno.
+public enum PeerAck: Hashable, Sendable {
+    case write(seq: UInt64)
+    case flush(id: UInt64)
+    case resync(chunk: UInt64)
+
+    public func message(status: Int32) -> LinkMessage {
+        switch self {
+        case .write(let s): return .writeAck(seq: s, stage: .written, status: status)
+        case .flush(let id): return .flushAck(id: id, status: status)
+        case .resync(let c): return .resyncAck(chunk: c, status: status)
+        }
+    }
+}
+
+public struct IOBatch: Sendable {
+    public var steps: [IOStep]
+    /// Fed back to the core when every step succeeded.
+    public var then: IOCompletion?
+    /// Fed back (as `.ioFailed`) when a step failed; nil: only a disk failure is reported.
+    public var failure: IOCompletion?
+    /// Sent after the steps, with the outcome as status.
+    public var ack: (SessionID, PeerAck)?
+}
+
+/// What the shell reports when an I/O batch ends.
+public enum IOCompletion: Hashable, Sendable {
+    case localWrite(seq: UInt64, queued: Bool)
+    case bitmapDurable([UInt64])
+    case resyncChunkSent(bytes: Int)
+    case targetChunkWritten(bytes: Int)
+    case targetSynced(SessionID)
+    case verifyCompared(chunk: Int, match: Bool)
+}
+
+public enum CoreLogLevel: Sendable { case info, notice, warning, error, critical }
+
+/// Inputs of the core.
+public enum CoreEvent: Sendable {
+    case write(RequestID, WriteOp, offset: UInt64, length: Int, fua: Bool)
+    case flush(RequestID)
+    case io(IOCompletion)
+    case ioFailed(IOCompletion?, String, errno: Int32)
+    /// A session finished its authenticated hello.
+    case linkUp(SessionID, NodeID)
+    /// A session ended; nil when it never got past the hello.
+    case linkDown(SessionID?, String)
+    case frame(SessionID, kind: UInt8, epoch: Epoch, payload: ByteBuffer)
+    case gate(WriteGate)
+    case becomeSecondary(Epoch)
+    case promise(Epoch)
+    case drain(RequestID)
+    case startVerify
+    case requestResync
+    case resolveSplitBrain(discardLocal: Bool)
+    /// A wake-up the core asked for (gate expiry, throttle).
+    case tick
+    case stop
+}
+
+/// Outputs of the core, carried out in order by the shell.
+public enum CoreAction: Sendable {
+    case io(IOBatch)
+    /// A control frame, sent now (not part of the ordered data stream).
+    case send(SessionID, LinkMessage)
+    case close(SessionID)
+    /// Complete a client request: nil = success.
+    case complete(RequestID, VolumeError?)
+    /// The switchover drain ended: nil = the peer has everything.
+    case drained(RequestID, VolumeError?)
+    case emit(ReplicationEvent)
+    case log(CoreLogLevel, String)
+    /// Deliver `.tick` after this long.
+    case wakeUp(after: Duration)
+}
+
+/// The replicated volume's decisions as a value (style.md: `handle(event, now) -> [action]`,
+/// no sockets, no clock, no global random numbers). `ReplicatedVolume` is the shell that
+/// feeds it events and carries out its actions.
+public struct ReplicationCore: Sendable {
+    public let settings: ReplicationSettings
+    public private(set) var header: MetadataHeader
+    public private(set) var bitmap: DirtyBitmap
+    public private(set) var role: Role = .secondary
+    public private(set) var roleEpoch: Epoch
+    public private(set) var promisedEpoch: Epoch
+    public private(set) var gate: WriteGate = .closed
+    private var al: ActivityLog
+    private var suspended = false
+    private var stopped = false
+    private var link: Link?
+    private var writes: [UInt64: Write] = [:]
+    private var nextSeq: UInt64 = 1
+    private var alWaiting: [Held] = []
+    private var drainWaiting: [RequestID] = []
+    private var resync: ResyncRun?
+    private var targetRun: TargetRun?
+    private var verify: VerifyRun?
+    private var targetMismatches: [Int] = []
+    private var counters = ReplicationStatus()
+    private var lastPeerState: PeerReplicationState = .disconnected
+    private var lastDisk: DiskSnapshot?
+    private var rng: SplitMix64
+    private var out: [CoreAction] = []
+
+    private struct DiskSnapshot: Hashable { var state: DiskState; var generations: DataGenerations }
+
+    private enum Held: Sendable {
+        case write(RequestID, WriteOp, offset: UInt64, length: Int, fua: Bool)
+        case flush(RequestID, drain: Bool)
+    }
+
+    private struct Link: Sendable {
+        var session: SessionID
+        var sent: LinkHandshake
+        var peer: LinkHandshake?
+        var decision: SyncDecision?
+        /// Requests that arrived while the handshake was open; they wait for the decision so
+        /// both sides decide on the generations they still hold.
+        var held: [Held] = []
+        var ready: Bool { decision != nil }
+        var following: Bool {
+            switch decision { case .inSync?, .becomeSource?: return true; default: return false }
+        }
+    }
+
+    private struct Write: Sendable {
+        var seq: UInt64
+        var request: RequestID?
+        var isDrain: Bool
+        var chunks: Range<Int>
+        var extents: [Int]
+        var bytes: Int
+        var barrier: Bool
+        var open: Bool
+        var localDone = false
+        var confirmation: PeerConfirmation = .pending
+        var peerLost: Bool
+        var bitmapDurable = false
+        var failedLocally = false
+    }
+
+    private struct ResyncRun: Sendable {
+        var cursor: ResyncCursor
+        var throttle: ResyncThrottle
+        var totalBytes: UInt64
+        var doneBytes: UInt64 = 0
+        var wakeScheduled = false
+        var finishing = false
+    }
+
+    private struct TargetRun: Sendable {
+        var totalBytes: UInt64
+        var doneBytes: UInt64 = 0
+    }
+
+    private struct VerifyRun: Sendable {
+        var next = 0
+        var inFlight = 0
+        var mismatches: [Int] = []
+    }
+
+    public init(settings: ReplicationSettings, header: MetadataHeader, bitmap: DirtyBitmap, seed: UInt64) {
+        self.settings = settings
+        self.header = header
+        self.bitmap = bitmap
+        al = ActivityLog(capacity: settings.activityLogExtents)
+        roleEpoch = header.epoch
+        promisedEpoch = header.epoch
+        rng = SplitMix64(seed: seed)
+        lastDisk = DiskSnapshot(state: header.diskState, generations: header.generations)
+    }
+
+    // MARK: entry points
+
+    public mutating func handle(_ event: CoreEvent, now: Instant) -> [CoreAction] {
+        out = []
+        switch event {
+        case let .write(id, op, offset, length, fua): submitWrite(.write(id, op, offset: offset, length: length, fua: fua), now)
+        case .flush(let id): submitWrite(.flush(id, drain: false), now)
+        case .io(let c): completed(c, now)
+        case let .ioFailed(c, why, errno): ioFailed(c, why, errno, now)
+        case let .linkUp(s, node): linkUp(s, node)
+        case let .linkDown(s, why): linkDown(s, why, now)
+        case let .frame(s, kind, epoch, payload): frame(s, kind, epoch, payload, now)
+        case .gate(let g):
+            gate = g
+            let wait = g.validUntil - now
+            if wait > .zero { out.append(.wakeUp(after: wait + .microseconds(1))) }
+            evaluateAll(now)
+        case .becomeSecondary(let e): becomeSecondary(e, now)
+        case .promise(let e):
+            if e > promisedEpoch {
+                promisedEpoch = e
+                header.epoch = max(header.epoch, e)
+                persistHeader()
+            }
+        case .drain(let id): drain(id, now)
+        case .startVerify: startVerify()
+        case .requestResync: requestResync(now)
+        case .resolveSplitBrain(let discard): resolveSplitBrain(discard)
+        case .tick:
+            if var r = resync { r.wakeScheduled = false; resync = r }
+            evaluateAll(now)
+            pumpResync(now)
+        case .stop: stop(now)
+        }
+        noteChanges()
+        return out
+    }
+
+    /// Promotion: refused unless upToDate. The returned actions start with the header
+    /// persist, which the shell makes durable before it returns to the caller.
+    public mutating func becomePrimary(epoch: Epoch, newGeneration: Bool, now: Instant) -> Result<[CoreAction], VolumeError> {
+        out = []
+        guard !stopped else { return .failure(.shuttingDown) }
+        guard header.diskState == .upToDate else {
+            return .failure(.invalid("disk is \(header.diskState); only an upToDate disk may be promoted"))
+        }
+        role = .primary
+        suspended = false
+        roleEpoch = max(roleEpoch, epoch)
+        promisedEpoch = max(promisedEpoch, epoch)
+        header.epoch = max(header.epoch, epoch)
+        header.flags.insert(.wasPrimary)
+        if newGeneration { header.generations.branch(to: freshGeneration()) }
+        log(.notice, "primary in epoch \(epoch)\(newGeneration ? ", new generation \(header.generations.current)" : "")")
+        persistHeader()
+        noteChanges()
+        return .success(out)
+    }
+
+    // MARK: status
+
+    public var status: ReplicationStatus {
+        var s = counters
+        s.role = role
+        s.epoch = roleEpoch
+        s.promisedEpoch = promisedEpoch
+        s.diskState = header.diskState
+        s.generations = header.generations
+        s.peerState = peerState
+        if link == nil { s.peerDiskState = nil }
+        s.outOfSyncBytes = bytes(ofChunks: bitmap.setChunks)
+        if let r = resync { s.resyncDoneBytes = r.doneBytes; s.resyncTotalBytes = r.totalBytes }
+        if let t = targetRun { s.resyncDoneBytes = t.doneBytes; s.resyncTotalBytes = max(t.totalBytes, t.doneBytes) }
+        s.inFlightWrites = writes.values.filter { $0.open && $0.request != nil }.count
+        s.replicationLagBytes = writes.values.filter { !$0.peerLost && $0.confirmation < .written }.reduce(UInt64(0)) { $0 + UInt64($1.bytes) }
+        s.verifyRunning = verify != nil
+        return s
+    }
+
+    private var peerState: PeerReplicationState {
+        guard let l = link else { return .disconnected }
+        if case .inSync? = l.decision { return .inSync }
+        return .behind
+    }
+
+    /// The epoch this node's frames carry (its fencing token).
+    public var frameEpoch: Epoch { role == .primary ? roleEpoch : max(roleEpoch, promisedEpoch) }
+
+    // MARK: write path
+
+    private mutating func submitWrite(_ req: Held, _ now: Instant) {
+        let (id, isDrain): (RequestID, Bool)
+        switch req {
+        case .write(let i, _, _, _, _): (id, isDrain) = (i, false)
+        case .flush(let i, let d): (id, isDrain) = (i, d)
+        }
+        func refuse(_ e: VolumeError) -> CoreAction { isDrain ? .drained(id, e) : .complete(id, e) }
+        guard !stopped else { return out.append(refuse(.shuttingDown)) }
+        guard role == .primary else { return out.append(refuse(.notPrimary(master: nil))) }
+        guard isDrain || !suspended else { return out.append(refuse(.shuttingDown)) }
+        if var l = link, !l.ready {
+            l.held.append(req)
+            link = l
+            return
+        }
+        let seq = nextSeq
+        let following = link?.following ?? false
+        let session = following ? link?.session : nil
+        switch req {
+        case let .flush(id, drain):
+            nextSeq += 1
+            writes[seq] = Write(seq: seq, request: id, isDrain: drain, chunks: 0..<0, extents: [], bytes: 0, barrier: true, open: true, peerLost: !following)
+            var steps: [IOStep] = []
+            if let s = session { steps.append(.send(s, .flush(id: seq))) }
+            steps.append(.sync)
+            out.append(.io(IOBatch(steps: steps, then: .localWrite(seq: seq, queued: session != nil), failure: .localWrite(seq: seq, queued: false))))
+        case let .write(id, op, offset, length, fua):
+            let extents = ActivityLog.extents(offset: offset, length: length, extentBytes: settings.activityLogExtentBytes)
+            var steps: [IOStep] = []
+            switch al.begin(extents) {
+            case .full: return alWaiting.append(req)
+            case .hot: break
+            case .persist(let hot): steps.append(.writeAL(hot))
+            }
+            nextSeq += 1
+            let cb = UInt64(settings.chunkBytes)
+            let chunks = Int(offset / cb)..<(Int((offset + UInt64(length) - 1) / cb) + 1)
+            writes[seq] = Write(seq: seq, request: id, isDrain: false, chunks: chunks, extents: extents, bytes: length, barrier: fua, open: true, peerLost: !following)
+            if !following { steps += markOutOfSync(chunks) }
+            if let s = session {
+                var flags: WriteFlags = fua ? [.fua] : []
+                var data: ByteBuffer?
+                switch op {
+                case .data(let d): data = d
+                case .zeroes(let dealloc): flags.insert(.zeroes); if dealloc { flags.insert(.mayDeallocate) }
+                }
+                steps.append(.send(s, .write(seq: seq, offset: offset, flags: flags, length: UInt32(length), data: data)))
+            }
+            switch op {
+            case .data(let d): steps.append(.writeData(offset: offset, data: d))
+            case .zeroes(let dealloc): steps.append(.writeZeroes(offset: offset, length: length, mayDeallocate: dealloc))
+            }
+            if fua { steps.append(.sync) }
+            out.append(.io(IOBatch(steps: steps, then: .localWrite(seq: seq, queued: session != nil), failure: .localWrite(seq: seq, queued: false))))
+        }
+    }
+
+    /// Marks chunks the peer will not get; a primary branches its generation on the first mark.
+    private mutating func markOutOfSync<C: Sequence>(_ chunks: C) -> [IOStep] where C.Element == Int {
+        var steps: [IOStep] = []
+        if role == .primary && header.generations.bitmap.isNone {
+            header.generations.branch(to: freshGeneration())
+            log(.notice, "peer not following: new generation \(header.generations.current) over \(header.generations.bitmap)")
+            steps.append(.writeHeader(header))
+        }
+        let pages = bitmap.mark(chunks)
+        if !pages.isEmpty { steps.append(.writeBitmapPages(pages.map { BitmapPage(index: $0, bytes: bitmap.pageBytes($0)) })) }
+        return steps
+    }
+
+    private mutating func evaluate(_ seq: UInt64, _ now: Instant) {
+        guard var w = writes[seq] else { return }
+        if w.open {
+            let v = AckRule.verdict(localDone: w.localDone, confirmation: w.confirmation, peerLost: w.peerLost, bitmapDurable: w.bitmapDurable,
+                                    barrier: w.barrier, protocol: settings.replicationProtocol, gate: gate, now: now)
+            switch v {
+            case .wait: break
+            case .ack: w.open = false; finish(w, nil)
+            case .fail(let e): w.open = false; finish(w, e)
+            }
+            writes[seq] = w
+        }
+        retireIfDone(seq)
+    }
+
+    private mutating func finish(_ w: Write, _ e: VolumeError?) {
+        guard let id = w.request else { return }
+        out.append(w.isDrain ? .drained(id, e) : .complete(id, e))
+    }
+
+    private mutating func evaluateAll(_ now: Instant) {
+        for s in writes.keys.sorted() { evaluate(s, now) }
+    }
+
+    /// A write leaves the AL only when the peer has it or the bitmap durably records that it lacks it.
+    private mutating func retireIfDone(_ seq: UInt64) {
+        guard let w = writes[seq], !w.open else { return }
+        let settled = w.failedLocally || (w.localDone && (w.confirmation == .written || (w.peerLost && w.bitmapDurable)))
+        guard settled else { return }
+        writes[seq] = nil
+        al.end(w.extents)
+        if !alWaiting.isEmpty {
+            let waiting = alWaiting
+            alWaiting = []
+            for h in waiting { submitWrite(h, Instant.zero) }
+        }
+        checkDrained()
+    }
+
+    private mutating func completed(_ c: IOCompletion, _ now: Instant) {
+        switch c {
+        case let .localWrite(seq, queued):
+            guard var w = writes[seq] else { return }
+            w.localDone = true
+            w.bitmapDurable = true  // every metadata write issued before it on the queue is synced
+            if queued && w.confirmation < .queued { w.confirmation = .queued }
+            writes[seq] = w
+            evaluate(seq, now)
+        case .bitmapDurable(let seqs):
+            for s in seqs { writes[s]?.bitmapDurable = true }
+            evaluateAll(now)
+        case .resyncChunkSent(let n):
+            counters.resyncBytesSent += UInt64(n)
+        case .targetChunkWritten(let n):
+            targetRun?.doneBytes += UInt64(n)
+        case .targetSynced(let s):
+            targetSynced(s)
+        case let .verifyCompared(chunk, match):
+            if !match { targetMismatches.append(chunk) }
+        }
+    }
+
+    private mutating func ioFailed(_ c: IOCompletion?, _ why: String, _ errno: Int32, _ now: Instant) {
+        log(.critical, "disk failure: \(why)")
+        out.append(.emit(.diskFailure(why)))
+        guard case .localWrite(let seq, _)? = c, var w = writes[seq] else { return }
+        w.failedLocally = true
+        if w.open {
+            w.open = false
+            finish(w, errno == 28 /* ENOSPC */ ? .noSpace : .io(errno: errno))
+        }
+        writes[seq] = w
+        retireIfDone(seq)
+    }
+
+    private mutating func failAllOpen(_ e: VolumeError) {
+        for s in writes.keys.sorted() {
+            guard var w = writes[s], w.open else { continue }
+            w.open = false
+            writes[s] = w
+            finish(w, e)
+            retireIfDone(s)
+        }
+        let held = alWaiting + (link?.held ?? [])
+        alWaiting = []
+        link?.held = []
+        for h in held { submitWrite(h, .zero) }  // they see the new role / stopped and fail
+    }
+
+    // MARK: roles
+
+    private mutating func becomeSecondary(_ epoch: Epoch, _ now: Instant) {
+        roleEpoch = max(roleEpoch, epoch)
+        promisedEpoch = max(promisedEpoch, epoch)
+        header.epoch = max(header.epoch, epoch)
+        if role == .primary { log(.notice, "secondary in epoch \(epoch)") }
+        role = .secondary
+        suspended = false
+        failAllOpen(.notPrimary(master: nil))
+        persistHeader()
+    }
+
+    private mutating func drain(_ id: RequestID, _ now: Instant) {
+        guard role == .primary else { return out.append(.drained(id, .notPrimary(master: nil))) }
+        suspended = true
+        drainWaiting.append(id)
+        checkDrained()
+    }
+
+    private mutating func checkDrained() {
+        guard !drainWaiting.isEmpty, !writes.values.contains(where: { $0.open && !$0.isDrain }), alWaiting.isEmpty else { return }
+        let ids = drainWaiting
+        drainWaiting = []
+        for id in ids {
+            guard let l = link, l.following else {
+                out.append(.drained(id, .invalid("peer is not in sync; switchover needs a connected, up-to-date peer")))
+                continue
+            }
+            // A flush round trip proves the peer has every write before it.
+            submitWrite(.flush(id, drain: true), .zero)
+        }
+    }
+
+    private mutating func stop(_ now: Instant) {
+        guard !stopped else { return }
+        stopped = true
+        if let l = link { dropLink(l, reason: "volume stopped"); out.append(.close(l.session)) }
+        failAllOpen(.shuttingDown)
+        header.flags.insert(.cleanShutdown)
+        header.flags.remove(.wasPrimary)
+        out.append(.io(IOBatch(steps: [.sync, .writeBitmap(bitmap), .writeAL([]), .writeHeader(header)], then: nil, failure: nil, ack: nil)))
+        log(.info, "replicated volume stopped cleanly")
+    }
+
+    // MARK: link lifecycle
+
+    private mutating func linkUp(_ session: SessionID, _ node: NodeID) {
+        guard !stopped, node == settings.peer else {
+            log(.warning, "refused replication session from \(node)")
+            return out.append(.close(session))
+        }
+        if let old = link {
+            log(.info, "new replication session replaces the old one")
+            dropLink(old, reason: "replaced by a new session")
+            out.append(.close(old.session))
+        }
+        let hs = LinkHandshake(sizeBytes: settings.sizeBytes, chunkBytes: UInt32(settings.chunkBytes), generations: header.generations,
+                               diskState: header.diskState, role: role, crashedPrimary: header.flags.contains(.crashRecoveryPending),
+                               discardLocal: header.flags.contains(.discardLocal), dirtyRuns: bitmap.runs)
+        link = Link(session: session, sent: hs)
+        counters.linksEstablished += 1
+        log(.info, "replication link up with \(node); handshake sent (generation \(hs.generations.current), \(hs.diskState), \(bitmap.setCount) dirty chunks)")
+        out.append(.send(session, .handshake(hs)))
+    }
+
+    private mutating func linkDown(_ session: SessionID?, _ why: String, _ now: Instant) {
+        guard let session else {
+            if counters.lastLinkError != why { log(.warning, "replication session failed: \(why)") }
+            counters.lastLinkError = why
+            return
+        }
+        guard let l = link, l.session == session else { return }
+        log(.warning, "replication link down: \(why)")
+        if counters.splitBrain == nil { counters.lastLinkError = why }
+        dropLink(l, reason: why)
+    }
+
+    /// The peer no longer follows: every write it has not confirmed goes into the bitmap.
+    private mutating func dropLink(_ l: Link, reason: String) {
+        guard link?.session == l.session else { return }
+        let held = link?.held ?? []
+        link = nil
+        resync = nil
+        targetRun = nil
+        if verify != nil { log(.warning, "verify aborted: \(reason)"); verify = nil }
+        let unconfirmed = writes.values.filter { !$0.peerLost && $0.confirmation < .written && !$0.failedLocally }.map(\.seq).sorted()
+        if !unconfirmed.isEmpty {
+            var steps: [IOStep] = []
+            var chunks = Set<Int>()
+            for s in unconfirmed {
+                writes[s]!.peerLost = true
+                writes[s]!.bitmapDurable = false
+                chunks.formUnion(writes[s]!.chunks)
+            }
+            steps += markOutOfSync(chunks.sorted())
+            out.append(.io(IOBatch(steps: steps, then: .bitmapDurable(unconfirmed), failure: nil, ack: nil)))
+        }
+        for h in held { submitWrite(h, .zero) }
+    }
+
+    private mutating func refuse(_ l: Link, _ why: String) {
+        log(.error, "replication link refused: \(why)")
+        counters.lastLinkError = why
+        out.append(.send(l.session, .refuse(why)))
+        dropLink(l, reason: why)
+        out.append(.close(l.session))
+    }
+
+    // MARK: inbound frames
+
+    private mutating func frame(_ session: SessionID, _ kind: UInt8, _ epoch: Epoch, _ payload: ByteBuffer, _ now: Instant) {
+        guard let l = link, l.session == session else { return }
+        let msg: LinkMessage
+        switch LinkMessage.decode(kind: kind, payload: payload) {
+        case .success(let m): msg = m
+        case .failure(let e): return refuse(l, "\(e)")
+        }
+        if EpochFence.isFenced(msg.kind), !EpochFence.admits(frameEpoch: epoch, promised: promisedEpoch) {
+            counters.fencedFrames += 1
+            return refuse(l, "fenced \(msg.kind) frame from epoch \(epoch); this node promised epoch \(promisedEpoch)")
+        }
+        switch msg {
+        case .handshake, .refuse: break
+        default: if !l.ready { return refuse(l, "\(msg.kind) frame before the handshake") }
+        }
+        switch msg {
+        case .handshake(let hs): handshake(hs, l, now)
+        case .refuse(let why):
+            log(.error, "peer refused the link: \(why)")
+            counters.lastLinkError = "peer: \(why)"
+            dropLink(l, reason: why)
+            out.append(.close(l.session))
+        case let .write(seq, offset, flags, length, data):
+            guard role == .secondary else { return refuse(l, "write frame while this node is primary") }
+            if case .becomeSource? = l.decision { return refuse(l, "write frame from the sync target") }
+            guard Int(length) <= settings.maximumWriteBytes, offset + UInt64(length) <= settings.sizeBytes else {
+                return refuse(l, "write frame outside the volume: \(offset)+\(length)")
+            }
+            if settings.replicationProtocol == .b { out.append(.send(session, .writeAck(seq: seq, stage: .received, status: 0))) }
+            var steps: [IOStep] = []
+            if flags.contains(.zeroes) {
+                steps.append(.writeZeroes(offset: offset, length: Int(length), mayDeallocate: flags.contains(.mayDeallocate)))
+            } else if let data {
+                steps.append(.writeData(offset: offset, data: data))
+            }
+            if flags.contains(.fua) { steps.append(.sync) }
+            out.append(.io(IOBatch(steps: steps, then: nil, failure: nil, ack: (session, .write(seq: seq)))))
+        case let .writeAck(seq, stage, status):
+            if status != 0 { return refuse(l, "peer failed to write (errno \(status))") }
+            if var w = writes[seq] {
+                let c: PeerConfirmation = stage == .written ? .written : .received
+                if c > w.confirmation { w.confirmation = c; writes[seq] = w }
+                evaluate(seq, now)
+            }
+        case .flush(let id):
+            guard role == .secondary else { return refuse(l, "flush frame while primary") }
+            out.append(.io(IOBatch(steps: [.sync], then: nil, failure: nil, ack: (session, .flush(id: id)))))
+        case let .flushAck(id, status):
+            if status != 0 { return refuse(l, "peer failed to flush (errno \(status))") }
+            if writes[id] != nil { writes[id]!.confirmation = .written; evaluate(id, now) }
+        case let .resyncData(chunk, data):
+            let c = Int(clamping: chunk)
+            guard role == .secondary, c < settings.chunkCount, data.readableBytes == chunkLength(c) else {
+                return refuse(l, "bad resync chunk \(chunk) (\(data.readableBytes) bytes)")
+            }
+            if targetRun == nil { targetRun = TargetRun(totalBytes: 0) }  // an on-demand repair of an in-sync peer
+            out.append(.io(IOBatch(steps: [.writeData(offset: UInt64(c) * UInt64(settings.chunkBytes), data: data)],
+                                   then: .targetChunkWritten(bytes: data.readableBytes), failure: nil, ack: (session, .resync(chunk: chunk)))))
+        case let .resyncAck(chunk, status):
+            if status != 0 { return refuse(l, "peer failed to write resync chunk \(chunk) (errno \(status))") }
+            resyncAcked(Int(clamping: chunk), now)
+        case .resyncDone(let gens):
+            guard role == .secondary else { return refuse(l, "resync done while primary") }
+            pendingTargetGenerations = gens
+            out.append(.io(IOBatch(steps: [.sync], then: .targetSynced(session), failure: nil, ack: nil)))
+        case .resyncFinished: sourceFinish(now)
+        case let .verifyRequest(chunk, hash):
+            let c = Int(clamping: chunk)
+            guard c < settings.chunkCount else { return refuse(l, "verify of chunk \(chunk) outside the volume") }
+            if c == 0 { targetMismatches = [] }
+            out.append(.io(IOBatch(steps: [.compareChunkHash(session, chunk: c, offset: UInt64(c) * UInt64(settings.chunkBytes),
+                                                             length: chunkLength(c), sha256: hash)], then: nil, failure: nil, ack: nil)))
+        case let .verifyReply(chunk, match): verifyReplied(Int(clamping: chunk), match)
+        case .verifyEnd:
+            let mm = targetMismatches.sorted()
+            counters.lastVerifyMismatches = mm
+            log(.info, "verify by peer finished: \(mm.count) mismatched chunks")
+            out.append(.emit(.verifyFinished(mismatchedChunks: mm)))
+        case .resyncRequest(let runs):
+            guard isRepairSource(l) else { return log(.warning, "peer asked for a resync this node cannot source") }
+            let pages = bitmap.mark(runs.flatMap { Array($0.chunks) })
+            persistPages(pages)
+            startResync(now)
+        }
+    }
+
+    private var pendingTargetGenerations: DataGenerations?
+
+    private mutating func handshake(_ peer: LinkHandshake, _ l0: Link, _ now: Instant) {
+        var l = l0
+        guard l.peer == nil else { return refuse(l, "second handshake") }
+        l.peer = peer
+        let mine = l.sent
+        let me = SyncSide(node: settings.me, generations: mine.generations, diskState: mine.diskState, role: mine.role,
+                          hasDirtyChunks: !mine.dirtyRuns.isEmpty, crashedPrimary: mine.crashedPrimary, discardLocal: mine.discardLocal,
+                          sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes))
+        let them = SyncSide(node: settings.peer, generations: peer.generations, diskState: peer.diskState, role: peer.role,
+                            hasDirtyChunks: !peer.dirtyRuns.isEmpty, crashedPrimary: peer.crashedPrimary, discardLocal: peer.discardLocal,
+                            sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes))
+        let d = SyncDecision.decide(me: me, peer: them)
+        counters.peerDiskState = peer.diskState
+        log(.info, "sync decision with \(settings.peer): \(d) (mine \(mine.generations.current)/\(mine.generations.bitmap), peer \(peer.generations.current)/\(peer.generations.bitmap))")
+        switch d {
+        case .splitBrain(let why):
+            link = l
+            if counters.splitBrain != why {
+                log(.critical, "SPLIT BRAIN, link refused, both stores left untouched: \(why)")
+                out.append(.emit(.splitBrain(why)))
+            }
+            counters.splitBrain = why
+            dropLink(l, reason: "split brain")
+            out.append(.close(l.session))
+            return
+        case .refuse(let why):
+            link = l
+            return refuse(l, why)
+        case .inSync:
+            if header.diskState == .outdated || header.flags.contains(.crashRecoveryPending) {
+                header.diskState = .upToDate
+                header.flags.remove(.crashRecoveryPending)
+                persistHeader()
+            }
+        case .becomeSource(let scope):
+            var pages = bitmap.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
+            if scope == .full {
+                // Record the relation so an interrupted full sync resumes as a bitmap sync.
+                if !header.generations.bitmap.isNone { header.generations.pushHistory(header.generations.bitmap) }
+                header.generations.bitmap = peer.generations.current
+                bitmap.markAll()
+                pages = Array(0..<bitmap.pageCount)
+            }
+            persistHeader()
+            persistPages(pages)
+        case .becomeTarget(let scope):
+            header.diskState = .inconsistent
+            persistHeader()
+            var union = bitmap
+            union.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
+            if scope == .full { union.markAll() }
+            targetRun = TargetRun(totalBytes: bytes(ofChunks: union.setChunks))
+            log(.notice, "resync target: \(targetRun!.totalBytes) bytes to receive from \(settings.peer)")
+        }
+        counters.splitBrain = nil
+        l.decision = d
+        let held = l.held
+        l.held = []
+        link = l
+        if case .becomeSource = d { startResync(now) }
+        for h in held { submitWrite(h, now) }
+        evaluateAll(now)
+    }
+
+    // MARK: resync
+
+    private func isRepairSource(_ l: Link) -> Bool {
+        guard header.diskState == .upToDate else { return false }
+        if role == .primary { return true }
+        if l.peer?.role == .primary { return false }
+        return settings.me < settings.peer
+    }
+
+    private mutating func startResync(_ now: Instant) {
+        guard resync == nil else { return pumpResync(now) }
+        let total = bytes(ofChunks: bitmap.setChunks)
+        resync = ResyncRun(cursor: ResyncCursor(window: settings.windowChunks),
+                           throttle: ResyncThrottle(bytesPerSecond: settings.resyncRateBytesPerSecond, chunkBytes: settings.chunkBytes),
+                           totalBytes: total)
+        log(.notice, "resync source: \(bitmap.setCount) chunks (\(total) bytes) to \(settings.peer) at ≤ \(settings.resyncRateBytesPerSecond) B/s")
+        out.append(.emit(.resyncProgress(done: 0, total: total)))
+        pumpResync(now)
+    }
+
+    private mutating func pumpResync(_ now: Instant) {
+        guard var r = resync, let l = link, !r.finishing else { return }
+        defer { resync = r }
+        while r.cursor.inFlight.count < settings.windowChunks {
+            if bitmap.nextSet(from: r.cursor.next) == nil { break }
+            if let wait = r.throttle.take(settings.chunkBytes, now: now) {
+                if !r.wakeScheduled { r.wakeScheduled = true; out.append(.wakeUp(after: wait)) }
+                return
+            }
+            guard let chunk = r.cursor.take(from: bitmap) else { break }
+            let len = chunkLength(chunk)
+            // Read on the I/O queue: after every write issued before it, before every later one.
+            out.append(.io(IOBatch(steps: [.sendChunk(l.session, chunk: chunk, offset: UInt64(chunk) * UInt64(settings.chunkBytes), length: len)],
+                                   then: .resyncChunkSent(bytes: len), failure: nil, ack: nil)))
+        }
+        if r.cursor.passComplete(bitmap: bitmap) {
+            r.finishing = true
+            out.append(.io(IOBatch(steps: [.send(l.session, .resyncDone(header.generations))], then: nil, failure: nil, ack: nil)))
+        }
+    }
+
+    private mutating func resyncAcked(_ chunk: Int, _ now: Instant) {
+        guard var r = resync, r.cursor.acked(chunk) else { return }
+        bitmap.clear(chunk)
+        r.doneBytes += UInt64(chunkLength(chunk))
+        resync = r
+        out.append(.emit(.resyncProgress(done: r.doneBytes, total: r.totalBytes)))
+        pumpResync(now)
+    }
+
+    private mutating func sourceFinish(_ now: Instant) {
+        guard let r = resync, r.finishing else { return }
+        resync = nil
+        if !header.generations.bitmap.isNone {
+            header.generations.pushHistory(header.generations.bitmap)
+            header.generations.bitmap = .none
+        }
+        header.flags.remove(.crashRecoveryPending)
+        link?.decision = .inSync
+        counters.peerDiskState = .upToDate
+        counters.resyncDoneBytes = r.doneBytes
+        counters.resyncTotalBytes = r.totalBytes
+        persistHeader(withBitmap: true)
+        log(.notice, "resync finished: \(r.doneBytes) bytes; \(settings.peer) is up to date")
+    }
+
+    private mutating func targetSynced(_ session: SessionID) {
+        guard let l = link, l.session == session, let gens = pendingTargetGenerations else { return }
+        pendingTargetGenerations = nil
+        if header.generations.current != gens.current { header.generations.pushHistory(header.generations.current) }
+        header.generations.current = gens.current
+        header.generations.bitmap = .none
+        header.diskState = .upToDate
+        header.flags.remove(.crashRecoveryPending)
+        header.flags.remove(.discardLocal)
+        bitmap.clearAll()
+        link?.decision = .inSync
+        if let t = targetRun {
+            counters.resyncDoneBytes = t.doneBytes
+            counters.resyncTotalBytes = max(t.totalBytes, t.doneBytes)
+        }
+        targetRun = nil
+        out.append(.io(IOBatch(steps: [.writeBitmap(bitmap), .writeHeader(header), .send(session, .resyncFinished)], then: nil, failure: nil, ack: nil)))
+        log(.notice, "resync target finished: up to date in generation \(gens.current)")
+    }
+
+    private mutating func requestResync(_ now: Instant) {
+        guard let l = link, l.ready else { return log(.warning, "resync needs a connected peer") }
+        let mismatches = counters.lastVerifyMismatches ?? []
+        if isRepairSource(l) {
+            persistPages(bitmap.mark(mismatches))
+            startResync(now)
+        } else {
+            let runs = ChunkRun.runs(of: Array(Set(mismatches + bitmap.setChunks)).sorted())
+            out.append(.send(l.session, .resyncRequest(runs)))
+        }
+    }
+
+    private mutating func resolveSplitBrain(_ discardLocal: Bool) {
+        if discardLocal {
+            guard role == .secondary else { return log(.error, "a primary cannot discard its data; demote it first") }
+            header.flags.insert(.discardLocal)
+            persistHeader()
+            log(.warning, "split brain: this node's changes will be discarded on the next connect")
+        }
+        counters.splitBrain = nil
+        if let l = link { dropLink(l, reason: "split brain resolution"); out.append(.close(l.session)) }
+    }
+
+    // MARK: verify
+
+    private mutating func startVerify() {
+        guard let l = link, case .inSync? = l.decision, verify == nil else {
+            return log(.warning, "verify needs a connected peer in sync")
+        }
+        log(.info, "online verify started over \(settings.chunkCount) chunks")
+        verify = VerifyRun()
+        pumpVerify()
+    }
+
+    private mutating func pumpVerify() {
+        guard var v = verify, let l = link else { return }
+        defer { verify = v }
+        while v.inFlight < settings.windowChunks && v.next < settings.chunkCount {
+            let c = v.next
+            v.next += 1
+            v.inFlight += 1
+            out.append(.io(IOBatch(steps: [.sendChunkHash(l.session, chunk: c, offset: UInt64(c) * UInt64(settings.chunkBytes), length: chunkLength(c))],
+                                   then: nil, failure: nil, ack: nil)))
+        }
+    }
+
+    private mutating func verifyReplied(_ chunk: Int, _ match: Bool) {
+        guard var v = verify else { return }
+        v.inFlight -= 1
+        if !match { v.mismatches.append(chunk) }
+        verify = v
+        guard v.next >= settings.chunkCount && v.inFlight == 0 else { return pumpVerify() }
+        verify = nil
+        let mm = v.mismatches.sorted()
+        counters.lastVerifyMismatches = mm
+        log(.notice, "verify finished: \(mm.count) of \(settings.chunkCount) chunks differ\(mm.isEmpty ? "" : ": \(mm.prefix(20))")")
+        if let l = link { out.append(.send(l.session, .verifyEnd(chunks: UInt64(settings.chunkCount)))) }
+        out.append(.emit(.verifyFinished(mismatchedChunks: mm)))
+    }
+
+    // MARK: helpers
+
+    private mutating func persistHeader(withBitmap: Bool = false) {
+        var steps: [IOStep] = []
+        if withBitmap { steps.append(.writeBitmap(bitmap)) }
+        steps.append(.writeHeader(header))
+        out.append(.io(IOBatch(steps: steps, then: nil, failure: nil, ack: nil)))
+    }
+
+    private mutating func persistPages(_ pages: [Int]) {
+        guard !pages.isEmpty else { return }
+        out.append(.io(IOBatch(steps: [.writeBitmapPages(pages.map { BitmapPage(index: $0, bytes: bitmap.pageBytes($0)) })], then: nil, failure: nil, ack: nil)))
+    }
+
+    private mutating func log(_ level: CoreLogLevel, _ message: String) { out.append(.log(level, message)) }
+
+    private func bytes(ofChunks chunks: [Int]) -> UInt64 {
+        chunks.reduce(UInt64(0)) { $0 + UInt64(chunkLength($1)) }
+    }
+
+    private func chunkLength(_ c: Int) -> Int {
+        Int(min(UInt64(settings.chunkBytes), settings.sizeBytes - UInt64(c) * UInt64(settings.chunkBytes)))
+    }
+
+    private mutating func freshGeneration() -> GenerationID {
+        var g: UInt64 = 0
+        while g == 0 { g = rng.next() }
+        return GenerationID(g)
+    }
+
+    /// Emits peer / disk events when they changed.
+    private mutating func noteChanges() {
+        let p = peerState
+        if p != lastPeerState { lastPeerState = p; out.append(.emit(.peer(p))) }
+        let d = DiskSnapshot(state: header.diskState, generations: header.generations)
+        if d != lastDisk { lastDisk = d; out.append(.emit(.disk(d.state, d.generations))) }
+    }
+}
+
+extension IOBatch {
+    public init(steps: [IOStep], then: IOCompletion?, failure: IOCompletion?) {
+        self.init(steps: steps, then: then, failure: failure, ack: nil)
+    }
+}
