@@ -1,0 +1,72 @@
+import Foundation
+import HACore
+
+/// One node as hactl sees it: its `/status` document, or why it could not be read.
+struct NodeView {
+    var endpoint: String
+    var document: StatusDocument?
+    var raw: Data?
+    var error: String?
+    /// The node's name when known only from the peer's document.
+    var expectedName: String?
+
+    var name: String { document?.node ?? expectedName ?? endpoint }
+}
+
+/// Reads `/status` and posts admin requests over the blocking HTTP client.
+struct ClusterClient {
+    var endpoints: [String]
+    var token: String?
+    var timeout: Duration
+
+    func http(_ endpoint: String) -> HTTPClient {
+        HTTPClient(endpoint: endpoint, bearerToken: token, timeout: timeout)
+    }
+
+    /// The document at `endpoint`, or the reason it could not be read.
+    func fetch(_ endpoint: String) -> NodeView {
+        do {
+            let r = try http(endpoint).get("/status")
+            guard r.status == 200 else { return NodeView(endpoint: endpoint, error: "HTTP \(r.status): \(r.text.prefix(200))") }
+            let doc = try JSONDecoder().decode(StatusDocument.self, from: r.body)
+            return NodeView(endpoint: endpoint, document: doc, raw: r.body)
+        } catch let e as DecodingError {
+            return NodeView(endpoint: endpoint, error: "not a hamgr /status document (\(e))")
+        } catch {
+            return NodeView(endpoint: endpoint, error: "\(error)")
+        }
+    }
+
+    /// Every node reachable from the given endpoints: each one asked, plus the peer each
+    /// document names that was not given explicitly.
+    func discover(followPeers: Bool = true) -> [NodeView] {
+        var views = endpoints.map(fetch)
+        guard followPeers else { return views }
+        var known = Set(views.compactMap { $0.document?.node })
+        var asked = Set(endpoints)
+        for v in views {
+            guard let peer = v.document?.peer, !known.contains(peer.node) else { continue }
+            known.insert(peer.node)
+            guard let url = peer.statusURL, !asked.contains(url) else { continue }
+            asked.insert(url)
+            var pv = fetch(url)
+            pv.expectedName = peer.node
+            views.append(pv)
+        }
+        return views
+    }
+
+    /// The endpoint of the current master, as the cluster reports it.
+    func masterEndpoint(in views: [NodeView]) -> String? {
+        views.first { $0.document?.role == .primary }?.endpoint
+    }
+
+    /// POST an admin command; returns the HTTP status and the reply.
+    func admin(_ command: AdminCommand, at endpoint: String) throws -> (Int, AdminReply) {
+        let body = try JSONEncoder().encode(command.params)
+        let r = try http(endpoint).post("/admin/\(command.action)", json: body)
+        let reply = (try? JSONDecoder().decode(AdminReply.self, from: r.body))
+            ?? AdminReply(ok: r.status == 200, message: r.text.trimmingCharacters(in: .whitespacesAndNewlines))
+        return (r.status, reply)
+    }
+}

@@ -1,0 +1,205 @@
+// Needs `@testable import hamgr` for the real StatusServer (IntegrationTests depends on
+// hamgr, HAMGR_TESTABLE defined). hactl itself runs as the built binary.
+#if HAMGR_TESTABLE
+import Foundation
+import HACore
+@testable import hamgr
+import Logging
+import NIOCore
+import NIOPosix
+import XCTest
+
+/// hactl against two real status servers standing in for nodes a (master) and b.
+final class HactlTests: XCTestCase {
+    final class FakeNode: @unchecked Sendable {
+        let lock = NSLock()
+        var doc: StatusDocument
+        var calls: [AdminCommand] = []
+        /// Each /status read advances a running job by this many bytes.
+        var jobStep: UInt64 = 0
+        var reply: AdminResponse = .ok("done")
+
+        init(_ doc: StatusDocument) { self.doc = doc }
+
+        func status() -> StatusDocument {
+            lock.lock(); defer { lock.unlock() }
+            if var job = doc.resync {
+                job.doneBytes += jobStep
+                doc.resync = job.doneBytes >= job.totalBytes ? nil : job
+                if doc.resync == nil { doc.outOfSyncBytes = 0 }
+            }
+            return doc
+        }
+
+        func admin(_ c: AdminCommand) -> AdminResponse {
+            lock.lock(); defer { lock.unlock() }
+            calls.append(c)
+            if c == .resync { doc.resync = .init(doneBytes: 0, totalBytes: 10 << 20); jobStep = 1 << 20 }
+            return reply
+        }
+
+        var seen: [AdminCommand] { lock.lock(); defer { lock.unlock() }; return calls }
+    }
+
+    static let token = "hactl-test-token-0123456789"
+    var group: MultiThreadedEventLoopGroup!
+    var servers: [StatusServer] = []
+    var a: FakeNode!, b: FakeNode!
+    var urlA = "", urlB = "", dir = "", tokenFile = ""
+
+    override func setUpWithError() throws {
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        dir = try OpsTest.scratchDirectory("hactl")
+        tokenFile = dir + "/token"
+        FileManager.default.createFile(atPath: tokenFile, contents: Data((Self.token + "\n").utf8))
+        chmod(tokenFile, 0o600)
+        a = FakeNode(Self.doc(node: "a", peer: "b", role: .primary, service: "10.1.0.1:10809"))
+        b = FakeNode(Self.doc(node: "b", peer: "a", role: .secondary, service: "10.2.0.1:10809"))
+        urlA = try start(a)
+        urlB = try start(b)
+        a.doc.peer.statusURL = urlB
+        b.doc.peer.statusURL = urlA
+    }
+
+    override func tearDownWithError() throws {
+        for s in servers { try s.stop().wait() }
+        try group.syncShutdownGracefully()
+        try? FileManager.default.removeItem(atPath: dir)
+    }
+
+    static func doc(node: String, peer: String, role: Role, service: String) -> StatusDocument {
+        StatusDocument(cluster: "web1", node: node, role: role, epoch: 7,
+                       master: .init(node: "a", serviceAddress: "10.1.0.1:10809"), diskState: .upToDate,
+                       peer: .init(node: peer, reachable: true, replication: .inSync, diskState: .upToDate),
+                       arbitrator: .init(reachable: true), quorum: true, leaseValidMs: role == .primary ? 1000 : 0,
+                       serviceAddress: service, generation: "5eed",
+                       resources: role == .primary ? [.init(name: "fs", state: "running", restarts: 0)] : [])
+    }
+
+    private func start(_ node: FakeNode) throws -> String {
+        var logger = Logger(label: "hactl-test"); logger.logLevel = .critical
+        let s = StatusServer(group: group, host: "127.0.0.1", port: 0, adminToken: Self.token,
+                             handlers: StatusHandlers(statusDocument: { node.status() }, metrics: { "" }, healthy: { true },
+                                                      admin: { req, loop in loop.makeSucceededFuture(node.admin(req.command)) }),
+                             logger: logger)
+        try s.start().wait()
+        servers.append(s)
+        return "http://127.0.0.1:\(s.boundPort!)"
+    }
+
+    private func hactl(_ args: [String], token: Bool = true) throws -> OpsTest.Output {
+        var argv = [try OpsTest.binary("hactl")] + args
+        if token { argv.insert(contentsOf: ["--token-file", tokenFile], at: 1) }
+        return try OpsTest.run(argv, env: ["HACTL_ENDPOINT": "", "HACTL_TOKEN_FILE": ""], timeout: 60)
+    }
+
+    func testStatusShowsBothNodesAndTheMaster() throws {
+        let r = try hactl(["--endpoint", urlB, "status"], token: false)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        let lines = r.stdout.split(separator: "\n").map(String.init)
+        XCTAssertEqual(lines.first, "cluster web1: master a at 10.1.0.1:10809, epoch 7")
+        let rows = lines.map { $0.split(separator: " ").map(String.init) }
+        XCTAssertEqual(rows[2].prefix(4), ["*", "a", "primary", "upToDate"], r.stdout)
+        XCTAssertTrue(rows[2].contains("10.1.0.1:10809"), "the master row names its service address")
+        XCTAssertEqual(rows[3].prefix(3), ["b", "secondary", "upToDate"], r.stdout)
+        XCTAssertTrue(r.stdout.contains("a: resources fs running"), r.stdout)
+
+        // The peer is down: it shows as unreachable, the command still answers.
+        try servers[0].stop().wait()
+        let partial = try hactl(["--endpoint", urlB, "status"], token: false)
+        XCTAssertEqual(partial.status, 0)
+        let partialRows = partial.stdout.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
+        XCTAssertEqual(partialRows[2].prefix(2), ["a", "unreachable"], partial.stdout)
+        XCTAssertTrue(partial.stdout.contains("a: \(urlA) did not answer"), partial.stdout)
+    }
+
+    func testStatusJSONIsTheDocument() throws {
+        let r = try hactl(["--endpoint", urlA, "status", "--json"], token: false)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(try JSONDecoder().decode(StatusDocument.self, from: Data(r.stdout.utf8)), a.doc)
+        let both = try hactl(["--endpoint", urlA, "--endpoint", urlB, "status", "--json"], token: false)
+        XCTAssertEqual(try JSONDecoder().decode([StatusDocument].self, from: Data(both.stdout.utf8)).map(\.node), ["a", "b"])
+    }
+
+    func testSwitchoverGoesToTheMaster() throws {
+        let r = try hactl(["--endpoint", urlB, "switchover"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(r.stdout, "done\n")
+        XCTAssertEqual(a.seen, [.switchover])
+        XCTAssertEqual(b.seen, [])
+    }
+
+    func testAdminNeedsAGoodTokenFile() throws {
+        let none = try hactl(["--endpoint", urlA, "demote"], token: false)
+        XCTAssertEqual(none.status, 1)
+        XCTAssertTrue(none.stderr.contains("needs --token-file"), none.stderr)
+        FileManager.default.createFile(atPath: dir + "/wrong", contents: Data("wrong-token-but-long-enough".utf8))
+        chmod(dir + "/wrong", 0o600)
+        let wrong = try hactl(["--token-file", dir + "/wrong", "--endpoint", urlA, "demote"], token: false)
+        XCTAssertEqual(wrong.status, 1)
+        XCTAssertTrue(wrong.stderr.contains("admin token was refused"), wrong.stderr)
+        chmod(tokenFile, 0o644)
+        let open = try hactl(["--endpoint", urlA, "demote"])
+        XCTAssertEqual(open.status, 1)
+        XCTAssertTrue(open.stderr.contains("chmod 600"), open.stderr)
+        XCTAssertEqual(a.seen, [])
+    }
+
+    func testForcedPromoteNeedsConfirmation() throws {
+        let refused = try hactl(["--endpoint", urlB, "promote", "--force"])
+        XCTAssertEqual(refused.status, 1)
+        XCTAssertTrue(refused.stderr.contains("--yes"), refused.stderr)
+        XCTAssertEqual(b.seen, [])
+        let r = try hactl(["--endpoint", urlB, "promote", "--force", "--yes"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(b.seen, [.promote(force: true)])
+    }
+
+    func testRefusalIsReportedWithExitOne() throws {
+        b.reply = .refused("node b is outdated; it cannot be promoted", fields: ["disk_state": .string("outdated")])
+        let r = try hactl(["--endpoint", urlB, "promote"])
+        XCTAssertEqual(r.status, 1)
+        XCTAssertTrue(r.stderr.contains("promote refused (HTTP 409): node b is outdated"), r.stderr)
+        XCTAssertTrue(r.stderr.contains("disk_state: \"outdated\""), r.stderr)
+    }
+
+    func testMaintenanceReachesEveryNode() throws {
+        let r = try hactl(["--endpoint", urlA, "maintenance", "on"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(a.seen, [.maintenance(on: true)])
+        XCTAssertEqual(b.seen, [.maintenance(on: true)])
+        XCTAssertEqual(r.stdout, "a: done\nb: done\n")
+    }
+
+    func testResyncFollowsProgressUntilDone() throws {
+        let r = try hactl(["--endpoint", urlA, "resync"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(a.seen, [.resync])
+        let progress = r.stdout.split(separator: "\n").filter { $0.hasPrefix("resync [") }
+        XCTAssertGreaterThanOrEqual(progress.count, 3, r.stdout)
+        XCTAssertTrue(r.stdout.hasSuffix("resync finished; out of sync: 0 B\n"), r.stdout)
+        let noWait = try hactl(["--endpoint", urlA, "resync", "--no-wait"])
+        XCTAssertEqual(noWait.stdout, "done\n")
+    }
+
+    func testResolveSendsTheSide() throws {
+        let r = try hactl(["--endpoint", urlB, "resolve", "--discard", "local", "--yes"])
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(b.seen, [.resolve(discard: .local)])
+        let bad = try hactl(["--endpoint", urlB, "resolve", "--discard", "both", "--yes"])
+        XCTAssertEqual(bad.status, 64, "usage error")
+        let unconfirmed = try hactl(["--endpoint", urlB, "resolve", "--discard", "peer"])
+        XCTAssertEqual(unconfirmed.status, 1)
+        XCTAssertEqual(b.seen.count, 1)
+    }
+
+    func testCompletionsAndDrillOptions() throws {
+        let bash = try hactl(["--generate-completion-script", "bash"], token: false)
+        XCTAssertEqual(bash.status, 0)
+        XCTAssertTrue(bash.stdout.contains("switchover") && bash.stdout.contains("--kill-command"))
+        let crash = try hactl(["drill", "--mode", "crash"], token: false)
+        XCTAssertEqual(crash.status, 64)
+        XCTAssertTrue(crash.stderr.contains("--kill-command"), crash.stderr)
+    }
+}
+#endif
