@@ -45,6 +45,7 @@ let package = Package(
             "HACore", "Quorum", "Replication",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ]),
         .executableTarget(name: "hactl", dependencies: [
             "HACore", "Replication",

@@ -1,6 +1,76 @@
 import ArgumentParser
+import Dispatch
+import Foundation
+import HACore
+import Logging
+import NIOCore
+import NIOPosix
 
 struct RunCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "run", abstract: "(being built)")
-    func run() throws { throw ValidationError("hamgr run is not built yet") }
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Run a data node of a cluster (master or backup, as the quorum decides).")
+
+    @Option(name: .long, help: "The cluster's TOML configuration file.")
+    var config: String
+
+    @Option(name: .long, help: "This node's name in the configuration.")
+    var node: String
+
+    func run() throws {
+        HamgrLogging.bootstrap()
+        let cfg = try loadConfig(config)
+        _ = try cfg.node(named: node)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, NIOSingletons.groupLoopCountSuggestion))
+        let daemon = try NodeDaemon(config: cfg, node: node, group: group, logger: Logger(label: "hamgr.node"))
+        try daemon.start()
+        waitForTermination()
+        daemon.shutdown()
+        try? group.syncShutdownGracefully()
+    }
+}
+
+struct ArbitratorCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "arbitrator",
+        abstract: "Run the third-site arbitrator for one or more clusters.")
+
+    @Option(name: .long, help: "A cluster's configuration file; repeat for every cluster this arbitrator serves.")
+    var config: [String]
+
+    func run() throws {
+        HamgrLogging.bootstrap()
+        guard !config.isEmpty else { throw ValidationError("give at least one --config") }
+        let configs = try config.map(loadConfig)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, NIOSingletons.groupLoopCountSuggestion))
+        let daemon = try ArbitratorDaemon(configs: configs, group: group, logger: Logger(label: "hamgr.arbitrator"))
+        try daemon.start()
+        waitForTermination()
+        daemon.shutdown()
+        try? group.syncShutdownGracefully()
+    }
+}
+
+/// Loads and validates a config; a bad one becomes one clear line and exit status 1.
+func loadConfig(_ path: String) throws -> ClusterConfig {
+    do {
+        return try ClusterConfig.load(path: path)
+    } catch let e as ConfigError {
+        throw ValidationError("\(path): \(e)")
+    }
+}
+
+/// Blocks until SIGTERM or SIGINT.
+func waitForTermination() {
+    let sem = DispatchSemaphore(value: 0)
+    var sources: [DispatchSourceSignal] = []
+    for sig in [SIGTERM, SIGINT] {
+        signal(sig, SIG_IGN)
+        let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+        s.setEventHandler { sem.signal() }
+        s.resume()
+        sources.append(s)
+    }
+    sem.wait()
+    _ = sources
 }

@@ -1,0 +1,203 @@
+import Crypto
+import Foundation
+import HACore
+import Logging
+import NIOCore
+import NIOPosix
+import Quorum
+
+/// `hamgr arbitrator`: the third-site witness for many clusters, keyed by cluster name.
+/// All decisions are made by one `ArbitratorCore` on one event loop; its persisted state
+/// (promised epoch, votes, outdated marks) is durable before any reply leaves (design.md §2).
+final class ArbitratorDaemon: @unchecked Sendable {
+    struct ClusterEntry {
+        let config: ClusterConfig
+        let key: SymmetricKey
+        var connections: [NodeID: PeerConnection] = [:]
+    }
+
+    let group: MultiThreadedEventLoopGroup
+    let loop: EventLoop
+    let logger: Logger
+    private var core: ArbitratorCore
+    private var clusters: [String: ClusterEntry] = [:]
+    private var listeners: [PeerListener] = []
+    private var statusServers: [StatusServer] = []
+    let notifier = SystemdNotifier()
+    let registry = MetricsRegistry()
+    private let decisionSeconds: Histogram
+    private let messagesTotal: Counter
+
+    init(configs: [ClusterConfig], group: MultiThreadedEventLoopGroup, logger: Logger) throws {
+        self.group = group
+        self.loop = group.next()
+        self.logger = logger
+        var persisted: [String: ArbitratorPersistentState] = [:]
+        for c in configs {
+            guard clusters[c.cluster.name] == nil else {
+                throw ConfigError(key: "cluster.name", message: "cluster \(c.cluster.name) is configured twice")
+            }
+            clusters[c.cluster.name] = ClusterEntry(config: c, key: try c.loadClusterKey())
+            try FileManager.default.createDirectory(atPath: c.arbitrator.stateDir, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+            if let bytes = try DurableFile.read(Self.statePath(c)) {
+                persisted[c.cluster.name] = try ArbitratorPersistentState.decode(bytes)
+            }
+        }
+        let first = configs[0]
+        core = ArbitratorCore(settings: QuorumSettings(timings: first.timeouts, splitBrain: first.cluster.splitBrain), persisted: persisted)
+        registry.gauge("hamgr_build_info", help: "Always 1; the version label names the running build.", labels: ["version": hamgrVersion]).set(1)
+        decisionSeconds = registry.histogram(
+            "hamgr_arbitrator_decision_seconds", help: "Time from receiving a quorum message to having acted on it (persisted, replied).",
+            buckets: [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1])
+        messagesTotal = registry.counter("hamgr_arbitrator_messages_total", help: "Quorum messages handled.")
+    }
+
+    static func statePath(_ c: ClusterConfig) -> String {
+        (c.arbitrator.stateDir as NSString).appendingPathComponent("\(c.cluster.name).state")
+    }
+
+    func start() throws {
+        var bound = Set<String>()
+        for entry in clusters.values {
+            let addr = entry.config.arbitrator.address
+            guard bound.insert(addr).inserted else { continue }
+            let hp = try parseHostPort(addr, key: "arbitrator.address")
+            let idle = TimeAmount.nanoseconds(entry.config.timeouts.failureTimeout.nanosecondsClamped)
+            listeners.append(try PeerListener.bind(
+                host: hp.host, port: hp.port, group: group, idleTimeout: idle,
+                keyForCluster: { [clusters] name in clusters[name]?.key },
+                refused: { [logger] why in logger.warning("\(why)", metadata: ["event": "link_refused"]) },
+                route: { [weak self] hello in self?.route(hello) }).wait())
+        }
+        var statusBound = Set<String>()
+        for entry in clusters.values {
+            guard let addr = entry.config.arbitrator.statusAddress, statusBound.insert(addr).inserted else { continue }
+            let hp = try parseHostPort(addr, key: "arbitrator.status_address")
+            let server = StatusServer(group: group, host: hp.host, port: hp.port, adminToken: nil,
+                                      handlers: statusHandlers(), logger: logger)
+            try server.start().wait()
+            statusServers.append(server)
+        }
+        _ = notifier.ready(status: "serving \(clusters.count) cluster(s)")
+        _ = notifier.startWatchdog { true }
+        logger.notice("arbitrator serving \(clusters.count) cluster(s): \(clusters.keys.sorted().joined(separator: ", "))",
+                      metadata: ["event": "started"])
+    }
+
+    func shutdown() {
+        _ = notifier.stopping()
+        for l in listeners { _ = try? l.close().wait() }
+        for s in statusServers { _ = try? s.stop().wait() }
+        logger.notice("arbitrator stopped", metadata: ["event": "stopped"])
+    }
+
+    private func route(_ hello: PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)? {
+        guard hello.channel == "quorum", let entry = clusters[hello.cluster],
+              entry.config.nodes.contains(where: { $0.name == hello.node }) else { return nil }
+        let cluster = hello.cluster
+        let local = PeerHello(cluster: cluster, node: NodeDaemon.arbitratorID, channel: "quorum")
+        return (local, PeerSessionCallbacks(
+            established: { [weak self] conn in
+                self?.loop.execute {
+                    self?.clusters[cluster]?.connections[conn.remote.node]?.close()
+                    self?.clusters[cluster]?.connections[conn.remote.node] = conn
+                }
+            },
+            frame: { [weak self] conn, frame in
+                guard let self else { return }
+                switch frame.quorumMessage() {
+                case .success(let m):
+                    let received = MonotonicClock.now()
+                    self.loop.execute { self.handle(cluster: cluster, from: conn.remote.node, m, received: received) }
+                case .failure(let e):
+                    self.logger.warning("refused frame from \(cluster)/\(conn.remote.node): \(e)", metadata: ["event": "frame_refused"])
+                    conn.close()
+                }
+            },
+            closed: { [weak self] conn, _ in
+                guard let conn else { return }
+                self?.loop.execute {
+                    if self?.clusters[cluster]?.connections[conn.remote.node] === conn {
+                        self?.clusters[cluster]?.connections[conn.remote.node] = nil
+                    }
+                }
+            }))
+    }
+
+    private func handle(cluster: String, from: NodeID, _ message: QuorumMessage, received: Instant) {
+        let now = MonotonicClock.now()
+        let actions = core.handle(cluster: cluster, from: from, message, at: now)
+        for action in actions {
+            switch action {
+            case .send(let c, let to, let m):
+                clusters[c]?.connections[to]?.send(m, epoch: core.status(cluster: c)?.epoch ?? .zero)
+            case .persist(let c, let state):
+                guard let entry = clusters[c] else { continue }
+                do {
+                    try DurableFile.write(state.encoded(), to: Self.statePath(entry.config))
+                } catch {
+                    // Never reply on the strength of a vote we could not make durable.
+                    logger.critical("cannot persist arbitrator state for \(c): \(error); exiting", metadata: ["event": "persist_failed", "cluster": .string(c)])
+                    exit(70)
+                }
+            case .log(let event):
+                var md: Logger.Metadata = ["event": .string(event.name), "cluster": .string(cluster), "node": "arbitrator"]
+                for f in event.fields { md[f.key] = .string(f.value) }
+                logger.notice("\(event.name)", metadata: md)
+            }
+        }
+        decisionSeconds.observe(MonotonicClock.now() - received)
+        messagesTotal.increment()
+    }
+
+    // MARK: status
+
+    private func statusHandlers() -> StatusHandlers {
+        StatusHandlers(
+            status: { [weak self] callerLoop in
+                guard let self else { return callerLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+                return self.loop.submit { try JSONEncoder.hamgr.encode(self.statusDocument()) }.hop(to: callerLoop)
+            },
+            metrics: { [weak self] in
+                guard let self else { return "" }
+                return (try? self.loop.submit { self.metricsText() }.wait()) ?? ""
+            },
+            healthy: { true },
+            admin: { _, callerLoop in callerLoop.makeSucceededFuture(.refused("the arbitrator has no admin actions", status: 404)) })
+    }
+
+    private func statusDocument() -> ArbitratorStatusDocument {
+        let now = MonotonicClock.now()
+        return ArbitratorStatusDocument(clusters: core.clusters.compactMap { name in
+            guard let st = core.status(cluster: name), let entry = clusters[name] else { return nil }
+            let leaseValid = st.leaseExpiry.map { now < $0 } ?? false
+            var contact: [String: Int64?] = [:]
+            for n in entry.config.nodes {
+                contact[n.name.name] = st.lastContact[n.name].map { (now - $0).nanosecondsClamped / 1_000_000 }
+            }
+            return ArbitratorStatusDocument.ClusterEntry(
+                name: name, master: leaseValid ? st.leaseHolder?.name : nil, epoch: st.epoch.value,
+                outdated: st.outdated.map { ArbitratorStatusDocument.OutdatedMark(node: $0.node.name, epoch: $0.epoch.value) },
+                lastContactMs: contact)
+        })
+    }
+
+    private func metricsText() -> String {
+        let now = MonotonicClock.now()
+        registry.gauge("hamgr_arbitrator_clusters", help: "Clusters this arbitrator serves.").set(clusters.count)
+        for name in core.clusters {
+            guard let st = core.status(cluster: name) else { continue }
+            registry.gauge("hamgr_arbitrator_epoch", help: "Highest epoch promised, per cluster.", labels: ["cluster": name]).set(st.epoch.value)
+            registry.gauge("hamgr_arbitrator_lease_valid", help: "1 while a lease granted by this arbitrator is valid, per cluster.",
+                           labels: ["cluster": name]).set(st.leaseExpiry.map { now < $0 } ?? false)
+            registry.gauge("hamgr_arbitrator_outdated_nodes", help: "Nodes recorded as outdated, per cluster.",
+                           labels: ["cluster": name]).set(st.outdated.count)
+            let connected = clusters[name]?.connections.count ?? 0
+            registry.gauge("hamgr_arbitrator_connected_nodes", help: "Nodes with an open quorum link, per cluster.",
+                           labels: ["cluster": name]).set(connected)
+        }
+        return registry.render()
+    }
+
+}

@@ -1,0 +1,67 @@
+import Foundation
+import HACore
+import NIOCore
+import Quorum
+import Replication
+
+/// What a node tells operators and monitoring: `/status`, `/metrics`, `/healthz`.
+extension NodeDaemon {
+    func statusHandlers() -> StatusHandlers {
+        StatusHandlers(
+            status: { [weak self] callerLoop in
+                guard let self else { return callerLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+                return callerLoop.makeCompletedFuture { try JSONEncoder.hamgr.encode(self.statusDocument()) }
+            },
+            metrics: { [weak self] in self?.metricsText() ?? "" },
+            healthy: { [weak self] in self?.isHealthy ?? false },
+            admin: { [weak self] request, callerLoop in
+                guard let self else { return callerLoop.makeSucceededFuture(.refused("shutting down", status: 503)) }
+                return self.admin(request, on: callerLoop)
+            })
+    }
+
+    /// Built from the core's and the volume's latest snapshots; any thread, never waits.
+    func statusDocument() -> StatusDocument {
+        let q = coreStatus
+        let v = volume.status
+        let now = MonotonicClock.now()
+        let masterDoc: StatusDocument.Master? = q.master.flatMap { m in
+            (try? config.node(named: m.name)).map { StatusDocument.Master(node: m.name, serviceAddress: $0.serviceAddress) }
+        }
+        let leaseMs: Int64 = q.role == .primary ? max(0, ((q.leaseValidUntil ?? now) - now).nanosecondsClamped / 1_000_000) : 0
+        let resync: StatusDocument.Resync? = v.resyncTotalBytes > 0
+            ? StatusDocument.Resync(doneBytes: v.resyncDoneBytes, totalBytes: v.resyncTotalBytes, kind: v.verifyRunning ? "verify" : "resync")
+            : nil
+        return StatusDocument(
+            cluster: config.cluster.name, node: me.name.name, role: q.role, epoch: q.epoch.value, master: masterDoc,
+            diskState: v.diskState,
+            peer: StatusDocument.Peer(node: peer.name.name, statusURL: "http://\(peer.statusAddress)/status",
+                                      reachable: q.peerReachable, replication: v.peerState, diskState: v.peerDiskState),
+            arbitrator: StatusDocument.Arbitrator(reachable: q.arbitratorReachable ?? false),
+            quorum: q.hasQuorum, leaseValidMs: leaseMs, outOfSyncBytes: v.outOfSyncBytes, resync: resync,
+            splitBrain: v.splitBrain, whyNotPromoted: q.whyNotPromoted, maintenance: q.maintenance,
+            serviceAddress: me.serviceAddress, generation: v.generations.current.description)
+    }
+
+    /// Refreshes the gauges from the cores and renders the exposition text.
+    func metricsText() -> String {
+        let q = coreStatus
+        let v = volume.status
+        let now = MonotonicClock.now()
+        metrics.setRole(q.role)
+        metrics.setDiskState(v.diskState)
+        metrics.epoch.set(q.epoch.value)
+        metrics.quorum.set(q.hasQuorum)
+        metrics.peerUp.set(v.peerState != .disconnected)
+        metrics.arbitratorUp.set(q.arbitratorReachable ?? false)
+        metrics.leaseRemainingSeconds.set(q.role == .primary ? max(0, ((q.leaseValidUntil ?? now) - now).seconds) : 0)
+        metrics.replicationLagBytes.set(v.replicationLagBytes)
+        metrics.outOfSyncBytes.set(v.outOfSyncBytes)
+        metrics.resyncDoneBytes.set(v.resyncDoneBytes)
+        metrics.resyncTotalBytes.set(v.resyncTotalBytes)
+        metrics.maintenance.set(q.maintenance)
+        metrics.splitBrain.set(v.splitBrain != nil)
+        recordNBDStatistics(nbd.statistics)
+        return metrics.registry.render()
+    }
+}
