@@ -60,6 +60,9 @@ public struct ClusterConfig: Sendable, Equatable {
         /// NBD export name; defaults to the cluster name.
         public var exportName: String
 
+        /// `http://` + `status_address`: what `/status` reports as the peer's `status_url`.
+        public var statusURL: String { "http://\(statusAddress)" }
+
         public init(name: NodeID, replicationAddress: String, serviceAddress: String, statusAddress: String,
                     backing: String, metadata: String, exportName: String) {
             self.name = name; self.replicationAddress = replicationAddress; self.serviceAddress = serviceAddress
