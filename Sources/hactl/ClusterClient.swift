@@ -47,7 +47,10 @@ struct ClusterClient {
         for v in views {
             guard let peer = v.document?.peer, !known.contains(peer.node) else { continue }
             known.insert(peer.node)
-            guard let url = peer.statusURL, !asked.contains(url) else { continue }
+            // The document may name the endpoint or the /status URL itself.
+            guard var url = peer.statusURL else { continue }
+            if url.hasSuffix("/status") { url.removeLast("/status".count) }
+            guard !asked.contains(url) else { continue }
             asked.insert(url)
             var pv = fetch(url)
             pv.expectedName = peer.node

@@ -58,7 +58,7 @@ final class HactlTests: XCTestCase {
         urlA = try start(a)
         urlB = try start(b)
         a.doc.peer.statusURL = urlB
-        b.doc.peer.statusURL = urlA
+        b.doc.peer.statusURL = urlA + "/status"   // either form is accepted
     }
 
     override func tearDownWithError() throws {
