@@ -9,8 +9,15 @@ import Logging
 /// they become the journal fields HAMGR_CLUSTER, HAMGR_NODE, HAMGR_EPOCH, HAMGR_EVENT
 /// (`journalctl HAMGR_EVENT=promote`). Other metadata keys become upper-cased fields.
 public enum HamgrLogging {
-    /// Install the hamgr handler for every `Logger` (once per process).
+    private static let lock = NSLock()
+    nonisolated(unsafe) private static var installed = false
+
+    /// Install the hamgr handler for every `Logger`. Only the first call in a process
+    /// takes effect (swift-log allows one bootstrap).
     public static func bootstrap(level: Logger.Level = .info, output: LogOutput = .detect()) {
+        lock.lock(); defer { lock.unlock() }
+        guard !installed else { return }
+        installed = true
         LoggingSystem.bootstrap { label in
             var h = HamgrLogHandler(label: label, output: output)
             h.logLevel = level

@@ -30,7 +30,14 @@ struct AgentResult: Sendable, Equatable {
     static func failure(_ detail: String) -> AgentResult { AgentResult(code: OCFStatus.errGeneric.rawValue, detail: detail) }
 }
 
-enum ResourceAction: String, Sendable { case start, stop, monitor }
+/// `probe` is a one-off monitor (OCF_RESKEY_CRM_meta_interval=0, as Pacemaker's probes):
+/// agents may then answer "not running" where a recurring monitor would report an error.
+enum ResourceAction: String, Sendable {
+    case start, stop, monitor, probe
+
+    /// The argument the agent receives.
+    var agentArgument: String { self == .probe ? "monitor" : rawValue }
+}
 
 /// Something that can start, stop and monitor one resource.
 protocol ResourceDriver: Sendable {
@@ -43,6 +50,7 @@ struct ExecutableAgentDriver: ResourceDriver {
     var path: String
     var environment: [String: String]
     var timeout: Duration
+    var monitorInterval: Duration
 
     init(resource: ClusterConfig.Resource, ocfRoot: String) {
         var env: [String: String] = [
@@ -66,13 +74,17 @@ struct ExecutableAgentDriver: ResourceDriver {
         }
         environment = env
         timeout = resource.timeout
+        monitorInterval = resource.monitorInterval
     }
 
     func run(_ action: ResourceAction) async -> AgentResult {
         do {
             var env = environment
-            if action == .monitor { env["OCF_RESKEY_CRM_meta_interval"] = env["OCF_RESKEY_CRM_meta_interval"] ?? "1" }
-            let r = try await ChildProcess.run(path: path, arguments: [action.rawValue], environment: env, timeout: timeout)
+            switch action {
+            case .monitor: env["OCF_RESKEY_CRM_meta_interval"] = String(Int(monitorInterval.milliseconds))
+            case .probe, .start, .stop: env["OCF_RESKEY_CRM_meta_interval"] = "0"
+            }
+            let r = try await ChildProcess.run(path: path, arguments: [action.agentArgument], environment: env, timeout: timeout)
             if r.timedOut { return .failure("\(action.rawValue) timed out after \(Int(timeout.milliseconds)) ms; killed. \(HookRunner.tail(r.output))") }
             guard let code = r.exitCode else { return .failure("\(action.rawValue) \(r.statusDescription). \(HookRunner.tail(r.output))") }
             return AgentResult(code: code, detail: HookRunner.tail(r.output))
@@ -112,7 +124,7 @@ struct SystemdUnitDriver: ResourceDriver {
         do {
             let path = try call(bus, "LoadUnit", args: [unit], replyType: "o")
             switch action {
-            case .monitor:
+            case .monitor, .probe:
                 return try activeState(bus, path) == "active"
                     ? AgentResult(code: 0, detail: "active")
                     : AgentResult(code: OCFStatus.notRunning.rawValue, detail: try activeState(bus, path))
@@ -258,7 +270,7 @@ actor ResourceManager {
     /// Run every monitor once (e.g. on a secondary at startup, to find strays).
     func probeAll() async -> [String: AgentResult] {
         var out: [String: AgentResult] = [:]
-        for e in entries { out[e.config.name] = await e.driver.run(.monitor) }
+        for e in entries { out[e.config.name] = await e.driver.run(.probe) }
         return out
     }
 
@@ -275,16 +287,16 @@ actor ResourceManager {
         switch action {
         case .start: entries[i].state = .starting
         case .stop: entries[i].state = .stopping
-        case .monitor: break
+        case .monitor, .probe: break
         }
         let result = await entries[i].driver.run(action)
         let ok = result.ok || (action == .stop && result.status == .notRunning)
         switch action {
         case .start: entries[i].state = ok ? .running : .failed
         case .stop: entries[i].state = ok ? .stopped : .failed
-        case .monitor: break
+        case .monitor, .probe: break
         }
-        if action != .monitor { metrics?.resourceUp(name, entries[i].state == .running) }
+        if action == .start || action == .stop { metrics?.resourceUp(name, entries[i].state == .running) }
         let meta: Logger.Metadata = ["event": "resource_\(action.rawValue)", "resource": "\(name)", "agent": "\(agent)", "rc": "\(result.code)"]
         if ok {
             logger.info("resource \(action.rawValue) ok", metadata: meta)

@@ -43,7 +43,7 @@ final class ResourceManagerTests: XCTestCase {
         let script = "\(dir)/\(name).sh"
         try OpsTest.writeScript(script, """
         #!/bin/sh
-        echo "$OCF_RESOURCE_INSTANCE $1 color=$OCF_RESKEY_color root=$OCF_ROOT" >> \(log)
+        echo "$OCF_RESOURCE_INSTANCE $1 color=$OCF_RESKEY_color root=$OCF_ROOT interval=$OCF_RESKEY_CRM_meta_interval" >> \(log)
         state=\(dir)/\(name).state
         case "$1" in
           start) sleep \(startSleep); [ \(startCode) -eq 0 ] && touch $state; exit \(startCode) ;;
@@ -87,7 +87,9 @@ final class ResourceManagerTests: XCTestCase {
         XCTAssertEqual(stopped, ["stopped", "stopped", "stopped"])
         XCTAssertEqual(actions(), ["r2 monitor", "r2 start", "r2 monitor", "r2 stop"])
         let line = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n")[1]
-        XCTAssertEqual(line, "r2 start color=blue root=/usr/lib/ocf", "OCF environment and OCF_RESKEY_<param>")
+        XCTAssertEqual(line, "r2 start color=blue root=/usr/lib/ocf interval=0", "OCF environment and OCF_RESKEY_<param>")
+        let probeLine = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n")[0]
+        XCTAssertEqual(probeLine, "r2 monitor color=blue root=/usr/lib/ocf interval=0", "a probe is a monitor with interval 0")
     }
 
     func testOrderAcrossAgentsIsTheConfigOrder() async throws {
@@ -129,6 +131,8 @@ final class ResourceManagerTests: XCTestCase {
         XCTAssertEqual(snap[1].state, "failed")
         XCTAssertEqual(snap[1].restarts, 2)
         XCTAssertEqual(actions().filter { $0 == "flaky start" }.count, 3, "first start plus two restarts")
+        let monitorLine = try String(contentsOfFile: log, encoding: .utf8).split(separator: "\n").first { $0.hasPrefix("flaky monitor") }
+        XCTAssertEqual(monitorLine.map(String.init), "flaky monitor color=blue root=/usr/lib/ocf interval=100", "recurring monitors carry their interval")
         try await m.stopAll()
         XCTAssertFalse(exists("d1"))
     }
