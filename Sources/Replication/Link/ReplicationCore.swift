@@ -326,20 +326,23 @@ public struct ReplicationCore: Sendable {
 
     // MARK: write path
 
-    private mutating func submitWrite(_ req: Held, _ now: Instant) {
+    /// Returns false only for a request taken from the AL queue that still does not fit
+    /// (the caller keeps it at the head, so writes enter the disk in submission order).
+    @discardableResult
+    private mutating func submitWrite(_ req: Held, _ now: Instant, fromQueue: Bool = false) -> Bool {
         let (id, isDrain): (RequestID, Bool)
         switch req {
         case .write(let i, _, _, _, _): (id, isDrain) = (i, false)
         case .flush(let i, let d): (id, isDrain) = (i, d)
         }
-        func refuse(_ e: VolumeError) -> CoreAction { isDrain ? .drained(id, e) : .complete(id, e) }
-        guard !stopped else { return out.append(refuse(.shuttingDown)) }
-        guard role == .primary else { return out.append(refuse(.notPrimary(master: nil))) }
-        guard isDrain || !suspended else { return out.append(refuse(.shuttingDown)) }
+        func refuse(_ e: VolumeError) -> Bool { out.append(isDrain ? .drained(id, e) : .complete(id, e)); return true }
+        guard !stopped else { return refuse(.shuttingDown) }
+        guard role == .primary else { return refuse(.notPrimary(master: nil)) }
+        guard isDrain || !suspended else { return refuse(.shuttingDown) }
         if var l = link, !l.ready {
             l.held.append(req)
             link = l
-            return
+            return true
         }
         let seq = nextSeq
         let following = link?.following ?? false
@@ -354,9 +357,13 @@ public struct ReplicationCore: Sendable {
             out.append(.io(IOBatch(steps: steps, then: .localWrite(seq: seq, queued: session != nil), failure: .localWrite(seq: seq, queued: false))))
         case let .write(id, op, offset, length, fua):
             let extents = ActivityLog.extents(offset: offset, length: length, extentBytes: settings.activityLogExtentBytes)
+            if !fromQueue && !alWaiting.isEmpty { alWaiting.append(req); return true }
             var steps: [IOStep] = []
             switch al.begin(extents) {
-            case .full: return alWaiting.append(req)
+            case .full:
+                if fromQueue { return false }
+                alWaiting.append(req)
+                return true
             case .hot: break
             case .persist(let hot): steps.append(.writeAL(hot))
             }
@@ -380,6 +387,20 @@ public struct ReplicationCore: Sendable {
             }
             if fua { steps.append(.sync) }
             out.append(.io(IOBatch(steps: steps, then: .localWrite(seq: seq, queued: session != nil), failure: .localWrite(seq: seq, queued: false))))
+        }
+        return true
+    }
+
+    /// Admits AL-queued writes in order while they fit (not while a handshake is open:
+    /// they would land behind newer held writes).
+    private mutating func admitWaiting() {
+        guard link?.ready ?? true else { return }
+        while let first = alWaiting.first {
+            alWaiting.removeFirst()
+            if !submitWrite(first, .zero, fromQueue: true) {
+                alWaiting.insert(first, at: 0)
+                return
+            }
         }
     }
 
@@ -427,11 +448,7 @@ public struct ReplicationCore: Sendable {
         guard settled else { return }
         writes[seq] = nil
         al.end(w.extents)
-        if !alWaiting.isEmpty {
-            let waiting = alWaiting
-            alWaiting = []
-            for h in waiting { submitWrite(h, Instant.zero) }
-        }
+        admitWaiting()
         checkDrained()
     }
 
@@ -479,10 +496,12 @@ public struct ReplicationCore: Sendable {
             finish(w, e)
             retireIfDone(s)
         }
-        let held = alWaiting + (link?.held ?? [])
+        let queued = alWaiting
+        let held = link?.held ?? []
         alWaiting = []
         link?.held = []
-        for h in held { submitWrite(h, .zero) }  // they see the new role / stopped and fail
+        for h in queued { submitWrite(h, .zero, fromQueue: true) }  // they see the new role / stopped and fail
+        for h in held { submitWrite(h, .zero) }
     }
 
     // MARK: roles
@@ -515,7 +534,7 @@ public struct ReplicationCore: Sendable {
                 continue
             }
             // A flush round trip proves the peer has every write before it.
-            submitWrite(.flush(id, drain: true), .zero)
+            _ = submitWrite(.flush(id, drain: true), .zero)
         }
     }
 
@@ -583,6 +602,7 @@ public struct ReplicationCore: Sendable {
             steps += markOutOfSync(chunks.sorted())
             out.append(.io(IOBatch(steps: steps, then: .bitmapDurable(unconfirmed), failure: nil, ack: nil)))
         }
+        admitWaiting()
         for h in held { submitWrite(h, .zero) }
     }
 
@@ -744,6 +764,7 @@ public struct ReplicationCore: Sendable {
         l.held = []
         link = l
         if case .becomeSource = d { startResync(now) }
+        admitWaiting()
         for h in held { submitWrite(h, now) }
         evaluateAll(now)
     }
