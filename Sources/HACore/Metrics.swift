@@ -256,7 +256,7 @@ public final class NodeMetrics: @unchecked Sendable {
         outOfSyncBytes = registry.gauge("hamgr_out_of_sync_bytes", help: "Bytes marked out of sync in the dirty bitmap.")
         resyncDoneBytes = registry.gauge("hamgr_resync_done_bytes", help: "Bytes copied by the running resync (0 when none runs).")
         resyncTotalBytes = registry.gauge("hamgr_resync_total_bytes", help: "Bytes the running resync has to copy (0 when none runs).")
-        maintenance = registry.gauge("hamgr_maintenance", help: "1 while maintenance mode holds automatic failover.")
+        maintenance = registry.gauge("hamgr_maintenance", help: "1 while this node is in maintenance (never a candidate).")
         splitBrain = registry.gauge("hamgr_split_brain", help: "1 while a detected split brain awaits resolution.")
         writeLatencySeconds = registry.histogram("hamgr_write_latency_seconds", help: "Time from receiving an NBD write to acknowledging it.")
         replicationSentBytes = registry.counter("hamgr_replication_sent_bytes_total", help: "Bytes of writes and resync data sent to the peer.")

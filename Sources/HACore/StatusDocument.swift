@@ -265,7 +265,7 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
     case promote(force: Bool)
     /// Demote this node to secondary.
     case demote
-    /// Hold (on) or release (off) automatic failover and resource restarts.
+    /// Take this node out of candidacy (on: it is never elected) or put it back (off).
     case maintenance(on: Bool)
     /// Compare chunk hashes with the peer.
     case verify

@@ -109,7 +109,10 @@ struct DemoteCommand: ParsableCommand {
 struct MaintenanceCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "maintenance",
-        abstract: "Hold (on) or release (off) automatic failover and resource restarts on every node.")
+        abstract: "Take the node(s) at the given endpoint(s) out of candidacy (on) or put them back (off).",
+        discussion: """
+        A node in maintenance is never elected, so it can be patched or rebooted without         taking over. The master refuses: switch over first. Sent only to the endpoints         given, never to a peer found through them.
+        """)
 
     enum Mode: String, ExpressibleByArgument, CaseIterable { case on, off }
 
@@ -121,18 +124,15 @@ struct MaintenanceCommand: ParsableCommand {
     func run() throws {
         try reporting {
             let client = try hactl.client(needsToken: true)
-            // Each node runs its own automation, so each must hear it.
-            let views = client.discover()
             var failures: [String] = []
-            for v in views {
-                guard v.document != nil else {
-                    failures.append("\(v.name): not reachable (\(v.error ?? "?")); set maintenance there when it returns")
-                    continue
-                }
+            for endpoint in client.endpoints {
+                let name = client.fetch(endpoint).document?.node
                 do {
-                    printReply(try send(.maintenance(on: mode == .on), to: v.endpoint, with: client), node: v.name)
+                    printReply(try send(.maintenance(on: mode == .on), to: endpoint, with: client), node: name)
                 } catch let e as HactlError {
                     failures.append(e.description)
+                } catch let e as HTTPClient.Failure {
+                    failures.append("\(endpoint): \(e)")
                 }
             }
             if !failures.isEmpty { throw HactlError(failures.joined(separator: "\n")) }

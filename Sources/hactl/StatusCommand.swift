@@ -90,7 +90,7 @@ enum StatusTable {
             if let r = d.resync {
                 notes.append("\(d.node): \(r.kind) \(ProgressBar.bar(r.fraction, width: 20)) \(ProgressBar.percent(r.fraction)) \(ByteSize.format(r.doneBytes)) / \(ByteSize.format(r.totalBytes))")
             }
-            if d.maintenance { notes.append("\(d.node): maintenance mode: no automatic failover or resource restarts") }
+            if d.maintenance { notes.append("\(d.node): in maintenance: never a candidate (`hactl --endpoint … maintenance off` to end)") }
             for r in d.resources where r.state != "running" && r.state != "stopped" || r.restarts > 0 {
                 notes.append("\(d.node): resource \(r.name) \(r.state), \(r.restarts) restart(s)")
             }

@@ -213,7 +213,7 @@ actor ResourceManager {
     private let logger: Logger
     private let metrics: NodeMetrics?
     private let onGiveUp: @Sendable (_ resource: String, _ reason: String) async -> Void
-    private var maintenance = false
+    private var restartsHeld = false
 
     /// `drivers` replaces the agents by name (tests); everything else is built from the config.
     init(resources: [ClusterConfig.Resource], logger: Logger, metrics: NodeMetrics? = nil,
@@ -264,8 +264,9 @@ actor ResourceManager {
         if let firstFailure { throw firstFailure }
     }
 
-    /// Maintenance holds restarts and give-ups: failures are logged and shown, nothing acts.
-    func setMaintenance(_ on: Bool) { maintenance = on }
+    /// Hold restarts and give-ups (e.g. while an operator works on a service by hand):
+    /// failures are logged and shown, nothing acts.
+    func holdRestarts(_ on: Bool) { restartsHeld = on }
 
     /// Run every monitor once (e.g. on a secondary at startup, to find strays).
     func probeAll() async -> [String: AgentResult] {
@@ -331,9 +332,9 @@ actor ResourceManager {
         let name = entry.config.name
         let meta: Logger.Metadata = ["event": "resource_monitor_failed", "resource": "\(name)", "rc": "\(result.code)",
                                      "restarts": "\(entry.restarts)", "max_restarts": "\(entry.config.maxRestarts)"]
-        if maintenance {
+        if restartsHeld {
             entries[i].state = .failed
-            logger.warning("resource monitor failed; maintenance mode, not acting", metadata: meta)
+            logger.warning("resource monitor failed; restarts are held, not acting", metadata: meta)
             return true
         }
         if entry.restarts >= entry.config.maxRestarts {

@@ -163,12 +163,19 @@ final class HactlTests: XCTestCase {
         XCTAssertTrue(r.stderr.contains("disk_state: \"outdated\""), r.stderr)
     }
 
-    func testMaintenanceReachesEveryNode() throws {
-        let r = try hactl(["--endpoint", urlA, "maintenance", "on"])
+    func testMaintenanceGoesOnlyToTheGivenNodes() throws {
+        let r = try hactl(["--endpoint", urlB, "maintenance", "on"])
         XCTAssertEqual(r.status, 0, r.stderr)
-        XCTAssertEqual(a.seen, [.maintenance(on: true)])
+        XCTAssertEqual(r.stdout, "b: done\n")
         XCTAssertEqual(b.seen, [.maintenance(on: true)])
-        XCTAssertEqual(r.stdout, "a: done\nb: done\n")
+        XCTAssertEqual(a.seen, [], "never sent to a peer found through the endpoint")
+        a.reply = .refused("this node is the master; switch over first")
+        let both = try hactl(["--endpoint", urlA, "--endpoint", urlB, "maintenance", "off"])
+        XCTAssertEqual(both.status, 1)
+        XCTAssertEqual(both.stdout, "b: done\n")
+        XCTAssertTrue(both.stderr.contains("switch over first"), both.stderr)
+        XCTAssertEqual(a.seen, [.maintenance(on: false)])
+        XCTAssertEqual(b.seen, [.maintenance(on: true), .maintenance(on: false)])
     }
 
     func testResyncFollowsProgressUntilDone() throws {

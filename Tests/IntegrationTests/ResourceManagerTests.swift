@@ -137,17 +137,17 @@ final class ResourceManagerTests: XCTestCase {
         XCTAssertFalse(exists("d1"))
     }
 
-    func testMaintenanceHoldsRestarts() async throws {
+    func testHeldRestartsDoNotAct() async throws {
         let giveUps = GiveUps()
         let m = ResourceManager(resources: [try recorder("r", monitorCode: 7, interval: .milliseconds(100), maxRestarts: 0)], logger: logger) { giveUps.add($0, $1) }
-        await m.setMaintenance(true)
+        await m.holdRestarts(true)
         try await m.startAll()
         try await Task.sleep(for: .milliseconds(600))
         XCTAssertTrue(giveUps.all.isEmpty)
         XCTAssertEqual(actions().filter { $0 == "r start" }.count, 1)
         let held = await m.snapshot()
         XCTAssertEqual(held.first?.state, "failed", "the failure still shows")
-        await m.setMaintenance(false)
+        await m.holdRestarts(false)
         let gaveUp = await waitUntil(5) { !giveUps.all.isEmpty }
         XCTAssertTrue(gaveUp)
         try await m.stopAll()
