@@ -33,22 +33,34 @@ struct AdminResponse: Sendable {
 }
 
 /// What the status server asks the daemon. Each closure is called on the connection's
-/// event loop; returned futures may complete on any loop.
+/// event loop and must not block there: never `wait()` on a future inside one (NIO traps
+/// it, and it would stall every connection on that loop). State confined to another loop
+/// is reached by returning a future (`daemonLoop.submit { … }.hop(to: callerLoop)`);
+/// `MetricsRegistry` is thread-safe and may be rendered directly.
 struct StatusHandlers: Sendable {
     /// The `/status` JSON document (already encoded).
     var status: @Sendable (EventLoop) -> EventLoopFuture<Data>
     /// The `/metrics` exposition text.
-    var metrics: @Sendable () -> String
+    var metrics: @Sendable (EventLoop) -> EventLoopFuture<String>
     /// `/healthz`: true → 200 "ok", false → 503.
     var healthy: @Sendable () -> Bool
     /// An authenticated, parsed admin request.
     var admin: @Sendable (AdminRequest, EventLoop) -> EventLoopFuture<AdminResponse>
 
+    /// Metrics produced on another loop (or otherwise asynchronously).
+    init(status: @escaping @Sendable (EventLoop) -> EventLoopFuture<Data>,
+         asyncMetrics: @escaping @Sendable (EventLoop) -> EventLoopFuture<String>,
+         healthy: @escaping @Sendable () -> Bool,
+         admin: @escaping @Sendable (AdminRequest, EventLoop) -> EventLoopFuture<AdminResponse>) {
+        self.status = status; self.metrics = asyncMetrics; self.healthy = healthy; self.admin = admin
+    }
+
+    /// Metrics rendered synchronously (e.g. `registry.render()`; it is thread-safe).
     init(status: @escaping @Sendable (EventLoop) -> EventLoopFuture<Data>,
          metrics: @escaping @Sendable () -> String,
          healthy: @escaping @Sendable () -> Bool,
          admin: @escaping @Sendable (AdminRequest, EventLoop) -> EventLoopFuture<AdminResponse>) {
-        self.status = status; self.metrics = metrics; self.healthy = healthy; self.admin = admin
+        self.init(status: status, asyncMetrics: { loop in loop.makeSucceededFuture(metrics()) }, healthy: healthy, admin: admin)
     }
 
     /// Convenience: a status document produced synchronously and encoded with `JSONEncoder.hamgr`.
@@ -237,7 +249,15 @@ private final class StatusHTTPHandler: ChannelInboundHandler, RemovableChannelHa
         let loop = context.eventLoop
         switch StatusRoute.route(method: head.method, uri: head.uri) {
         case .metrics:
-            respond(context: context, head: head, status: .ok, contentType: MetricsRegistry.contentType, body: handlers.metrics())
+            handlers.metrics(loop).hop(to: loop).whenComplete { result in
+                switch result {
+                case .success(let text):
+                    self.respond(context: context, head: head, status: .ok, contentType: MetricsRegistry.contentType, body: text)
+                case .failure(let error):
+                    self.respond(context: context, head: head, status: .internalServerError,
+                                 contentType: "text/plain; charset=utf-8", body: "metrics unavailable: \(error)\n")
+                }
+            }
         case .healthz:
             let ok = handlers.healthy()
             respond(context: context, head: head, status: ok ? .ok : .serviceUnavailable,

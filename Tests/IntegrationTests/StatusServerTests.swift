@@ -153,6 +153,34 @@ final class StatusServerTests: XCTestCase {
         XCTAssertTrue(daemon.calls.isEmpty)
     }
 
+    /// State confined to another event loop is served through futures, never by waiting.
+    func testHandlersOnAnotherLoop() throws {
+        let daemonGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? daemonGroup.syncShutdownGracefully() }
+        let daemonLoop = daemonGroup.next()
+        let registry = MetricsRegistry()
+        registry.gauge("hamgr_epoch", help: "e").set(9)
+        let handlers = StatusHandlers(
+            status: { caller in daemonLoop.submit { try JSONEncoder.hamgr.encode(StatusDocumentSample.make()) }.hop(to: caller) },
+            asyncMetrics: { caller in
+                daemonLoop.submit { () -> String in
+                    daemonLoop.preconditionInEventLoop()
+                    return registry.render()
+                }.hop(to: caller)
+            },
+            healthy: { true },
+            admin: { _, caller in caller.makeSucceededFuture(.ok("ok")) })
+        var logger = Logger(label: "status-test"); logger.logLevel = .critical
+        let other = StatusServer(group: group, host: "127.0.0.1", port: 0, adminToken: nil, handlers: handlers, logger: logger)
+        try other.start().wait()
+        defer { try? other.stop().wait() }
+        let url = "http://127.0.0.1:\(other.boundPort!)"
+        let m = try OpsTest.curl(url + "/metrics")
+        XCTAssertEqual(m.0, 200)
+        XCTAssertTrue(m.1.contains("hamgr_epoch 9"), m.1)
+        XCTAssertEqual(try OpsTest.curl(url + "/status").0, 200)
+    }
+
     func testKeepAliveServesSeveralRequestsOnOneConnection() throws {
         let r = try OpsTest.run(["/usr/bin/curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-o", "/dev/null",
                                  "-w", "%{http_code} %{num_connects}\n", base + "/healthz", base + "/status"])
