@@ -5,12 +5,14 @@ import HACore
 struct NodeView {
     var endpoint: String
     var document: StatusDocument?
+    /// Set instead of `document` when the endpoint is an arbitrator.
+    var arbitrator: ArbitratorStatusDocument?
     var raw: Data?
     var error: String?
     /// The node's name when known only from the peer's document.
     var expectedName: String?
 
-    var name: String { document?.node ?? expectedName ?? endpoint }
+    var name: String { document?.node ?? (arbitrator != nil ? "arbitrator" : nil) ?? expectedName ?? endpoint }
 }
 
 /// Reads `/status` and posts admin requests over the blocking HTTP client.
@@ -28,6 +30,9 @@ struct ClusterClient {
         do {
             let r = try http(endpoint).get("/status")
             guard r.status == 200 else { return NodeView(endpoint: endpoint, error: "HTTP \(r.status): \(r.text.prefix(200))") }
+            if let w = try? JSONDecoder().decode(ArbitratorStatusDocument.self, from: r.body), w.role == "arbitrator" {
+                return NodeView(endpoint: endpoint, arbitrator: w, raw: r.body)
+            }
             let doc = try JSONDecoder().decode(StatusDocument.self, from: r.body)
             return NodeView(endpoint: endpoint, document: doc, raw: r.body)
         } catch let e as DecodingError {

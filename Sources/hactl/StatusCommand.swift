@@ -21,17 +21,19 @@ struct StatusCommand: ParsableCommand {
             let client = try hactl.client(needsToken: false)
             if json {
                 let views = client.discover(followPeers: false)
-                if let bad = views.first(where: { $0.document == nil }) {
+                if let bad = views.first(where: { $0.raw == nil }) {
                     throw HactlError("\(bad.endpoint): \(bad.error ?? "no answer")")
                 }
-                let docs = views.compactMap(\.document)
-                let data = docs.count == 1 ? try JSONEncoder.hamgr.encode(docs[0]) : try JSONEncoder.hamgr.encode(docs)
-                print(String(decoding: data, as: UTF8.self))
+                // Documents as served (node or arbitrator), one object or an array.
+                let raws = views.compactMap(\.raw).map { String(decoding: $0, as: UTF8.self) }
+                print(raws.count == 1 ? raws[0] : "[\n" + raws.joined(separator: ",\n") + "\n]")
                 return
             }
             let views = client.discover(followPeers: !noPeer)
-            print(StatusTable.render(views), terminator: "")
-            if views.first?.document == nil { throw ExitCode(1) }
+            let nodes = views.filter { $0.arbitrator == nil }
+            if !nodes.isEmpty { print(StatusTable.render(nodes), terminator: "") }
+            for w in views.compactMap(\.arbitrator) { print(StatusTable.render(arbitrator: w), terminator: "") }
+            if views.first?.raw == nil { throw ExitCode(1) }
         }
     }
 }
@@ -104,6 +106,19 @@ enum StatusTable {
         }
         for n in notes { out += "  " + n + "\n" }
         return out
+    }
+
+    /// The arbitrator's view: one row per cluster it serves.
+    static func render(arbitrator w: ArbitratorStatusDocument) -> String {
+        var rows: [[String]] = [["CLUSTER", "MASTER", "EPOCH", "OUTDATED", "LAST CONTACT"]]
+        for c in w.clusters.sorted(by: { $0.name < $1.name }) {
+            let outdated = c.outdated.map { "\($0.node)@\($0.epoch)" }.joined(separator: ",")
+            let contact = c.lastContactMs.keys.sorted().map { node in
+                "\(node) " + (c.lastContactMs[node].flatMap { $0 }.map { "\($0) ms" } ?? "never")
+            }.joined(separator: ", ")
+            rows.append([c.name, c.master ?? "none", String(c.epoch), outdated.isEmpty ? "-" : outdated, contact])
+        }
+        return "arbitrator (version \(w.version)): \(w.clusters.count) cluster(s)\n" + table(rows)
     }
 
     /// Left-aligned columns separated by two spaces.

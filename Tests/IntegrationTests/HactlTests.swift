@@ -121,6 +121,29 @@ final class HactlTests: XCTestCase {
         XCTAssertEqual(try JSONDecoder().decode([StatusDocument].self, from: Data(both.stdout.utf8)).map(\.node), ["a", "b"])
     }
 
+    func testArbitratorEndpointShowsItsClusters() throws {
+        var logger = Logger(label: "hactl-test"); logger.logLevel = .critical
+        let doc = ArbitratorStatusDocument(clusters: [.init(name: "web1", master: "a", epoch: 7, outdated: [.init(node: "b", epoch: 6)],
+                                                            lastContactMs: ["a": 120, "b": nil])])
+        let w = StatusServer(group: group, host: "127.0.0.1", port: 0, adminToken: nil,
+                             handlers: StatusHandlers(statusDocument: { doc }, metrics: { "" }, healthy: { true },
+                                                      admin: { _, loop in loop.makeSucceededFuture(.refused("no", status: 404)) }),
+                             logger: logger)
+        try w.start().wait()
+        servers.append(w)
+        let url = "http://127.0.0.1:\(w.boundPort!)"
+        let r = try hactl(["--endpoint", url, "status"], token: false)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        XCTAssertEqual(r.stdout, """
+        arbitrator (version \(hamgrVersion)): 1 cluster(s)
+        CLUSTER  MASTER  EPOCH  OUTDATED  LAST CONTACT
+        web1     a       7      b@6       a 120 ms, b never
+
+        """)
+        let json = try hactl(["--endpoint", url, "status", "--json"], token: false)
+        XCTAssertEqual(try JSONDecoder().decode(ArbitratorStatusDocument.self, from: Data(json.stdout.utf8)), doc)
+    }
+
     func testSwitchoverGoesToTheMaster() throws {
         let r = try hactl(["--endpoint", urlB, "switchover"])
         XCTAssertEqual(r.status, 0, r.stderr)
