@@ -12,7 +12,7 @@ RUNS=${2:-10000000}
 shift; [ $# -gt 0 ] && shift
 if [ -z "${FUZZ_SKIP_BUILD:-}" ]; then
     swift build -c release --package-path "$HERE" --scratch-path "$HERE/.build" \
-        -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library --product "$TARGET" >&2
+        -Xswiftc -sanitize=fuzzer,address --product "$TARGET" >&2
 fi
 mkdir -p "$HERE/artifacts/$TARGET" "$HERE/.build/corpus/$TARGET"
 exec "$HERE/.build/release/$TARGET" -runs="$RUNS" -artifact_prefix="$HERE/artifacts/$TARGET/" \

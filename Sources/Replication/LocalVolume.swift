@@ -1,3 +1,4 @@
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
@@ -73,14 +74,66 @@ public final class LocalVolume: BlockVolume, @unchecked Sendable {
         return nil
     }
 
+    // MARK: batched submission
+
+    /// One queued operation: runs on an I/O thread (or, with `false`, is refused without
+    /// running) and returns what completes it on its loop.
+    private typealias Job = (_ active: Bool) -> () -> Void
+
+    /// Operations queued during the current event-loop turn. Handing each request to a
+    /// thread on its own cost a condition-variable wake-up and a loop wake-up per request,
+    /// which dominated small I/O (perf: ~45% of samples in futex wait/wake at 4 KiB qd32);
+    /// a turn's requests now travel together: one wake-up there, one back.
+    private struct Queue {
+        var jobs: [(EventLoop, Job)] = []
+        var submitScheduled = false
+    }
+    private let queue = NIOLockedValueBox(Queue())
+
     private func run<T>(on loop: EventLoop, _ work: @escaping @Sendable () throws -> T) -> EventLoopFuture<T> {
-        pool.runIfActive(eventLoop: loop) {
-            do { return try work() } catch let e as StoreError {
-                throw e.errno == ENOSPC || e.errno == EDQUOT || e.errno == EFBIG ? VolumeError.noSpace : VolumeError.io(errno: e.errno)
+        let promise = loop.makePromise(of: T.self)
+        let job: Job = { active in
+            guard active else { return { promise.fail(VolumeError.shuttingDown) } }
+            let result: Result<T, Error>
+            do { result = .success(try work()) } catch let e as StoreError {
+                result = .failure(e.errno == ENOSPC || e.errno == EDQUOT || e.errno == EFBIG ? VolumeError.noSpace : VolumeError.io(errno: e.errno))
+            } catch {
+                result = .failure(error)
             }
-        }.flatMapErrorThrowing { error in
-            if error is VolumeError { throw error }
-            throw VolumeError.shuttingDown  // NIOThreadPoolError.ThreadPoolInactive
+            return { promise.completeWith(result) }
+        }
+        let schedule = queue.withLockedValue { q -> Bool in
+            q.jobs.append((loop, job))
+            if q.submitScheduled { return false }
+            q.submitScheduled = true
+            return true
+        }
+        // Submit at the end of this loop turn, after every request of this read was decoded.
+        if schedule { loop.execute { self.submitQueued() } }
+        return promise.futureResult
+    }
+
+    private func submitQueued() {
+        let jobs = queue.withLockedValue { q -> [(EventLoop, Job)] in
+            q.submitScheduled = false
+            let taken = q.jobs
+            q.jobs = []
+            return taken
+        }
+        guard !jobs.isEmpty else { return }
+        pool.submit { state in
+            let active = state == .active
+            var completions: [(EventLoop, () -> Void)] = []
+            completions.reserveCapacity(jobs.count)
+            for (loop, job) in jobs { completions.append((loop, job(active))) }
+            // One hop back per loop involved (usually one).
+            var remaining = completions[...]
+            while let first = remaining.first {
+                let loop = first.0
+                let mine = remaining.filter { $0.0 === loop }.map { $0.1 }
+                remaining = remaining.filter { $0.0 !== loop }[...]
+                loop.execute { for c in mine { c() } }
+            }
         }
     }
 }

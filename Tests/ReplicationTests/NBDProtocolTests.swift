@@ -90,6 +90,20 @@ final class NBDProtocolTests: XCTestCase {
         XCTAssertEqual(try decoder.next(&buffer), .request(NBDRequestHeader(flags: [], type: NBDCommand.read, cookie: 2, offset: 0, length: 4), payload: nil))
     }
 
+    func testBytesNeededSizesTheNextRequest() {
+        let decoder = NBDRequestDecoder(maximumPayloadBytes: 1 << 20)
+        var b = ByteBuffer()
+        NBDRequestHeader(flags: [], type: NBDCommand.write, cookie: 1, offset: 0, length: 65536).write(into: &b)
+        XCTAssertEqual(decoder.bytesNeeded(b), 28 + 65536)
+        XCTAssertNil(decoder.bytesNeeded(b.getSlice(at: 0, length: 27)!))
+        var r = ByteBuffer()
+        NBDRequestHeader(flags: [], type: NBDCommand.read, cookie: 1, offset: 0, length: 65536).write(into: &r)
+        XCTAssertEqual(decoder.bytesNeeded(r), 28)
+        var big = ByteBuffer()
+        NBDRequestHeader(flags: [], type: NBDCommand.write, cookie: 1, offset: 0, length: 2 << 20).write(into: &big)
+        XCTAssertEqual(decoder.bytesNeeded(big), 28, "an oversized write is skipped, never buffered")
+    }
+
     func testBadRequestMagicThrowsAsSoonAsVisible() {
         var decoder = NBDRequestDecoder(maximumPayloadBytes: 16)
         var b = ByteBuffer(bytes: [0x25, 0x60, 0x95, 0x14])

@@ -31,6 +31,12 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     private var disconnectRequested = false
     private var readingPaused = false
     private var flushScheduled = false
+    /// Replies of this loop turn not yet handed to the channel: small replies share one buffer.
+    private var outbound: ByteBuffer?
+    /// A write whose header arrived before all of its payload: the payload is gathered in
+    /// its own buffer of exactly the right size (one copy, no regrowth, and no copy of a
+    /// shared cumulation buffer).
+    private var partialWrite: (header: NBDRequestHeader, payload: ByteBuffer)?
     private var context: ChannelHandlerContext?
 
     init(server: NBDServer) {
@@ -47,6 +53,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         self.context = nil
         phase = .closed
         pending = nil
+        partialWrite = nil
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -62,6 +69,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         }
         phase = .closed
         pending = nil
+        partialWrite = nil
         context.fireChannelInactive()
     }
 
@@ -106,6 +114,28 @@ final class NBDConnectionHandler: ChannelInboundHandler {
                         pauseReading(context)
                         break loop
                     }
+                    if var pw = partialWrite {
+                        partialWrite = nil  // own the payload buffer uniquely before appending
+                        let n = min(Int(pw.header.length) - pw.payload.readableBytes, buffer.readableBytes)
+                        var chunk = buffer.readSlice(length: n)!
+                        pw.payload.writeBuffer(&chunk)
+                        if pw.payload.readableBytes < Int(pw.header.length) {
+                            partialWrite = pw
+                            break loop
+                        }
+                        dispatch(pw.header, payload: pw.payload, context)
+                        continue loop
+                    }
+                    if let need = decoder.bytesNeeded(buffer), need > buffer.readableBytes,
+                       let header = try NBDRequestDecoder.peekHeader(buffer) {
+                        // A write whose payload is still arriving (bytesNeeded counts only payloads it buffers).
+                        buffer.moveReaderIndex(forwardBy: NBDLimits.requestHeaderBytes)
+                        var payload = context.channel.allocator.buffer(capacity: Int(header.length))
+                        var chunk = buffer.readSlice(length: buffer.readableBytes)!
+                        payload.writeBuffer(&chunk)
+                        partialWrite = (header, payload)
+                        break loop
+                    }
                     guard let event = try decoder.next(&buffer) else { break loop }
                     switch event {
                     case .request(let header, let payload):
@@ -127,8 +157,9 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         guard phase != .closed, buffer.readableBytes > 0 else { return }
         if slicedPayloads {
             // Write payloads still reference this storage: appending to it would copy it all
-            // (copy-on-write), so move only the unparsed tail to fresh storage.
-            var fresh = context.channel.allocator.buffer(capacity: max(buffer.readableBytes, 64 * 1024))
+            // (copy-on-write). What is left is less than a request header (payloads that do
+            // not fit go to `partialWrite`), so move it to fresh storage.
+            var fresh = context.channel.allocator.buffer(capacity: max(buffer.readableBytes, 4096))
             fresh.writeBuffer(&buffer)
             pending = fresh
         } else {
@@ -320,36 +351,38 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             logger.debug("NBD request failed", metadata: ["op": "\(kind.name)", "error": "\(e.name)", "reason": "\(why)"])
         }
         guard phase == .transmission, let context = context else { return }
-        var header = context.channel.allocator.buffer(capacity: 32)
+        var out = outbound ?? context.channel.allocator.buffer(capacity: 4096)
+        outbound = nil
         switch outcome {
         case .success(let data):
             if kind == .read, var data = data, data.readableBytes > 0 {
                 if structuredReplies {
-                    NBDReplyEncoder.writeOffsetDataHeader(cookie: h.cookie, offset: h.offset, dataBytes: data.readableBytes, into: &header)
+                    NBDReplyEncoder.writeOffsetDataHeader(cookie: h.cookie, offset: h.offset, dataBytes: data.readableBytes, into: &out)
                 } else {
-                    NBDReplyEncoder.writeSimpleReply(cookie: h.cookie, error: .ok, into: &header)
+                    NBDReplyEncoder.writeSimpleReply(cookie: h.cookie, error: .ok, into: &out)
                 }
-                if data.readableBytes <= 16 * 1024 {  // small: one buffer, one iovec
-                    header.writeBuffer(&data)
-                    context.write(wrapOutboundOut(header), promise: nil)
+                if data.readableBytes <= 16 * 1024 {  // small: copy, one buffer for many replies
+                    out.writeBuffer(&data)
+                    outbound = out
                 } else {
-                    context.write(wrapOutboundOut(header), promise: nil)
+                    context.write(wrapOutboundOut(out), promise: nil)
                     context.write(wrapOutboundOut(data), promise: nil)
                 }
-            } else if kind == .read && structuredReplies {
-                NBDReplyEncoder.writeDone(cookie: h.cookie, into: &header)  // a read must not get a simple reply
-                context.write(wrapOutboundOut(header), promise: nil)
             } else {
-                NBDReplyEncoder.writeSimpleReply(cookie: h.cookie, error: .ok, into: &header)
-                context.write(wrapOutboundOut(header), promise: nil)
+                if kind == .read && structuredReplies {
+                    NBDReplyEncoder.writeDone(cookie: h.cookie, into: &out)  // a read must not get a simple reply
+                } else {
+                    NBDReplyEncoder.writeSimpleReply(cookie: h.cookie, error: .ok, into: &out)
+                }
+                outbound = out
             }
         case .failure(let e, let why):
             if structuredReplies {
-                NBDReplyEncoder.writeErrorChunk(cookie: h.cookie, error: e, message: why, into: &header)
+                NBDReplyEncoder.writeErrorChunk(cookie: h.cookie, error: e, message: why, into: &out)
             } else {
-                NBDReplyEncoder.writeSimpleReply(cookie: h.cookie, error: e, into: &header)
+                NBDReplyEncoder.writeSimpleReply(cookie: h.cookie, error: e, into: &out)
             }
-            context.write(wrapOutboundOut(header), promise: nil)
+            outbound = out
         }
         scheduleFlush(context)
         if readingPaused, inFlightRequests < Self.maxInFlightRequests / 2, inFlightBytes < Self.maxInFlightBytes / 2 {
@@ -364,7 +397,12 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         flushScheduled = true
         context.eventLoop.execute { [self] in
             flushScheduled = false
-            self.context?.flush()
+            guard let context = self.context else { return }
+            if let out = outbound {
+                outbound = nil
+                context.write(wrapOutboundOut(out), promise: nil)
+            }
+            context.flush()
         }
     }
 
@@ -384,7 +422,9 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         guard disconnectRequested, inFlightRequests == 0, phase == .transmission else { return }
         phase = .closed
         // Flush the last replies first: NBD_CMD_DISC means "finish what is outstanding".
-        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).whenComplete { _ in
+        let last = outbound ?? context.channel.allocator.buffer(capacity: 0)
+        outbound = nil
+        context.writeAndFlush(wrapOutboundOut(last)).whenComplete { _ in
             context.close(promise: nil)
         }
     }

@@ -389,6 +389,37 @@ public struct NBDRequestDecoder: Sendable {
 
     public init(maximumPayloadBytes: UInt32) { self.maximumPayloadBytes = maximumPayloadBytes }
 
+    /// The header at the buffer's reader index without consuming it; nil until 28 bytes are
+    /// there. Throws on a bad magic as soon as the magic is visible.
+    public static func peekHeader(_ buffer: ByteBuffer) throws -> NBDRequestHeader? {
+        let start = buffer.readerIndex
+        guard buffer.readableBytes >= NBDLimits.requestHeaderBytes else {
+            if let magic: UInt32 = buffer.getInteger(at: start), magic != NBDMagic.request {
+                throw NBDProtocolError.badMagic(UInt64(magic))
+            }
+            return nil
+        }
+        let magic: UInt32 = buffer.getInteger(at: start)!
+        guard magic == NBDMagic.request else { throw NBDProtocolError.badMagic(UInt64(magic)) }
+        return NBDRequestHeader(
+            flags: NBDCommandFlags(rawValue: buffer.getInteger(at: start + 4)!),
+            type: buffer.getInteger(at: start + 6)!,
+            cookie: buffer.getInteger(at: start + 8)!,
+            offset: buffer.getInteger(at: start + 16)!,
+            length: buffer.getInteger(at: start + 24)!)
+    }
+
+    /// The total size of the request starting at the buffer's reader index, once its header
+    /// is visible (28 bytes, plus the payload of a write that will be buffered); lets the
+    /// caller size its buffer once instead of growing it while a large write streams in.
+    public func bytesNeeded(_ buffer: ByteBuffer) -> Int? {
+        guard skipping == nil, buffer.readableBytes >= NBDLimits.requestHeaderBytes,
+              let type: UInt16 = buffer.getInteger(at: buffer.readerIndex + 6),
+              let length: UInt32 = buffer.getInteger(at: buffer.readerIndex + 24) else { return nil }
+        guard type == NBDCommand.write, length <= maximumPayloadBytes else { return NBDLimits.requestHeaderBytes }
+        return NBDLimits.requestHeaderBytes + Int(length)
+    }
+
     /// True while part of an oversized write's data is still to be skipped.
     public var isSkippingPayload: Bool { skipping != nil }
 
@@ -401,22 +432,7 @@ public struct NBDRequestDecoder: Sendable {
             skipping = nil
             return .oversizedWrite(s.header)
         }
-        let start = buffer.readerIndex
-        guard buffer.readableBytes >= NBDLimits.requestHeaderBytes else {
-            // Reject a bad magic as soon as it is visible, not only once 28 bytes arrived.
-            if let magic: UInt32 = buffer.getInteger(at: start), magic != NBDMagic.request {
-                throw NBDProtocolError.badMagic(UInt64(magic))
-            }
-            return nil
-        }
-        let magic: UInt32 = buffer.getInteger(at: start)!
-        guard magic == NBDMagic.request else { throw NBDProtocolError.badMagic(UInt64(magic)) }
-        let header = NBDRequestHeader(
-            flags: NBDCommandFlags(rawValue: buffer.getInteger(at: start + 4)!),
-            type: buffer.getInteger(at: start + 6)!,
-            cookie: buffer.getInteger(at: start + 8)!,
-            offset: buffer.getInteger(at: start + 16)!,
-            length: buffer.getInteger(at: start + 24)!)
+        guard let header = try Self.peekHeader(buffer) else { return nil }
         guard header.type == NBDCommand.write else {
             buffer.moveReaderIndex(forwardBy: NBDLimits.requestHeaderBytes)
             return .request(header, payload: nil)

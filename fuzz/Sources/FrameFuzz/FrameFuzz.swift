@@ -20,7 +20,7 @@ public func frameFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
     var offset = 1
     streaming: while offset < size {
         let n = min(chunk, size - offset)
-        buffer.writeBytes(UnsafeRawBufferPointer(rebasing: input[offset..<(offset + n)]))
+        buffer.writeBytes(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: input[offset..<(offset + n)])))
         offset += n
         do {
             while let body = try FrameBodyDecoder.nextBody(&buffer) {

@@ -27,7 +27,7 @@ private func handshake(_ stream: UnsafeBufferPointer<UInt8>, chunk: Int) {
         var offset = 0
         while offset < stream.count {
             let n = min(chunk, stream.count - offset)
-            buffer.writeBytes(UnsafeRawBufferPointer(rebasing: stream[offset..<(offset + n)]))
+            buffer.writeBytes(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: stream[offset..<(offset + n)])))
             offset += n
             do {
                 while true {
@@ -68,7 +68,7 @@ private func requests(_ stream: UnsafeBufferPointer<UInt8>, chunk: Int, maxPaylo
         var offset = 0
         while offset < stream.count {
             let n = min(chunk, stream.count - offset)
-            buffer.writeBytes(UnsafeRawBufferPointer(rebasing: stream[offset..<(offset + n)]))
+            buffer.writeBytes(UnsafeRawBufferPointer(UnsafeBufferPointer(rebasing: stream[offset..<(offset + n)])))
             offset += n
             do {
                 while let e = try decoder.next(&buffer) {
