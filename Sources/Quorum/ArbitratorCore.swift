@@ -63,6 +63,8 @@ public struct ArbitratorCore: Sendable {
             if granted {
                 c.leaseHolder = from
                 c.leaseExpiry = now + settings.timings.lease
+            } else {
+                out.append(.log(event("renewRefused", cluster, c, [("master", from.name), ("masterEpoch", e.description)])))
             }
             out.append(.send(cluster: cluster, to: from, .renewReply(epoch: e, seq: seq, granted: granted, promised: c.persisted.promisedEpoch)))
         case let .voteRequest(r):

@@ -50,6 +50,7 @@ public struct NodeCore: Sendable {
     private var drainingSince: Instant?
 
     private var whyNotPromoted: String?
+    private var lastRefusedRenewEpoch: Epoch?
     private var lastNow: Instant
 
     struct Candidacy: Sendable {
@@ -586,6 +587,12 @@ public struct NodeCore: Sendable {
         let acceptable = e > state.promisedEpoch
             || (e == state.promisedEpoch && (state.votedFor == nil || state.votedFor == peer) && (state.master == nil || state.master == peer))
         guard acceptable else {
+            if lastRefusedRenewEpoch != e {
+                // Logged once per epoch: a deposed master renews every interval until it notices.
+                lastRefusedRenewEpoch = e
+                log("renewRefused", [("master", peer.name), ("masterEpoch", e.description),
+                                     ("why", e < state.promisedEpoch ? "promised a newer epoch" : "voted for or follows \((state.votedFor ?? state.master)?.name ?? "another node") in this epoch")], &out)
+            }
             out.append(.send(to: peer, .renewReply(epoch: e, seq: seq, granted: false, promised: state.promisedEpoch)))
             return
         }

@@ -29,6 +29,8 @@ final class Simulation {
         var healPhase: Duration = .seconds(5)
         /// After healing, a master must exist within this bound.
         var liveBound: Duration = .seconds(4)
+        /// Once that master exists the run goes on this long, then stops (keeps seeds cheap).
+        var afterLive: Duration = .seconds(1)
     }
 
     struct Failure: Error, CustomStringConvertible {
@@ -49,6 +51,8 @@ final class Simulation {
         case pause(Int, duration: Int64)
         case switchover
         case demote
+        case promote(Int)
+        case maintenance(Int, on: Bool)
     }
 
     enum Event {
@@ -211,13 +215,15 @@ final class Simulation {
 
     func randomFault(maxDuration: Int64) -> Fault {
         let d = max(Self.ms(50), min(maxDuration, uniform(Self.ms(200), Self.ms(3000))))
-        switch rng.next() % 10 {
+        switch rng.next() % 12 {
         case 0, 1: return .cut(from: Int(rng.next() % 3), to: Int(rng.next() % 3), duration: d)
         case 2: return .isolate(Int(rng.next() % 3), duration: d)
         case 3, 4: return .crash(Int(rng.next() % 3), downFor: d)
         case 5, 6: return .pause(Int(rng.next() % 3), duration: d)
         case 7, 8: return .switchover
-        default: return .demote
+        case 9: return .demote
+        case 10: return .promote(Int(rng.next() % 2))
+        default: return .maintenance(Int(rng.next() % 2), on: rng.next() % 2 == 0)
         }
     }
 
@@ -502,6 +508,10 @@ final class Simulation {
             if let m = (0..<2).first(where: { nodes[$0].role == .primary && nodes[$0].core != nil && nodes[$0].pausedUntil <= now }) {
                 feed(m, .admin(.demote))
             }
+        case let .promote(i):
+            if nodes[i].pausedUntil <= now { feed(i, .admin(.promote(force: false))) }
+        case let .maintenance(i, on):
+            if nodes[i].pausedUntil <= now { feed(i, .admin(.maintenance(on))) }
         }
     }
 
@@ -527,6 +537,7 @@ final class Simulation {
         for i in 0..<3 { for j in 0..<3 { link[i][j] = true } }
         for i in 0..<3 where !isUp(i) { restart(i) }
         for i in 0..<2 { nodes[i].pausedUntil = min(nodes[i].pausedUntil, now) }
+        for i in 0..<2 { feed(i, .admin(.maintenance(false))) }
         arbitratorPausedUntil = min(arbitratorPausedUntil, now)
     }
 
@@ -611,6 +622,7 @@ final class Simulation {
         if now >= healedAt, !masterSinceHeal {
             if open.count == 1 {
                 masterSinceHeal = true
+                end = min(end, now + config.afterLive.nanosecondsClamped)
                 trace("master \(Self.names[open[0]]) serving \(Self.fmt(now - healedAt)) after heal")
             } else if now > healedAt + config.liveBound.nanosecondsClamped {
                 fail("no master with an open write gate within \(config.liveBound) after the faults healed")
