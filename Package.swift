@@ -54,7 +54,8 @@ let package = Package(
         .testTarget(name: "HACoreTests", dependencies: ["HACore", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
         .testTarget(name: "QuorumTests", dependencies: ["Quorum", "HACore"]),
         .testTarget(name: "ReplicationTests", dependencies: ["Replication", "HACore", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
-        .testTarget(name: "IntegrationTests", dependencies: ["HACore", "Replication"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["HACore", "Replication", "hamgr"],
+                    swiftSettings: [.define("HAMGR_TESTABLE")]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -159,9 +159,9 @@ final class ArbitratorDaemon: @unchecked Sendable {
                 guard let self else { return callerLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
                 return self.loop.submit { try JSONEncoder.hamgr.encode(self.statusDocument()) }.hop(to: callerLoop)
             },
-            metrics: { [weak self] in
-                guard let self else { return "" }
-                return (try? self.loop.submit { self.metricsText() }.wait()) ?? ""
+            asyncMetrics: { [weak self] callerLoop in
+                guard let self else { return callerLoop.makeSucceededFuture("") }
+                return self.loop.submit { self.metricsText() }.hop(to: callerLoop)
             },
             healthy: { true },
             admin: { _, callerLoop in callerLoop.makeSucceededFuture(.refused("the arbitrator has no admin actions", status: 404)) })

@@ -34,7 +34,13 @@ final class NodeDaemon: @unchecked Sendable {
     private var statusServer: StatusServer?
     private var listener: PeerListener?
     private var peerQuorum: PeerConnection?
-    private var arbitratorQuorum: PeerConnection?
+    private var arbitratorQuorum: PeerConnection? {
+        didSet { snapshotLock.withLock { arbitratorLinkUpSnapshot = arbitratorQuorum != nil } }
+    }
+    private var arbitratorLinkUpSnapshot = false
+    /// The quorum link to the arbitrator is established (a secondary talks to it only when
+    /// it needs a vote, so link state is what tells an operator it is reachable).
+    var arbitratorLinkUp: Bool { snapshotLock.withLock { arbitratorLinkUpSnapshot } }
     private var dialers: [PeerDialer] = []
     private var ticker: DispatchSourceTimer?
     private var pendingAdmin: [(command: Quorum.AdminCommand, id: Int, reply: (AdminResponse) -> Void)] = []

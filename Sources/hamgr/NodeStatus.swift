@@ -37,7 +37,7 @@ extension NodeDaemon {
             diskState: v.diskState,
             peer: StatusDocument.Peer(node: peer.name.name, statusURL: "http://\(peer.statusAddress)/status",
                                       reachable: q.peerReachable, replication: v.peerState, diskState: v.peerDiskState),
-            arbitrator: StatusDocument.Arbitrator(reachable: q.arbitratorReachable ?? false),
+            arbitrator: StatusDocument.Arbitrator(reachable: q.arbitratorReachable ?? arbitratorLinkUp),
             quorum: q.hasQuorum, leaseValidMs: leaseMs, outOfSyncBytes: v.outOfSyncBytes, resync: resync,
             splitBrain: v.splitBrain, whyNotPromoted: q.whyNotPromoted, maintenance: q.maintenance,
             serviceAddress: me.serviceAddress, generation: v.generations.current.description)
@@ -53,7 +53,7 @@ extension NodeDaemon {
         metrics.epoch.set(q.epoch.value)
         metrics.quorum.set(q.hasQuorum)
         metrics.peerUp.set(v.peerState != .disconnected)
-        metrics.arbitratorUp.set(q.arbitratorReachable ?? false)
+        metrics.arbitratorUp.set(q.arbitratorReachable ?? arbitratorLinkUp)
         metrics.leaseRemainingSeconds.set(q.role == .primary ? max(0, ((q.leaseValidUntil ?? now) - now).seconds) : 0)
         metrics.replicationLagBytes.set(v.replicationLagBytes)
         metrics.outOfSyncBytes.set(v.outOfSyncBytes)
