@@ -43,10 +43,15 @@ final class NodeDaemon: @unchecked Sendable {
     var arbitratorLinkUp: Bool { snapshotLock.withLock { arbitratorLinkUpSnapshot } }
     private var dialers: [PeerDialer] = []
     private var ticker: DispatchSourceTimer?
+    private var resourceRefresh: DispatchSourceTimer?
     private var pendingAdmin: [(command: Quorum.AdminCommand, id: Int, reply: (AdminResponse) -> Void)] = []
     private var nextAdminID = 0
     private var lastPersisted: NodePersistentState
     let metrics = NodeMetrics()
+    private(set) var resources: ResourceManager!
+    let hooks: HookRunner
+    private var resourceSnapshot: [StatusDocument.Resource] = []  // under snapshotLock
+    private var maintenanceApplied = false
     private var nbdSeen = NBDStatistics()
     let notifier = SystemdNotifier()
     private var stopping = false
@@ -93,6 +98,17 @@ final class NodeDaemon: @unchecked Sendable {
                         now: MonotonicClock.now())
         coreSnapshot = core.status
         nbd = NBDServer(group: group, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)", logger: logger)
+        hooks = HookRunner(hooks: config.hooks, logger: logger, metrics: metrics)
+        resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics) { [weak self] resource, reason in
+            // A resource that keeps failing here may run on the peer: hand over (design.md §4).
+            self?.control.async {
+                guard let self else { return }
+                self.logger.error("resource \(resource) gave up (\(reason)); switching over", metadata: self.eventMetadata("resource_give_up"))
+                self.submitAdmin(.switchover) { r in
+                    self.logger.notice("switchover after resource failure: \(r.reply.message)", metadata: self.eventMetadata("resource_switchover"))
+                }
+            }
+        }
     }
 
     static let arbitratorID = NodeID("arbitrator")
@@ -147,6 +163,17 @@ final class NodeDaemon: @unchecked Sendable {
         timer.setEventHandler { [weak self] in self?.feed(.tick) }
         timer.resume()
         ticker = timer
+        let refresh = DispatchSource.makeTimerSource(queue: control)
+        refresh.schedule(deadline: .now(), repeating: .milliseconds(500))
+        refresh.setEventHandler { [weak self] in
+            guard let self else { return }
+            Task {
+                let snap = await self.resources.snapshot()
+                self.snapshotLock.withLock { self.resourceSnapshot = snap }
+            }
+        }
+        refresh.resume()
+        resourceRefresh = refresh
         _ = notifier.ready(status: "secondary, joining")
         _ = notifier.startWatchdog { [weak self] in self?.healthy() ?? false }
         control.async { self.logger.notice("node started", metadata: self.eventMetadata("started")) }
@@ -168,8 +195,12 @@ final class NodeDaemon: @unchecked Sendable {
         control.sync {
             self.stopping = true
             self.ticker?.cancel()
+            self.resourceRefresh?.cancel()
             if self.core.status.role == .primary { self.feed(.admin(.demote)) }
         }
+        let resourcesStopped = DispatchSemaphore(value: 0)
+        Task { try? await self.resources.stopAll(); resourcesStopped.signal() }
+        _ = resourcesStopped.wait(timeout: .now() + 120)
         dialers.forEach { $0.stop() }
         _ = try? nbd.stop().wait()
         volume.stop()
@@ -287,12 +318,21 @@ final class NodeDaemon: @unchecked Sendable {
         case .becomeSecondary(let epoch, let master):
             demote(epoch: epoch, master: master)
         case .drainForSwitchover:
-            volume.drainForSwitchover { [weak self] result in
+            // Planned handover: services stop first (a filesystem flushes through the export),
+            // then the volume drains and confirms the peer has every write.
+            let volume = self.volume
+            Task { [weak self] in
+                guard let self else { return }
+                do { try await self.resources.stopAll() } catch {
+                    self.logger.error("stopping resources for switchover: \(error)", metadata: self.eventMetadata("resource_stop_failed"))
+                }
+                volume.drainForSwitchover { [weak self] result in
                 self?.control.async {
                     switch result {
                     case .success: self?.feed(.switchoverDrained)
                     case .failure(let e): self?.logger.error("switchover drain failed: \(e)", metadata: self?.eventMetadata("switchover_failed") ?? [:])
                     }
+                }
                 }
             }
         case .adminResult(let command, let result):
@@ -301,6 +341,11 @@ final class NodeDaemon: @unchecked Sendable {
             var md = eventMetadata(event.name)
             for f in event.fields { md[f.key] = .string(f.value) }
             logger.notice("\(event.name)", metadata: md)
+        }
+        if core.status.maintenance != maintenanceApplied {
+            maintenanceApplied = core.status.maintenance
+            let on = maintenanceApplied
+            Task { await self.resources.holdRestarts(on) }
         }
         if core.status.epoch != fencedEpoch {
             fencedEpoch = core.status.epoch
@@ -324,6 +369,21 @@ final class NodeDaemon: @unchecked Sendable {
         nbd.setVolume(volume, refusal: "")
         _ = notifier.status("primary, epoch \(epoch), serving \(me.serviceAddress)")
         logger.notice("promoted: serving the export on \(me.serviceAddress)", metadata: eventMetadata("promoted"))
+        // Promotion order (design.md §4): lease → volume primary → resources in order → announce.
+        let context = hookContext(role: .primary, epoch: epoch, master: me.name)
+        Task { [weak self] in
+            guard let self else { return }
+            do {
+                try await self.resources.startAll()
+            } catch {
+                self.control.async {
+                    self.logger.error("resources failed to start: \(error); switching over", metadata: self.eventMetadata("resource_start_failed"))
+                    self.submitAdmin(.switchover) { _ in }
+                }
+                return
+            }
+            _ = await self.hooks.run(.onPromote, context: context)
+        }
     }
 
     private func demote(epoch: Epoch, master: NodeID?) {
@@ -333,6 +393,12 @@ final class NodeDaemon: @unchecked Sendable {
         _ = notifier.status("secondary, epoch \(epoch), master \(master?.name ?? "unknown")")
         if wasPrimary {
             logger.notice("demoted: export closed", metadata: eventMetadata("demoted"))
+            let context = hookContext(role: .secondary, epoch: epoch, master: master)
+            Task { [weak self] in
+                guard let self else { return }
+                try? await self.resources.stopAll()
+                _ = await self.hooks.run(.onDemote, context: context)
+            }
         }
     }
 
@@ -344,15 +410,14 @@ final class NodeDaemon: @unchecked Sendable {
         return "not primary; no master is known" + (core.status.whyNotPromoted.map { " (\($0))" } ?? "")
     }
 
-    private func hookEnvironment(role: Role, epoch: Epoch, master: NodeID?) -> [String: String] {
-        var env = ["HAMGR_CLUSTER": config.cluster.name, "HAMGR_NODE": me.name.name, "HAMGR_ROLE": role.rawValue,
-                   "HAMGR_EPOCH": epoch.description]
-        if let master, let node = try? config.node(named: master.name) {
-            env["HAMGR_MASTER_NODE"] = master.name
-            env["HAMGR_SERVICE_ADDRESS"] = node.serviceAddress
-        }
-        return env
+    private func hookContext(role: Role, epoch: Epoch, master: NodeID?) -> HookContext {
+        let masterNode = master.flatMap { try? config.node(named: $0.name) }
+        return HookContext(cluster: config.cluster.name, node: me.name.name, role: role, epoch: epoch.value,
+                           serviceAddress: me.serviceAddress, masterNode: master?.name,
+                           masterServiceAddress: masterNode?.serviceAddress, peerNode: peer.name.name)
     }
+
+    var resourcesStatus: [StatusDocument.Resource] { snapshotLock.withLock { resourceSnapshot } }
 
     func eventMetadata(_ event: String) -> Logger.Metadata {
         ["event": .string(event), "epoch": .string(core.status.epoch.description)]

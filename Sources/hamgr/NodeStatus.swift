@@ -40,7 +40,7 @@ extension NodeDaemon {
             arbitrator: StatusDocument.Arbitrator(reachable: q.arbitratorReachable ?? arbitratorLinkUp),
             quorum: q.hasQuorum, leaseValidMs: leaseMs, outOfSyncBytes: v.outOfSyncBytes, resync: resync,
             splitBrain: v.splitBrain, whyNotPromoted: q.whyNotPromoted, maintenance: q.maintenance,
-            serviceAddress: me.serviceAddress, generation: v.generations.current.description)
+            serviceAddress: me.serviceAddress, generation: v.generations.current.description, resources: resourcesStatus)
     }
 
     /// Refreshes the gauges from the cores and renders the exposition text.

@@ -1,0 +1,81 @@
+import Foundation
+import XCTest
+
+/// Issue 4 acceptance 3 and 4 with real processes: the real `ocf:heartbeat:Dummy` agent
+/// from Debian's resource-agents runs as a resource of the master, and hooks announce
+/// promotions and demotions with the documented environment.
+final class ResourcesAndHooksProcessTests: XCTestCase {
+    func testDummyResourceFollowsTheMasterAndRepeatedFailureSwitchesOver() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/lib/ocf/resource.d/heartbeat/Dummy") else {
+            throw XCTSkip("resource-agents is not installed")
+        }
+        let hookDir = FileManager.default.temporaryDirectory.appendingPathComponent("hamgr-hooks-\(getpid())")
+        try FileManager.default.createDirectory(at: hookDir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: hookDir) }
+        let hookLog = hookDir.appendingPathComponent("hooks.log").path
+        let hook = hookDir.appendingPathComponent("hook.sh").path
+        try "#!/bin/sh\necho \"$(env | grep '^HAMGR_' | sort | tr '\\n' ' ')\" >> \(hookLog)\n"
+            .write(toFile: hook, atomically: true, encoding: .utf8)
+        chmod(hook, 0o755)
+        let h = try ClusterHarness(name: "rsc", subnet: 37, extraTOML: """
+            [[resource]]
+            name = "dummy"
+            agent = "ocf:heartbeat:Dummy"
+            monitor_interval_ms = 300
+            max_restarts = 1
+
+            [hooks]
+            on_promote = "\(hook)"
+            on_demote = "\(hook)"
+            """)
+        defer { h.shutdown() }
+        func stateFile(_ n: String) -> String { h.dir.appendingPathComponent("\(n)-rsc/Dummy-dummy.state").path }
+        for n in ["a", "b"] {
+            try FileManager.default.createDirectory(atPath: h.dir.appendingPathComponent("\(n)-rsc").path, withIntermediateDirectories: true)
+        }
+        try h.startArbitrator()
+        for n in ["a", "b"] { try h.startNode(n, env: ["HA_RSCTMP": h.dir.appendingPathComponent("\(n)-rsc").path]) }
+        let (master, backup) = try h.startedCluster(startProcesses: false)
+
+        // Started after promotion, on the master only.
+        XCTAssertTrue(waitUntil(10) { FileManager.default.fileExists(atPath: stateFile(master)) }, "Dummy not started on the master\n\(h.tail(master))")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: stateFile(backup)))
+        XCTAssertTrue(waitUntil(10) { hookLines(hookLog).contains { $0.contains("HAMGR_HOOK=on_promote") && $0.contains("HAMGR_NODE=\(master)") } })
+        let promoteLine = hookLines(hookLog).first { $0.contains("HAMGR_HOOK=on_promote") && $0.contains("HAMGR_NODE=\(master)") } ?? ""
+        for expected in ["HAMGR_CLUSTER=rsc", "HAMGR_ROLE=primary", "HAMGR_SERVICE_ADDRESS=\(h.node(master).serviceAddress)",
+                         "HAMGR_MASTER_NODE=\(master)", "HAMGR_EPOCH="] {
+            XCTAssertTrue(promoteLine.contains(expected), "on_promote environment lacks \(expected): \(promoteLine)")
+        }
+
+        // A monitor failure restarts the resource.
+        try FileManager.default.removeItem(atPath: stateFile(master))
+        XCTAssertTrue(waitUntil(10) { FileManager.default.fileExists(atPath: stateFile(master)) }, "Dummy not restarted\n\(h.tail(master))")
+        h.waitFor(master, "one restart recorded", within: 5) { s in
+            ((s["resources"] as? [[String: Any]])?.first?["restarts"] as? Int) == 1
+        }
+
+        // Failing again exceeds max_restarts = 1: the master switches over.
+        try FileManager.default.removeItem(atPath: stateFile(master))
+        h.waitForRole(backup, "primary", within: 20)
+        h.waitForRole(master, "secondary", within: 5)
+        XCTAssertTrue(waitUntil(10) { FileManager.default.fileExists(atPath: stateFile(backup)) }, "Dummy not started on the new master")
+        XCTAssertFalse(FileManager.default.fileExists(atPath: stateFile(master)), "Dummy still running on the demoted node")
+        XCTAssertTrue(waitUntil(10) { hookLines(hookLog).contains { $0.contains("HAMGR_HOOK=on_demote") && $0.contains("HAMGR_NODE=\(master)") && $0.contains("HAMGR_ROLE=secondary") } },
+                      "no on_demote hook: \(hookLines(hookLog))")
+        XCTAssertTrue(waitUntil(10) { hookLines(hookLog).contains { $0.contains("HAMGR_HOOK=on_promote") && $0.contains("HAMGR_NODE=\(backup)") } })
+    }
+}
+
+func hookLines(_ path: String) -> [String] {
+    ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "").split(separator: "\n").map(String.init)
+}
+
+/// Polls `cond` every 50 ms for at most `seconds`.
+func waitUntil(_ seconds: Double, _ cond: () -> Bool) -> Bool {
+    let end = Date().addingTimeInterval(seconds)
+    while Date() < end {
+        if cond() { return true }
+        usleep(50_000)
+    }
+    return cond()
+}
