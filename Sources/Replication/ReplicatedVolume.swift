@@ -369,9 +369,8 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         d.start()
     }
 
-    /// A hello the peer refuses can close the socket without the dialer hearing of it, and
-    /// then it never redials; after two link timeouts without a session, say so and start a
-    /// fresh dialer.
+    /// Belt and braces over `PeerDialer`'s own redial: after two link timeouts without a
+    /// session, say why in `status.lastLinkError` and start a fresh dialer.
     private func checkDialer() {
         guard !halted, dialer != nil else { return }
         guard sessions.isEmpty else { ticksWithoutLink = 0; return }
