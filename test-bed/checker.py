@@ -30,9 +30,12 @@ Definitions (docs/reliability.md, "Checker rules"):
   R4 dual-primary  Two nodes reporting role "primary" in /status polls at overlapping
                    times: with the same epoch always a violation; with different epochs
                    a violation when the overlap exceeds the tolerance (poll jitter).
-  R4b dual-lease   A primary's poll [t0,t1] with lease_valid_ms = L claims a lease until
-                   t0 + L; another node's poll of a primary with a lease in another epoch
-                   ending at u1 with t0 <= u1 < t0 + L - 50 ms: two open write gates.
+  R4b dual-lease   Lease runs from polls (role primary, lease_valid_ms > 0): consecutive
+                   claims span [first.t0, last.t1]; if the node then goes silent (failed
+                   polls) its own word extends the run to last.t0 + lease_valid_ms; if it
+                   answers without a claim (released, demoted) the run ends at last.t1.
+                   Runs of two nodes in different epochs overlapping by > 50 ms: two open
+                   write gates at once.
   R5 convergence   After every heal the cluster reached exactly one primary, a
                    secondary with disk_state upToDate and peer replication inSync,
                    within the bound (default 30 s), as recorded by the driver.
@@ -246,7 +249,7 @@ class Checker:
         (with leased=True: primary and /status saying the lease is valid)."""
         polls = collections.defaultdict(list)
         for r in self.recs:
-            if r.get("type") == "status" and r.get("ok") and r["node"] != "w":
+            if r.get("type") == "status" and r["node"] != "w":
                 polls[r["node"]].append(r)
         out = {}
         for node, ps in polls.items():
@@ -254,7 +257,9 @@ class Checker:
             ivs = []
             cur = None
             for p in ps:
-                s = p["s"] if isinstance(p.get("s"), dict) else {}
+                # A failed poll (node paused, frozen, unreachable) ends a run: we only
+                # count what was observed, never the unobserved gap.
+                s = p["s"] if p.get("ok") and isinstance(p.get("s"), dict) else {}
                 hit = s.get("role") == "primary" and (not leased or lease_valid(s) is True)
                 if hit and cur and cur[2] == s.get("epoch"):
                     cur[1] = p["t1"]
@@ -295,44 +300,50 @@ class Checker:
         self.stats["dual_primary_intervals"] = count
         self.stats["dual_primary_seconds"] = round(total, 3)
 
-    def check_lease_claims(self, window=10.0):
-        """Two nodes claiming a valid lease at one real instant (two open write gates).
-
-        A poll [t0, t1] of a primary reporting lease_valid_ms = L says: its lease is valid
-        until at least t0 + L (the earliest the document could have been made). Another
-        node's poll [u0, u1] reporting primary with a lease in a different epoch says it
-        holds one at some instant <= u1. Violation if t0 < u1 and t0 + L > u1 + tol."""
-        claims = collections.defaultdict(list)
+    def lease_claims(self):
+        """Per node: [start, end, epoch] during which the node certainly or by its own
+        word held a master lease, from /status polls with role primary and
+        lease_valid_ms > 0. A run of consecutive claiming polls (same epoch) spans
+        [first.t0, last.t1]. If the next poll of that node succeeds without a claim,
+        the lease may have been released (switchover) right after the last claim, so
+        the run ends at last.t1. If the node went silent instead (paused, frozen, cut
+        off from the poller) the node itself said its lease runs until last.t0 + L."""
+        polls = collections.defaultdict(list)
         for r in self.recs:
-            if r.get("type") != "status" or not r.get("ok") or r["node"] == "w":
-                continue
-            s = r["s"] if isinstance(r.get("s"), dict) else {}
-            if s.get("role") != "primary":
-                continue
-            rem = s.get("lease_valid_ms")
-            if isinstance(rem, (int, float)) and rem > 0:
-                claims[r["node"]].append((r["t0"], r["t1"], s.get("epoch"), rem / 1000.0))
-        nodes = sorted(claims)
-        n = 0
-        for x in nodes:
-            for y in nodes:
-                if x == y:
+            if r.get("type") == "status" and r["node"] != "w":
+                polls[r["node"]].append(r)
+        out = {}
+        for node, ps in polls.items():
+            ps.sort(key=lambda r: r["t0"])
+            runs, cur = [], None
+            for p in ps:
+                s = p["s"] if p.get("ok") and isinstance(p.get("s"), dict) else None
+                rem = s.get("lease_valid_ms") if s else None
+                claim = bool(s) and s.get("role") == "primary" and isinstance(rem, (int, float)) and rem > 0
+                if claim and cur and cur[2] == s.get("epoch") and cur[4] is None:
+                    cur[1], cur[3] = p["t1"], p["t0"] + rem / 1000.0
                     continue
-                ys = sorted(claims[y], key=lambda c: c[1])
-                for (t0, t1, ex, rem) in claims[x]:
-                    for (u0, u1, ey, _r) in ys:
-                        if u1 < t0 or u1 > t0 + window:
-                            continue
-                        if ex != ey and t0 + rem > u1 + self.lease_tol:
-                            n += 1
-                            if n <= 20:
-                                self.violate("dual-lease", {
-                                    "holder": x, "holder_epoch": ex, "holder_poll_t0": t0,
-                                    "holder_lease_valid_ms": int(rem * 1000),
-                                    "other": y, "other_epoch": ey, "other_poll_t1": u1,
-                                    "overlap_s": round(t0 + rem - u1, 3)})
-                            break
-        self.stats["dual_lease_claims"] = n
+                if cur:
+                    # close: silent (failed poll) -> the node's own lease end; else last.t1
+                    end = cur[3] if not p.get("ok") else cur[1]
+                    runs.append([cur[0], max(cur[1], end), cur[2]])
+                    cur = None
+                if claim:
+                    cur = [p["t0"], p["t1"], s.get("epoch"), p["t0"] + rem / 1000.0, None]
+            if cur:
+                runs.append([cur[0], max(cur[1], cur[3]), cur[2]])
+            out[node] = runs
+        return out
+
+    def check_lease_claims(self):
+        """R4b: two nodes holding a master lease (open write gate) at one instant."""
+        n = 0
+        for x, y, a, b, ov in self.overlaps(self.lease_claims()):
+            if a[2] != b[2] and ov > self.lease_tol:
+                n += 1
+                self.violate("dual-lease", {"nodes": [x, y], "epochs": [a[2], b[2]], "overlap_s": round(ov, 3),
+                                            "lease_%s" % x: [a[0], a[1]], "lease_%s" % y: [b[0], b[1]]})
+        self.stats["dual_lease_overlaps"] = n
 
     def check_convergence(self):
         conv = [r for r in self.recs if r.get("type") == "converge"]

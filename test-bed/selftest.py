@@ -406,11 +406,23 @@ def checker_flags_dual_master():
     expect_violation(GOOD + [ST("b", 3.0, "primary", 1), ST("b", 3.2, "primary", 1)],
                      "dual-primary-same-epoch")
     expect_violation(GOOD + [ST("a", 5.0, "primary", 1), ST("a", 6.5, "primary", 1)], "dual-primary")
-    expect_violation(GOOD + [ST("a", 4.3, "primary", 1, lease_valid_ms=900),
-                             ST("b", 4.6, "primary", 2, lease_valid_ms=1000)], "dual-lease")
-    v = verdict(GOOD + [ST("a", 4.3, "primary", 1, lease_valid_ms=150),   # ends before b's claim
+    FAIL_A = {"type": "status", "node": "a", "t0": 4.4, "t1": 4.9, "ok": False, "err": "timed out"}
+    # a goes silent after claiming 900 ms at 4.3; b claims a lease at 4.6: two open gates
+    expect_violation(GOOD + [ST("a", 4.3, "primary", 1, lease_valid_ms=900), FAIL_A,
+                             ST("b", 4.6, "primary", 2, lease_valid_ms=1000),
+                             ST("b", 4.9, "primary", 2, lease_valid_ms=1000)], "dual-lease")
+    # a's silent lease ends (4.45) before b's first claim (4.6): fine
+    v = verdict(GOOD + [ST("a", 4.3, "primary", 1, lease_valid_ms=150), FAIL_A,
                         ST("b", 4.6, "primary", 2, lease_valid_ms=1000)])
     assert_true("dual-lease" not in v["violations"], "lease ended in time: %s" % v["violations"])
+    # switchover: a claims 1000 ms at 4.3 but answers at 4.5 as secondary (released): fine
+    v = verdict(GOOD + [ST("a", 4.3, "primary", 1, lease_valid_ms=1000), ST("a", 4.5, "secondary", 2),
+                        ST("b", 4.55, "primary", 2, lease_valid_ms=1000)])
+    assert_true("dual-lease" not in v["violations"], "released lease: %s" % v["violations"])
+    # observed directly: both claim in overlapping runs
+    expect_violation(GOOD + [ST("a", 4.3, "primary", 1, lease_valid_ms=500), ST("a", 4.7, "primary", 1, lease_valid_ms=100),
+                             ST("b", 4.5, "primary", 2, lease_valid_ms=1000), ST("b", 4.8, "primary", 2, lease_valid_ms=900)],
+                     "dual-lease")
     # a brief overlap inside the poll tolerance is a finding, not a violation
     v = verdict(GOOD + [ST("a", 4.5, "primary", 1)])
     assert_true(v["ok"] and v["findings"], "brief overlap: %s" % json.dumps(v))
