@@ -200,14 +200,15 @@ class Cluster:
                 best = max(best, cand) if best else cand
         return best[1] if best else None
 
-    def converged(self, fresh_s=1.5):
-        """(ok, why): exactly one primary, the other secondary upToDate, peer inSync."""
+    def converged(self, fresh_s=1.5, since=0.0):
+        """(ok, why): exactly one primary, both disks upToDate, the primary's peer inSync,
+        judged only from polls started after `since` (the heal) and at most fresh_s old."""
         lt = self.latest()
         now = time.time()
         st = {}
         for h in NODES:
             rec = lt.get(h)
-            if not rec or not rec.get("ok") or now - rec.get("t1", 0) > fresh_s:
+            if not rec or not rec.get("ok") or now - rec.get("t1", 0) > fresh_s or rec.get("t0", 0) < since:
                 return False, "%s: no fresh status" % h
             st[h] = rec["s"]
         prim = [h for h in NODES if st[h].get("role") == "primary"]
@@ -217,8 +218,9 @@ class Cluster:
         s = [h for h in NODES if h != p][0]
         if st[s].get("role") != "secondary":
             return False, "%s role %s" % (s, st[s].get("role"))
-        if st[s].get("disk_state") != "upToDate":
-            return False, "%s disk_state %s" % (s, st[s].get("disk_state"))
+        for h in (s, p):
+            if st[h].get("disk_state") != "upToDate":
+                return False, "%s disk_state %s" % (h, st[h].get("disk_state"))
         rep = (st[p].get("peer") or {}).get("replication")
         if rep != "inSync":
             return False, "%s peer.replication %s" % (p, rep)
@@ -237,11 +239,12 @@ class Cluster:
 
     def wait_converged(self, bound, n_max=100000, fail_on_exit=False):
         t0 = time.monotonic()
+        since = time.time()
         why = ""
         n = 0
         while time.monotonic() - t0 < bound and n < n_max:
             n += 1
-            ok, why = self.converged()
+            ok, why = self.converged(since=since)
             if ok:
                 return True, time.monotonic() - t0, why
             if fail_on_exit and self.dead():
