@@ -150,14 +150,3 @@ struct DrillReport: Codable, Equatable {
     }
 }
 
-/// Carries out a drill against the cluster behind `client`. The cluster actions
-/// (pattern writer over NBD, failover, verification) are wired by the daemon's
-/// integration; until then `run()` says so instead of pretending.
-struct DrillRunner {
-    var client: ClusterClient
-    var plan: DrillPlan
-
-    func run() throws -> DrillReport {
-        throw HactlError("hactl drill is not built yet: its cluster actions arrive with the daemon integration")
-    }
-}

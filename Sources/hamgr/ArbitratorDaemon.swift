@@ -169,16 +169,18 @@ final class ArbitratorDaemon: @unchecked Sendable {
 
     private func statusDocument() -> ArbitratorStatusDocument {
         let now = MonotonicClock.now()
-        return ArbitratorStatusDocument(clusters: core.clusters.compactMap { name in
-            guard let st = core.status(cluster: name), let entry = clusters[name] else { return nil }
-            let leaseValid = st.leaseExpiry.map { now < $0 } ?? false
+        return ArbitratorStatusDocument(clusters: clusters.keys.sorted().compactMap { name in
+            guard let entry = clusters[name] else { return nil }
+            // A configured cluster nobody has contacted yet is listed at epoch 0.
+            let st = core.status(cluster: name)
+            let leaseValid = st?.leaseExpiry.map { now < $0 } ?? false
             var contact: [String: Int64?] = [:]
             for n in entry.config.nodes {
-                contact[n.name.name] = st.lastContact[n.name].map { (now - $0).nanosecondsClamped / 1_000_000 }
+                contact[n.name.name] = st?.lastContact[n.name].map { (now - $0).nanosecondsClamped / 1_000_000 }
             }
             return ArbitratorStatusDocument.ClusterEntry(
-                name: name, master: leaseValid ? st.leaseHolder?.name : nil, epoch: st.epoch.value,
-                outdated: st.outdated.map { ArbitratorStatusDocument.OutdatedMark(node: $0.node.name, epoch: $0.epoch.value) },
+                name: name, master: leaseValid ? st?.leaseHolder?.name : nil, epoch: st?.epoch.value ?? 0,
+                outdated: (st?.outdated ?? []).map { ArbitratorStatusDocument.OutdatedMark(node: $0.node.name, epoch: $0.epoch.value) },
                 lastContactMs: contact)
         })
     }

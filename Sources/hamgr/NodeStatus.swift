@@ -29,7 +29,9 @@ extension NodeDaemon {
             (try? config.node(named: m.name)).map { StatusDocument.Master(node: m.name, serviceAddress: $0.serviceAddress) }
         }
         let leaseMs: Int64 = q.role == .primary ? max(0, ((q.leaseValidUntil ?? now) - now).nanosecondsClamped / 1_000_000) : 0
-        let resync: StatusDocument.Resync? = v.resyncTotalBytes > 0
+        // Progress is shown while a copy runs, not after it finished.
+        let copying = v.verifyRunning || v.peerState == .behind || v.diskState == .inconsistent
+        let resync: StatusDocument.Resync? = copying && v.resyncTotalBytes > 0
             ? StatusDocument.Resync(doneBytes: v.resyncDoneBytes, totalBytes: v.resyncTotalBytes, kind: v.verifyRunning ? "verify" : "resync")
             : nil
         return StatusDocument(

@@ -19,11 +19,11 @@ final class LinkCut {
           }
         }
         """
-        let r = try run(["nft", "-f", "-"], timeout: 10, stdin: script)
+        let r = try shell(["nft", "-f", "-"], timeout: 10, stdin: script)
         guard r.status == 0 else { throw XCTSkip("nft unavailable: \(r.stderr)") }
     }
 
-    func heal() { _ = try? run(["nft", "delete", "table", "inet", table], timeout: 10) }
+    func heal() { _ = try? shell(["nft", "delete", "table", "inet", table], timeout: 10) }
 }
 
 final class PartitionTests: XCTestCase {

@@ -166,7 +166,7 @@ final class ClusterHarness {
 
     func status(_ name: String) -> [String: Any]? {
         let addr = name == "w" ? "\(arbitratorIP):\(arbitratorStatusPort)" : node(name).statusAddress
-        guard let out = try? run(["curl", "-sf", "--max-time", "1", "http://\(addr)/status"], timeout: 3), out.status == 0,
+        guard let out = try? shell(["curl", "-sf", "--max-time", "1", "http://\(addr)/status"], timeout: 3), out.status == 0,
               let obj = try? JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [String: Any] else { return nil }
         return obj
     }
@@ -205,7 +205,7 @@ final class ClusterHarness {
 
     /// POST an admin action with the token.
     func admin(_ name: String, _ action: String, body: String = "{}") throws -> (code: Int, body: String) {
-        let out = try run(["curl", "-s", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}", "-X", "POST",
+        let out = try shell(["curl", "-s", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}", "-X", "POST",
                            "-H", "Authorization: Bearer \(try String(contentsOfFile: tokenPath, encoding: .utf8))",
                            "-H", "Content-Type: application/json", "--data", body,
                            "http://\(node(name).statusAddress)/admin/\(action)"], timeout: 40)
@@ -218,7 +218,7 @@ struct CommandResult { var status: Int32; var stdout: String; var stderr: String
 
 /// Runs a command to completion with a hard timeout (SIGKILL after `timeout` seconds).
 @discardableResult
-func run(_ argv: [String], timeout: Double = 60, env: [String: String] = [:], stdin: String? = nil) throws -> CommandResult {
+func shell(_ argv: [String], timeout: Double = 60, env: [String: String] = [:], stdin: String? = nil) throws -> CommandResult {
     let p = Process()
     p.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     p.arguments = argv
@@ -254,5 +254,5 @@ func run(_ argv: [String], timeout: Double = 60, env: [String: String] = [:], st
 }
 
 func sha256(ofFile path: String) throws -> String {
-    try run(["sha256sum", path]).stdout.split(separator: " ").first.map(String.init) ?? ""
+    try shell(["sha256sum", path]).stdout.split(separator: " ").first.map(String.init) ?? ""
 }

@@ -87,7 +87,7 @@ func verifyPatterns(uri: String, expected: [Int: Int], file: StaticString = #fil
         var args = ["qemu-io", "-f", "raw", "-r"]
         for (off, pat) in part { args += ["-c", "read -P \(pat) \(off) \(PatternWorkload.writeBytes)"] }
         args.append(uri)
-        let r = try run(args, timeout: 60)
+        let r = try shell(args, timeout: 60)
         guard r.status == 0 || r.stdout.contains("Pattern verification failed") else {
             XCTFail("qemu-io read-back failed: \(r.stdout) \(r.stderr)", file: file, line: line)
             return part.map(\.key)
@@ -106,7 +106,7 @@ func verifyPatterns(uri: String, expected: [Int: Int], file: StaticString = #fil
 func firstAcknowledgedWrite(uri: String, within seconds: Double) -> Date? {
     let end = Date().addingTimeInterval(seconds)
     while Date() < end {
-        if let r = try? run(["qemu-io", "-f", "raw", "-c", "write -P 7 0 4096", uri], timeout: 3), r.status == 0,
+        if let r = try? shell(["qemu-io", "-f", "raw", "-c", "write -P 7 0 4096", uri], timeout: 3), r.status == 0,
            r.stdout.contains("wrote ") {
             return Date()
         }
