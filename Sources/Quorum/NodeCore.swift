@@ -50,6 +50,9 @@ public struct NodeCore: Sendable {
     private var drainingSince: Instant?
 
     private var whyNotPromoted: String?
+    /// An admin promotion waiting for the lease this node granted to run out (its own vote
+    /// obeys the same rule as any other).
+    private var promotionRequest: (force: Bool, until: Instant)?
     private var lastRefusedRenewEpoch: Epoch?
     private var lastNow: Instant
 
@@ -246,6 +249,17 @@ public struct NodeCore: Sendable {
             }
             return
         }
+        if let p = promotionRequest {
+            if now >= p.until || state.maintenance {
+                promotionRequest = nil
+            } else if settings.has(.skipLeaseWait) || now >= grantedLeaseExpiry {
+                promotionRequest = nil
+                if p.force || disk.state == .upToDate {
+                    startCandidacy(force: p.force, bump: false, now, &out)
+                    return
+                }
+            }
+        }
         if now < lastHeardMaster + timings.failureTimeout { return } // the master is alive
         if let blocker = candidacyBlocker(now) {
             whyNotPromoted = blocker
@@ -350,6 +364,8 @@ public struct NodeCore: Sendable {
         lastHeardMaster = now
         lastRenewSent = nil
         state.role = .secondary
+        // Our own vote in this epoch (still persisted) keeps us from following anyone else in it.
+        state.master = master
         persist(&out)
         out.append(.becomeSecondary(epoch: state.promisedEpoch, master: master))
         log("demoted", [("reason", reason)], &out)
@@ -611,6 +627,7 @@ public struct NodeCore: Sendable {
         grantedLeaseExpiry = now + timings.lease
         lastHeardMaster = now
         whyNotPromoted = nil
+        promotionRequest = nil
         syncGate(&out)
         if newMaster {
             out.append(.becomeSecondary(epoch: e, master: peer))
@@ -637,16 +654,23 @@ public struct NodeCore: Sendable {
     }
 
     private mutating func onRelease(epoch e: Epoch, handoverTo: NodeID?, now: Instant, _ out: inout [NodeAction]) {
-        guard role == .secondary, e.value < UInt64.max, e >= state.promisedEpoch || e.next == state.promisedEpoch else { return }
+        guard role == .secondary, e.value < UInt64.max else { return }
         let next = e.next
-        if next == state.promisedEpoch, state.master == me || candidacy?.epoch == next { return } // duplicate
-        // The old master closed its gate before sending this: its lease is given up.
+        guard e >= state.promisedEpoch else {
+            // Late or duplicate. Only a handover into the epoch we already stand in is still
+            // useful (its sender voted for us there); it never touches a lease.
+            if handoverTo == me, var c = candidacy, c.epoch == next, now >= c.lastSentAt + timings.renewInterval / 2 {
+                sendVoteRound(&c, now, &out)
+                candidacy = c
+            }
+            return
+        }
+        // The sender, master of e (the newest epoch we know), closed its gate before sending
+        // this: the lease we granted it is given up.
         if grantedLeaseHolder == peer || grantedLeaseHolder == nil { grantedLeaseExpiry = now }
         lastHeardMaster = now - timings.failureTimeout
         nextCandidacyAt = now
         let mayTake = handoverTo == me && disk.state == .upToDate && !state.maintenance
-            && (next > state.promisedEpoch || state.votedFor == nil || state.votedFor == me)
-            && (next > state.promisedEpoch || state.master == nil || state.master == me)
         guard mayTake else {
             log("masterReleased", [("releasedEpoch", e.description), ("handover", handoverTo?.name ?? "none")], &out)
             return
@@ -709,6 +733,14 @@ public struct NodeCore: Sendable {
                 return refuse("\(m) is master at epoch \(state.promisedEpoch); run switchover there")
             }
             if state.promisedEpoch.value == UInt64.max || highestSeenEpoch.value == UInt64.max { return refuse("epoch space exhausted") }
+            if !settings.has(.skipLeaseWait), now < grantedLeaseExpiry {
+                // This node's own vote waits for the lease it granted, like any vote.
+                promotionRequest = (force, grantedLeaseExpiry + timings.failureTimeout)
+                let ms = Int((grantedLeaseExpiry - now).milliseconds.rounded(.up))
+                let holder = grantedLeaseHolder.map { "the lease granted to \($0)" } ?? "the restart quarantine"
+                out.append(.adminResult(command, .success("election starts in \(ms) ms, when \(holder) has expired")))
+                return
+            }
             startCandidacy(force: force, bump: false, now, &out)
             out.append(.adminResult(command, .success("election started for epoch \(state.promisedEpoch)\(force ? " (forced: new data generation)" : "")")))
         case .demote:

@@ -454,6 +454,26 @@ final class ProtocolRuleTests: XCTestCase {
         XCTAssertEqual(h.status(H.b).whyNotPromoted, "maintenance mode is on")
     }
 
+    /// An admin promotion is a vote for oneself: it too waits for the lease this node granted
+    /// (simulator seed 69059 found it skipping that wait).
+    func testAdminPromoteWaitsForTheLeaseThisNodeGranted() {
+        let h = H()
+        h.electA()
+        let granted = h.now
+        h.nodes[H.a] = nil // a freezes with its lease still valid
+        h.advance(h.t.failureTimeout + .milliseconds(1))
+        let out = h.handle(H.b, .admin(.promote(force: false)))
+        XCTAssertTrue(out.contains { if case let .adminResult(_, .success(msg)) = $0 { return msg.contains("when the lease granted to a has expired") }; return false }, "\(out)")
+        XCTAssertTrue(out.sent.isEmpty, "no vote request before the lease granted to a is over")
+        var asked: Instant?
+        while asked == nil, h.now < granted + h.t.lease * 2 {
+            h.advance(.milliseconds(10))
+            if h.handle(H.b, .tick).sent.contains(where: { if case .voteRequest = $0.message { return true }; return false }) { asked = h.now }
+        }
+        XCTAssertNotNil(asked)
+        XCTAssertGreaterThanOrEqual(asked!, granted + h.t.lease)
+    }
+
     func testDemoteLetsThePeerTakeOver() {
         let h = H()
         h.electA()

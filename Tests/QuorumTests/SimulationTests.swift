@@ -43,6 +43,18 @@ final class SimulationTests: XCTestCase {
         XCTAssertGreaterThan(promotions, seeds.count, "no failovers happened beyond the first election")
     }
 
+    /// Seeds that once failed, kept as regressions: 6086 (a vote delayed across a pause promoted
+    /// a node into a superseded epoch), 69059 (an admin promotion skipped the node's own
+    /// lease wait: two open gates).
+    func testRegressionSeeds() {
+        for seed: UInt64 in [6086, 69059] {
+            if let f = Self.runSeed(seed) {
+                print(f.description)
+                XCTFail("regression seed \(seed): \(f.message)")
+            }
+        }
+    }
+
     /// Each planted bug must be caught within this many seeds (measured: see docs/quorum-protocol.md).
     static let bugBudget: UInt64 = 2000
 
