@@ -7,7 +7,7 @@ import NIOPosix
 /// flushes end with fdatasync; trim and write-zeroes use the store's hole punching.
 /// Capabilities are honest: one store and one page cache serve every connection, and a
 /// flush syncs all of it, so CAN_MULTI_CONN holds.
-public final class LocalVolume: BlockVolume, @unchecked Sendable {
+public final class LocalVolume: BlockVolume, ScatterWriteVolume, @unchecked Sendable {
     public let store: BackingStore
     public let capabilities: VolumeCapabilities
     public var sizeBytes: UInt64 { store.sizeBytes }
@@ -34,14 +34,30 @@ public final class LocalVolume: BlockVolume, @unchecked Sendable {
     public func read(offset: UInt64, length: Int, on loop: EventLoop) -> EventLoopFuture<ByteBuffer> {
         if let e = check(offset: offset, length: length, write: false) { return loop.makeFailedFuture(e) }
         let store = self.store
-        return run(on: loop) { try store.read(offset: offset, length: length) }
+        return run(on: loop, bytes: length) { try store.read(offset: offset, length: length) }
     }
 
     public func write(offset: UInt64, data: ByteBuffer, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
         if let e = check(offset: offset, length: data.readableBytes, write: true) { return loop.makeFailedFuture(e) }
         let store = self.store
-        return run(on: loop) {
+        return run(on: loop, bytes: data.readableBytes) {
             try store.write(offset: offset, buffer: data)
+            if fua { try store.sync() }
+        }
+    }
+
+    /// The write's payload in pieces as it came off the network; written piece by piece, so
+    /// no thread joins them.
+    public func write(offset: UInt64, chunks: [ByteBuffer], fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
+        let total = chunks.reduce(0) { $0 + $1.readableBytes }
+        if let e = check(offset: offset, length: total, write: true) { return loop.makeFailedFuture(e) }
+        let store = self.store
+        return run(on: loop, bytes: total) {
+            var at = offset
+            for c in chunks {
+                try store.write(offset: at, buffer: c)
+                at += UInt64(c.readableBytes)
+            }
             if fua { try store.sync() }
         }
     }
@@ -90,7 +106,11 @@ public final class LocalVolume: BlockVolume, @unchecked Sendable {
     }
     private let queue = NIOLockedValueBox(Queue())
 
-    private func run<T>(on loop: EventLoop, _ work: @escaping @Sendable () throws -> T) -> EventLoopFuture<T> {
+    /// Requests at least this large go to a thread of their own: their copy costs more than
+    /// a wake-up, and several of them should run in parallel rather than one after another.
+    static let unbatchedBytes = 128 * 1024
+
+    private func run<T>(on loop: EventLoop, bytes: Int = 0, _ work: @escaping @Sendable () throws -> T) -> EventLoopFuture<T> {
         let promise = loop.makePromise(of: T.self)
         let job: Job = { active in
             guard active else { return { promise.fail(VolumeError.shuttingDown) } }
@@ -101,6 +121,13 @@ public final class LocalVolume: BlockVolume, @unchecked Sendable {
                 result = .failure(error)
             }
             return { promise.completeWith(result) }
+        }
+        if bytes >= Self.unbatchedBytes {
+            pool.submit { state in
+                let complete = job(state == .active)
+                loop.execute { complete() }
+            }
+            return promise.futureResult
         }
         let schedule = queue.withLockedValue { q -> Bool in
             q.jobs.append((loop, job))

@@ -33,7 +33,7 @@ struct ExportCommand: ParsableCommand {
     var eventLoops: Int?
 
     @Option(name: .long, help: "I/O threads doing pread/pwrite/fdatasync.")
-    var ioThreads: Int = 4
+    var ioThreads: Int = 8
 
     func validate() throws {
         if let s = size, ByteSize.parse(s) == nil { throw ValidationError("--size: cannot read \"\(s)\" as a size (e.g. 256MiB, 1GiB, 4096)") }

@@ -186,6 +186,29 @@ final class NBDServerRobustnessTests: XCTestCase {
         assertStillServes()
     }
 
+    /// A write whose payload arrives over many reads is gathered in pieces: handed over as
+    /// pieces to LocalVolume, joined for a volume that takes one buffer. Both land intact.
+    func testWriteArrivingInPiecesLandsIntact() throws {
+        let single = try TestExport(size: 4 << 20, serve: { SingleBufferVolume($0) })
+        defer { single.stop() }
+        for port in [export.port, single.port] {
+            let s = try RawNBDSocket(port: port)
+            XCTAssertNotNil(s.go(name: "test"))
+            let data = (0..<(768 << 10)).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ $0 >> 11) }  // fits both exports
+            var header = ByteBuffer()
+            NBDRequestHeader(flags: [], type: NBDCommand.write, cookie: 5, offset: 4096, length: UInt32(data.count)).write(into: &header)
+            s.send(Array(header.readableBytesView) + Array(data[0..<1000]))
+            for start in stride(from: 1000, to: data.count, by: 200_000) {
+                usleep(20_000)  // separate TCP reads on the server
+                s.send(Array(data[start..<min(start + 200_000, data.count)]))
+            }
+            XCTAssertEqual(s.receiveSimpleReply()?.error, 0)
+            s.sendRequest(NBDCommand.read, cookie: 6, offset: 4096, length: UInt32(data.count))
+            XCTAssertEqual(s.receiveSimpleReply()?.error, 0)
+            XCTAssertTrue(s.receive(data.count) == data, "data read back differs (port \(port))")
+        }
+    }
+
     func testPipelinedRequestsAllAnswered() throws {
         let s = try RawNBDSocket(port: export.port)
         XCTAssertNotNil(s.go(name: "test"))

@@ -16,7 +16,8 @@ final class TestExport {
     let exportName: String
     private var stopped = false
 
-    init(size: UInt64 = 64 << 20, exportName: String = "test", readOnly: Bool = false, open: Bool = true) throws {
+    init(size: UInt64 = 64 << 20, exportName: String = "test", readOnly: Bool = false, open: Bool = true,
+         serve: (LocalVolume) -> BlockVolume = { $0 }) throws {
         directory = NSTemporaryDirectory() + "nbdtest-" + UUID().uuidString.prefix(8)
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
         backingPath = directory + "/backing.img"
@@ -27,7 +28,7 @@ final class TestExport {
         var logger = Logger(label: "nbd-test")
         logger.logLevel = ProcessInfo.processInfo.environment["NBD_TEST_DEBUG"] != nil ? .debug : .warning
         server = NBDServer(group: group, exportName: exportName, exportDescription: "test export", logger: logger)
-        if open { server.setVolume(volume, refusal: "") }
+        if open { server.setVolume(serve(volume), refusal: "") }
         try server.start(host: "127.0.0.1", port: 0).wait()
     }
 
@@ -200,5 +201,21 @@ final class RawNBDSocket {
     func receiveSimpleReply() -> (error: UInt32, cookie: UInt64)? {
         guard var h = receiveBuffer(16), h.readInteger(as: UInt32.self) == NBDMagic.simpleReply else { return nil }
         return (h.readInteger()!, h.readInteger()!)
+    }
+}
+
+/// A LocalVolume seen only through `BlockVolume` (not `ScatterWriteVolume`), to exercise the
+/// server's path that joins a write's pieces for volumes that take one buffer.
+final class SingleBufferVolume: BlockVolume, @unchecked Sendable {
+    let base: LocalVolume
+    init(_ base: LocalVolume) { self.base = base }
+    var sizeBytes: UInt64 { base.sizeBytes }
+    var capabilities: VolumeCapabilities { base.capabilities }
+    func read(offset: UInt64, length: Int, on loop: EventLoop) -> EventLoopFuture<ByteBuffer> { base.read(offset: offset, length: length, on: loop) }
+    func write(offset: UInt64, data: ByteBuffer, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> { base.write(offset: offset, data: data, fua: fua, on: loop) }
+    func flush(on loop: EventLoop) -> EventLoopFuture<Void> { base.flush(on: loop) }
+    func trim(offset: UInt64, length: Int, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> { base.trim(offset: offset, length: length, fua: fua, on: loop) }
+    func writeZeroes(offset: UInt64, length: Int, fua: Bool, mayDeallocate: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
+        base.writeZeroes(offset: offset, length: length, fua: fua, mayDeallocate: mayDeallocate, on: loop)
     }
 }

@@ -33,10 +33,11 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     private var flushScheduled = false
     /// Replies of this loop turn not yet handed to the channel: small replies share one buffer.
     private var outbound: ByteBuffer?
-    /// A write whose header arrived before all of its payload: the payload is gathered in
-    /// its own buffer of exactly the right size (one copy, no regrowth, and no copy of a
-    /// shared cumulation buffer).
-    private var partialWrite: (header: NBDRequestHeader, payload: ByteBuffer)?
+    /// A write whose header arrived before all of its payload: the payload is gathered as
+    /// slices of the receive buffers (no copy on the event loop; perf showed the copy of
+    /// 1 MiB writes as the loop thread's main cost) and handed to a `ScatterWriteVolume` as
+    /// is, or joined for any other volume.
+    private var partialWrite: (header: NBDRequestHeader, chunks: [ByteBuffer], received: Int)?
     private var context: ChannelHandlerContext?
 
     init(server: NBDServer) {
@@ -115,25 +116,25 @@ final class NBDConnectionHandler: ChannelInboundHandler {
                         break loop
                     }
                     if var pw = partialWrite {
-                        partialWrite = nil  // own the payload buffer uniquely before appending
-                        let n = min(Int(pw.header.length) - pw.payload.readableBytes, buffer.readableBytes)
-                        var chunk = buffer.readSlice(length: n)!
-                        pw.payload.writeBuffer(&chunk)
-                        if pw.payload.readableBytes < Int(pw.header.length) {
+                        let n = min(Int(pw.header.length) - pw.received, buffer.readableBytes)
+                        pw.chunks.append(buffer.readSlice(length: n)!)
+                        pw.received += n
+                        slicedPayloads = true
+                        if pw.received < Int(pw.header.length) {
                             partialWrite = pw
                             break loop
                         }
-                        dispatch(pw.header, payload: pw.payload, context)
+                        partialWrite = nil
+                        dispatchWrite(pw.header, chunks: pw.chunks, context)
                         continue loop
                     }
                     if let need = decoder.bytesNeeded(buffer), need > buffer.readableBytes,
                        let header = try NBDRequestDecoder.peekHeader(buffer) {
                         // A write whose payload is still arriving (bytesNeeded counts only payloads it buffers).
                         buffer.moveReaderIndex(forwardBy: NBDLimits.requestHeaderBytes)
-                        var payload = context.channel.allocator.buffer(capacity: Int(header.length))
-                        var chunk = buffer.readSlice(length: buffer.readableBytes)!
-                        payload.writeBuffer(&chunk)
-                        partialWrite = (header, payload)
+                        let n = buffer.readableBytes
+                        partialWrite = (header, n > 0 ? [buffer.readSlice(length: n)!] : [], n)
+                        slicedPayloads = true
                         break loop
                     }
                     guard let event = try decoder.next(&buffer) else { break loop }
@@ -266,7 +267,11 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         case failure(NBDError, String)
     }
 
-    private func dispatch(_ h: NBDRequestHeader, payload: ByteBuffer?, _ context: ChannelHandlerContext) {
+    private func dispatchWrite(_ h: NBDRequestHeader, chunks: [ByteBuffer], _ context: ChannelHandlerContext) {
+        dispatch(h, payload: nil, writeChunks: chunks, context)
+    }
+
+    private func dispatch(_ h: NBDRequestHeader, payload: ByteBuffer?, writeChunks: [ByteBuffer]? = nil, _ context: ChannelHandlerContext) {
         let kind = NBDOperationKind(command: h.type)
         if kind == .disconnect {
             disconnectRequested = true
@@ -297,12 +302,23 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             guard h.flags.isSubset(of: [.fua]) else { return reject(.invalid, "unsupported flags for NBD_CMD_WRITE") }
             // Spec: a write beyond the end SHOULD get ENOSPC (reads and trims get EINVAL).
             guard inBounds else { return reject(.noSpace, "write beyond the end of the export") }
-            let data = payload ?? ByteBuffer()
-            inFlightBytes += data.readableBytes
+            let chunks = writeChunks ?? [payload ?? ByteBuffer()]
+            let bytes = Int(h.length)
+            inFlightBytes += bytes
             let started = NIODeadline.now()
-            volume.write(offset: h.offset, data: data, fua: fua, on: loop).whenComplete { [self] r in
-                inFlightBytes -= data.readableBytes
-                completeResult(h, kind, r.map { _ in .success(nil) }, started: started, bytes: data.readableBytes)
+            let written: EventLoopFuture<Void>
+            if chunks.count == 1 {
+                written = volume.write(offset: h.offset, data: chunks[0], fua: fua, on: loop)
+            } else if let scatter = volume as? ScatterWriteVolume {
+                written = scatter.write(offset: h.offset, chunks: chunks, fua: fua, on: loop)
+            } else {
+                var joined = context.channel.allocator.buffer(capacity: bytes)
+                for var c in chunks { joined.writeBuffer(&c) }
+                written = volume.write(offset: h.offset, data: joined, fua: fua, on: loop)
+            }
+            written.whenComplete { [self] r in
+                inFlightBytes -= bytes
+                completeResult(h, kind, r.map { _ in .success(nil) }, started: started, bytes: bytes)
             }
         case .flush:
             guard caps.flush else { return reject(.invalid, "NBD_CMD_FLUSH was not advertised") }

@@ -135,3 +135,10 @@ public final class NBDServer: @unchecked Sendable {
     /// Whether a client's export name selects this export ("" is the default export).
     func matches(exportName name: String) -> Bool { name.isEmpty || name == exportName }
 }
+
+/// A volume that can take a write's payload in the pieces it arrived in. The NBD server uses
+/// it for writes that span several network reads, so that it never copies their data on
+/// the event loop. Same semantics as `BlockVolume.write` with the pieces concatenated.
+public protocol ScatterWriteVolume: BlockVolume {
+    func write(offset: UInt64, chunks: [ByteBuffer], fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void>
+}
