@@ -237,16 +237,27 @@ class Cluster:
         except OSError:
             return "(no log)"
 
-    def wait_converged(self, bound, n_max=100000, fail_on_exit=False):
+    def wait_converged(self, bound, n_max=100000, fail_on_exit=False, stable_s=2.0):
+        """Converged = the condition held continuously for stable_s (a transient inSync
+        that breaks again a moment later is not convergence). Returns the time from the
+        call to the start of the stable period."""
         t0 = time.monotonic()
         since = time.time()
         why = ""
         n = 0
-        while time.monotonic() - t0 < bound and n < n_max:
+        stable_from = None
+        while time.monotonic() - t0 < bound + stable_s and n < n_max:
             n += 1
             ok, why = self.converged(since=since)
             if ok:
-                return True, time.monotonic() - t0, why
+                if stable_from is None:
+                    if time.monotonic() - t0 > bound:
+                        break
+                    stable_from = time.monotonic()
+                if time.monotonic() - stable_from >= stable_s:
+                    return True, stable_from - t0, why
+            else:
+                stable_from = None
             if fail_on_exit and self.dead():
                 return False, time.monotonic() - t0, "exited: %s" % " ".join(self.dead())
             time.sleep(0.1)

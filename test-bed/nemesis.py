@@ -14,6 +14,9 @@ Kinds (see docs/reliability.md):
   disk-full  fill the node's (loop-mounted ext4) filesystem; heal removes the filler
   disk-eio   ext4 shutdown ioctl: every read/write/fsync on the node's disk -> EIO;
              heal = kill node, unmount, e2fsck, mount, restart (disk replaced/repaired)
+  cut-kill   compound: cut A-B (the master must outdate the backup at W and go on
+             alone), 1.5 s later SIGKILL the master; the outdated backup must not be
+             promoted (no acknowledged write may be lost); heal = restart, uncut
   switchover not a fault: a planned POST /admin/switchover to the master under load
              (design: zero loss, < 1 s without a master); heal does nothing
 
@@ -31,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import PY, BED_DIR, log, run, try_run  # noqa: E402
 
 ALL_KINDS = ["isolate", "cut-ab", "one-way", "loss", "delay", "slow", "kill", "pause", "freeze",
-             "disk-full", "disk-eio", "switchover"]
+             "disk-full", "disk-eio", "switchover", "cut-kill"]
 EXT4_IOC_SHUTDOWN = 0x8004587D
 EXT4_GOING_FLAGS_NOLOGFLUSH = 2
 RELAY_BASE_PORT = 21000
@@ -64,6 +67,8 @@ def make_fault(rng, kind):
         return {"kind": kind, "host": rng.choice(["master", "master", "backup", "w"]), "hold": hold}
     if kind == "freeze":
         return {"kind": kind, "host": rng.choice(["master", "backup", "w"]), "hold": rng.uniform(3, 5)}
+    if kind == "cut-kill":
+        return {"kind": kind, "host": "master", "hold": rng.uniform(3, 5)}
     if kind == "switchover":
         return {"kind": kind, "host": "master", "hold": rng.uniform(1, 3)}
     if kind in ("disk-full", "disk-eio"):
@@ -243,6 +248,18 @@ class Nemesis:
 
     def _heal_freeze(self, f, h):
         self.bed.thaw(h)
+
+    def _inj_cut_kill(self, f):
+        hs = [self._drop("a", "b", f["id"]), self._drop("b", "a", f["id"])]
+        time.sleep(1.5)
+        name = self.cluster.proc_name(f["host"])
+        self.bed.kill(name, signal.SIGKILL)
+        return {"handles": hs, "proc": name}
+
+    def _heal_cut_kill(self, f, st):
+        self.cluster.restart(st["proc"])
+        time.sleep(0.5)
+        self._del(st["handles"])
 
     def _inj_switchover(self, f):
         code, body = self.cluster.admin(f["host"], "switchover")

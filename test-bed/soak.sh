@@ -23,7 +23,7 @@ if [ $MODE = planted ]; then
   KINDS=${BED_KINDS:-isolate,pause,freeze,one-way,isolate,pause}
   ARGS="--planted --target master --kinds $KINDS"
 else
-  KINDS=${BED_KINDS:-isolate,cut-ab,one-way,loss,delay,slow,kill,pause,freeze,disk-full,disk-eio,switchover}
+  KINDS=${BED_KINDS:-isolate,cut-ab,one-way,loss,delay,slow,kill,pause,freeze,disk-full,disk-eio,switchover,cut-kill}
   ARGS="--kinds $KINDS"
 fi
 i=0
