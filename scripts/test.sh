@@ -6,7 +6,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh || exit 1
 fail=0
-swift build --build-tests || exit 1
+# Executables first: the process-level tests spawn them, and --build-tests alone does not relink them.
+swift build && swift build --build-tests || exit 1
 swift test --skip-build 2>&1 | tee /tmp/hamgr-swift-test.log
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
 if [ "$(id -u)" -eq 0 ] && [ -x test-bed/run_matrix.sh ]; then

@@ -250,6 +250,17 @@ public struct ReplicationCore: Sendable {
         case let .frame(s, kind, epoch, payload): frame(s, kind, epoch, payload, now)
         case .gate(let g):
             gate = g
+            if role == .primary && g.epoch > roleEpoch {
+                // Re-elected in a newer epoch (same master): frames carry the new fencing token.
+                roleEpoch = g.epoch
+                promisedEpoch = max(promisedEpoch, g.epoch)
+                header.epoch = max(header.epoch, g.epoch)
+                persistHeader()
+            }
+            if role == .primary && !g.peerRequired && header.generations.bitmap.isNone && !bitmap.setChunks.isEmpty {
+                branchForUnreplicatedWrites()
+                persistHeader()
+            }
             let wait = g.validUntil - now
             if wait > .zero { out.append(.wakeUp(after: wait + .microseconds(1))) }
             evaluateAll(now)
@@ -404,12 +415,15 @@ public struct ReplicationCore: Sendable {
         }
     }
 
-    /// Marks chunks the peer will not get; a primary branches its generation on the first mark.
+    /// Marks chunks the peer will not get. A primary starts a new generation only once it may
+    /// acknowledge writes the peer lacks (the arbitrator confirmed the peer outdated, so the
+    /// gate no longer requires it): until then its unreplicated writes were never
+    /// acknowledged, its data stays in the old generation, and after a failover it is a
+    /// plain resync target (its dirty chunks included) instead of a false split brain.
     private mutating func markOutOfSync<C: Sequence>(_ chunks: C) -> [IOStep] where C.Element == Int {
         var steps: [IOStep] = []
-        if role == .primary && header.generations.bitmap.isNone {
-            header.generations.branch(to: freshGeneration())
-            log(.notice, "peer not following: new generation \(header.generations.current) over \(header.generations.bitmap)")
+        if role == .primary && !gate.peerRequired && header.generations.bitmap.isNone {
+            branchForUnreplicatedWrites()
             steps.append(.writeHeader(header))
         }
         let pages = bitmap.mark(chunks)
@@ -937,6 +951,11 @@ public struct ReplicationCore: Sendable {
 
     private func chunkLength(_ c: Int) -> Int {
         Int(min(UInt64(settings.chunkBytes), settings.sizeBytes - UInt64(c) * UInt64(settings.chunkBytes)))
+    }
+
+    private mutating func branchForUnreplicatedWrites() {
+        header.generations.branch(to: freshGeneration())
+        log(.notice, "peer not following and outdated: new generation \(header.generations.current) over \(header.generations.bitmap)")
     }
 
     private mutating func freshGeneration() -> GenerationID {
