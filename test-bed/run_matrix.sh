@@ -17,8 +17,8 @@ pass=0; fail=0
 # then every kind mixed in one seeded round.
 for round in \
   "101:isolate" "102:cut-ab" "103:one-way" "104:loss" "105:delay" "106:slow" \
-  "107:kill" "108:pause" "109:freeze" "110:disk-full" "111:disk-eio" "112:switchover" \
-  "120:isolate,cut-ab,one-way,loss,delay,slow,kill,pause,freeze,disk-full,disk-eio,switchover"; do
+  "107:kill" "108:pause" "109:freeze" "110:disk-full" "111:disk-eio" "112:switchover" "113:cut-kill" \
+  "120:isolate,cut-ab,one-way,loss,delay,slow,kill,pause,freeze,disk-full,disk-eio,switchover,cut-kill"; do
   seed=${round%%:*}; kinds=${round#*:}
   left=$(( BUDGET - ($(date +%s) - START) ))
   if [ "$left" -lt 60 ]; then
