@@ -220,6 +220,19 @@ public final class Histogram: @unchecked Sendable {
 
     public func observe(_ d: Duration) { observe(d.seconds) }
 
+    /// Takes over a histogram kept elsewhere (e.g. the NBD server's lock-free recorder):
+    /// `cumulative[i]` counts observations ≤ bound i, as Prometheus exposes them.
+    public func replace(cumulative: [UInt64], count: UInt64, sum: Double) {
+        precondition(cumulative.count == bounds.count, "histogram has \(bounds.count) buckets, got \(cumulative.count)")
+        var perBucket = cumulative
+        for i in stride(from: perBucket.count - 1, to: 0, by: -1) { perBucket[i] -= cumulative[i - 1] }
+        lock.lock()
+        counts = perBucket
+        self.count = count
+        self.sum = sum
+        lock.unlock()
+    }
+
     func snapshot() -> Snapshot {
         lock.lock(); defer { lock.unlock() }
         return Snapshot(counts: counts, count: count, sum: sum)
@@ -244,7 +257,10 @@ public final class NodeMetrics: @unchecked Sendable {
     public let writeLatencySeconds: Histogram
     public let replicationSentBytes: Counter
 
-    public init(registry: MetricsRegistry = MetricsRegistry(), version: String = hamgrVersion) {
+    /// - Parameter writeLatencyBuckets: the bounds of whatever records write latency (the NBD
+    ///   server keeps its own histogram; the daemon copies it in with `replace`).
+    public init(registry: MetricsRegistry = MetricsRegistry(), version: String = hamgrVersion,
+                writeLatencyBuckets: [Double] = Histogram.defaultLatencyBuckets) {
         self.registry = registry
         registry.gauge("hamgr_build_info", help: "Always 1; the version label names the running build.", labels: ["version": version]).set(1)
         epoch = registry.gauge("hamgr_epoch", help: "Current epoch (term) known to this node.")
@@ -258,7 +274,8 @@ public final class NodeMetrics: @unchecked Sendable {
         resyncTotalBytes = registry.gauge("hamgr_resync_total_bytes", help: "Bytes the running resync has to copy (0 when none runs).")
         maintenance = registry.gauge("hamgr_maintenance", help: "1 while this node is in maintenance (never a candidate).")
         splitBrain = registry.gauge("hamgr_split_brain", help: "1 while a detected split brain awaits resolution.")
-        writeLatencySeconds = registry.histogram("hamgr_write_latency_seconds", help: "Time from receiving an NBD write to acknowledging it.")
+        writeLatencySeconds = registry.histogram("hamgr_write_latency_seconds", help: "Time from receiving an NBD write to acknowledging it.",
+                                                 buckets: writeLatencyBuckets)
         replicationSentBytes = registry.counter("hamgr_replication_sent_bytes_total", help: "Bytes of writes and resync data sent to the peer.")
         setRole(.secondary)
     }
@@ -308,7 +325,10 @@ public final class NodeMetrics: @unchecked Sendable {
 public final class ArbitratorMetrics: @unchecked Sendable {
     public let registry: MetricsRegistry
 
-    public init(registry: MetricsRegistry = MetricsRegistry(), version: String = hamgrVersion) {
+    /// - Parameter writeLatencyBuckets: the bounds of whatever records write latency (the NBD
+    ///   server keeps its own histogram; the daemon copies it in with `replace`).
+    public init(registry: MetricsRegistry = MetricsRegistry(), version: String = hamgrVersion,
+                writeLatencyBuckets: [Double] = Histogram.defaultLatencyBuckets) {
         self.registry = registry
         registry.gauge("hamgr_build_info", help: "Always 1; the version label names the running build.", labels: ["version": version]).set(1)
     }

@@ -47,7 +47,9 @@ final class NodeDaemon: @unchecked Sendable {
     private var pendingAdmin: [(command: Quorum.AdminCommand, id: Int, reply: (AdminResponse) -> Void)] = []
     private var nextAdminID = 0
     private var lastPersisted: NodePersistentState
-    let metrics = NodeMetrics()
+    let metrics = NodeMetrics(writeLatencyBuckets: NBDLatencyHistogram.bucketBounds)
+    private let metricsLock = NIOLock()
+    private var resyncSentSeen: UInt64 = 0  // under metricsLock
     private(set) var resources: ResourceManager!
     let hooks: HookRunner
     private var resourceSnapshot: [StatusDocument.Resource] = []  // under snapshotLock
@@ -429,16 +431,24 @@ final class NodeDaemon: @unchecked Sendable {
     /// The core's view as of its last event; any thread.
     var coreStatus: NodeQuorumStatus { snapshotLock.withLock { coreSnapshot } }
 
-    /// NBD statistics are cumulative snapshots; the registry's counters take the increase.
-    func recordNBDStatistics(_ now: NBDStatistics) {
-        for (key, count) in now.operations {
-            let before = nbdSeen.operations[key] ?? 0
-            for _ in 0..<min(count &- before, 1) where count > before {
+    /// The NBD server's and the volume's figures are cumulative snapshots; the registry's
+    /// counters take the increase since the last scrape (any thread).
+    func recordCumulativeFigures(nbd now: NBDStatistics, resyncBytesSent: UInt64) {
+        metricsLock.withLock {
+            for (key, count) in now.operations where count > (nbdSeen.operations[key] ?? 0) {
                 metrics.registry.counter("hamgr_nbd_requests_total", help: "NBD requests served, by command and result.",
-                                         labels: ["op": key.operation, "result": key.result]).increment(by: Double(count - before))
+                                         labels: ["op": key.operation, "result": key.result])
+                    .increment(by: Double(count - (nbdSeen.operations[key] ?? 0)))
+            }
+            nbdSeen = now
+            metrics.writeLatencySeconds.replace(cumulative: now.writeLatency.cumulativeCounts,
+                                                count: now.writeLatency.count, sum: now.writeLatency.sumSeconds)
+            if resyncBytesSent > resyncSentSeen {
+                metrics.registry.counter("hamgr_resync_sent_bytes_total", help: "Bytes of chunk data this node sent as resync source.")
+                    .increment(by: Double(resyncBytesSent - resyncSentSeen))
+                resyncSentSeen = resyncBytesSent
             }
         }
-        nbdSeen = now
     }
 
     // MARK: admin

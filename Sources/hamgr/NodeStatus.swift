@@ -63,7 +63,7 @@ extension NodeDaemon {
         metrics.resyncTotalBytes.set(v.resyncTotalBytes)
         metrics.maintenance.set(q.maintenance)
         metrics.splitBrain.set(v.splitBrain != nil)
-        recordNBDStatistics(nbd.statistics)
+        recordCumulativeFigures(nbd: nbd.statistics, resyncBytesSent: v.resyncBytesSent)
         return metrics.registry.render()
     }
 }
