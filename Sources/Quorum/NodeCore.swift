@@ -727,7 +727,10 @@ public struct NodeCore: Sendable {
         case .promote(let force):
             guard role == .secondary else { return refuse("already master at epoch \(masterEpoch)") }
             guard !state.maintenance else { return refuse("maintenance mode is on") }
-            guard candidacy == nil else { return refuse("an election is already running") }
+            // A forced promotion is the operator overriding the automatic elections that keep
+            // failing (e.g. this node is outdated and the master is gone): it replaces them.
+            guard candidacy == nil || force else { return refuse("an election is already running") }
+            if force { candidacy = nil }
             if !force, disk.state != .upToDate { return refuse("local disk is \(disk.state.rawValue); promote --force overrides") }
             if let m = state.master, m != me, now < lastHeardMaster + timings.failureTimeout {
                 return refuse("\(m) is master at epoch \(state.promisedEpoch); run switchover there")

@@ -476,6 +476,19 @@ final class NodeDaemon: @unchecked Sendable {
         }
     }
 
+    /// Polls the core until this node is master (success) or `deadline` (refused, with the
+    /// core's reason). Control queue only.
+    private func awaitPromotion(until deadline: DispatchTime, reply: @escaping (AdminResponse) -> Void) {
+        let st = core.status
+        if st.role == .primary {
+            return reply(.ok("promoted: master in epoch \(st.epoch), serving at \(me.serviceAddress)"))
+        }
+        if DispatchTime.now() >= deadline {
+            return reply(.refused("not promoted: \(st.whyNotPromoted ?? "no quorum within the election timeout")"))
+        }
+        control.asyncAfter(deadline: .now() + .milliseconds(50)) { self.awaitPromotion(until: deadline, reply: reply) }
+    }
+
     /// An authenticated admin request (StatusServer already checked the token and params).
     func admin(_ request: AdminRequest, on callerLoop: EventLoop) -> EventLoopFuture<AdminResponse> {
         let promise = callerLoop.makePromise(of: AdminResponse.self)
@@ -483,7 +496,13 @@ final class NodeDaemon: @unchecked Sendable {
             self.logger.notice("admin \(request.command) from \(request.remote)", metadata: self.eventMetadata("admin"))
             switch request.command {
             case .switchover: self.submitAdmin(.switchover, reply: promise.succeed)
-            case .promote(let force): self.submitAdmin(.promote(force: force), reply: promise.succeed)
+            case .promote(let force):
+                // Answer with the election's outcome, not just its start.
+                self.submitAdmin(.promote(force: force)) { started in
+                    guard started.status == 200 else { return promise.succeed(started) }
+                    self.awaitPromotion(until: .now() + .milliseconds(Int(self.config.timeouts.failureTimeout.milliseconds * 2 + 500)),
+                                        reply: promise.succeed)
+                }
             case .demote: self.submitAdmin(.demote, reply: promise.succeed)
             case .maintenance(let on): self.submitAdmin(.maintenance(on), reply: promise.succeed)
             case .verify:
