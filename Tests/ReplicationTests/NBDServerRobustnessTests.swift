@@ -70,6 +70,20 @@ final class NBDServerRobustnessTests: XCTestCase {
         XCTAssertEqual(s.receive(8), [UInt8](repeating: 0, count: 8))
     }
 
+    func testStalledHandshakeIsClosedButTransmissionIsNot() throws {
+        let quick = try TestExport(size: 1 << 20, open: true)
+        defer { quick.stop() }
+        quick.server.handshakeTimeout = .milliseconds(300)
+        let stalled = try RawNBDSocket(port: quick.port)
+        XCTAssertNotNil(stalled.greet())          // then silence
+        let serving = try RawNBDSocket(port: quick.port)
+        XCTAssertNotNil(serving.go(name: "test"))
+        XCTAssertTrue(stalled.isClosedByPeer(), "a stalled handshake must be closed")
+        usleep(400_000)
+        serving.sendRequest(NBDCommand.flush, cookie: 1, offset: 0, length: 0)
+        XCTAssertEqual(serving.receiveSimpleReply()?.error, 0, "an idle connection in transmission stays")
+    }
+
     func testAbortIsAcknowledged() throws {
         let s = try RawNBDSocket(port: export.port)
         XCTAssertNotNil(s.greet())

@@ -39,6 +39,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     /// is, or joined for any other volume.
     private var partialWrite: (header: NBDRequestHeader, chunks: [ByteBuffer], received: Int)?
     private var context: ChannelHandlerContext?
+    private var handshakeDeadline: Scheduled<Void>?
 
     init(server: NBDServer) {
         self.server = server
@@ -61,6 +62,11 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         var out = context.channel.allocator.buffer(capacity: 18)
         NBDHandshakeEncoder.writeGreeting(flags: NBDHandshakeFlags.fixedNewstyle | NBDHandshakeFlags.noZeroes, into: &out)
         context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        handshakeDeadline = context.eventLoop.scheduleTask(in: server.handshakeTimeout) { [self] in
+            guard phase == .clientFlags || phase == .options, let context = self.context else { return }
+            logger.notice("NBD handshake not completed in time; closing")
+            close(context)
+        }
         context.fireChannelActive()
     }
 
@@ -71,6 +77,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         phase = .closed
         pending = nil
         partialWrite = nil
+        handshakeDeadline?.cancel()
         context.fireChannelInactive()
     }
 
@@ -257,6 +264,8 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         exportSize = v.sizeBytes
         decoder = NBDRequestDecoder(maximumPayloadBytes: capabilities.maximumBlockSize)
         phase = .transmission
+        handshakeDeadline?.cancel()
+        handshakeDeadline = nil
         logger.debug("NBD transmission phase", metadata: ["structuredReplies": "\(structuredReplies)"])
     }
 

@@ -9,6 +9,13 @@ import NIOPosix
 public final class NBDServer: @unchecked Sendable {
     public let exportName: String
     public let exportDescription: String?
+    /// A connection that has not entered the transmission phase by then is closed, so that
+    /// clients stuck in (or abandoning) the handshake hold no connection for ever. Applies
+    /// to connections accepted after it is set. Default 30 s.
+    public var handshakeTimeout: TimeAmount {
+        get { lock.withLock { state.handshakeTimeout } }
+        set { lock.withLockVoid { state.handshakeTimeout = newValue } }
+    }
     let logger: Logger
     let recorder = NBDStatisticsRecorder()
     private let group: EventLoopGroup
@@ -19,6 +26,7 @@ public final class NBDServer: @unchecked Sendable {
         var refusal = "the export is not open yet"
         var listener: Channel?
         var stopped = false
+        var handshakeTimeout: TimeAmount = .seconds(30)
         /// Every accepted connection, with the volume it is serving (nil during the handshake).
         var connections: [ObjectIdentifier: (channel: Channel, volume: BlockVolume?)] = [:]
     }
