@@ -151,6 +151,7 @@ class Checker:
         self.check_logs()
         self.stats["faults_injected"] = sum(1 for r in self.recs
                                             if r.get("type") == "nemesis" and r.get("phase") == "inject")
+        self.write_gaps(writes)
         return not self.violations
 
     def _value_write(self, v, b, by_wid, where):
@@ -344,6 +345,27 @@ class Checker:
                 self.violate("dual-lease", {"nodes": [x, y], "epochs": [a[2], b[2]], "overlap_s": round(ov, 3),
                                             "lease_%s" % x: [a[0], a[1]], "lease_%s" % y: [b[0], b[1]]})
         self.stats["dual_lease_overlaps"] = n
+
+    def write_gaps(self, writes):
+        """Client-visible write unavailability per fault: the longest stretch without an
+        acknowledged write between the inject and 5 s after the heal (not a rule)."""
+        import bisect
+        ends = sorted(w["end"] for w in writes if w["result"] == "ok")
+        inj = {r["id"]: r for r in self.recs if r.get("type") == "nemesis" and r.get("phase") == "inject"}
+        heal = {r["id"]: r for r in self.recs if r.get("type") == "nemesis" and r.get("phase") == "heal"}
+        gaps = []
+        for fid, r in sorted(inj.items()):
+            t0 = r.get("t_start", r["t"])
+            t1 = heal[fid]["t"] + 5.0 if fid in heal else t0 + 10.0
+            i = bisect.bisect_left(ends, t0)
+            prev, gap = t0, 0.0
+            while i < len(ends) and ends[i] <= t1:
+                gap = max(gap, ends[i] - prev)
+                prev = ends[i]
+                i += 1
+            gap = max(gap, min(t1, ends[i] if i < len(ends) else t1) - prev)
+            gaps.append({"id": fid, "kind": r["kind"], "target": r["spec"].get("host"), "max_write_gap_s": round(gap, 3)})
+        self.stats["write_gaps"] = gaps
 
     def check_convergence(self):
         conv = [r for r in self.recs if r.get("type") == "converge"]

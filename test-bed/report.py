@@ -44,6 +44,14 @@ def main():
                                                            max(conv), len(conv)))
     else:
         print("%-22s n/a" % "convergence after heal")
+    gaps = {}
+    for r in rounds:
+        for kind, target, g in r.get("write_gaps", []):
+            gaps.setdefault(kind, []).append(g)
+    if gaps:
+        print("longest stretch without an acknowledged write, per fault kind (s): median / max")
+        for k in sorted(gaps):
+            print("  %-20s %.2f / %.2f (n=%d)" % (k, statistics.median(gaps[k]), max(gaps[k]), len(gaps[k])))
     for k in sorted(viol):
         print("violation %-20s %d" % (k, viol[k]))
     for r in failed:

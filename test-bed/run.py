@@ -164,6 +164,8 @@ def main():
                                    "dual_master": st.get("dual_ack_overlaps", 0) +
                                    sum(d["count"] for k, d in v["violations"].items() if k.startswith("dual-primary")),
                                    "convergence": [round(x, 2) for x in st.get("convergence_times", [])],
+                                   "write_gaps": [[g["kind"], g["target"], g["max_write_gap_s"]]
+                                                  for g in st.get("write_gaps", [])],
                                    "violations": {k: d["count"] for k, d in v["violations"].items()}},
                                   sort_keys=True))
     return 0 if passed else 1
