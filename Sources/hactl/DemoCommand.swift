@@ -20,8 +20,12 @@ struct DemoCommand: ParsableCommand {
         try reporting {
             let cluster = try LocalCluster.make()
             LocalCluster.current = cluster
-            signal(SIGINT) { _ in LocalCluster.current?.teardown(keepFiles: false); Foundation.exit(130) }
-            signal(SIGTERM) { _ in LocalCluster.current?.teardown(keepFiles: false); Foundation.exit(143) }
+            // Whatever ends the demo, its processes and files go with it: a closed stdout
+            // (`hactl demo | head`) must not kill us before the cleanup.
+            signal(SIGPIPE, SIG_IGN)
+            for sig in [SIGINT, SIGTERM, SIGHUP] {
+                signal(sig) { s in LocalCluster.current?.teardown(keepFiles: false); Foundation.exit(128 + s) }
+            }
             defer { cluster.teardown(keepFiles: keep) }
             try runDemo(cluster)
         }
