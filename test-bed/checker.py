@@ -354,9 +354,14 @@ class Checker:
         inj = {r["id"]: r for r in self.recs if r.get("type") == "nemesis" and r.get("phase") == "inject"}
         heal = {r["id"]: r for r in self.recs if r.get("type") == "nemesis" and r.get("phase") == "heal"}
         gaps = []
+        starts = sorted(r.get("t_start", r["t"]) for r in inj.values())
+        stop = [r["t"] for r in self.recs if r.get("type") == "workload-stop"]
+        last = stop[0] if stop else (ends[-1] if ends else 0.0)
         for fid, r in sorted(inj.items()):
             t0 = r.get("t_start", r["t"])
             t1 = heal[fid]["t"] + 5.0 if fid in heal else t0 + 10.0
+            nxt = [t for t in starts if t > t0]
+            t1 = min([t1, last] + nxt[:1])
             i = bisect.bisect_left(ends, t0)
             prev, gap = t0, 0.0
             while i < len(ends) and ends[i] <= t1:

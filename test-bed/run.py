@@ -119,6 +119,7 @@ def main():
                 log("stopping the schedule: further faults on an unconverged cluster prove nothing")
                 break
             time.sleep(a.gap)
+        hist.write({"type": "workload-stop", "t": time.time()})
         open(stop_w, "w").close()
         try:
             bed.procs["workload"]["popen"].wait(timeout=20)
