@@ -338,6 +338,12 @@ final class NodeDaemon: @unchecked Sendable {
                 }
             }
         case .adminResult(let command, let result):
+            if command == .switchover, case .failure = result, core.status.role == .primary {
+                // An abandoned switchover: the core stays master, so the drained volume resumes writes.
+                do { try volume.becomePrimary(epoch: core.status.epoch, newGeneration: false) } catch {
+                    logger.error("cannot resume writes after an abandoned switchover: \(error)", metadata: eventMetadata("resume_failed"))
+                }
+            }
             completeAdmin(command, result)
         case .log(let event):
             var md = eventMetadata(event.name)
