@@ -78,21 +78,26 @@ public struct StatusDocument: Codable, Sendable, Equatable {
     public var generation: String
     public var resources: [Resource]
     public var version: String
+    /// Why the backing store was declared failed (the node then reports `diskless`), or nil.
+    public var diskError: String?
 
     public init(cluster: String, node: String, role: Role, epoch: UInt64, master: Master?, diskState: DiskState,
                 peer: Peer, arbitrator: Arbitrator, quorum: Bool, leaseValidMs: Int64 = 0, outOfSyncBytes: UInt64 = 0,
                 resync: Resync? = nil, splitBrain: String? = nil, whyNotPromoted: String? = nil, maintenance: Bool = false,
-                serviceAddress: String, generation: String, resources: [Resource] = [], version: String = hamgrVersion) {
+                serviceAddress: String, generation: String, resources: [Resource] = [], version: String = hamgrVersion,
+                diskError: String? = nil) {
         self.cluster = cluster; self.node = node; self.role = role; self.epoch = epoch; self.master = master
         self.diskState = diskState; self.peer = peer; self.arbitrator = arbitrator; self.quorum = quorum
         self.leaseValidMs = leaseValidMs; self.outOfSyncBytes = outOfSyncBytes; self.resync = resync
         self.splitBrain = splitBrain; self.whyNotPromoted = whyNotPromoted; self.maintenance = maintenance
         self.serviceAddress = serviceAddress; self.generation = generation; self.resources = resources
         self.version = version
+        self.diskError = diskError
     }
 
     enum CodingKeys: String, CodingKey {
         case cluster, node, role, epoch, master, peer, arbitrator, quorum, resync, maintenance, generation, resources, version
+        case diskError = "disk_error"
         case diskState = "disk_state", leaseValidMs = "lease_valid_ms", outOfSyncBytes = "out_of_sync_bytes"
         case splitBrain = "split_brain", whyNotPromoted = "why_not_promoted", serviceAddress = "service_address"
     }
@@ -120,6 +125,7 @@ public struct StatusDocument: Codable, Sendable, Equatable {
         try c.encode(generation, forKey: .generation)
         try c.encode(resources, forKey: .resources)
         try c.encode(version, forKey: .version)
+        try c.encode(diskError, forKey: .diskError)
     }
 }
 

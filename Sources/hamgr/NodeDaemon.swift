@@ -53,6 +53,8 @@ final class NodeDaemon: @unchecked Sendable {
     private(set) var resources: ResourceManager!
     let hooks: HookRunner
     private var resourceSnapshot: [StatusDocument.Resource] = []  // under snapshotLock
+    private var diskError: String?  // under snapshotLock; set once, on the first failed store operation
+    var diskErrorStatus: String? { snapshotLock.withLock { diskError } }
     private var maintenanceApplied = false
     private var nbdSeen = NBDStatistics()
     let notifier = SystemdNotifier()
@@ -288,8 +290,20 @@ final class NodeDaemon: @unchecked Sendable {
         case .splitBrain(let detail):
             logger.error("split brain: \(detail)", metadata: eventMetadata("split_brain"))
         case .diskFailure(let detail):
+            // A store that failed a write is not trusted again until an operator restarts the
+            // node: it reports diskless, never stands for election, and a master steps down so
+            // the peer — which holds every acknowledged write — takes over.
+            let first = snapshotLock.withLock { () -> Bool in
+                defer { diskError = diskError ?? detail }
+                return diskError == nil
+            }
             logger.critical("backing store failed: \(detail)", metadata: eventMetadata("disk_failure"))
+            guard first else { return }
             feed(.disk(LocalDisk(state: .diskless, generations: volume.status.generations)))
+            if core.status.role == .primary {
+                logger.critical("stepping down: the backing store failed", metadata: eventMetadata("disk_failure_step_down"))
+                feed(.admin(.demote))
+            }
         case .resyncProgress(let done, let total):
             logger.debug("resync \(done)/\(total) bytes", metadata: eventMetadata("resync_progress"))
         case .verifyFinished(let mismatched):
@@ -431,7 +445,7 @@ final class NodeDaemon: @unchecked Sendable {
         ["event": .string(event), "epoch": .string(core.status.epoch.description)]
     }
 
-    var isHealthy: Bool { !stopping && volume.status.diskState != .diskless }
+    var isHealthy: Bool { !stopping && volume.status.diskState != .diskless && diskErrorStatus == nil }
     private func healthy() -> Bool { isHealthy }
 
     /// The core's view as of its last event; any thread.

@@ -36,13 +36,14 @@ extension NodeDaemon {
             : nil
         return StatusDocument(
             cluster: config.cluster.name, node: me.name.name, role: q.role, epoch: q.epoch.value, master: masterDoc,
-            diskState: v.diskState,
+            diskState: diskErrorStatus == nil ? v.diskState : .diskless,
             peer: StatusDocument.Peer(node: peer.name.name, statusURL: "http://\(peer.statusAddress)/status",
                                       reachable: q.peerReachable, replication: v.peerState, diskState: v.peerDiskState),
             arbitrator: StatusDocument.Arbitrator(reachable: q.arbitratorReachable ?? arbitratorLinkUp),
             quorum: q.hasQuorum, leaseValidMs: leaseMs, outOfSyncBytes: v.outOfSyncBytes, resync: resync,
             splitBrain: v.splitBrain, whyNotPromoted: q.whyNotPromoted, maintenance: q.maintenance,
-            serviceAddress: me.serviceAddress, generation: v.generations.current.description, resources: resourcesStatus)
+            serviceAddress: me.serviceAddress, generation: v.generations.current.description, resources: resourcesStatus,
+            diskError: diskErrorStatus)
     }
 
     /// Refreshes the gauges from the cores and renders the exposition text.
@@ -51,7 +52,7 @@ extension NodeDaemon {
         let v = volume.status
         let now = MonotonicClock.now()
         metrics.setRole(q.role)
-        metrics.setDiskState(v.diskState)
+        metrics.setDiskState(diskErrorStatus == nil ? v.diskState : .diskless)
         metrics.epoch.set(q.epoch.value)
         metrics.quorum.set(q.hasQuorum)
         metrics.peerUp.set(v.peerState != .disconnected)
