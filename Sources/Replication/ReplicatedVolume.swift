@@ -189,9 +189,22 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         if let e = checkRange(offset, length) { return loop.makeFailedFuture(e) }
         let p = loop.makePromise(of: ByteBuffer.self)
         self.loop.execute {
-            guard self.core.role == .primary, !self.halted else { return p.fail(VolumeError.notPrimary(master: nil)) }
+            // Reads need the lease as much as writes do: a deposed master that has not yet
+            // noticed must not answer with data a newer master has already overwritten.
+            guard self.core.role == .primary, !self.halted, self.core.gate.allowsAck(at: self.clock()) else {
+                return p.fail(VolumeError.notPrimary(master: nil))
+            }
+            let epoch = self.core.gate.epoch
             self.readQueue.async {
-                do { p.succeed(try self.backing.read(offset: offset, length: length)) } catch { p.fail(Self.volumeError(error)) }
+                do {
+                    let data = try self.backing.read(offset: offset, length: length)
+                    // The read linearizes at the pread only if the lease still held after it.
+                    self.loop.execute {
+                        guard self.core.role == .primary, self.core.gate.epoch == epoch,
+                              self.core.gate.allowsAck(at: self.clock()) else { return p.fail(VolumeError.notPrimary(master: nil)) }
+                        p.succeed(data)
+                    }
+                } catch { p.fail(Self.volumeError(error)) }
             }
         }
         return p.futureResult

@@ -45,7 +45,9 @@ final class ArbitratorDaemon: @unchecked Sendable {
             }
         }
         let first = configs[0]
-        core = ArbitratorCore(settings: QuorumSettings(timings: first.timeouts, splitBrain: first.cluster.splitBrain), persisted: persisted)
+        core = ArbitratorCore(settings: QuorumSettings(timings: first.timeouts, splitBrain: first.cluster.splitBrain,
+                                                       plantedBugs: NodeDaemon.plantedBugs()),
+                              persisted: persisted)
         registry.gauge("hamgr_build_info", help: "Always 1; the version label names the running build.", labels: ["version": hamgrVersion]).set(1)
         decisionSeconds = registry.histogram(
             "hamgr_arbitrator_decision_seconds", help: "Time from receiving a quorum message to having acted on it (persisted, replied).",
