@@ -165,8 +165,9 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         guard phase != .closed, buffer.readableBytes > 0 else { return }
         if slicedPayloads {
             // Write payloads still reference this storage: appending to it would copy it all
-            // (copy-on-write). What is left is less than a request header (payloads that do
-            // not fit go to `partialWrite`), so move it to fresh storage.
+            // (copy-on-write), so move what is left to fresh storage. That is usually less
+            // than a request header (payloads that do not fit go to `partialWrite`); more
+            // only while reading is paused for too many requests in flight.
             var fresh = context.channel.allocator.buffer(capacity: max(buffer.readableBytes, 4096))
             fresh.writeBuffer(&buffer)
             pending = fresh
