@@ -10,6 +10,9 @@
 # Each (target, workload) runs REPEAT times, targets interleaved so that noise from other
 # work on the machine hits both alike; the best run of each is reported.
 # Prints IOPS, MB/s, p99 completion latency and the ratio hamgr / nbdkit.
+# BENCH_REPLICATED=1 adds a third target: a two-node hamgr cluster + arbitrator on loopback,
+# protocol C (hamgr run / hamgr arbitrator, needs hactl too: HACTL_BIN), fio against the
+# master's service address; also prints replicated-C / unreplicated.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -37,9 +40,9 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_nbd() {  # wait until an NBD server answers on $1
+wait_nbd() {  # wait until an NBD server answers on port $1 (host $2, default 127.0.0.1)
     for _ in $(seq 1 100); do
-        timeout 5 nbdinfo --size "nbd://127.0.0.1:$1" >/dev/null 2>&1 && return 0
+        timeout 5 nbdinfo --size "nbd://${2:-127.0.0.1}:$1" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
     echo "nbd-bench: no NBD server on port $1" >&2; return 1
@@ -72,7 +75,21 @@ start_hamgr_unreplicated() {
 # to TARGETS; add its processes to PIDS so cleanup stops them. It is called when
 # BENCH_REPLICATED=1. Ratios are printed against nbdkit-file for every target.
 start_hamgr_replicated() {
-    echo "nbd-bench: replicated target not wired yet (integrator hook in bench/nbd-bench.sh)" >&2
+    # Two data nodes + arbitrator on loopback (bench/lib.sh: each on its own 127.x.y.z),
+    # protocol C, default timeouts, backing and metadata files under $WORK (tmpfs).
+    # shellcheck source=bench/lib.sh
+    . "$ROOT/bench/lib.sh"
+    HACTL_BIN=${HACTL_BIN:-$ROOT/.build-release/release/hactl}
+    local vol=${SIZE/%G/GiB}; vol=${vol/%M/MiB}
+    cluster_init "$WORK/repl" bench-repl C "$vol"
+    cluster_start w; cluster_start a; cluster_start b
+    PIDS+=("${CPID[a]}" "${CPID[b]}" "${CPID[w]}")
+    local m
+    m=$(wait_master_in_sync 180) || { echo "nbd-bench: replicated cluster not in sync within 180 s" >&2; tail -5 "$WORK/repl/"*.log >&2; exit 1; }
+    local svc=SERVICE_$m
+    wait_nbd "${!svc##*:}" "${!svc%:*}"
+    echo "nbd-bench: replicated cluster up, master $m at ${!svc} (protocol C)" >&2
+    TARGETS+=("hamgr-replicated-C|nbd://${!svc}/bench-repl")
 }
 # <<< END INTEGRATOR HOOK >>>
 
@@ -120,4 +137,14 @@ for wl in workloads:
         b = best[(t, wl)]
         ratio = b["iops"] / best[(base, wl)]["iops"] if best[(base, wl)]["iops"] else 0
         print(f"{t:<22} {wl:<18} {b['iops']:>10.0f} {b['mbs']:>9.1f} {b['p99']:>9.1f} {ratio:>15.2f}x")
+print()
+for wl in workloads:
+    u, n = best.get(("hamgr-unreplicated", wl)), best.get(("nbdkit-file", wl))
+    if u and n:
+        r = u["iops"] / n["iops"]
+        print(f"{wl}: hamgr-unreplicated / nbdkit-file = {r:.2f}x (target >= 1.0x: {'MET' if r >= 1.0 else 'MISSED'})")
+    c = best.get(("hamgr-replicated-C", wl))
+    if u and c:
+        r = c["iops"] / u["iops"]
+        print(f"{wl}: hamgr-replicated-C / hamgr-unreplicated = {r:.2f}x (target >= 0.8x: {'MET' if r >= 0.8 else 'MISSED'})")
 EOF
