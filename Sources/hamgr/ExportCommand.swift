@@ -60,22 +60,12 @@ struct ExportCommand: ParsableCommand {
         print("hamgr export: serving \(backing) (\(store.sizeBytes) bytes) as \"\(name)\" on \(host):\(server.boundPort ?? port)")
         fflush(stdout)
 
-        let done = DispatchSemaphore(value: 0)
-        var sources: [DispatchSourceSignal] = []
-        for sig in [SIGINT, SIGTERM] {
-            signal(sig, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            source.setEventHandler { done.signal() }
-            source.resume()
-            sources.append(source)
-        }
-        done.wait()
+        waitForTermination()
         logger.info("stopping NBD export")
         try? server.stop().wait()
         volume.shutdown()
         try? store.sync()
         try? group.syncShutdownGracefully()
-        _ = sources
     }
 }
 
