@@ -5,6 +5,28 @@ import NIOCore
 import XCTest
 
 final class ResyncTests: XCTestCase {
+    /// A write the backup has written but not yet synced would be lost if the backup lost
+    /// power, so when the link drops the master marks it out of sync (a transfer log): the
+    /// chunks written after the last flush are resynced; those before it are not.
+    func testWritesNotYetSyncedAtTheBackupAreMarkedWhenItVanishes() throws {
+        let pair = try VolumePair(test: self)
+        try pair.open("b").setPromisedEpoch(Epoch(1))
+        let a = try pair.open("a", start: false)
+        try a.becomePrimary(epoch: Epoch(1), newGeneration: false)
+        a.setWriteGate(VolumePair.openGate(Epoch(1)))
+        a.start()
+        waitUntil("in sync") { a.status.peerState == .inSync }
+        let loop = pair.group.next()
+        let block = ByteBuffer(bytes: [UInt8](repeating: 0x5A, count: 4096))
+        for c in 0..<4 { try a.write(offset: UInt64(c * pair.chunkBytes), data: block, fua: false, on: loop).wait() }
+        try a.flush(on: loop).wait()  // chunks 0–3 are durable on the backup now
+        for c in 10..<13 { try a.write(offset: UInt64(c * pair.chunkBytes), data: block, fua: false, on: loop).wait() }
+        XCTAssertEqual(a.status.outOfSyncBytes, 0)
+        pair.b!.simulateCrash()
+        waitUntil("link down") { a.status.peerState == .disconnected }
+        waitUntil("the three unsynced chunks marked") { a.status.outOfSyncBytes == UInt64(3 * pair.chunkBytes) }
+    }
+
     func testBackupCrashThenResyncSendsOnlyDirtyChunks() throws {
         let pair = try VolumePair(test: self)
         pair.resyncRate = 8 << 20

@@ -150,6 +150,11 @@ public struct ReplicationCore: Sendable {
     public private(set) var roleEpoch: Epoch
     public private(set) var promisedEpoch: Epoch
     public private(set) var gate: WriteGate = .closed
+    /// Chunks the peer has written but not yet made durable (no peer flush or FUA since),
+    /// with the barrier tag of their newest write. A backup power loss would lose them, so a
+    /// dropped link marks them out of sync — DRBD's transfer log, kept per chunk.
+    private var unflushedAtPeer: [Int: UInt64] = [:]
+    private var barriersIssued: UInt64 = 0
     private var al: ActivityLog
     private var suspended = false
     private var stopped = false
@@ -203,6 +208,9 @@ public struct ReplicationCore: Sendable {
         var peerLost: Bool
         var bitmapDurable = false
         var failedLocally = false
+        /// Barriers (flushes, FUA writes) submitted before this one. A barrier's own tag is its
+        /// number; the peer's sync for barrier n makes every write tagged ≤ n durable there.
+        var barrierTag: UInt64 = 0
     }
 
     private struct ResyncRun: Sendable {
@@ -361,7 +369,9 @@ public struct ReplicationCore: Sendable {
         switch req {
         case let .flush(id, drain):
             nextSeq += 1
-            writes[seq] = Write(seq: seq, request: id, isDrain: drain, chunks: 0..<0, extents: [], bytes: 0, barrier: true, open: true, peerLost: !following)
+            writes[seq] = Write(seq: seq, request: id, isDrain: drain, chunks: 0..<0, extents: [], bytes: 0, barrier: true, open: true,
+                                peerLost: !following, barrierTag: barriersIssued)
+            barriersIssued += 1
             var steps: [IOStep] = []
             if let s = session { steps.append(.send(s, .flush(id: seq))) }
             steps.append(.sync)
@@ -381,7 +391,9 @@ public struct ReplicationCore: Sendable {
             nextSeq += 1
             let cb = UInt64(settings.chunkBytes)
             let chunks = Int(offset / cb)..<(Int((offset + UInt64(length) - 1) / cb) + 1)
-            writes[seq] = Write(seq: seq, request: id, isDrain: false, chunks: chunks, extents: extents, bytes: length, barrier: fua, open: true, peerLost: !following)
+            writes[seq] = Write(seq: seq, request: id, isDrain: false, chunks: chunks, extents: extents, bytes: length, barrier: fua, open: true,
+                                peerLost: !following, barrierTag: barriersIssued)
+            if fua { barriersIssued += 1 }
             if !following { steps += markOutOfSync(chunks) }
             if let s = session {
                 var flags: WriteFlags = fua ? [.fua] : []
@@ -460,6 +472,13 @@ public struct ReplicationCore: Sendable {
         guard let w = writes[seq], !w.open else { return }
         let settled = w.failedLocally || (w.localDone && (w.confirmation == .written || (w.peerLost && w.bitmapDurable)))
         guard settled else { return }
+        if role == .primary, !w.peerLost, !w.failedLocally, w.confirmation == .written {
+            if w.barrier {
+                unflushedAtPeer = unflushedAtPeer.filter { $0.value > w.barrierTag }
+            } else {
+                for c in w.chunks { unflushedAtPeer[c] = max(unflushedAtPeer[c] ?? 0, w.barrierTag) }
+            }
+        }
         writes[seq] = nil
         al.end(w.extents)
         admitWaiting()
@@ -521,6 +540,7 @@ public struct ReplicationCore: Sendable {
     // MARK: roles
 
     private mutating func becomeSecondary(_ epoch: Epoch, _ now: Instant) {
+        unflushedAtPeer = [:]  // only a primary tracks what its peer has not synced
         roleEpoch = max(roleEpoch, epoch)
         promisedEpoch = max(promisedEpoch, epoch)
         header.epoch = max(header.epoch, epoch)
@@ -605,9 +625,11 @@ public struct ReplicationCore: Sendable {
         targetRun = nil
         if verify != nil { log(.warning, "verify aborted: \(reason)"); verify = nil }
         let unconfirmed = writes.values.filter { !$0.peerLost && $0.confirmation < .written && !$0.failedLocally }.map(\.seq).sorted()
-        if !unconfirmed.isEmpty {
+        // Written at the peer but not yet synced there: lost if the peer lost power.
+        var chunks = Set(unflushedAtPeer.keys)
+        unflushedAtPeer = [:]
+        if !unconfirmed.isEmpty || !chunks.isEmpty {
             var steps: [IOStep] = []
-            var chunks = Set<Int>()
             for s in unconfirmed {
                 writes[s]!.peerLost = true
                 writes[s]!.bitmapDurable = false
