@@ -133,9 +133,11 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
         context.writeAndFlush(NIOAny(out), promise: nil)
     }
 
+    /// Bytes arrived (event loop only).
+    func noteActivity() { lastReceive = .now() }
+
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let body = unwrapInboundIn(data)
-        lastReceive = .now()
         if var opener = openSealer, let conn = connection {
             switch opener.open(body) {
             case .success(let frame):
@@ -243,16 +245,31 @@ public func parseHostPort(_ s: String, key: String = "address") throws -> (host:
 }
 
 private func configureTCP(_ channel: Channel, userTimeout: TimeAmount) -> EventLoopFuture<Void> {
-    let ms = Int(userTimeout.nanoseconds / 1_000_000)
+    // Silence is detected by our own keepalives within the idle timeout; the kernel's limit
+    // only aborts writes stuck for much longer, so a slow but live link (deep queue) survives.
+    let ms = Int(userTimeout.nanoseconds / 1_000_000) * 4
     return channel.setOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1).flatMap {
         // Without TCP_USER_TIMEOUT a silently dropped link keeps unacknowledged data for minutes.
         channel.setOption(ChannelOptions.Types.SocketOption(level: .tcp, name: .init(rawValue: 18 /* TCP_USER_TIMEOUT */)), value: ms)
     }
 }
 
+/// Marks the session alive on every byte that arrives, not only on complete frames: a large
+/// frame on a slow link is progress, not silence.
+final class LinkActivityHandler: ChannelInboundHandler, @unchecked Sendable {
+    typealias InboundIn = ByteBuffer
+    private let session: PeerSessionHandler
+    init(_ session: PeerSessionHandler) { self.session = session }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        session.noteActivity()
+        context.fireChannelRead(data)
+    }
+}
+
 private func sessionPipeline(_ channel: Channel, _ handler: PeerSessionHandler, userTimeout: TimeAmount) -> EventLoopFuture<Void> {
     configureTCP(channel, userTimeout: userTimeout).flatMap {
         channel.pipeline.eventLoop.makeCompletedFuture {
+            try channel.pipeline.syncOperations.addHandler(LinkActivityHandler(handler))
             try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameBodyDecoder()))
             try channel.pipeline.syncOperations.addHandler(handler)
         }

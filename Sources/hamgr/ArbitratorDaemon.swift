@@ -45,6 +45,11 @@ final class ArbitratorDaemon: @unchecked Sendable {
             }
         }
         let first = configs[0]
+        // One core serves every cluster with one set of timings: a cluster with a longer lease
+        // than the arbitrator counts would get grants it forgets too early. Refuse the mix.
+        if let odd = configs.first(where: { $0.timeouts != first.timeouts }) {
+            throw ConfigError(key: "timeouts", message: "cluster \(odd.cluster.name) has timeouts that differ from cluster \(first.cluster.name); one arbitrator process serves clusters with identical [timeouts] only (run another arbitrator for the others)")
+        }
         core = ArbitratorCore(settings: QuorumSettings(timings: first.timeouts, splitBrain: first.cluster.splitBrain,
                                                        plantedBugs: NodeDaemon.plantedBugs()),
                               persisted: persisted)

@@ -53,6 +53,9 @@ final class NodeDaemon: @unchecked Sendable {
     private(set) var resources: ResourceManager!
     let hooks: HookRunner
     private var resourceSnapshot: [StatusDocument.Resource] = []  // under snapshotLock
+    /// Resource starts and stops run one after another, in the order promotions and
+    /// demotions happened (control queue only).
+    private var resourceChain: Task<Void, Never>?
     private var diskError: String?  // under snapshotLock; set once, on the first failed store operation
     var diskErrorStatus: String? { snapshotLock.withLock { diskError } }
     private var maintenanceApplied = false
@@ -286,7 +289,8 @@ final class NodeDaemon: @unchecked Sendable {
         case .peer(let state):
             feed(.peerReplication(state))
         case .disk(let state, let generations):
-            feed(.disk(LocalDisk(state: state, generations: generations)))
+            // A store declared failed stays diskless to the core until the node restarts.
+            feed(.disk(LocalDisk(state: diskErrorStatus == nil ? state : .diskless, generations: generations)))
         case .splitBrain(let detail):
             logger.error("split brain: \(detail)", metadata: eventMetadata("split_brain"))
         case .diskFailure(let detail):
@@ -337,7 +341,7 @@ final class NodeDaemon: @unchecked Sendable {
             // Planned handover: services stop first (a filesystem flushes through the export),
             // then the volume drains and confirms the peer has every write.
             let volume = self.volume
-            Task { [weak self] in
+            inResourceOrder { [weak self] in
                 guard let self else { return }
                 do { try await self.resources.stopAll() } catch {
                     self.logger.error("stopping resources for switchover: \(error)", metadata: self.eventMetadata("resource_stop_failed"))
@@ -379,8 +383,12 @@ final class NodeDaemon: @unchecked Sendable {
         do {
             try volume.becomePrimary(epoch: epoch, newGeneration: newGeneration)
         } catch {
-            logger.error("cannot become primary: \(error)", metadata: eventMetadata("promote_failed"))
-            feed(.disk(LocalDisk(state: .diskless, generations: volume.status.generations)))
+            // The volume refused: give the lease back at once so the peer can take over.
+            logger.error("cannot become primary: \(error); stepping down", metadata: eventMetadata("promote_failed"))
+            control.async {
+                self.feed(.disk(LocalDisk(state: .diskless, generations: self.volume.status.generations)))
+                if self.core.status.role == .primary { self.feed(.admin(.demote)) }
+            }
             return
         }
         // The core starts a mastership assuming nothing of the peer; the volume reports only
@@ -393,7 +401,7 @@ final class NodeDaemon: @unchecked Sendable {
         logger.notice("promoted: serving the export on \(me.serviceAddress)", metadata: eventMetadata("promoted"))
         // Promotion order (design.md §4): lease → volume primary → resources in order → announce.
         let context = hookContext(role: .primary, epoch: epoch, master: me.name)
-        Task { [weak self] in
+        inResourceOrder { [weak self] in
             guard let self else { return }
             do {
                 try await self.resources.startAll()
@@ -416,7 +424,7 @@ final class NodeDaemon: @unchecked Sendable {
         if wasPrimary {
             logger.notice("demoted: export closed", metadata: eventMetadata("demoted"))
             let context = hookContext(role: .secondary, epoch: epoch, master: master)
-            Task { [weak self] in
+            inResourceOrder { [weak self] in
                 guard let self else { return }
                 try? await self.resources.stopAll()
                 _ = await self.hooks.run(.onDemote, context: context)
@@ -437,6 +445,12 @@ final class NodeDaemon: @unchecked Sendable {
         return HookContext(cluster: config.cluster.name, node: me.name.name, role: role, epoch: epoch.value,
                            serviceAddress: me.serviceAddress, masterNode: master?.name,
                            masterServiceAddress: masterNode?.serviceAddress, peerNode: peer.name.name)
+    }
+
+    /// Runs `op` after every resource operation queued before it (control queue only).
+    private func inResourceOrder(_ op: @escaping @Sendable () async -> Void) {
+        let previous = resourceChain
+        resourceChain = Task { await previous?.value; await op() }
     }
 
     var resourcesStatus: [StatusDocument.Resource] { snapshotLock.withLock { resourceSnapshot } }
