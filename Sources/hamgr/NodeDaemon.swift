@@ -56,6 +56,12 @@ final class NodeDaemon: @unchecked Sendable {
     /// Resource starts and stops run one after another, in the order promotions and
     /// demotions happened (control queue only).
     private var resourceChain: Task<Void, Never>?
+    /// Set when this node's store failed in an earlier run (the marker file exists): its data
+    /// may lack writes the failure dropped from the page cache, so it stays `outdated` (never
+    /// promotable) until a full online verify against the peer finds no mismatch.
+    private var diskRepair: DiskRepair?
+    enum DiskRepair { case waitingForPeer, verifying(round: Int), resyncing(round: Int) }
+    private var diskFailedMarker: String { me.metadata + ".disk-failed" }
     private var diskError: String?  // under snapshotLock; set once, on the first failed store operation
     var diskErrorStatus: String? { snapshotLock.withLock { diskError } }
     private var maintenanceApplied = false
@@ -97,13 +103,15 @@ final class NodeDaemon: @unchecked Sendable {
                 resyncRateBytesPerSecond: Int(config.volume.resyncRateBytesPerSecond)),
             group: group, logger: logger, clock: { MonotonicClock.now() })
         let st = volume.status
+        let repairPending = FileManager.default.fileExists(atPath: me.metadata + ".disk-failed")
         core = NodeCore(cluster: config.cluster.name, me: me.name, peer: peer.name, arbitrator: Self.arbitratorID,
                         settings: QuorumSettings(timings: config.timeouts, splitBrain: config.cluster.splitBrain,
                                                  plantedBugs: Self.plantedBugs()),
                         persisted: persisted,
-                        disk: LocalDisk(state: st.diskState, generations: st.generations),
+                        disk: LocalDisk(state: repairPending ? .outdated : st.diskState, generations: st.generations),
                         now: MonotonicClock.now())
         coreSnapshot = core.status
+        if repairPending { diskRepair = .waitingForPeer }
         nbd = NBDServer(group: group, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)", logger: logger)
         hooks = HookRunner(hooks: config.hooks, logger: logger, metrics: metrics)
         resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics) { [weak self] resource, reason in
@@ -183,7 +191,13 @@ final class NodeDaemon: @unchecked Sendable {
         resourceRefresh = refresh
         _ = notifier.ready(status: "secondary, joining")
         _ = notifier.startWatchdog { [weak self] in self?.healthy() ?? false }
-        control.async { self.logger.notice("node started", metadata: self.eventMetadata("started")) }
+        control.async {
+            self.logger.notice("node started", metadata: self.eventMetadata("started"))
+            if self.diskRepair != nil {
+                self.logger.warning("the backing store failed in an earlier run: this node stays outdated until a full verify against the peer passes",
+                                    metadata: self.eventMetadata("disk_repair_pending"))
+            }
+        }
     }
 
     /// SIGTERM: a master hands over first when it can, then everything stops.
@@ -288,9 +302,9 @@ final class NodeDaemon: @unchecked Sendable {
         switch event {
         case .peer(let state):
             feed(.peerReplication(state))
+            if state == .inSync { advanceDiskRepair(mismatches: nil) }
         case .disk(let state, let generations):
-            // A store declared failed stays diskless to the core until the node restarts.
-            feed(.disk(LocalDisk(state: diskErrorStatus == nil ? state : .diskless, generations: generations)))
+            feed(.disk(LocalDisk(state: reportedDiskState(state), generations: generations)))
         case .splitBrain(let detail):
             logger.error("split brain: \(detail)", metadata: eventMetadata("split_brain"))
         case .diskFailure(let detail):
@@ -303,6 +317,10 @@ final class NodeDaemon: @unchecked Sendable {
             }
             logger.critical("backing store failed: \(detail)", metadata: eventMetadata("disk_failure"))
             guard first else { return }
+            do { try DurableFile.write(Array("\(detail)\n".utf8), to: diskFailedMarker) } catch {
+                logger.critical("cannot record the disk failure in \(diskFailedMarker): \(error); replace the disk and start from an empty store",
+                                metadata: eventMetadata("disk_failure_unrecorded"))
+            }
             feed(.disk(LocalDisk(state: .diskless, generations: volume.status.generations)))
             if core.status.role == .primary {
                 logger.critical("stepping down: the backing store failed", metadata: eventMetadata("disk_failure_step_down"))
@@ -313,6 +331,7 @@ final class NodeDaemon: @unchecked Sendable {
         case .verifyFinished(let mismatched):
             logger.notice("verify finished: \(mismatched.count) mismatched chunk(s) \(mismatched.prefix(20))",
                           metadata: eventMetadata("verify_finished"))
+            advanceDiskRepair(mismatches: mismatched)
         }
     }
 
@@ -438,6 +457,60 @@ final class NodeDaemon: @unchecked Sendable {
             return "not primary; the master \(m) serves at \(node.serviceAddress)"
         }
         return "not primary; no master is known" + (core.status.whyNotPromoted.map { " (\($0))" } ?? "")
+    }
+
+    /// The disk state the core may rely on: diskless after a failure in this run, outdated
+    /// while a failure of an earlier run is not yet verified away.
+    private func reportedDiskState(_ state: DiskState) -> DiskState {
+        if diskErrorStatus != nil { return .diskless }
+        if diskRepair != nil, state == .upToDate { return .outdated }
+        return state
+    }
+
+    /// Verify → resync mismatches → verify again, until a verify finds nothing (bounded).
+    /// `mismatches` is nil for "the link is in sync now". Control queue only.
+    private func advanceDiskRepair(mismatches: [Int]?) {
+        guard let phase = diskRepair, diskErrorStatus == nil else { return }
+        switch (phase, mismatches) {
+        case (.waitingForPeer, nil), (.resyncing, nil):
+            let round: Int
+            if case .resyncing(let r) = phase { round = r + 1 } else { round = 1 }
+            guard round <= 5 else {
+                return logger.error("disk repair: still mismatching after 4 resyncs; this node stays outdated", metadata: eventMetadata("disk_repair_failed"))
+            }
+            diskRepair = .verifying(round: round)
+            logger.notice("disk repair: full verify against the peer (round \(round))", metadata: eventMetadata("disk_repair_verify"))
+            volume.startVerify()
+        case (.verifying(let round), let found?):
+            if found.isEmpty {
+                diskRepair = nil
+                try? FileManager.default.removeItem(atPath: diskFailedMarker)
+                logger.notice("disk repair: verify found no mismatch; the store is trusted again", metadata: eventMetadata("disk_repaired"))
+                let v = volume.status
+                feed(.disk(LocalDisk(state: v.diskState, generations: v.generations)))
+            } else {
+                diskRepair = .resyncing(round: round)
+                logger.notice("disk repair: resyncing \(found.count) mismatched chunk(s) from the peer", metadata: eventMetadata("disk_repair_resync"))
+                volume.requestResync()
+                pollRepairResync(round: round, checks: 0)
+            }
+        default:
+            break
+        }
+    }
+
+    /// A requested resync of a few chunks may finish without the link ever leaving inSync;
+    /// poll for its end (bounded) and verify again.
+    private func pollRepairResync(round: Int, checks: Int) {
+        control.asyncAfter(deadline: .now() + .milliseconds(500)) {
+            guard case .resyncing(round)? = self.diskRepair else { return }
+            let v = self.volume.status
+            if v.peerState == .inSync && v.resyncDoneBytes >= v.resyncTotalBytes && checks >= 1 {
+                self.advanceDiskRepair(mismatches: nil)
+            } else if checks < 1200 {
+                self.pollRepairResync(round: round, checks: checks + 1)
+            }
+        }
     }
 
     private func hookContext(role: Role, epoch: Epoch, master: NodeID?) -> HookContext {

@@ -36,7 +36,7 @@ extension NodeDaemon {
             : nil
         return StatusDocument(
             cluster: config.cluster.name, node: me.name.name, role: q.role, epoch: q.epoch.value, master: masterDoc,
-            diskState: diskErrorStatus == nil ? v.diskState : .diskless,
+            diskState: q.disk,
             peer: StatusDocument.Peer(node: peer.name.name, statusURL: "http://\(peer.statusAddress)/status",
                                       reachable: q.peerReachable, replication: v.peerState, diskState: v.peerDiskState),
             arbitrator: StatusDocument.Arbitrator(reachable: q.arbitratorReachable ?? arbitratorLinkUp),
@@ -52,7 +52,7 @@ extension NodeDaemon {
         let v = volume.status
         let now = MonotonicClock.now()
         metrics.setRole(q.role)
-        metrics.setDiskState(diskErrorStatus == nil ? v.diskState : .diskless)
+        metrics.setDiskState(q.disk)
         metrics.epoch.set(q.epoch.value)
         metrics.quorum.set(q.hasQuorum)
         metrics.peerUp.set(v.peerState != .disconnected)

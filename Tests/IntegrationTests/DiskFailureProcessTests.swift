@@ -33,6 +33,8 @@ final class DiskFailureProcessTests: XCTestCase {
         XCTAssertTrue(metrics.contains("hamgr_disk_state{state=\"diskless\"} 1"), "metrics do not show the failed disk")
         XCTAssertTrue(h.tail("a", lines: 2000).contains("event=disk_failure"), "no disk_failure event in a's log")
         XCTAssertEqual(try shell(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://\(h.node("a").statusAddress)/healthz"]).stdout, "503")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: h.dir.appendingPathComponent("a.meta.disk-failed").path),
+                      "the failure was not recorded for the next start")
 
         // b holds every acknowledged write and is (or stays) the master; a never is.
         h.waitForRole("b", "primary", within: 20)
