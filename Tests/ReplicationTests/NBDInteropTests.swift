@@ -84,6 +84,7 @@ final class NBDInteropTests: XCTestCase {
         try requireTools("fio")
         let r = try ProcessRunner.run("fio", ["--name=nbdverify", "--ioengine=nbd", "--uri=\(export.uri)", "--rw=randwrite", "--bs=4k",
                                               "--iodepth=32", "--size=64M", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
+                                              "--verify_state_save=0",
                                               "--output-format=json"], timeout: 300)
         XCTAssertEqual(r.exitCode, 0, "\(r)")
         // fio may print notes before the JSON document.
