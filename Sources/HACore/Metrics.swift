@@ -321,43 +321,6 @@ public final class NodeMetrics: @unchecked Sendable {
     }
 }
 
-/// The arbitrator's metrics, per cluster it serves.
-public final class ArbitratorMetrics: @unchecked Sendable {
-    public let registry: MetricsRegistry
-
-    /// - Parameter writeLatencyBuckets: the bounds of whatever records write latency (the NBD
-    ///   server keeps its own histogram; the daemon copies it in with `replace`).
-    public init(registry: MetricsRegistry = MetricsRegistry(), version: String = hamgrVersion,
-                writeLatencyBuckets: [Double] = Histogram.defaultLatencyBuckets) {
-        self.registry = registry
-        registry.gauge("hamgr_build_info", help: "Always 1; the version label names the running build.", labels: ["version": version]).set(1)
-    }
-
-    /// `hamgr_arbitrator_epoch{cluster}`: highest epoch promised.
-    public func epoch(cluster: String, _ value: UInt64) {
-        registry.gauge("hamgr_arbitrator_epoch", help: "Highest epoch this arbitrator promised, per cluster.", labels: ["cluster": cluster]).set(value)
-    }
-
-    /// `hamgr_arbitrator_lease_held{cluster, node}`: 1 while `node` holds a lease granted here.
-    public func leaseHeld(cluster: String, node: String, _ held: Bool) {
-        registry.gauge("hamgr_arbitrator_lease_held", help: "1 while the node holds a lease this arbitrator granted.", labels: ["cluster": cluster, "node": node]).set(held)
-    }
-
-    /// `hamgr_arbitrator_outdated{cluster, node}`: 1 while the node is marked outdated.
-    public func outdated(cluster: String, node: String, _ marked: Bool) {
-        registry.gauge("hamgr_arbitrator_outdated", help: "1 while the node is recorded as outdated.", labels: ["cluster": cluster, "node": node]).set(marked)
-    }
-
-    /// `hamgr_arbitrator_requests_total{cluster, kind, result}`: kind renew, vote, outdate, release; result granted or refused.
-    public func request(cluster: String, kind: String, result: String) {
-        registry.counter("hamgr_arbitrator_requests_total", help: "Requests answered by the arbitrator, by kind and result.", labels: ["cluster": cluster, "kind": kind, "result": result]).increment()
-    }
-
-    /// `hamgr_arbitrator_last_contact_seconds{cluster, node}`.
-    public func lastContact(cluster: String, node: String, seconds: Double) {
-        registry.gauge("hamgr_arbitrator_last_contact_seconds", help: "Seconds since the node was last heard from.", labels: ["cluster": cluster, "node": node]).set(seconds)
-    }
-}
 
 /// The version string reported in `/status`, `hamgr_build_info` and `--version`.
 public let hamgrVersion = "0.1.0"
