@@ -108,7 +108,7 @@ wait_master_in_sync() {
     while [ $SECONDS -lt $deadline ]; do
         if m=$(master_node); then
             addr_var=STATUS_$m
-            if status_json "${!addr_var}" | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d["peer"]; sys.exit(0 if p["replication"]=="inSync" and d["disk_state"]=="upToDate" and p["disk_state"]=="upToDate" else 1)' 2>/dev/null; then
+            if status_json "${!addr_var}" | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d["peer"]; sys.exit(0 if p["reachable"] and p["replication"]=="inSync" and d["disk_state"]=="upToDate" and p["disk_state"]=="upToDate" else 1)' 2>/dev/null; then
                 echo "$m"; return 0
             fi
         fi
