@@ -21,12 +21,19 @@ COUNTS=${COUNTS:-"1000 10000"}
 WINDOW=${WINDOW:-30}
 RATE=${RATE:-1}
 THREADS=${THREADS:-2}
+# FAILURE_MS/LEASE_MS/RENEW_MS: write a [timeouts] section into every generated config (the
+# arbitrator's session idle timeout is failure_timeout_ms; keepalives go every third of it on
+# both sides). Empty (default): the product defaults 200/1200/800 ms. For a 1 Hz renewal the
+# lease rule (renew <= lease*(1-drift)/3) needs e.g. RENEW_MS=1000 LEASE_MS=3600 FAILURE_MS=2400.
+RENEW_MS=${RENEW_MS:-}; LEASE_MS=${LEASE_MS:-}; FAILURE_MS=${FAILURE_MS:-}
+RAMP_S=${RAMP_S:-}
 ARBLOAD_BIN=${ARBLOAD_BIN:-$HERE/arbload/.build/release/arbload}
 for t in python3 curl; do command -v $t >/dev/null || { echo "arbitrator.sh: $t missing" >&2; exit 2; }; done
 [ -x "$HAMGR_BIN" ] || { echo "arbitrator.sh: no hamgr at $HAMGR_BIN" >&2; exit 2; }
 if [ ! -x "$ARBLOAD_BIN" ]; then swift build -c release --package-path "$HERE/arbload" >&2; fi
 
 ulimit -n "$(ulimit -Hn)"
+echo "timeouts: renew ${RENEW_MS:-200(default)} lease ${LEASE_MS:-1200(default)} failure ${FAILURE_MS:-800(default)} ms; renew rate $RATE Hz"
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; load average before: $(cut -d' ' -f1-3 /proc/loadavg); ulimit -n $(ulimit -n); ARG_MAX $(getconf ARG_MAX)"
 WORK=$(mktemp -d "${SHM:-/dev/shm}/hamgr-arb-bench.XXXXXX")
 ARB_PID=; LOAD_PID=
@@ -49,14 +56,17 @@ for N in $COUNTS; do
     dir=$WORK/n$N; mkdir -p "$dir/c"
     head -c 48 /dev/urandom >"$dir/cluster.key"; chmod 600 "$dir/cluster.key"
     ip=127.$((200 + RANDOM % 50)).$((RANDOM % 250 + 1)).3
-    python3 - "$dir" "$N" "$ip" <<'PY'
+    python3 - "$dir" "$N" "$ip" "$RENEW_MS" "$LEASE_MS" "$FAILURE_MS" <<'PY'
 import sys, os
 d, n, ip = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+t = "".join(f"{k} = {v}\n" for k, v in zip(("renew_interval_ms", "lease_ms", "failure_timeout_ms"), sys.argv[4:7]) if v)
+timeouts = f"\n[timeouts]\n{t}" if t else ""
 for i in range(n):
     name = f"c-{i:05d}"
     open(f"{d}/c/{i:05d}.toml", "w").write(f'''[cluster]
 name = "{name}"
 key_file = "{d}/cluster.key"
+{timeouts}
 
 [volume]
 size = "1GiB"
@@ -96,7 +106,7 @@ PY
     echo "arbitrator pid $ARB_PID up after $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s; RSS $(awk '/VmRSS/{print $2, $3}' /proc/$ARB_PID/status)"
 
     "$ARBLOAD_BIN" --arbitrator "$ip:7790" --key "$dir/cluster.key" --prefix c --clusters "$N" --rate "$RATE" \
-        --window "$WINDOW" --threads "$THREADS" --ramp-s "$((N / 1000 * 2 + 2))" >"$dir/load.out" 2>"$dir/load.err" &
+        --window "$WINDOW" --threads "$THREADS" --ramp-s "${RAMP_S:-$((N / 1000 * 2 + 2))}" --idle-ms "${FAILURE_MS:-800}" >"$dir/load.out" 2>"$dir/load.err" &
     LOAD_PID=$!
     deadline=$((SECONDS + 600))
     until grep -q '^WINDOW_START' "$dir/load.out" 2>/dev/null; do
@@ -110,10 +120,10 @@ PY
     sleep "$WINDOW"
     c1=$(cpu_ticks "$ARB_PID"); read -r mb1 mt1 < <(machine_busy); s1=$(date +%s.%N)
     curl -sf --max-time 60 "http://$ip:9651/metrics" | grep '^hamgr_arbitrator_decision_seconds\|^hamgr_arbitrator_messages_total' >"$dir/m1"
+    fds=$(ls /proc/$ARB_PID/fd | wc -l)   # while the sessions are still open
     wait "$LOAD_PID" || true; LOAD_PID=
     rss=$(awk '/VmHWM/{print $2}' /proc/$ARB_PID/status)
     threads=$(awk '/Threads/{print $2}' /proc/$ARB_PID/status)
-    fds=$(ls /proc/$ARB_PID/fd | wc -l)
     grep '^WINDOW ' "$dir/load.out"
     line=$(python3 - "$dir" "$N" "$c0" "$c1" "$s0" "$s1" "$CLK_TCK" "$mb0" "$mt0" "$mb1" "$mt1" "$rss" "$threads" "$fds" <<'PY'
 import sys, re
