@@ -12,6 +12,7 @@ Kinds (see docs/reliability.md):
   pause      SIGSTOP a hamgr process for longer than the lease, SIGCONT at heal
   freeze     cgroup-freeze every process of a host namespace, thaw at heal
   disk-full  fill the node's (loop-mounted ext4) filesystem; heal removes the filler
+             and restarts the node if it reports itself diskless (no attach command)
   disk-eio   ext4 shutdown ioctl: every read/write/fsync on the node's disk -> EIO;
              heal = kill node, unmount, e2fsck, mount, restart (disk replaced/repaired)
   cut-kill   compound: cut A-B (the master must outdate the backup at W and go on
@@ -297,6 +298,14 @@ class Nemesis:
 
     def _heal_disk_full(self, f, path):
         os.unlink(path)
+        # A node that detached its disk on ENOSPC stays diskless when space returns;
+        # hamgr has no attach command, so the operator's recovery is a restart.
+        time.sleep(0.5)
+        rec = self.cluster.latest().get(f["host"]) or {}
+        st = rec.get("s") or {}
+        if st.get("disk_state") == "diskless" or st.get("disk_error"):
+            f["restarted_diskless_node"] = True
+            self.cluster.restart(self.cluster.proc_name(f["host"]))
 
     def _inj_disk_eio(self, f):
         mnt = self.cluster.disk_mount(f["host"])
