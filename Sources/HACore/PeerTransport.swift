@@ -38,6 +38,8 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
     public let remote: PeerHello
     public var eventLoop: EventLoop { channel.eventLoop }
     private var sealer: FrameSealer  // event loop only
+    /// When the last frame went out (event loop only): keepalives fill only silences.
+    var lastSent = NIODeadline.now()
     /// Set by the owner to tag the connection (e.g. the epoch it was opened for).
     public var userInfo: Any?
 
@@ -51,6 +53,7 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
     /// Seal and write a frame; flush unless the caller batches. Safe from any thread.
     public func send(kind: UInt8, epoch: Epoch, payload: ByteBuffer, flush: Bool = true) {
         if eventLoop.inEventLoop {
+            lastSent = .now()
             var out = channel.allocator.buffer(capacity: payload.readableBytes + 64)
             sealer.seal(kind: kind, epoch: epoch, payload: payload, into: &out)
             if flush { channel.writeAndFlush(out, promise: nil) } else { channel.write(out, promise: nil) }
@@ -91,6 +94,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     private var lastReceive = NIODeadline.now()
     private var timer: RepeatedTask?
     private var closeReason = "connection closed by peer"
+    static let handshakeTimeout = TimeAmount.seconds(5)
 
     init(side: Side, local: PeerHello?, keyForCluster: @escaping (String) -> SymmetricKey?,
          route: @escaping (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?,
@@ -110,11 +114,18 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
             sendHello(context, local, key: key)
         }
         let ctx = context
-        timer = context.eventLoop.scheduleRepeatedTask(initialDelay: .nanoseconds(idleTimeout.nanoseconds / 3), delay: .nanoseconds(idleTimeout.nanoseconds / 3)) { [weak self] _ in
+        let third = TimeAmount.nanoseconds(idleTimeout.nanoseconds / 3)
+        timer = context.eventLoop.scheduleRepeatedTask(initialDelay: third, delay: third) { [weak self] _ in
             guard let self else { return }
-            if NIODeadline.now() - self.lastReceive > self.idleTimeout {
-                self.fail(ctx, "peer silent for more than \(self.idleTimeout.nanoseconds / 1_000_000) ms")
-            } else if let c = self.connection {
+            let now = NIODeadline.now()
+            // A session still in its handshake gets longer: under a connection storm hellos
+            // queue, and cutting them at the idle timeout only feeds the storm.
+            let limit = self.connection == nil ? max(self.idleTimeout, Self.handshakeTimeout) : self.idleTimeout
+            if now - self.lastReceive > limit {
+                self.fail(ctx, self.connection == nil
+                          ? "no hello within \(limit.nanoseconds / 1_000_000) ms"
+                          : "peer silent for more than \(self.idleTimeout.nanoseconds / 1_000_000) ms")
+            } else if let c = self.connection, now - c.lastSent >= third {
                 c.send(kind: keepaliveFrameKind, epoch: .zero, payload: ByteBuffer())
             }
         }
