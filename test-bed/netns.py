@@ -399,6 +399,19 @@ def cleanup_stale(verbose=True):
     return removed
 
 
+def _releasing(loop, mounts):
+    """A detached-while-busy loop device (autoclear set, no longer mounted here) is on
+    its way out: `ip netns exec` gives every process a private copy of the mount table,
+    so a concurrent bed's processes can pin another bed's lazily unmounted disk until
+    they exit; the kernel frees the device then."""
+    try:
+        with open("/sys/block/%s/loop/autoclear" % os.path.basename(loop)) as f:
+            auto = f.read().strip() == "1"
+    except OSError:
+        return False
+    return auto and (loop + " ") not in mounts
+
+
 def leftovers():
     """What of ours exists right now (for self-tests): netns, routes, cgroups, loops."""
     out = {}
@@ -409,7 +422,9 @@ def leftovers():
     out["routes"] = [l for l in (cp.stdout.splitlines() if cp else []) if l.strip()]
     out["cgroups"] = glob.glob(os.path.join(FREEZER, NAME_PREFIX + "*"))
     cp = try_run(["losetup", "-a"])
-    out["loops"] = [l for l in (cp.stdout.splitlines() if cp else []) if WORK_ROOT in l]
+    mounts = open("/proc/self/mounts").read()
+    out["loops"] = [l for l in (cp.stdout.splitlines() if cp else [])
+                    if WORK_ROOT in l and not _releasing(l.split(":", 1)[0], mounts)]
     out["states"] = glob.glob(os.path.join(STATE_ROOT, "*.json"))
     return out
 

@@ -20,6 +20,35 @@ import nemesis  # noqa: E402
 from common import PY, BED_DIR, Jsonl, bounded_wait, run, try_run  # noqa: E402
 
 TESTS = []
+MINE = set()  # bed prefixes this self-test created: other beds may run concurrently (CI)
+
+_orig_init = netns.Bed.__init__
+
+
+def _tracking_init(self, *a, **kw):
+    _orig_init(self, *a, **kw)
+    MINE.add(self.prefix)
+
+
+netns.Bed.__init__ = _tracking_init
+
+
+def foreign_live():
+    out = set()
+    for f in netns.glob.glob(os.path.join(netns.STATE_ROOT, "*.json")):
+        try:
+            st = json.load(open(f))
+            if st["prefix"] not in MINE and netns.pid_alive(int(st["owner"])):
+                out.add(st["prefix"])
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
+
+
+def ours(prefix):
+    """What of one bed exists now: netns, route, cgroups, loops, state file."""
+    left = netns.leftovers()
+    return {k: [x for x in v if prefix in x] for k, v in left.items() if k != "routes"}
 
 
 def test(fn):
@@ -135,10 +164,11 @@ def rtt_ms(bed, src, dst, port, n=10):
 # ---------------------------------------------------------------------------
 @test
 def netns_up_down_leaves_nothing():
+    strict = not foreign_live()  # the whole-root comparison only when no other bed runs
     before = root_snapshot()
     bed = netns.Bed().up(install_handlers=False)
     mid = netns.leftovers()
-    assert_eq(len(mid["netns"]), 5, "five namespaces while up")
+    assert_eq(len([n for n in mid["netns"] if n.startswith(bed.prefix)]), 5, "five namespaces while up")
     assert_true(any("blackhole 10.%d.0.0/16" % bed.octet in r for r in mid["routes"]), "blackhole route")
     # the root namespace must not route the bed's addresses anywhere
     cp = run(["ip", "route", "get", bed.ip("a")], check=False)
@@ -146,7 +176,10 @@ def netns_up_down_leaves_nothing():
     assert_eq(ping(bed, "a", "b"), 2, "a->b ping through router")
     assert_eq(ping(bed, "c", "w"), 2, "c->w ping through router")
     bed.down()
-    assert_eq(root_snapshot(), before, "root namespace state after teardown")
+    assert_true(not any(ours(bed.prefix).values()), "leftovers of %s: %s" % (bed.prefix, ours(bed.prefix)))
+    assert_true(not any("10.%d.0.0/16" % bed.octet in r for r in netns.leftovers()["routes"]), "route left")
+    if strict and not foreign_live():
+        assert_eq(root_snapshot(), before, "root namespace state after teardown")
 
 
 @test
@@ -288,35 +321,37 @@ def storage_faults_full_and_eio():
         os.close(fd)
     finally:
         bed.down()
-    assert_true(not netns.leftovers()["loops"], "loop device detached")
+    assert_true(not ours(bed.prefix)["loops"], "loop device detached")
 
 
 @test
 def sigterm_tears_down():
-    before = root_snapshot()
     p = subprocess.Popen([PY, os.path.join(BED_DIR, "netns.py"), "up", "--hold", "60"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = p.stdout.readline()
     assert_true(line.startswith("{"), "bed came up: %r" % line)
-    assert_eq(len(netns.leftovers()["netns"]), 5, "up")
+    pfx = json.loads(line)["prefix"]
+    MINE.add(pfx)
+    assert_eq(len(ours(pfx)["netns"]), 5, "up")
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=30)
-    assert_eq(root_snapshot(), before, "after SIGTERM")
+    assert_true(not any(ours(pfx).values()), "after SIGTERM: %s" % ours(pfx))
 
 
 @test
 def cleanup_stale_removes_killed_run():
-    before = root_snapshot()
     p = subprocess.Popen([PY, os.path.join(BED_DIR, "netns.py"), "up", "--hold", "60"],
                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = p.stdout.readline()
     assert_true(line.startswith("{"), "bed came up")
+    pfx = json.loads(line)["prefix"]
+    MINE.add(pfx)
     p.kill()  # SIGKILL: no handler runs, leftovers stay
     p.wait(timeout=10)
-    assert_eq(len(netns.leftovers()["netns"]), 5, "leftovers after SIGKILL")
+    assert_eq(len(ours(pfx)["netns"]), 5, "leftovers after SIGKILL")
     cp = run([PY, os.path.join(BED_DIR, "netns.py"), "cleanup-stale"], timeout=60)
     assert_true("removed" in cp.stdout, cp.stdout)
-    assert_eq(root_snapshot(), before, "after cleanup-stale")
+    assert_true(not any(ours(pfx).values()), "after cleanup-stale: %s" % ours(pfx))
 
 
 # --- checker on hand-made histories ----------------------------------------
@@ -540,18 +575,11 @@ def main():
             print("FAIL %-45s %.1fs\n%s" % (t.__name__, time.monotonic() - t0,
                                             "".join("    " + l for l in traceback.format_exc().splitlines(True))),
                   flush=True)
-    # Other live runs (e.g. a matrix started in parallel) are not ours to judge.
-    foreign = set()
-    for f in netns.glob.glob(os.path.join(netns.STATE_ROOT, "*.json")):
-        try:
-            st = json.load(open(f))
-            if netns.pid_alive(int(st["owner"])):
-                foreign.add(st["prefix"])
-        except (OSError, ValueError, KeyError):
-            pass
-    left = {k: [x for x in v if not any(p in x for p in foreign)] for k, v in netns.leftovers().items()}
-    left["routes"] = [r for r in left["routes"]
-                      if not any(r.startswith("blackhole 10.%s." % o) for o in foreign_octets(foreign))]
+    # Only what this self-test created is ours to judge (CI may run beds in parallel).
+    left = {}
+    for pfx in MINE:
+        for k, v in ours(pfx).items():
+            left.setdefault(k, []).extend(v)
     if any(left.values()):
         failed += 1
         print("FAIL leftovers after self-tests: %s" % json.dumps(left))
