@@ -21,7 +21,7 @@ final class StatusDocumentTests: XCTestCase {
         XCTAssertEqual(Set(obj.keys), [
             "cluster", "node", "role", "epoch", "master", "disk_state", "peer", "arbitrator", "quorum",
             "lease_valid_ms", "out_of_sync_bytes", "resync", "split_brain", "why_not_promoted", "maintenance",
-            "service_address", "generation", "resources", "version",
+            "service_address", "generation", "resources", "version", "disk_error",
         ])
         XCTAssertTrue(obj["master"] is NSNull)
         XCTAssertTrue(obj["split_brain"] is NSNull)
