@@ -27,6 +27,15 @@ private func printReply(_ reply: AdminReply, node: String? = nil) {
     }
 }
 
+/// Sends `command` to whichever node reports itself master (switchover, demote).
+private func sendToMaster(_ command: AdminCommand, hactl: Hactl, nothingTo: String) throws {
+    let client = try hactl.client(needsToken: true)
+    guard let master = client.masterEndpoint(in: client.discover()) else {
+        throw HactlError("no node reports itself master; \(nothingTo)")
+    }
+    printReply(try send(command, to: master, with: client))
+}
+
 struct SwitchoverCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "switchover",
@@ -37,12 +46,7 @@ struct SwitchoverCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let client = try hactl.client(needsToken: true)
-            let views = client.discover()
-            guard let master = client.masterEndpoint(in: views) else {
-                throw HactlError("no node reports itself master; nothing to switch over (see `hactl status`)")
-            }
-            printReply(try send(.switchover, to: master, with: client))
+            try sendToMaster(.switchover, hactl: hactl, nothingTo: "nothing to switch over (see `hactl status`)")
         }
     }
 }
@@ -96,12 +100,7 @@ struct DemoteCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let client = try hactl.client(needsToken: true)
-            let views = client.discover()
-            guard let master = client.masterEndpoint(in: views) else {
-                throw HactlError("no node reports itself master; nothing to demote")
-            }
-            printReply(try send(.demote, to: master, with: client))
+            try sendToMaster(.demote, hactl: hactl, nothingTo: "nothing to demote")
         }
     }
 }
