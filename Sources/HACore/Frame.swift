@@ -52,35 +52,85 @@ public enum FrameError: Error, Equatable, CustomStringConvertible {
     }
 }
 
+/// HMAC-SHA256 (RFC 2104) with the key's inner and outer pad blocks hashed once, when the
+/// session key is made. Each frame then costs its own blocks plus one outer block, not a
+/// fresh key schedule: with a new `HMAC<SHA256>(key:)` per frame, key setup alone was 6 % of
+/// a replicating master's CPU under 4 KiB writes.
+public struct FrameMAC: Sendable {
+    private let inner: SHA256
+    private let outer: SHA256
+    public static let blockBytes = 64
+
+    public init(key: SymmetricKey) {
+        var k = key.withUnsafeBytes { Array($0) }
+        if k.count > Self.blockBytes { k = Array(SHA256.hash(data: k)) }
+        k += [UInt8](repeating: 0, count: Self.blockBytes - k.count)
+        var i = SHA256()
+        i.update(data: k.map { $0 ^ 0x36 })
+        var o = SHA256()
+        o.update(data: k.map { $0 ^ 0x5c })
+        inner = i
+        outer = o
+    }
+
+    /// The 32-byte tag of `data` followed by `more`.
+    public func tag(_ data: UnsafeRawBufferPointer, _ more: UnsafeRawBufferPointer? = nil) -> SHA256.Digest {
+        var i = inner  // copy-on-write: the precomputed state stays untouched
+        i.update(bufferPointer: data)
+        if let more { i.update(bufferPointer: more) }
+        var o = outer
+        i.finalize().withUnsafeBytes { o.update(bufferPointer: $0) }
+        return o.finalize()
+    }
+
+    /// Whether `tag` authenticates `data`, compared in constant time.
+    public func isValid(tag: UnsafeRawBufferPointer, for data: UnsafeRawBufferPointer) -> Bool {
+        guard tag.count == Frame.macBytes else { return false }
+        return self.tag(data).withUnsafeBytes { mine in
+            var diff: UInt8 = 0
+            for i in 0..<Frame.macBytes { diff |= mine[i] ^ tag[i] }
+            return diff == 0
+        }
+    }
+}
+
 /// Seals outgoing and opens incoming frames for one direction of one session.
 /// Pure: no I/O, so it is fuzzable and testable byte for byte.
 public struct FrameSealer: Sendable {
-    private let key: SymmetricKey
+    private let mac: FrameMAC
     public private(set) var nextSequence: UInt64
 
     public init(key: SymmetricKey, firstSequence: UInt64 = 1) {
-        self.key = key
+        self.mac = FrameMAC(key: key)
         self.nextSequence = firstSequence
     }
 
     /// Append the sealed frame (length prefix included) to `out`.
     public mutating func seal(kind: UInt8, epoch: Epoch, payload: ByteBuffer, into out: inout ByteBuffer) {
-        let body = Frame.headerBytes + payload.readableBytes + Frame.macBytes
-        out.reserveCapacity(minimumWritableBytes: 4 + body)
-        out.writeInteger(UInt32(body))
-        let start = out.writerIndex
-        out.writeInteger(Frame.version)
-        out.writeInteger(kind)
-        out.writeInteger(nextSequence)
-        out.writeInteger(epoch.value)
+        out.reserveCapacity(minimumWritableBytes: 4 + Frame.headerBytes + payload.readableBytes + Frame.macBytes)
+        var trailer = ByteBuffer()
+        seal(kind: kind, epoch: epoch, payload: payload, header: &out, trailer: &trailer)
         var p = payload
         out.writeBuffer(&p)
-        var mac = HMAC<SHA256>(key: key)
-        out.withUnsafeReadableBytes { all in
-            mac.update(data: UnsafeRawBufferPointer(rebasing: all[(start - out.readerIndex)...]))
+        out.writeBuffer(&trailer)
+    }
+
+    /// Seal without copying the payload: the frame on the wire is `header` (length prefix
+    /// and frame header, appended here), the payload unchanged, then `trailer` (the MAC).
+    /// Large replication writes go out this way as three buffers in one writev.
+    public mutating func seal(kind: UInt8, epoch: Epoch, payload: ByteBuffer, header: inout ByteBuffer, trailer: inout ByteBuffer) {
+        header.writeInteger(UInt32(Frame.headerBytes + payload.readableBytes + Frame.macBytes))
+        let start = header.writerIndex
+        header.writeInteger(Frame.version)
+        header.writeInteger(kind)
+        header.writeInteger(nextSequence)
+        header.writeInteger(epoch.value)
+        let tag = header.withUnsafeReadableBytes { h in
+            payload.withUnsafeReadableBytes { p in
+                mac.tag(UnsafeRawBufferPointer(rebasing: h[(start - header.readerIndex)...]), p)
+            }
         }
-        let tag = mac.finalize()
-        _ = tag.withUnsafeBytes { out.writeBytes($0) }
+        _ = tag.withUnsafeBytes { trailer.writeBytes($0) }
         nextSequence &+= 1
     }
 
@@ -91,9 +141,8 @@ public struct FrameSealer: Sendable {
         guard n <= Frame.maxBodyBytes else { return .failure(.tooLarge(UInt32(n))) }
         let signedBytes = n - Frame.macBytes
         let ok: Bool = body.withUnsafeReadableBytes { raw in
-            let signed = UnsafeRawBufferPointer(rebasing: raw[0..<signedBytes])
-            let tag = UnsafeRawBufferPointer(rebasing: raw[signedBytes...])
-            return HMAC<SHA256>.isValidAuthenticationCode(tag, authenticating: signed, using: key)
+            mac.isValid(tag: UnsafeRawBufferPointer(rebasing: raw[signedBytes...]),
+                        for: UnsafeRawBufferPointer(rebasing: raw[0..<signedBytes]))
         }
         guard ok else { return .failure(.badMAC) }
         var b = body

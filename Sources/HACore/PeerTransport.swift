@@ -50,17 +50,60 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
 
     public var description: String { "\(remote.channel) link \(local.node)↔\(remote.node) (\(remote.cluster))" }
 
+    /// Frames handed over from other threads, written by one event-loop task (guarded by outboxLock).
+    private let outboxLock = NSLock()
+    private var outbox: [(kind: UInt8, epoch: Epoch, payload: ByteBuffer)] = []
+    private var outboxDrainScheduled = false
+
     /// Seal and write a frame; flush unless the caller batches. Safe from any thread.
+    ///
+    /// From another thread the frame joins an outbox that one loop task drains with a single
+    /// flush: a replication I/O thread sending a frame per write then costs the loop one
+    /// wake-up and one write syscall per burst instead of per frame. Order is kept: frames
+    /// from one thread go out in the order they were sent.
     public func send(kind: UInt8, epoch: Epoch, payload: ByteBuffer, flush: Bool = true) {
         if eventLoop.inEventLoop {
-            lastSent = .now()
+            write(kind: kind, epoch: epoch, payload: payload)
+            if flush { channel.flush() }
+            return
+        }
+        outboxLock.lock()
+        outbox.append((kind, epoch, payload))
+        let schedule = !outboxDrainScheduled
+        outboxDrainScheduled = true
+        outboxLock.unlock()
+        if schedule { eventLoop.execute { self.drainOutbox() } }
+    }
+
+    private func drainOutbox() {
+        outboxLock.lock()
+        let frames = outbox
+        outbox = []
+        outboxDrainScheduled = false
+        outboxLock.unlock()
+        for f in frames { write(kind: f.kind, epoch: f.epoch, payload: f.payload) }
+        channel.flush()
+    }
+
+    /// Seal one frame into the channel's outbound buffer (event loop only).
+    private func write(kind: UInt8, epoch: Epoch, payload: ByteBuffer) {
+        lastSent = .now()
+        if payload.readableBytes >= Self.copyLimitBytes {
+            // Big payloads (replicated writes, resync chunks) are not copied into a frame
+            // buffer: header, payload and MAC go out as one writev.
+            var header = channel.allocator.buffer(capacity: 4 + Frame.headerBytes)
+            var trailer = channel.allocator.buffer(capacity: Frame.macBytes)
+            sealer.seal(kind: kind, epoch: epoch, payload: payload, header: &header, trailer: &trailer)
+            channel.write(header, promise: nil)
+            channel.write(payload, promise: nil)
+            channel.write(trailer, promise: nil)
+        } else {
             var out = channel.allocator.buffer(capacity: payload.readableBytes + 64)
             sealer.seal(kind: kind, epoch: epoch, payload: payload, into: &out)
-            if flush { channel.writeAndFlush(out, promise: nil) } else { channel.write(out, promise: nil) }
-        } else {
-            eventLoop.execute { self.send(kind: kind, epoch: epoch, payload: payload, flush: flush) }
+            channel.write(out, promise: nil)
         }
     }
+    static let copyLimitBytes = 16 * 1024
 
     public func flush() {
         if eventLoop.inEventLoop { channel.flush() } else { eventLoop.execute { self.channel.flush() } }
@@ -295,11 +338,12 @@ public final class PeerListener: @unchecked Sendable {
     /// - Parameter route: given the remote's hello, our own hello and callbacks, or nil to refuse.
     /// - Parameter refused: told why a session was refused before it was established (wrong key,
     ///   unknown cluster or node, garbled hello), for the log.
-    public static func bind(host: String, port: Int, group: EventLoopGroup, idleTimeout: TimeAmount,
+    /// - Parameter childGroup: where accepted sessions live (default: `group`).
+    public static func bind(host: String, port: Int, group: EventLoopGroup, childGroup: EventLoopGroup? = nil, idleTimeout: TimeAmount,
                             keyForCluster: @escaping (String) -> SymmetricKey?,
                             refused: ((String) -> Void)? = nil,
                             route: @escaping (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?) -> EventLoopFuture<PeerListener> {
-        ServerBootstrap(group: group)
+        ServerBootstrap(group: group, childGroup: childGroup ?? group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
                 let h = PeerSessionHandler(side: .listener, local: nil, keyForCluster: keyForCluster, route: route,

@@ -44,6 +44,10 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     private var watchdog: RepeatedTask?
     private var ticksWithoutLink = 0
 
+    private let completionsLock = NSLock()
+    private var completions: [CoreEvent] = []  // I/O queue → loop, guarded by completionsLock
+    private var completionsScheduled = false
+
     private let statusLock = NSLock()
     private var snapshot = ReplicationStatus()
 
@@ -127,11 +131,18 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
 
     /// Callbacks for a session the daemon's PeerListener routed here (channel "replication").
     public func inboundSession() -> PeerSessionCallbacks {
+        // The dialing node's session lives on the volume's own loop (see startDialer): its
+        // frames reach the core without a thread hop. Closing is always deferred, so a close
+        // caused by a write inside the core's actions never re-enters the core.
         PeerSessionCallbacks(
-            established: { [weak self] conn in self?.loop.execute { self?.established(conn) } },
-            frame: { [weak self] conn, frame in self?.loop.execute { self?.received(frame, on: conn) } },
+            established: { [weak self] conn in self?.onLoopSoon { self?.established(conn) } },
+            frame: { [weak self] conn, frame in self?.onLoopSoon { self?.received(frame, on: conn) } },
             closed: { [weak self] conn, why in self?.loop.execute { self?.closed(conn, why) } })
     }
+
+    /// The loop the core runs on. NBD connections and replication sessions placed on it
+    /// (`NBDServer`/`PeerListener` childGroup) reach the core without a thread hop.
+    public var eventLoop: EventLoop { loop }
 
     public func setWriteGate(_ gate: WriteGate) { onLoop { self.run(.gate(gate)) } }
 
@@ -188,7 +199,7 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     public func read(offset: UInt64, length: Int, on loop: EventLoop) -> EventLoopFuture<ByteBuffer> {
         if let e = checkRange(offset, length) { return loop.makeFailedFuture(e) }
         let p = loop.makePromise(of: ByteBuffer.self)
-        self.loop.execute {
+        onLoopSoon {
             // Reads need the lease as much as writes do: a deposed master that has not yet
             // noticed must not answer with data a newer master has already overwritten.
             guard self.core.role == .primary, !self.halted, self.core.gate.allowsAck(at: self.clock()) else {
@@ -234,7 +245,7 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
 
     private func submit(on caller: EventLoop, _ event: @escaping (RequestID) -> CoreEvent) -> EventLoopFuture<Void> {
         let p = caller.makePromise(of: Void.self)
-        loop.execute {
+        onLoopSoon {
             guard !self.halted else { return p.fail(VolumeError.shuttingDown) }
             let id = self.nextRequest
             self.nextRequest += 1
@@ -253,13 +264,17 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
 
     // MARK: running the core
 
-    private func run(_ event: CoreEvent) {
+    private func run(_ event: CoreEvent, publishing: Bool = true) {
         guard !halted else { return }
         perform(core.handle(event, now: clock()))
-        publish()
+        if publishing { publish() }
     }
 
     private func perform(_ actions: [CoreAction]) {
+        // Client completions run last: a completion callback may submit the next request
+        // (same loop, no hop), and that request's I/O must queue behind this batch's.
+        var finished: [() -> Void] = []
+        defer { for f in finished { f() } }
         for a in actions {
             switch a {
             case .io(let batch):
@@ -273,10 +288,10 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
                 sessions[s]?.close()
             case let .complete(id, e):
                 guard let p = requests.removeValue(forKey: id) else { continue }
-                if let e { p.fail(e) } else { p.succeed(()) }
+                finished.append { if let e { p.fail(e) } else { p.succeed(()) } }
             case let .drained(id, e):
                 guard let f = drains.removeValue(forKey: id) else { continue }
-                if let e { f(.failure(e)) } else { f(.success(())) }
+                finished.append { if let e { f(.failure(e)) } else { f(.success(())) } }
             case .emit(let ev):
                 onEvent?(ev)
             case let .log(level, message):
@@ -330,15 +345,31 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         }
         if let (s, ack) = b.ack { send(s, ack.message(status: failure?.1 ?? 0)) }
         if let (why, errno) = failure {
-            let f = b.failure
-            loop.execute { self.run(.ioFailed(f, why, errno: errno)) }
+            report([.ioFailed(b.failure, why, errno: errno)])
         } else {
-            let then = b.then
-            guard then != nil || !extra.isEmpty else { return }
-            loop.execute {
-                if let then { self.run(.io(then)) }
-                for e in extra { self.run(.io(e)) }
-            }
+            report((b.then.map { [CoreEvent.io($0)] } ?? []) + extra.map { .io($0) })
+        }
+    }
+
+    /// Hands I/O outcomes to the core in the order the I/O queue produced them. One loop task
+    /// drains everything reported meanwhile: under load a burst of completed writes costs the
+    /// loop one wake-up, not one per write.
+    private func report(_ events: [CoreEvent]) {
+        guard !events.isEmpty else { return }
+        completionsLock.lock()
+        completions += events
+        let schedule = !completionsScheduled
+        completionsScheduled = true
+        completionsLock.unlock()
+        guard schedule else { return }
+        loop.execute {
+            self.completionsLock.lock()
+            let batch = self.completions
+            self.completions = []
+            self.completionsScheduled = false
+            self.completionsLock.unlock()
+            for e in batch { self.run(e, publishing: false) }
+            self.publish()
         }
     }
 
@@ -374,7 +405,7 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     }
 
     private func startDialer() {
-        let d = PeerDialer(group: group, host: config.peerReplicationAddress.host, port: config.peerReplicationAddress.port,
+        let d = PeerDialer(group: loop, host: config.peerReplicationAddress.host, port: config.peerReplicationAddress.port,
                            local: PeerHello(cluster: config.cluster, node: config.me, channel: ReplicatedVolumeConfig.channel),
                            key: config.clusterKey, idleTimeout: .nanoseconds(config.linkTimeout.nanosecondsClamped),
                            retryDelay: .nanoseconds(config.redialDelay.nanosecondsClamped), callbacks: inboundSession())
@@ -425,6 +456,11 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     }
 
     // MARK: loop helpers
+
+    /// Runs `f` now when already on the volume's loop, else as a task there (never waits).
+    private func onLoopSoon(_ f: @escaping () -> Void) {
+        if loop.inEventLoop { f() } else { loop.execute(f) }
+    }
 
     /// Runs `f` on the volume's loop and waits for it (control-plane calls only).
     private func onLoop(_ f: @escaping () -> Void) {

@@ -112,7 +112,7 @@ final class NodeDaemon: @unchecked Sendable {
                         now: MonotonicClock.now())
         coreSnapshot = core.status
         if repairPending { diskRepair = .waitingForPeer }
-        nbd = NBDServer(group: group, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)", logger: logger)
+        nbd = NBDServer(group: group, childGroup: volume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)", logger: logger)
         hooks = HookRunner(hooks: config.hooks, logger: logger, metrics: metrics)
         resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics) { [weak self] resource, reason in
             // A resource that keeps failing here may run on the peer: hand over (design.md §4).
@@ -151,7 +151,7 @@ final class NodeDaemon: @unchecked Sendable {
         let repl = try parseHostPort(me.replicationAddress, key: "node.replication_address")
         let idle = TimeAmount.nanoseconds(config.timeouts.failureTimeout.nanosecondsClamped)
         listener = try PeerListener.bind(
-            host: repl.host, port: repl.port, group: group, idleTimeout: idle,
+            host: repl.host, port: repl.port, group: group, childGroup: volume.eventLoop, idleTimeout: idle,
             keyForCluster: { [key, config] in $0 == config.cluster.name ? key : nil },
             refused: { [logger] why in logger.warning("\(why)", metadata: ["event": "link_refused"]) },
             route: { [weak self] hello in self?.route(hello) }).wait()

@@ -1,3 +1,4 @@
+import Foundation
 import Crypto
 import NIOConcurrencyHelpers
 import NIOCore
@@ -35,6 +36,50 @@ final class FrameTests: XCTestCase {
         XCTAssertEqual(frames.map(\.payload.readableBytes), [0, 100, 200])
         XCTAssertEqual(frames[2].epoch, Epoch(9))
         XCTAssertEqual(frames[2].kind, 3)
+    }
+
+    /// The precomputed-pad MAC equals swift-crypto's HMAC-SHA256 for keys shorter than, equal
+    /// to and longer than a block, and an RFC 4231 test vector (case 2).
+    func testFrameMACMatchesHMACSHA256() {
+        var rng = SplitMix64(seed: 42)
+        for keyBytes in [1, 32, 48, 64, 65, 131] {
+            for length in [0, 1, 55, 56, 63, 64, 65, 4096 + 18] {
+                let k = SymmetricKey(data: (0..<keyBytes).map { _ in UInt8(truncatingIfNeeded: rng.next()) })
+                let data = (0..<length).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+                let mine = data.withUnsafeBytes { Array(FrameMAC(key: k).tag($0)) }
+                XCTAssertEqual(mine, Array(HMAC<SHA256>.authenticationCode(for: data, using: k)), "key \(keyBytes) B, data \(length) B")
+                var bad = mine
+                bad[length % 32] ^= 1
+                data.withUnsafeBytes { d in
+                    mine.withUnsafeBytes { XCTAssertTrue(FrameMAC(key: k).isValid(tag: $0, for: d)) }
+                    bad.withUnsafeBytes { XCTAssertFalse(FrameMAC(key: k).isValid(tag: $0, for: d)) }
+                }
+            }
+        }
+        let jefe = SymmetricKey(data: Array("Jefe".utf8))
+        let tag = Array("what do ya want for nothing?".utf8).withUnsafeBytes { Array(FrameMAC(key: jefe).tag($0)) }
+        XCTAssertEqual(tag.map { String(format: "%02x", $0) }.joined(),
+                       "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+    }
+
+    /// Sealing without copying the payload puts the same bytes on the wire as sealing into one buffer.
+    func testSplitSealEqualsContiguousSeal() throws {
+        var a = FrameSealer(key: key)
+        var b = FrameSealer(key: key)
+        var rx = FrameSealer(key: key)
+        for n in [0, 1, 4096, 64 * 1024 + 3] {
+            let payload = ByteBuffer(bytes: (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31) })
+            var whole = ByteBuffer()
+            a.seal(kind: 5, epoch: Epoch(3), payload: payload, into: &whole)
+            var header = ByteBuffer(), trailer = ByteBuffer()
+            b.seal(kind: 5, epoch: Epoch(3), payload: payload, header: &header, trailer: &trailer)
+            var p = payload
+            header.writeBuffer(&p)
+            header.writeBuffer(&trailer)
+            XCTAssertEqual(whole, header, "\(n) bytes")
+            let body = try XCTUnwrap(try FrameBodyDecoder.nextBody(&header))
+            XCTAssertEqual(try rx.open(body).get().payload, payload)
+        }
     }
 
     func testWrongKeyIsRefused() throws {

@@ -159,7 +159,7 @@ public struct ReplicationCore: Sendable {
     private var suspended = false
     private var stopped = false
     private var link: Link?
-    private var writes: [UInt64: Write] = [:]
+    private var writes = WriteTable()
     private var nextSeq: UInt64 = 1
     private var alWaiting: [Held] = []
     private var drainWaiting: [RequestID] = []
@@ -211,6 +211,36 @@ public struct ReplicationCore: Sendable {
         /// Barriers (flushes, FUA writes) submitted before this one. A barrier's own tag is its
         /// number; the peer's sync for barrier n makes every write tagged ≤ n durable there.
         var barrierTag: UInt64 = 0
+    }
+
+    /// In-flight writes by sequence number, with the two sums `/status` reports kept current
+    /// on every change: the shell publishes the status after every event, and summing the
+    /// table (and scanning the bitmap) each time cost an eighth of a master's CPU under
+    /// 4 KiB random writes.
+    private struct WriteTable: Sendable {
+        private var bySeq: [UInt64: Write] = [:]
+        /// Writes a client still waits for.
+        private(set) var openRequests = 0
+        /// Bytes written here that the peer has not yet confirmed written.
+        private(set) var unconfirmedBytes: UInt64 = 0
+
+        subscript(seq: UInt64) -> Write? {
+            get { bySeq[seq] }
+            set {
+                if let old = bySeq[seq] { count(old, -1) }
+                if let new = newValue { count(new, 1) }
+                bySeq[seq] = newValue
+            }
+        }
+        var values: Dictionary<UInt64, Write>.Values { bySeq.values }
+        var keys: Dictionary<UInt64, Write>.Keys { bySeq.keys }
+
+        private mutating func count(_ w: Write, _ sign: Int) {
+            if w.open && w.request != nil { openRequests += sign }
+            if !w.peerLost && w.confirmation < .written {
+                unconfirmedBytes = sign > 0 ? unconfirmedBytes + UInt64(w.bytes) : unconfirmedBytes - UInt64(w.bytes)
+            }
+        }
     }
 
     private struct ResyncRun: Sendable {
@@ -325,11 +355,11 @@ public struct ReplicationCore: Sendable {
         s.generations = header.generations
         s.peerState = peerState
         if link == nil { s.peerDiskState = nil }
-        s.outOfSyncBytes = bytes(ofChunks: bitmap.setChunks)
+        s.outOfSyncBytes = outOfSyncBytes
         if let r = resync { s.resyncDoneBytes = r.doneBytes; s.resyncTotalBytes = r.totalBytes }
         if let t = targetRun { s.resyncDoneBytes = t.doneBytes; s.resyncTotalBytes = max(t.totalBytes, t.doneBytes) }
-        s.inFlightWrites = writes.values.filter { $0.open && $0.request != nil }.count
-        s.replicationLagBytes = writes.values.filter { !$0.peerLost && $0.confirmation < .written }.reduce(UInt64(0)) { $0 + UInt64($1.bytes) }
+        s.inFlightWrites = writes.openRequests
+        s.replicationLagBytes = writes.unconfirmedBytes
         s.verifyRunning = verify != nil
         return s
     }
@@ -966,6 +996,14 @@ public struct ReplicationCore: Sendable {
     }
 
     private mutating func log(_ level: CoreLogLevel, _ message: String) { out.append(.log(level, message)) }
+
+    /// Bytes of the set chunks, in O(1): only the volume's last chunk can be short.
+    private var outOfSyncBytes: UInt64 {
+        let last = settings.chunkCount - 1
+        let full = UInt64(bitmap.setCount) * UInt64(settings.chunkBytes)
+        guard last >= 0, bitmap.isSet(last) else { return full }
+        return full - UInt64(settings.chunkBytes) + UInt64(chunkLength(last))
+    }
 
     private func bytes(ofChunks chunks: [Int]) -> UInt64 {
         chunks.reduce(UInt64(0)) { $0 + UInt64(chunkLength($1)) }

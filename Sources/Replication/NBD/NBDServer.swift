@@ -33,8 +33,13 @@ public final class NBDServer: @unchecked Sendable {
     private let lock = NIOLock()
     private var state = State()
 
-    public init(group: EventLoopGroup, exportName: String, exportDescription: String? = nil, logger: Logger) {
+    private let childGroup: EventLoopGroup
+
+    /// - Parameter childGroup: where accepted connections live (default: `group`). A node
+    ///   passes its volume's loop, so requests reach the replication core without a thread hop.
+    public init(group: EventLoopGroup, childGroup: EventLoopGroup? = nil, exportName: String, exportDescription: String? = nil, logger: Logger) {
         self.group = group
+        self.childGroup = childGroup ?? group
         self.exportName = exportName
         self.exportDescription = exportDescription
         self.logger = logger
@@ -42,7 +47,7 @@ public final class NBDServer: @unchecked Sendable {
 
     /// Binds the listener. With port 0 the kernel picks one: see `boundPort`.
     public func start(host: String, port: Int) -> EventLoopFuture<Void> {
-        let bootstrap = ServerBootstrap(group: group)
+        let bootstrap = ServerBootstrap(group: group, childGroup: childGroup)
             .serverChannelOption(ChannelOptions.backlog, value: 256)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
