@@ -37,7 +37,13 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
     public let local: PeerHello
     public let remote: PeerHello
     public var eventLoop: EventLoop { channel.eventLoop }
-    private var sealer: FrameSealer  // event loop only
+    /// Sealed frames waiting for the loop to write them, and the sealer that numbered them
+    /// (both guarded by outboxLock): the sequence order is the wire order whichever thread
+    /// sent.
+    private let outboxLock = NSLock()
+    private var sealer: FrameSealer
+    private var outbox: [ByteBuffer] = []
+    private var outboxDrainScheduled = false
     /// When the last frame went out (event loop only): keepalives fill only silences.
     var lastSent = NIODeadline.now()
     /// Set by the owner to tag the connection (e.g. the epoch it was opened for).
@@ -50,60 +56,51 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
 
     public var description: String { "\(remote.channel) link \(local.node)↔\(remote.node) (\(remote.cluster))" }
 
-    /// Frames handed over from other threads, written by one event-loop task (guarded by outboxLock).
-    private let outboxLock = NSLock()
-    private var outbox: [(kind: UInt8, epoch: Epoch, payload: ByteBuffer)] = []
-    private var outboxDrainScheduled = false
-
     /// Seal and write a frame; flush unless the caller batches. Safe from any thread.
     ///
-    /// From another thread the frame joins an outbox that one loop task drains with a single
-    /// flush: a replication I/O thread sending a frame per write then costs the loop one
-    /// wake-up and one write syscall per burst instead of per frame. Order is kept: frames
-    /// from one thread go out in the order they were sent.
+    /// The frame is sealed (numbered and MAC'd) on the calling thread, so a replication I/O
+    /// thread sending a frame per write takes the HMAC work off the event loop. From another
+    /// thread the sealed frame joins an outbox that one loop task writes with a single flush:
+    /// a burst costs the loop one wake-up and one writev, not one per frame.
     public func send(kind: UInt8, epoch: Epoch, payload: ByteBuffer, flush: Bool = true) {
-        if eventLoop.inEventLoop {
-            write(kind: kind, epoch: epoch, payload: payload)
-            if flush { channel.flush() }
-            return
-        }
+        let onLoop = eventLoop.inEventLoop
         outboxLock.lock()
-        outbox.append((kind, epoch, payload))
-        let schedule = !outboxDrainScheduled
-        outboxDrainScheduled = true
-        outboxLock.unlock()
-        if schedule { eventLoop.execute { self.drainOutbox() } }
-    }
-
-    private func drainOutbox() {
-        outboxLock.lock()
-        let frames = outbox
-        outbox = []
-        outboxDrainScheduled = false
-        outboxLock.unlock()
-        for f in frames { write(kind: f.kind, epoch: f.epoch, payload: f.payload) }
-        channel.flush()
-    }
-
-    /// Seal one frame into the channel's outbound buffer (event loop only).
-    private func write(kind: UInt8, epoch: Epoch, payload: ByteBuffer) {
-        lastSent = .now()
         if payload.readableBytes >= Self.copyLimitBytes {
             // Big payloads (replicated writes, resync chunks) are not copied into a frame
             // buffer: header, payload and MAC go out as one writev.
-            var header = channel.allocator.buffer(capacity: 4 + Frame.headerBytes)
-            var trailer = channel.allocator.buffer(capacity: Frame.macBytes)
+            var header = Self.allocator.buffer(capacity: 4 + Frame.headerBytes)
+            var trailer = Self.allocator.buffer(capacity: Frame.macBytes)
             sealer.seal(kind: kind, epoch: epoch, payload: payload, header: &header, trailer: &trailer)
-            channel.write(header, promise: nil)
-            channel.write(payload, promise: nil)
-            channel.write(trailer, promise: nil)
+            outbox += [header, payload, trailer]
         } else {
-            var out = channel.allocator.buffer(capacity: payload.readableBytes + 64)
+            var out = Self.allocator.buffer(capacity: payload.readableBytes + 4 + Frame.headerBytes + Frame.macBytes)
             sealer.seal(kind: kind, epoch: epoch, payload: payload, into: &out)
-            channel.write(out, promise: nil)
+            outbox.append(out)
+        }
+        let schedule = !onLoop && !outboxDrainScheduled
+        if schedule { outboxDrainScheduled = true }
+        outboxLock.unlock()
+        if onLoop {
+            drainOutbox(flush: flush)
+        } else if schedule {
+            eventLoop.execute { self.drainOutbox(flush: true) }
         }
     }
     static let copyLimitBytes = 16 * 1024
+    /// Any thread may seal; the channel's own allocator is for its loop.
+    private static let allocator = ByteBufferAllocator()
+
+    /// Writes every sealed frame in order (event loop only).
+    private func drainOutbox(flush: Bool) {
+        outboxLock.lock()
+        let buffers = outbox
+        outbox = []
+        outboxDrainScheduled = false
+        outboxLock.unlock()
+        if !buffers.isEmpty { lastSent = .now() }
+        for b in buffers { channel.write(b, promise: nil) }
+        if flush { channel.flush() }
+    }
 
     public func flush() {
         if eventLoop.inEventLoop { channel.flush() } else { eventLoop.execute { self.channel.flush() } }

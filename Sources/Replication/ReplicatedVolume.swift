@@ -44,6 +44,9 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     private var watchdog: RepeatedTask?
     private var ticksWithoutLink = 0
 
+    private let ioLock = NSLock()
+    private var ioPending: [(IOBatch, Epoch, [SessionID: PeerConnection])] = []  // loop → I/O queue, guarded by ioLock
+    private var ioScheduled = false
     private let completionsLock = NSLock()
     private var completions: [CoreEvent] = []  // I/O queue → loop, guarded by completionsLock
     private var completionsScheduled = false
@@ -280,7 +283,7 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
             case .io(let batch):
                 let epoch = core.frameEpoch
                 let conns = sessions
-                io.async { self.execute(batch, epoch: epoch, conns: conns) }
+                queueIO(batch, epoch: epoch, conns: conns)
             case let .send(s, m):
                 guard let c = sessions[s] else { continue }
                 c.send(kind: m.kind.rawValue, epoch: core.frameEpoch, payload: m.encode(allocator: c.channel.allocator))
@@ -305,6 +308,25 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
             case .wakeUp(let d):
                 loop.scheduleTask(in: .nanoseconds(max(0, d.nanosecondsClamped))) { self.run(.tick) }
             }
+        }
+    }
+
+    /// Hands a batch to the I/O queue. Batches gather in a mailbox that one queue task runs
+    /// in order, so a burst of client requests wakes the I/O thread once.
+    private func queueIO(_ batch: IOBatch, epoch: Epoch, conns: [SessionID: PeerConnection]) {
+        ioLock.lock()
+        ioPending.append((batch, epoch, conns))
+        let schedule = !ioScheduled
+        ioScheduled = true
+        ioLock.unlock()
+        guard schedule else { return }
+        io.async {
+            self.ioLock.lock()
+            let work = self.ioPending
+            self.ioPending = []
+            self.ioScheduled = false
+            self.ioLock.unlock()
+            for w in work { self.execute(w.0, epoch: w.1, conns: w.2) }
         }
     }
 
