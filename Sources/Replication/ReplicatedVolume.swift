@@ -44,12 +44,8 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     private var watchdog: RepeatedTask?
     private var ticksWithoutLink = 0
 
-    private let ioLock = NSLock()
-    private var ioPending: [(IOBatch, Epoch, [SessionID: PeerConnection])] = []  // loop → I/O queue, guarded by ioLock
-    private var ioScheduled = false
-    private let completionsLock = NSLock()
-    private var completions: [CoreEvent] = []  // I/O queue → loop, guarded by completionsLock
-    private var completionsScheduled = false
+    private let toIO = HandOff<(IOBatch, Epoch, [SessionID: PeerConnection])>()  // loop → I/O queue
+    private let fromIO = HandOff<CoreEvent>()  // I/O queue → loop
 
     private let statusLock = NSLock()
     private var snapshot = ReplicationStatus()
@@ -314,19 +310,9 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     /// Hands a batch to the I/O queue. Batches gather in a mailbox that one queue task runs
     /// in order, so a burst of client requests wakes the I/O thread once.
     private func queueIO(_ batch: IOBatch, epoch: Epoch, conns: [SessionID: PeerConnection]) {
-        ioLock.lock()
-        ioPending.append((batch, epoch, conns))
-        let schedule = !ioScheduled
-        ioScheduled = true
-        ioLock.unlock()
-        guard schedule else { return }
+        guard toIO.post([(batch, epoch, conns)]) else { return }
         io.async {
-            self.ioLock.lock()
-            let work = self.ioPending
-            self.ioPending = []
-            self.ioScheduled = false
-            self.ioLock.unlock()
-            for w in work { self.execute(w.0, epoch: w.1, conns: w.2) }
+            for w in self.toIO.take() { self.execute(w.0, epoch: w.1, conns: w.2) }
         }
     }
 
@@ -377,20 +363,9 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     /// drains everything reported meanwhile: under load a burst of completed writes costs the
     /// loop one wake-up, not one per write.
     private func report(_ events: [CoreEvent]) {
-        guard !events.isEmpty else { return }
-        completionsLock.lock()
-        completions += events
-        let schedule = !completionsScheduled
-        completionsScheduled = true
-        completionsLock.unlock()
-        guard schedule else { return }
+        guard !events.isEmpty, fromIO.post(events) else { return }
         loop.execute {
-            self.completionsLock.lock()
-            let batch = self.completions
-            self.completions = []
-            self.completionsScheduled = false
-            self.completionsLock.unlock()
-            for e in batch { self.run(e, publishing: false) }
+            for e in self.fromIO.take() { self.run(e, publishing: false) }
             self.publish()
         }
     }
