@@ -27,6 +27,8 @@ THREADS=${THREADS:-2}
 # lease rule (renew <= lease*(1-drift)/3) needs e.g. RENEW_MS=1000 LEASE_MS=3600 FAILURE_MS=2400.
 RENEW_MS=${RENEW_MS:-}; LEASE_MS=${LEASE_MS:-}; FAILURE_MS=${FAILURE_MS:-}
 RAMP_S=${RAMP_S:-}
+# ARB_EVENT_LOOPS: pass --event-loops N to the arbitrator (empty: the product default).
+ARB_EVENT_LOOPS=${ARB_EVENT_LOOPS:-}
 ARBLOAD_BIN=${ARBLOAD_BIN:-$HERE/arbload/.build/release/arbload}
 for t in python3 curl; do command -v $t >/dev/null || { echo "arbitrator.sh: $t missing" >&2; exit 2; }; done
 [ -x "$HAMGR_BIN" ] || { echo "arbitrator.sh: no hamgr at $HAMGR_BIN" >&2; exit 2; }
@@ -93,7 +95,8 @@ status_address = "{ip}:9651"
 state_dir = "{d}/state"
 ''')
 PY
-    args=(); for ((i = 0; i < N; i++)); do args+=(--config "c/$(printf %05d "$i").toml"); done
+    args=(); [ -n "$ARB_EVENT_LOOPS" ] && args+=(--event-loops "$ARB_EVENT_LOOPS")
+    for ((i = 0; i < N; i++)); do args+=(--config "c/$(printf %05d "$i").toml"); done
     argbytes=$(printf '%s\0' "$HAMGR_BIN" arbitrator "${args[@]}" | wc -c)
     envbytes=$(env | wc -c)
     echo

@@ -55,11 +55,13 @@ public enum FrameError: Error, Equatable, CustomStringConvertible {
 /// Seals outgoing and opens incoming frames for one direction of one session.
 /// Pure: no I/O, so it is fuzzable and testable byte for byte.
 public struct FrameSealer: Sendable {
-    private let key: SymmetricKey
+    /// HMAC state with the key already absorbed (inner and outer pads hashed once per
+    /// session, not once per frame); each frame starts from a copy of it.
+    private let keyed: HMAC<SHA256>
     public private(set) var nextSequence: UInt64
 
     public init(key: SymmetricKey, firstSequence: UInt64 = 1) {
-        self.key = key
+        self.keyed = HMAC<SHA256>(key: key)
         self.nextSequence = firstSequence
     }
 
@@ -75,7 +77,7 @@ public struct FrameSealer: Sendable {
         out.writeInteger(epoch.value)
         var p = payload
         out.writeBuffer(&p)
-        var mac = HMAC<SHA256>(key: key)
+        var mac = keyed
         out.withUnsafeReadableBytes { all in
             mac.update(data: UnsafeRawBufferPointer(rebasing: all[(start - out.readerIndex)...]))
         }
@@ -90,10 +92,12 @@ public struct FrameSealer: Sendable {
         guard n >= Frame.headerBytes + Frame.macBytes else { return .failure(.tooSmall(UInt32(n))) }
         guard n <= Frame.maxBodyBytes else { return .failure(.tooLarge(UInt32(n))) }
         let signedBytes = n - Frame.macBytes
+        var mac = keyed
         let ok: Bool = body.withUnsafeReadableBytes { raw in
-            let signed = UnsafeRawBufferPointer(rebasing: raw[0..<signedBytes])
+            mac.update(data: UnsafeRawBufferPointer(rebasing: raw[0..<signedBytes]))
             let tag = UnsafeRawBufferPointer(rebasing: raw[signedBytes...])
-            return HMAC<SHA256>.isValidAuthenticationCode(tag, authenticating: signed, using: key)
+            // Constant-time comparison (swift-crypto's MAC == is constant time).
+            return mac.finalize() == tag
         }
         guard ok else { return .failure(.badMAC) }
         var b = body

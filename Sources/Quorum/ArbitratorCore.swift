@@ -52,6 +52,12 @@ public struct ArbitratorCore: Sendable {
                                        outdated: c.persisted.outdated, lastContact: c.lastContact)
     }
 
+    /// The promised epoch of one cluster (zero if unknown): the fencing token every reply
+    /// carries. Cheaper than `status(cluster:)` on the per-message path.
+    public func epoch(cluster: String) -> Epoch {
+        table[cluster]?.persisted.promisedEpoch ?? .zero
+    }
+
     public mutating func handle(cluster: String, from: NodeID, _ message: QuorumMessage, at now: Instant) -> [ArbitratorAction] {
         if startedAt == nil { startedAt = now }
         var c = table[cluster] ?? ClusterState(persisted: .initial)

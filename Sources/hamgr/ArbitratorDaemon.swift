@@ -106,7 +106,7 @@ final class ArbitratorDaemon: @unchecked Sendable {
         let local = PeerHello(cluster: cluster, node: NodeDaemon.arbitratorID, channel: "quorum")
         return (local, PeerSessionCallbacks(
             established: { [weak self] conn in
-                self?.loop.execute {
+                self?.onDecisionLoop {
                     self?.clusters[cluster]?.connections[conn.remote.node]?.close()
                     self?.clusters[cluster]?.connections[conn.remote.node] = conn
                 }
@@ -116,7 +116,7 @@ final class ArbitratorDaemon: @unchecked Sendable {
                 switch frame.quorumMessage() {
                 case .success(let m):
                     let received = MonotonicClock.now()
-                    self.loop.execute { self.handle(cluster: cluster, from: conn.remote.node, m, received: received) }
+                    self.onDecisionLoop { self.handle(cluster: cluster, from: conn.remote.node, m, received: received) }
                 case .failure(let e):
                     self.logger.warning("refused frame from \(cluster)/\(conn.remote.node): \(e)", metadata: ["event": "frame_refused"])
                     conn.close()
@@ -124,12 +124,19 @@ final class ArbitratorDaemon: @unchecked Sendable {
             },
             closed: { [weak self] conn, _ in
                 guard let conn else { return }
-                self?.loop.execute {
+                self?.onDecisionLoop {
                     if self?.clusters[cluster]?.connections[conn.remote.node] === conn {
                         self?.clusters[cluster]?.connections[conn.remote.node] = nil
                     }
                 }
             }))
+    }
+
+    /// Runs `body` on the decision loop: inline when the session already lives there (no task
+    /// allocation, no cross-thread wake-up), else as a task on it. Order per session is kept
+    /// either way: a session's events all arrive on one loop, in order.
+    private func onDecisionLoop(_ body: @escaping () -> Void) {
+        if loop.inEventLoop { body() } else { loop.execute(body) }
     }
 
     private func handle(cluster: String, from: NodeID, _ message: QuorumMessage, received: Instant) {
@@ -138,7 +145,7 @@ final class ArbitratorDaemon: @unchecked Sendable {
         for action in actions {
             switch action {
             case .send(let c, let to, let m):
-                clusters[c]?.connections[to]?.send(m, epoch: core.status(cluster: c)?.epoch ?? .zero)
+                clusters[c]?.connections[to]?.send(m, epoch: core.epoch(cluster: c))
             case .persist(let c, let state):
                 guard let entry = clusters[c] else { continue }
                 do {
