@@ -131,13 +131,17 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     static func keepaliveAfter(_ idleTimeout: TimeAmount) -> TimeAmount { .nanoseconds(idleTimeout.nanoseconds / 2) }
     static func sweepPeriod(_ idleTimeout: TimeAmount) -> TimeAmount { .nanoseconds(max(1_000_000, idleTimeout.nanoseconds / 6)) }
 
-    /// Called by this loop's sweeper every `sweepPeriod` (event loop only).
-    func sweep(now: NIODeadline) {
+    /// Called by this loop's sweeper every `sweepPeriod` (event loop only). `stalled` is how much
+    /// later than planned the sweep runs: while this loop was stalled (CPU starvation, a long
+    /// task) it read nothing, so bytes may be waiting unread in the socket; that time is not
+    /// counted as the peer's silence. It is bounded by the stall itself, so a loop that keeps up
+    /// detects silence on time, and an overloaded one at most that far behind.
+    func sweep(now: NIODeadline, stalled: TimeAmount = .zero) {
         guard let ctx = context else { return }
         // A session still in its handshake gets longer: under a connection storm hellos
         // queue, and cutting them at the idle timeout only feeds the storm.
         let limit = connection == nil ? max(idleTimeout, Self.handshakeTimeout) : idleTimeout
-        if now - lastReceive > limit {
+        if now - lastReceive > limit + stalled {
             fail(ctx, connection == nil
                  ? "no hello within \(limit.nanoseconds / 1_000_000) ms"
                  : "peer silent for more than \(idleTimeout.nanoseconds / 1_000_000) ms")
@@ -302,10 +306,16 @@ final class SessionSweeper: @unchecked Sendable {
         } ?? 0
     }
 
+    private var lastSweep: NIODeadline?
+
     private func sweep() {
         let now = NIODeadline.now()
+        let period = TimeAmount.nanoseconds(key.periodNanoseconds)
+        // A repeated task's next run is planned `period` after the previous one ran.
+        let stalled = lastSweep.map { max(.zero, now - $0 - period) } ?? .zero
+        lastSweep = now
         // A session that fails here may leave the dictionary while we iterate: iterate a snapshot.
-        for session in Array(sessions.values) { session.sweep(now: now) }
+        for session in Array(sessions.values) { session.sweep(now: now, stalled: stalled) }
     }
 }
 
