@@ -115,7 +115,7 @@ PY
         # (a stalled loop shows here), with the machine's run queue; bounded to 15 minutes.
         ( for _ in $(seq 1 1800); do
               kill -0 "$ARB_PID" 2>/dev/null || break
-              echo "$(date +%T.%N | cut -c1-12) $(curl -s -o /dev/null -w '%{time_total}' --max-time 10 "http://$ip:9651/healthz") $(cut -d' ' -f4 /proc/loadavg) cpu_ticks=$(cpu_ticks "$ARB_PID" 2>/dev/null)"
+              echo "$(date +%T.%N | cut -c1-12) $(curl -s -o /dev/null -w '%{time_total}' --max-time 10 "http://$ip:9651/healthz") $(cut -d' ' -f4 /proc/loadavg) cpu_ticks=$(cpu_ticks "$ARB_PID" 2>/dev/null) threads=$(cat /proc/$ARB_PID/task/*/stat 2>/dev/null | awk '{printf "%s:%s:%d,", $2, $3, $14 + $15}')"
               sleep 0.5
           done >"$dir/probe.log" 2>&1 ) &
         PROBE_PID=$!

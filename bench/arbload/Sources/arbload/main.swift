@@ -2,7 +2,7 @@
 //
 // Each simulated master ("node a" of cluster PREFIX-NNNNN) keeps one authenticated quorum
 // session (HACore.PeerDialer: hello with nonces, per-direction HMAC-SHA256 session keys,
-// sequence numbers, keepalives every idle/3), first wins an election (VoteRequest at epoch 1,
+// sequence numbers, keepalives after idle/2 of silence), first wins an election (VoteRequest at epoch 1,
 // retried while the arbitrator refuses, e.g. during its restart quarantine), then sends
 // Renew(epoch 1) every 1/RATE seconds and measures the round trip to the RenewReply.
 //
@@ -10,7 +10,7 @@
 // seconds and prints one "WINDOW ..." line of key=value figures, then exits.
 //
 //   arbload --arbitrator 127.0.0.1:7790 --key K --prefix c --clusters 1000 [--rate 1]
-//           [--window 30] [--threads 2] [--idle-ms 800] [--ramp-s 10] [--ready-timeout-s 300]
+//           [--window 30] [--threads 2] [--idle-ms 800] [--ramp-s 10] [--ready-timeout-s 300] [--linger-s 3]
 import Crypto
 import Foundation
 import HACore
@@ -38,6 +38,7 @@ let threads = Int(arg("threads", "2"))!
 let idleMs = Int64(arg("idle-ms", "800"))!
 let rampS = Double(arg("ramp-s", "10"))!
 let readyTimeout = Double(arg("ready-timeout-s", "300"))!
+let linger = Double(arg("linger-s", "3"))!
 
 let quorumKind: UInt8 = 1  // Sources/hamgr/QuorumChannels.swift: quorumMessageFrameKind
 let epoch1 = Epoch(1)
@@ -209,4 +210,7 @@ let perSim = sims.map { s in s.loop.submit { (s.slowReplies, s.sessions) } }.com
 let slowSims = perSim.filter { $0.0 > 0 }
 print("SLOW_REPLIES total=\(slowSims.reduce(0) { $0 + $1.0 }) sessions=\(slowSims.count) of_them_reconnected=\(slowSims.filter { $0.1 > 1 }.count) reconnected_overall=\(perSim.filter { $0.1 > 1 }.count)")
 if !w.closeReasons.isEmpty { print("CLOSE_REASONS \(w.closeReasons)") }
+// Keep renewing a little longer: bench/arbitrator.sh's own window (arbitrator CPU, decision
+// histogram) starts a moment after ours and must not see the sessions closing.
+usleep(UInt32(linger * 1_000_000))
 exit(0)
