@@ -27,6 +27,8 @@ THREADS=${THREADS:-2}
 # lease rule (renew <= lease*(1-drift)/3) needs e.g. RENEW_MS=1000 LEASE_MS=3600 FAILURE_MS=2400.
 RENEW_MS=${RENEW_MS:-}; LEASE_MS=${LEASE_MS:-}; FAILURE_MS=${FAILURE_MS:-}
 RAMP_S=${RAMP_S:-}
+# ARB_EVENT_LOOPS: pass --event-loops N to the arbitrator (empty: the product default).
+ARB_EVENT_LOOPS=${ARB_EVENT_LOOPS:-}
 ARBLOAD_BIN=${ARBLOAD_BIN:-$HERE/arbload/.build/release/arbload}
 for t in python3 curl; do command -v $t >/dev/null || { echo "arbitrator.sh: $t missing" >&2; exit 2; }; done
 [ -x "$HAMGR_BIN" ] || { echo "arbitrator.sh: no hamgr at $HAMGR_BIN" >&2; exit 2; }
@@ -45,7 +47,8 @@ cleanup() {
     done
     ARB_PID=; LOAD_PID=
 }
-trap 'cleanup; rm -rf "$WORK"' EXIT
+# KEEP_WORK=1 keeps the work directory (configs, arbitrator.log, load.out/err) for a post-mortem.
+trap 'cleanup; if [ -n "${KEEP_WORK:-}" ]; then echo "work dir kept: $WORK"; else rm -rf "$WORK"; fi' EXIT
 trap 'exit 130' INT TERM
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }          # utime + stime of a process
@@ -93,7 +96,8 @@ status_address = "{ip}:9651"
 state_dir = "{d}/state"
 ''')
 PY
-    args=(); for ((i = 0; i < N; i++)); do args+=(--config "c/$(printf %05d "$i").toml"); done
+    args=(); [ -n "$ARB_EVENT_LOOPS" ] && args+=(--event-loops "$ARB_EVENT_LOOPS")
+    for ((i = 0; i < N; i++)); do args+=(--config "c/$(printf %05d "$i").toml"); done
     argbytes=$(printf '%s\0' "$HAMGR_BIN" arbitrator "${args[@]}" | wc -c)
     envbytes=$(env | wc -c)
     echo
@@ -105,6 +109,17 @@ PY
     curl -sf --max-time 5 "http://$ip:9651/healthz" >/dev/null || { echo "arbitrator did not start:"; tail -5 "$dir/arbitrator.log"; exit 1; }
     echo "arbitrator pid $ARB_PID up after $(python3 -c "print(f'{$(date +%s.%N) - $t0:.1f}')") s; RSS $(awk '/VmRSS/{print $2, $3}' /proc/$ARB_PID/status)"
 
+    PROBE_PID=
+    if [ -n "${PROBE:-}" ]; then
+        # PROBE=1: every 0.5 s, how long the arbitrator's event loop takes to answer /healthz
+        # (a stalled loop shows here), with the machine's run queue; bounded to 15 minutes.
+        ( for _ in $(seq 1 1800); do
+              kill -0 "$ARB_PID" 2>/dev/null || break
+              echo "$(date +%T.%N | cut -c1-12) $(curl -s -o /dev/null -w '%{time_total}' --max-time 10 "http://$ip:9651/healthz") $(cut -d' ' -f4 /proc/loadavg) cpu_ticks=$(cpu_ticks "$ARB_PID" 2>/dev/null) threads=$(cat /proc/$ARB_PID/task/*/stat 2>/dev/null | awk '{printf "%s:%s:%d,", $2, $3, $14 + $15}')"
+              sleep 0.5
+          done >"$dir/probe.log" 2>&1 ) &
+        PROBE_PID=$!
+    fi
     "$ARBLOAD_BIN" --arbitrator "$ip:7790" --key "$dir/cluster.key" --prefix c --clusters "$N" --rate "$RATE" \
         --window "$WINDOW" --threads "$THREADS" --ramp-s "${RAMP_S:-$((N / 1000 * 2 + 2))}" --idle-ms "${FAILURE_MS:-800}" >"$dir/load.out" 2>"$dir/load.err" &
     LOAD_PID=$!
@@ -119,12 +134,13 @@ PY
     c0=$(cpu_ticks "$ARB_PID"); read -r mb0 mt0 < <(machine_busy); s0=$(date +%s.%N)
     sleep "$WINDOW"
     c1=$(cpu_ticks "$ARB_PID"); read -r mb1 mt1 < <(machine_busy); s1=$(date +%s.%N)
+    fds=$(ls /proc/$ARB_PID/fd | wc -l)   # while the sessions are still open (the generator exits after its window)
     curl -sf --max-time 60 "http://$ip:9651/metrics" | grep '^hamgr_arbitrator_decision_seconds\|^hamgr_arbitrator_messages_total' >"$dir/m1"
-    fds=$(ls /proc/$ARB_PID/fd | wc -l)   # while the sessions are still open
     wait "$LOAD_PID" || true; LOAD_PID=
     rss=$(awk '/VmHWM/{print $2}' /proc/$ARB_PID/status)
     threads=$(awk '/Threads/{print $2}' /proc/$ARB_PID/status)
-    grep '^WINDOW ' "$dir/load.out"
+    grep '^WINDOW \|^CLOSE_REASONS\|^SLOW_REPLIES' "$dir/load.out"
+    echo "arbitrator log: $(wc -l <"$dir/arbitrator.log") lines; most frequent events: $(grep -o '"event":"[a-z_]*"\|event=[a-z_]*' "$dir/arbitrator.log" | sort | uniq -c | sort -rn | head -5 | tr -s ' \n' ' ')"
     line=$(python3 - "$dir" "$N" "$c0" "$c1" "$s0" "$s1" "$CLK_TCK" "$mb0" "$mt0" "$mb1" "$mt1" "$rss" "$threads" "$fds" <<'PY'
 import sys, re
 d, n = sys.argv[1], int(sys.argv[2])
@@ -163,6 +179,10 @@ print(f"clusters={n} window_s={el:.1f} arbitrator_cores={cores:.3f} decisions={c
 PY
 )
     echo "$line"
+    if [ -n "$PROBE_PID" ]; then
+        kill "$PROBE_PID" 2>/dev/null || true; wait "$PROBE_PID" 2>/dev/null || true
+        echo "healthz probe: $(awk '$2 > 0.1 {n++} $2 > m {m = $2} END {printf "%d of %d answers slower than 100 ms, slowest %.2f s", n, NR, m}' "$dir/probe.log")"
+    fi
     RESULTS+=("$line|$(grep '^WINDOW ' "$dir/load.out")")
     cleanup
 done

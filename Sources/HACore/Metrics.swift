@@ -84,8 +84,10 @@ public final class MetricsRegistry: @unchecked Sendable {
     /// The exposition text, families sorted by name, series by labels.
     public func render() -> String {
         lock.lock()
+        // Each series' label text is built once, not twice per comparison of the sort.
         let snapshot = families.values.sorted { $0.name < $1.name }.map { f in
-            (f, f.series.sorted { Self.labelText($0.key) < Self.labelText($1.key) })
+            (f, f.series.map { (text: Self.labelText($0.key), key: $0.key, value: $0.value) }
+                .sorted { $0.text < $1.text }.map { (key: $0.key, value: $0.value) })
         }
         lock.unlock()
 

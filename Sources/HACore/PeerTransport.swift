@@ -1,5 +1,6 @@
 @preconcurrency import Crypto
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
@@ -132,7 +133,8 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     private var myNonce = [UInt8](repeating: 0, count: 16)
     private var clusterKey: SymmetricKey?
     private var lastReceive = NIODeadline.now()
-    private var timer: RepeatedTask?
+    /// Set while the channel is active; the sweeper ticks the session through it.
+    private var context: ChannelHandlerContext?
     private var closeReason = "connection closed by peer"
     static let handshakeTimeout = TimeAmount.seconds(5)
 
@@ -153,23 +155,39 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
             clusterKey = key
             sendHello(context, local, key: key)
         }
-        let ctx = context
-        let third = TimeAmount.nanoseconds(idleTimeout.nanoseconds / 3)
-        timer = context.eventLoop.scheduleRepeatedTask(initialDelay: third, delay: third) { [weak self] _ in
-            guard let self else { return }
-            let now = NIODeadline.now()
-            // A session still in its handshake gets longer: under a connection storm hellos
-            // queue, and cutting them at the idle timeout only feeds the storm.
-            let limit = self.connection == nil ? max(self.idleTimeout, Self.handshakeTimeout) : self.idleTimeout
-            if now - self.lastReceive > limit {
-                self.fail(ctx, self.connection == nil
-                          ? "no hello within \(limit.nanoseconds / 1_000_000) ms"
-                          : "peer silent for more than \(self.idleTimeout.nanoseconds / 1_000_000) ms")
-            } else if let c = self.connection, now - c.lastSent >= third {
-                c.send(kind: keepaliveFrameKind, epoch: .zero, payload: ByteBuffer())
-            }
-        }
+        SessionSweeper.register(self, on: context.eventLoop, period: Self.sweepPeriod(idleTimeout))
+        self.context = context
         context.fireChannelActive()
+    }
+
+    /// Keepalive and silence timing (design.md §3 "Frames"). A session sends a keepalive only
+    /// when it has sent nothing for `idleTimeout / 2`, so regular traffic (e.g. 1 Hz lease renewals
+    /// under a 2.4 s failure timeout) suppresses keepalives entirely. The sweep that checks this
+    /// runs every `idleTimeout / 6`, so on a healthy link the longest gap between two frames is
+    /// `idleTimeout / 2 + idleTimeout / 6 = 2/3 · idleTimeout` — the same worst case as the earlier
+    /// "keepalive after a third, checked every third" rule — leaving the receiver one third of its
+    /// idle timeout as margin for scheduling and network delay before it declares silence.
+    /// Silence itself is detected at most `idleTimeout / 6` after the timeout has passed.
+    static func keepaliveAfter(_ idleTimeout: TimeAmount) -> TimeAmount { .nanoseconds(idleTimeout.nanoseconds / 2) }
+    static func sweepPeriod(_ idleTimeout: TimeAmount) -> TimeAmount { .nanoseconds(max(1_000_000, idleTimeout.nanoseconds / 6)) }
+
+    /// Called by this loop's sweeper every `sweepPeriod` (event loop only). `stalled` is how much
+    /// later than planned the sweep runs: while this loop was stalled (CPU starvation, a long
+    /// task) it read nothing, so bytes may be waiting unread in the socket; that time is not
+    /// counted as the peer's silence. It is bounded by the stall itself, so a loop that keeps up
+    /// detects silence on time, and an overloaded one at most that far behind.
+    func sweep(now: NIODeadline, stalled: TimeAmount = .zero) {
+        guard let ctx = context else { return }
+        // A session still in its handshake gets longer: under a connection storm hellos
+        // queue, and cutting them at the idle timeout only feeds the storm.
+        let limit = connection == nil ? max(idleTimeout, Self.handshakeTimeout) : idleTimeout
+        if now - lastReceive > limit + stalled {
+            fail(ctx, connection == nil
+                 ? "no hello within \(limit.nanoseconds / 1_000_000) ms"
+                 : "peer silent for more than \(idleTimeout.nanoseconds / 1_000_000) ms")
+        } else if let c = connection, now - c.lastSent >= Self.keepaliveAfter(idleTimeout) {
+            c.send(kind: keepaliveFrameKind, epoch: .zero, payload: ByteBuffer())
+        }
     }
 
     private func sendHello(_ context: ChannelHandlerContext, _ me: PeerHello, key: SymmetricKey) {
@@ -260,7 +278,8 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        timer?.cancel()
+        SessionSweeper.unregister(self, on: context.eventLoop, period: Self.sweepPeriod(idleTimeout))
+        self.context = nil
         callbacks?.closed(connection, closeReason)
         callbacks = nil
         context.fireChannelInactive()
@@ -273,6 +292,70 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     static func readString(_ b: inout ByteBuffer) -> String? {
         guard let n: UInt8 = b.readInteger(), let s = b.readString(length: Int(n)) else { return nil }
         return s
+    }
+}
+
+/// One repeating timer per event loop (and sweep period) for all sessions on that loop,
+/// instead of one timer per session: with thousands of sessions (an arbitrator serving many
+/// clusters) per-session timers cost a scheduled task and often a wake-up each.
+/// Everything but the registry runs on the sweeper's own event loop.
+final class SessionSweeper: @unchecked Sendable {
+    private struct Key: Hashable { var loop: ObjectIdentifier; var periodNanoseconds: Int64 }
+    private static let registry = NIOLockedValueBox<[Key: SessionSweeper]>([:])
+
+    private let loop: EventLoop  // held strongly so its identifier is not reused while registered
+    private let key: Key
+    private var sessions: [ObjectIdentifier: PeerSessionHandler] = [:]
+    private var task: RepeatedTask?
+
+    private init(loop: EventLoop, key: Key) { self.loop = loop; self.key = key }
+
+    /// Adds a session to its loop's sweeper (event loop only).
+    static func register(_ session: PeerSessionHandler, on loop: EventLoop, period: TimeAmount) {
+        loop.preconditionInEventLoop()
+        let key = Key(loop: ObjectIdentifier(loop), periodNanoseconds: period.nanoseconds)
+        let sweeper = registry.withLockedValue { all in
+            if let s = all[key] { return s }
+            let s = SessionSweeper(loop: loop, key: key)
+            all[key] = s
+            return s
+        }
+        sweeper.sessions[ObjectIdentifier(session)] = session
+        if sweeper.task == nil {
+            sweeper.task = loop.scheduleRepeatedTask(initialDelay: period, delay: period) { [weak sweeper] _ in sweeper?.sweep() }
+        }
+    }
+
+    /// Removes a session; the last one out stops the timer (event loop only; no-op if absent).
+    static func unregister(_ session: PeerSessionHandler, on loop: EventLoop, period: TimeAmount) {
+        let key = Key(loop: ObjectIdentifier(loop), periodNanoseconds: period.nanoseconds)
+        guard let sweeper = registry.withLockedValue({ $0[key] }) else { return }
+        sweeper.sessions[ObjectIdentifier(session)] = nil
+        if sweeper.sessions.isEmpty {
+            sweeper.task?.cancel()
+            sweeper.task = nil
+            registry.withLockedValue { all in if all[key] === sweeper { all[key] = nil } }
+        }
+    }
+
+    /// Sessions on this loop now (tests).
+    static func count(on loop: EventLoop, period: TimeAmount) -> Int {
+        let key = Key(loop: ObjectIdentifier(loop), periodNanoseconds: period.nanoseconds)
+        return registry.withLockedValue { $0[key] }.map { s in
+            loop.inEventLoop ? s.sessions.count : ((try? loop.submit { s.sessions.count }.wait()) ?? 0)
+        } ?? 0
+    }
+
+    private var lastSweep: NIODeadline?
+
+    private func sweep() {
+        let now = NIODeadline.now()
+        let period = TimeAmount.nanoseconds(key.periodNanoseconds)
+        // A repeated task's next run is planned `period` after the previous one ran.
+        let stalled = lastSweep.map { max(.zero, now - $0 - period) } ?? .zero
+        lastSweep = now
+        // A session that fails here may leave the dictionary while we iterate: iterate a snapshot.
+        for session in Array(sessions.values) { session.sweep(now: now, stalled: stalled) }
     }
 }
 

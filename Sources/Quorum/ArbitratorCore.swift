@@ -20,6 +20,16 @@ public struct ArbitratorClusterStatus: Equatable, Sendable {
     public var lastContact: [NodeID: Instant]
 }
 
+/// One cluster's /metrics figures (see `ArbitratorCore.metricsRows`).
+public struct ArbitratorClusterMetrics: Equatable, Sendable {
+    public var cluster: String
+    public var epoch: Epoch
+    public var leaseValid: Bool
+    public var outdatedNodes: Int
+    /// Filled in by the daemon (the core knows no connections).
+    public var connectedNodes = 0
+}
+
 /// The arbitrator (witness) of design.md §2: one vote per cluster, for many clusters in one
 /// process. Per message: one dictionary lookup and a few comparisons; it persists only when
 /// an epoch, vote, master, generation or mark changes, never for a routine renewal.
@@ -50,6 +60,25 @@ public struct ArbitratorCore: Sendable {
         return ArbitratorClusterStatus(cluster: cluster, epoch: c.persisted.promisedEpoch, master: c.persisted.master,
                                        votedFor: c.persisted.votedFor, leaseHolder: c.leaseHolder, leaseExpiry: c.leaseExpiry,
                                        outdated: c.persisted.outdated, lastContact: c.lastContact)
+    }
+
+    /// The promised epoch of one cluster (zero if unknown): the fencing token every reply
+    /// carries. Cheaper than `status(cluster:)` on the per-message path.
+    public func epoch(cluster: String) -> Epoch {
+        table[cluster]?.persisted.promisedEpoch ?? .zero
+    }
+
+    /// What /metrics shows per cluster, for every cluster the core knows, unsorted: one pass
+    /// over the table, no per-cluster copies (10,000 clusters are scraped on the decision loop).
+    public func metricsRows(at now: Instant) -> [ArbitratorClusterMetrics] {
+        var rows: [ArbitratorClusterMetrics] = []
+        rows.reserveCapacity(table.count)
+        for (name, c) in table {
+            rows.append(ArbitratorClusterMetrics(cluster: name, epoch: c.persisted.promisedEpoch,
+                                                 leaseValid: c.leaseExpiry.map { now < $0 } ?? false,
+                                                 outdatedNodes: c.persisted.outdated.count))
+        }
+        return rows
     }
 
     public mutating func handle(cluster: String, from: NodeID, _ message: QuorumMessage, at now: Instant) -> [ArbitratorAction] {

@@ -58,6 +58,7 @@ final class ArbitratorDaemon: @unchecked Sendable {
             "hamgr_arbitrator_decision_seconds", help: "Time from receiving a quorum message to having acted on it (persisted, replied).",
             buckets: [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1])
         messagesTotal = registry.counter("hamgr_arbitrator_messages_total", help: "Quorum messages handled.")
+        registry.gauge("hamgr_arbitrator_clusters", help: "Clusters this arbitrator serves.").set(clusters.count)
     }
 
     static func statePath(_ c: ClusterConfig) -> String {
@@ -106,7 +107,7 @@ final class ArbitratorDaemon: @unchecked Sendable {
         let local = PeerHello(cluster: cluster, node: NodeDaemon.arbitratorID, channel: "quorum")
         return (local, PeerSessionCallbacks(
             established: { [weak self] conn in
-                self?.loop.execute {
+                self?.onDecisionLoop {
                     self?.clusters[cluster]?.connections[conn.remote.node]?.close()
                     self?.clusters[cluster]?.connections[conn.remote.node] = conn
                 }
@@ -116,7 +117,7 @@ final class ArbitratorDaemon: @unchecked Sendable {
                 switch frame.quorumMessage() {
                 case .success(let m):
                     let received = MonotonicClock.now()
-                    self.loop.execute { self.handle(cluster: cluster, from: conn.remote.node, m, received: received) }
+                    self.onDecisionLoop { self.handle(cluster: cluster, from: conn.remote.node, m, received: received) }
                 case .failure(let e):
                     self.logger.warning("refused frame from \(cluster)/\(conn.remote.node): \(e)", metadata: ["event": "frame_refused"])
                     conn.close()
@@ -124,12 +125,19 @@ final class ArbitratorDaemon: @unchecked Sendable {
             },
             closed: { [weak self] conn, _ in
                 guard let conn else { return }
-                self?.loop.execute {
+                self?.onDecisionLoop {
                     if self?.clusters[cluster]?.connections[conn.remote.node] === conn {
                         self?.clusters[cluster]?.connections[conn.remote.node] = nil
                     }
                 }
             }))
+    }
+
+    /// Runs `body` on the decision loop: inline when the session already lives there (no task
+    /// allocation, no cross-thread wake-up), else as a task on it. Order per session is kept
+    /// either way: a session's events all arrive on one loop, in order.
+    private func onDecisionLoop(_ body: @escaping () -> Void) {
+        if loop.inEventLoop { body() } else { loop.execute(body) }
     }
 
     private func handle(cluster: String, from: NodeID, _ message: QuorumMessage, received: Instant) {
@@ -138,7 +146,7 @@ final class ArbitratorDaemon: @unchecked Sendable {
         for action in actions {
             switch action {
             case .send(let c, let to, let m):
-                clusters[c]?.connections[to]?.send(m, epoch: core.status(cluster: c)?.epoch ?? .zero)
+                clusters[c]?.connections[to]?.send(m, epoch: core.epoch(cluster: c))
             case .persist(let c, let state):
                 guard let entry = clusters[c] else { continue }
                 do {
@@ -160,24 +168,44 @@ final class ArbitratorDaemon: @unchecked Sendable {
 
     // MARK: status
 
+    /// /status and /metrics take a snapshot on the decision loop (one pass over the clusters)
+    /// and encode or render it on a background queue: with 10,000 clusters the text is 40,000
+    /// series, and rendering it on the decision loop stalled every session for seconds.
     private func statusHandlers() -> StatusHandlers {
         StatusHandlers(
             status: { [weak self] callerLoop in
                 guard let self else { return callerLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
-                return self.loop.submit { try JSONEncoder.hamgr.encode(self.statusDocument()) }.hop(to: callerLoop)
+                return self.loop.submit { self.statusDocument() }.hop(to: callerLoop).flatMap { doc in
+                    Self.offLoop(callerLoop) {
+                        var sorted = doc
+                        sorted.clusters.sort { $0.name < $1.name }
+                        return try JSONEncoder.hamgr.encode(sorted)
+                    }
+                }
             },
             asyncMetrics: { [weak self] callerLoop in
                 guard let self else { return callerLoop.makeSucceededFuture("") }
-                return self.loop.submit { self.metricsText() }.hop(to: callerLoop)
+                return self.loop.submit { self.metricsSnapshot() }.hop(to: callerLoop).flatMap { rows in
+                    Self.offLoop(callerLoop) { self.metricsText(rows) }
+                }
             },
             healthy: { true },
             admin: { _, callerLoop in callerLoop.makeSucceededFuture(.refused("the arbitrator has no admin actions", status: 404)) })
     }
 
+    private static let renderQueue = DispatchQueue(label: "hamgr.arbitrator.render", qos: .utility)
+
+    /// Runs `body` on a background queue, completing on `loop`.
+    private static func offLoop<T: Sendable>(_ loop: EventLoop, _ body: @escaping @Sendable () throws -> T) -> EventLoopFuture<T> {
+        let promise = loop.makePromise(of: T.self)
+        renderQueue.async { promise.completeWith(Result { try body() }) }
+        return promise.futureResult
+    }
+
     private func statusDocument() -> ArbitratorStatusDocument {
         let now = MonotonicClock.now()
-        return ArbitratorStatusDocument(clusters: clusters.keys.sorted().compactMap { name in
-            guard let entry = clusters[name] else { return nil }
+        // Unsorted here (the decision loop); sorted by name where it is encoded.
+        return ArbitratorStatusDocument(clusters: clusters.map { name, entry in
             // A configured cluster nobody has contacted yet is listed at epoch 0.
             let st = core.status(cluster: name)
             let leaseValid = st?.leaseExpiry.map { now < $0 } ?? false
@@ -192,21 +220,31 @@ final class ArbitratorDaemon: @unchecked Sendable {
         })
     }
 
-    private func metricsText() -> String {
-        let now = MonotonicClock.now()
-        registry.gauge("hamgr_arbitrator_clusters", help: "Clusters this arbitrator serves.").set(clusters.count)
-        for name in core.clusters {
-            guard let st = core.status(cluster: name) else { continue }
-            registry.gauge("hamgr_arbitrator_epoch", help: "Highest epoch promised, per cluster.", labels: ["cluster": name]).set(st.epoch.value)
-            registry.gauge("hamgr_arbitrator_lease_valid", help: "1 while a lease granted by this arbitrator is valid, per cluster.",
-                           labels: ["cluster": name]).set(st.leaseExpiry.map { now < $0 } ?? false)
-            registry.gauge("hamgr_arbitrator_outdated_nodes", help: "Nodes recorded as outdated, per cluster.",
-                           labels: ["cluster": name]).set(st.outdated.count)
-            let connected = clusters[name]?.connections.count ?? 0
-            registry.gauge("hamgr_arbitrator_connected_nodes", help: "Nodes with an open quorum link, per cluster.",
-                           labels: ["cluster": name]).set(connected)
+    /// On the decision loop: per-cluster figures, no rendering.
+    private func metricsSnapshot() -> [ArbitratorClusterMetrics] {
+        var rows = core.metricsRows(at: MonotonicClock.now())
+        for i in rows.indices { rows[i].connectedNodes = clusters[rows[i].cluster]?.connections.count ?? 0 }
+        return rows
+    }
+
+    /// Off the decision loop: the registry's own series plus four per-cluster families,
+    /// written directly (a registry series per cluster and figure cost a locked lookup each).
+    private func metricsText(_ snapshot: [ArbitratorClusterMetrics]) -> String {
+        let rows = snapshot.sorted { $0.cluster < $1.cluster }
+        var out = registry.render()
+        out.reserveCapacity(out.utf8.count + rows.count * 4 * 64)
+        func family(_ name: String, _ help: String, _ value: (ArbitratorClusterMetrics) -> Double) {
+            guard !rows.isEmpty else { return }
+            out += "# HELP \(name) \(MetricsRegistry.escapeHelp(help))\n# TYPE \(name) gauge\n"
+            for r in rows {
+                out += "\(name){cluster=\"\(MetricsRegistry.escapeLabelValue(r.cluster))\"} \(MetricsRegistry.format(value(r)))\n"
+            }
         }
-        return registry.render()
+        family("hamgr_arbitrator_connected_nodes", "Nodes with an open quorum link, per cluster.") { Double($0.connectedNodes) }
+        family("hamgr_arbitrator_epoch", "Highest epoch promised, per cluster.") { Double($0.epoch.value) }
+        family("hamgr_arbitrator_lease_valid", "1 while a lease granted by this arbitrator is valid, per cluster.") { $0.leaseValid ? 1 : 0 }
+        family("hamgr_arbitrator_outdated_nodes", "Nodes recorded as outdated, per cluster.") { Double($0.outdatedNodes) }
+        return out
     }
 
 }

@@ -38,11 +38,18 @@ struct ArbitratorCommand: ParsableCommand {
     @Option(name: .long, help: "A cluster's configuration file; repeat for every cluster this arbitrator serves.")
     var config: [String]
 
+    // One loop by default: every decision is made on one loop anyway, and a session on any
+    // other loop pays two cross-thread hops (message in, reply out) per message, which cost
+    // more than the I/O they spread (docs/benchmarks.md §3).
+    @Option(name: .long, help: "Event-loop threads for sessions and status (decisions always run on one of them).")
+    var eventLoops: Int = 1
+
     func run() throws {
         HamgrLogging.bootstrap()
         guard !config.isEmpty else { throw ValidationError("give at least one --config") }
+        guard (1...256).contains(eventLoops) else { throw ValidationError("--event-loops must be 1…256") }
         let configs = try config.map(loadConfig)
-        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, NIOSingletons.groupLoopCountSuggestion))
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops)
         let daemon = try ArbitratorDaemon(configs: configs, group: group, logger: Logger(label: "hamgr.arbitrator"))
         try daemon.start()
         waitForTermination()

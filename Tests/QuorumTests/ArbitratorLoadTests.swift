@@ -38,3 +38,26 @@ final class ArbitratorLoadTests: XCTestCase {
         print("arbitrator: \(replies) routine renewals for \(names.count) clusters in \(elapsed) (debug build)")
     }
 }
+
+/// The per-message and per-scrape accessors the daemon uses instead of `status(cluster:)`.
+final class ArbitratorAccessorTests: XCTestCase {
+    func testEpochAndMetricsRowsAgreeWithStatus() {
+        var w = ArbitratorCore(settings: QuorumSettings(), persisted: [:])
+        let t = Instant(nanoseconds: 1_000_000_000_000)
+        XCTAssertEqual(w.epoch(cluster: "x"), .zero)
+        _ = w.handle(cluster: "x", from: "a", .renew(epoch: Epoch(3), seq: 1, generation: GenerationID(1)), at: t)
+        _ = w.handle(cluster: "y", from: "a", .outdate(peer: "b", epoch: Epoch(2), instance: 1), at: t)
+        for name in ["x", "y"] {
+            XCTAssertEqual(w.epoch(cluster: name), w.status(cluster: name)?.epoch)
+        }
+        let rows = Dictionary(uniqueKeysWithValues: w.metricsRows(at: t).map { ($0.cluster, $0) })
+        XCTAssertEqual(Set(rows.keys), ["x", "y"])
+        XCTAssertEqual(rows["x"]?.epoch, Epoch(3))
+        XCTAssertEqual(rows["x"]?.leaseValid, true)
+        XCTAssertEqual(rows["x"]?.outdatedNodes, 0)
+        XCTAssertEqual(rows["y"]?.epoch, Epoch(2))
+        XCTAssertEqual(rows["y"]?.outdatedNodes, 1)
+        // After the lease: no longer valid.
+        XCTAssertEqual(w.metricsRows(at: t + w.settings.timings.lease + .milliseconds(1)).first { $0.cluster == "x" }?.leaseValid, false)
+    }
+}

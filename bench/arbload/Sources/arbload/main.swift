@@ -2,7 +2,7 @@
 //
 // Each simulated master ("node a" of cluster PREFIX-NNNNN) keeps one authenticated quorum
 // session (HACore.PeerDialer: hello with nonces, per-direction HMAC-SHA256 session keys,
-// sequence numbers, keepalives every idle/3), first wins an election (VoteRequest at epoch 1,
+// sequence numbers, keepalives after idle/2 of silence), first wins an election (VoteRequest at epoch 1,
 // retried while the arbitrator refuses, e.g. during its restart quarantine), then sends
 // Renew(epoch 1) every 1/RATE seconds and measures the round trip to the RenewReply.
 //
@@ -10,7 +10,7 @@
 // seconds and prints one "WINDOW ..." line of key=value figures, then exits.
 //
 //   arbload --arbitrator 127.0.0.1:7790 --key K --prefix c --clusters 1000 [--rate 1]
-//           [--window 30] [--threads 2] [--idle-ms 800] [--ramp-s 10] [--ready-timeout-s 300]
+//           [--window 30] [--threads 2] [--idle-ms 800] [--ramp-s 10] [--ready-timeout-s 300] [--linger-s 3]
 import Crypto
 import Foundation
 import HACore
@@ -38,6 +38,7 @@ let threads = Int(arg("threads", "2"))!
 let idleMs = Int64(arg("idle-ms", "800"))!
 let rampS = Double(arg("ramp-s", "10"))!
 let readyTimeout = Double(arg("ready-timeout-s", "300"))!
+let linger = Double(arg("linger-s", "3"))!
 
 let quorumKind: UInt8 = 1  // Sources/hamgr/QuorumChannels.swift: quorumMessageFrameKind
 let epoch1 = Epoch(1)
@@ -49,6 +50,7 @@ struct Stats {
     var wSent = 0, wGranted = 0, wRefused = 0, wDisconnects = 0
     var wRTT: [Int64] = []
     var refusalReasons: [String: Int] = [:]
+    var closeReasons: [String: Int] = [:]  // why sessions closed, digits stripped (ports, counts)
 }
 let stats = NIOLockedValueBox(Stats())
 
@@ -62,6 +64,8 @@ final class SimMaster: @unchecked Sendable {  // all state on `loop`
     var seq: UInt64 = 0
     var pending: [UInt64: Int64] = [:]  // renew seq → send time (ns)
     var renewTask: RepeatedTask?
+    var sessions = 0  // established sessions so far (1 = never reconnected)
+    var slowReplies = 0  // window replies slower than 500 ms
 
     init(index: Int, group: EventLoopGroup) {
         name = String(format: "%@-%05d", prefix, index)
@@ -84,6 +88,7 @@ final class SimMaster: @unchecked Sendable {  // all state on `loop`
 
     func established(_ c: PeerConnection) {
         conn = c
+        sessions += 1
         stats.withLockedValue { $0.established += 1 }
         if !elected { askVote() }
     }
@@ -116,6 +121,7 @@ final class SimMaster: @unchecked Sendable {  // all state on `loop`
         case let .renewReply(_, s, granted, _):
             guard let t0 = pending.removeValue(forKey: s) else { return }
             let rtt = DispatchTime.now().uptimeNanoseconds - UInt64(t0)
+            if rtt > 500_000_000 { slowReplies += 1 }
             stats.withLockedValue {
                 if granted { $0.renewGranted += 1 } else { $0.renewRefused += 1 }
                 if $0.windowOpen {
@@ -139,7 +145,8 @@ final class SimMaster: @unchecked Sendable {  // all state on `loop`
 
     func closed(_ c: PeerConnection?, _ why: String) {
         if c != nil { conn = nil }
-        stats.withLockedValue { $0.disconnects += 1; if $0.windowOpen { $0.wDisconnects += 1 } }
+        let reason = String(why.map { $0.isNumber ? "#" : $0 })
+        stats.withLockedValue { $0.disconnects += 1; $0.closeReasons[reason, default: 0] += 1; if $0.windowOpen { $0.wDisconnects += 1 } }
     }
 }
 
@@ -170,7 +177,7 @@ while true {
         exit(3)
     }
     if Date().timeIntervalSince(lastReport) > 5 {
-        FileHandle.standardError.write("arbload: \(Int(Date().timeIntervalSince(t0))) s: established \(s.established), elected \(s.elected)/\(clusters), vote refusals \(s.voteRefusals) \(s.refusalReasons), disconnects \(s.disconnects)\n".data(using: .utf8)!)
+        FileHandle.standardError.write("arbload: \(Int(Date().timeIntervalSince(t0))) s: established \(s.established), elected \(s.elected)/\(clusters), vote refusals \(s.voteRefusals) \(s.refusalReasons), disconnects \(s.disconnects) \(s.closeReasons)\n".data(using: .utf8)!)
         lastReport = Date()
     }
     usleep(50_000)
@@ -198,4 +205,12 @@ func pct(_ p: Double) -> Double {
 print(String(format: "WINDOW seconds=%.1f renews_sent=%d replies_granted=%d replies_refused=%d disconnects=%d rate_per_s=%.0f rtt_ms_p50=%.3f rtt_ms_p90=%.3f rtt_ms_p99=%.3f rtt_ms_max=%.3f loadgen_cpu_cores=%.3f",
              elapsed, w.wSent, w.wGranted, w.wRefused, w.wDisconnects, Double(w.wGranted + w.wRefused) / elapsed,
              pct(50), pct(90), pct(99), rtt.last.map { Double($0) / 1e6 } ?? .nan, (cpu1 - cpu0) / elapsed))
+// Who the slow replies (> 500 ms) went to: a few sessions every time, or spread (stalls)?
+let perSim = sims.map { s in s.loop.submit { (s.slowReplies, s.sessions) } }.compactMap { try? $0.wait() }
+let slowSims = perSim.filter { $0.0 > 0 }
+print("SLOW_REPLIES total=\(slowSims.reduce(0) { $0 + $1.0 }) sessions=\(slowSims.count) of_them_reconnected=\(slowSims.filter { $0.1 > 1 }.count) reconnected_overall=\(perSim.filter { $0.1 > 1 }.count)")
+if !w.closeReasons.isEmpty { print("CLOSE_REASONS \(w.closeReasons)") }
+// Keep renewing a little longer: bench/arbitrator.sh's own window (arbitrator CPU, decision
+// histogram) starts a moment after ours and must not see the sessions closing.
+usleep(UInt32(linger * 1_000_000))
 exit(0)
