@@ -48,7 +48,8 @@ wait_nbd() {  # wait until an NBD server answers on port $1 (host $2, default 12
     echo "nbd-bench: no NBD server on port $1" >&2; return 1
 }
 
-# Targets, as "label|uri". Each start_* function appends one.
+# Targets, as "label|uri|pid[,pid]" (the server processes whose CPU is counted). Each
+# start_* function appends one.
 TARGETS=()
 
 start_nbdkit() {
@@ -57,7 +58,7 @@ start_nbdkit() {
     nbdkit -f -i 127.0.0.1 -p "$port" file "$WORK/nbdkit.img" 2>"$WORK/nbdkit.log" &
     PIDS+=($!)
     wait_nbd "$port"
-    TARGETS+=("nbdkit-file|nbd://127.0.0.1:$port")
+    TARGETS+=("nbdkit-file|nbd://127.0.0.1:$port|$!")
 }
 
 start_hamgr_unreplicated() {
@@ -66,7 +67,14 @@ start_hamgr_unreplicated() {
         >"$WORK/hamgr.log" 2>&1 &
     PIDS+=($!)
     wait_nbd "$port"
-    TARGETS+=("hamgr-unreplicated|nbd://127.0.0.1:$port/bench")
+    TARGETS+=("hamgr-unreplicated|nbd://127.0.0.1:$port/bench|$!")
+}
+
+# utime+stime (clock ticks) of the comma-separated pids, summed.
+server_cpu_ticks() {
+    local p sum=0
+    for p in ${1//,/ }; do sum=$((sum + $(awk '{print $14+$15}' "/proc/$p/stat"))); done
+    echo "$sum"
 }
 
 # >>> INTEGRATOR HOOK: third target, hamgr replicated (protocol C) <<<
@@ -89,7 +97,7 @@ start_hamgr_replicated() {
     local svc=SERVICE_$m
     wait_nbd "${!svc##*:}" "${!svc%:*}"
     echo "nbd-bench: replicated cluster up, master $m at ${!svc} (protocol C)" >&2
-    TARGETS+=("hamgr-replicated-C|nbd://${!svc}/bench-repl")
+    TARGETS+=("hamgr-replicated-C|nbd://${!svc}/bench-repl|${CPID[a]},${CPID[b]}")
 }
 # <<< END INTEGRATOR HOOK >>>
 
@@ -106,12 +114,15 @@ for ((r = 1; r <= REPEAT; r++)); do
     for w in "${WORKLOADS[@]}"; do
         wname=${w%%|*}; wargs=${w#*|}
         for t in "${TARGETS[@]}"; do
-            tname=${t%%|*}; uri=${t#*|}
+            IFS='|' read -r tname uri tpids <<<"$t"
+            c0=$(server_cpu_ticks "$tpids"); t0=$(date +%s.%N)
             # shellcheck disable=SC2086
             fio --name="$wname" --ioengine=nbd --uri="$uri" $wargs --size="$SIZE" \
                 --time_based --runtime="$RUNTIME" --ramp_time=2 --output-format=json \
                 >"$WORK/$tname.$wname.$r.json" 2>"$WORK/$tname.$wname.$r.err" ||
                 { echo "nbd-bench: fio failed for $tname $wname:" >&2; cat "$WORK/$tname.$wname.$r.err" >&2; exit 1; }
+            c1=$(server_cpu_ticks "$tpids"); t1=$(date +%s.%N)
+            echo "$c0 $c1 $t0 $t1 $(getconf CLK_TCK)" >"$WORK/$tname.$wname.$r.cpu"
         done
     done
 done
@@ -122,21 +133,28 @@ work, repeat, targets = sys.argv[1], int(sys.argv[2]), [t.split("|")[0] for t in
 workloads = ["randwrite-4k-qd32", "seqwrite-1m-qd8"]
 def load(path):
     text = open(path).read()
-    w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
+    job = json.loads(text[text.index("{"):])["jobs"][0]
+    w = job["write"]
     p99 = w["clat_ns"]["percentile"].get("99.000000", 0) / 1000.0
-    return {"iops": w["iops"], "mbs": w["bw_bytes"] / 1e6, "p99": p99}
+    c0, c1, t0, t1, hz = (float(x) for x in open(path[:-5] + ".cpu").read().split())
+    cores = (c1 - c0) / hz / (t1 - t0)  # server processes, over fio's whole run (ramp included)
+    fio_cores = (job["usr_cpu"] + job["sys_cpu"]) / 100.0
+    return {"iops": w["iops"], "mbs": w["bw_bytes"] / 1e6, "p99": p99, "cores": cores, "fio": fio_cores}
 best = {}
 for t in targets:
     for wl in workloads:
         runs = [load(f"{work}/{t}.{wl}.{r}.json") for r in range(1, repeat + 1)]
         best[(t, wl)] = max(runs, key=lambda x: x["iops"])
 base = targets[0]
-print(f"{'target':<22} {'workload':<18} {'IOPS':>10} {'MB/s':>9} {'p99 us':>9} {'vs ' + base:>16}")
+# server cores: CPU of the serving processes (both nodes for the replicated target) per
+# wall second; us/op: that CPU per completed request (a machine-independent cost measure).
+print(f"{'target':<22} {'workload':<18} {'IOPS':>10} {'MB/s':>9} {'p99 us':>9} {'vs ' + base:>16} {'server cores':>13} {'us/op':>8} {'fio cores':>10}")
 for wl in workloads:
     for t in targets:
         b = best[(t, wl)]
         ratio = b["iops"] / best[(base, wl)]["iops"] if best[(base, wl)]["iops"] else 0
-        print(f"{t:<22} {wl:<18} {b['iops']:>10.0f} {b['mbs']:>9.1f} {b['p99']:>9.1f} {ratio:>15.2f}x")
+        per_op = b["cores"] / b["iops"] * 1e6 if b["iops"] else 0
+        print(f"{t:<22} {wl:<18} {b['iops']:>10.0f} {b['mbs']:>9.1f} {b['p99']:>9.1f} {ratio:>15.2f}x {b['cores']:>13.2f} {per_op:>8.1f} {b['fio']:>10.2f}")
 print()
 for wl in workloads:
     u, n = best.get(("hamgr-unreplicated", wl)), best.get(("nbdkit-file", wl))
