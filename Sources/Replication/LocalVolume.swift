@@ -1,4 +1,4 @@
-import NIOConcurrencyHelpers
+import HACore
 import NIOCore
 import NIOPosix
 
@@ -100,11 +100,7 @@ public final class LocalVolume: BlockVolume, ScatterWriteVolume, @unchecked Send
     /// thread on its own cost a condition-variable wake-up and a loop wake-up per request,
     /// which dominated small I/O (perf: ~45% of samples in futex wait/wake at 4 KiB qd32);
     /// a turn's requests now travel together: one wake-up there, one back.
-    private struct Queue {
-        var jobs: [(EventLoop, Job)] = []
-        var submitScheduled = false
-    }
-    private let queue = NIOLockedValueBox(Queue())
+    private let queue = HandOff<(EventLoop, Job)>()
 
     /// Requests at least this large go to a thread of their own: their copy costs more than
     /// a wake-up, and several of them should run in parallel rather than one after another.
@@ -129,24 +125,13 @@ public final class LocalVolume: BlockVolume, ScatterWriteVolume, @unchecked Send
             }
             return promise.futureResult
         }
-        let schedule = queue.withLockedValue { q -> Bool in
-            q.jobs.append((loop, job))
-            if q.submitScheduled { return false }
-            q.submitScheduled = true
-            return true
-        }
         // Submit at the end of this loop turn, after every request of this read was decoded.
-        if schedule { loop.execute { self.submitQueued() } }
+        if queue.post([(loop, job)]) { loop.execute { self.submitQueued() } }
         return promise.futureResult
     }
 
     private func submitQueued() {
-        let jobs = queue.withLockedValue { q -> [(EventLoop, Job)] in
-            q.submitScheduled = false
-            let taken = q.jobs
-            q.jobs = []
-            return taken
-        }
+        let jobs = queue.take()
         guard !jobs.isEmpty else { return }
         pool.submit { state in
             let active = state == .active

@@ -295,7 +295,7 @@ public struct ReplicationCore: Sendable {
                 header.epoch = max(header.epoch, g.epoch)
                 persistHeader()
             }
-            if role == .primary && !g.peerRequired && header.generations.bitmap.isNone && !bitmap.setChunks.isEmpty {
+            if role == .primary && !g.peerRequired && header.generations.bitmap.isNone && !bitmap.isEmpty {
                 branchForUnreplicatedWrites()
                 persistHeader()
             }
@@ -355,7 +355,7 @@ public struct ReplicationCore: Sendable {
         s.generations = header.generations
         s.peerState = peerState
         if link == nil { s.peerDiskState = nil }
-        s.outOfSyncBytes = outOfSyncBytes
+        s.outOfSyncBytes = bytes(of: bitmap)
         if let r = resync { s.resyncDoneBytes = r.doneBytes; s.resyncTotalBytes = r.totalBytes }
         if let t = targetRun { s.resyncDoneBytes = t.doneBytes; s.resyncTotalBytes = max(t.totalBytes, t.doneBytes) }
         s.inFlightWrites = writes.openRequests
@@ -821,7 +821,7 @@ public struct ReplicationCore: Sendable {
             var union = bitmap
             union.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
             if scope == .full { union.markAll() }
-            targetRun = TargetRun(totalBytes: bytes(ofChunks: union.setChunks))
+            targetRun = TargetRun(totalBytes: bytes(of: union))
             log(.notice, "resync target: \(targetRun!.totalBytes) bytes to receive from \(settings.peer)")
         }
         counters.splitBrain = nil
@@ -846,7 +846,7 @@ public struct ReplicationCore: Sendable {
 
     private mutating func startResync(_ now: Instant) {
         guard resync == nil else { return pumpResync(now) }
-        let total = bytes(ofChunks: bitmap.setChunks)
+        let total = bytes(of: bitmap)
         resync = ResyncRun(cursor: ResyncCursor(window: settings.windowChunks),
                            throttle: ResyncThrottle(bytesPerSecond: settings.resyncRateBytesPerSecond, chunkBytes: settings.chunkBytes),
                            totalBytes: total)
@@ -997,16 +997,12 @@ public struct ReplicationCore: Sendable {
 
     private mutating func log(_ level: CoreLogLevel, _ message: String) { out.append(.log(level, message)) }
 
-    /// Bytes of the set chunks, in O(1): only the volume's last chunk can be short.
-    private var outOfSyncBytes: UInt64 {
+    /// Bytes of a bitmap's set chunks, in O(1): only the volume's last chunk can be short.
+    private func bytes(of map: DirtyBitmap) -> UInt64 {
         let last = settings.chunkCount - 1
-        let full = UInt64(bitmap.setCount) * UInt64(settings.chunkBytes)
-        guard last >= 0, bitmap.isSet(last) else { return full }
+        let full = UInt64(map.setCount) * UInt64(settings.chunkBytes)
+        guard last >= 0, map.isSet(last) else { return full }
         return full - UInt64(settings.chunkBytes) + UInt64(chunkLength(last))
-    }
-
-    private func bytes(ofChunks chunks: [Int]) -> UInt64 {
-        chunks.reduce(UInt64(0)) { $0 + UInt64(chunkLength($1)) }
     }
 
     private func chunkLength(_ c: Int) -> Int {
