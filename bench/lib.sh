@@ -40,6 +40,7 @@ protocol = "$proto"
 [volume]
 size = "$size"
 chunk_size = "64KiB"
+create = true
 
 [[node]]
 name = "a"

@@ -74,7 +74,7 @@ class Cluster:
             toml.append("[timeouts]")
             toml += ["%s = %s" % kv for kv in sorted(self.timeouts.items())]
             toml.append("")
-        toml += ['[volume]', 'size = "%dMiB"' % self.size_mb, 'chunk_size = "64KiB"', '']
+        toml += ['[volume]', 'size = "%dMiB"' % self.size_mb, 'chunk_size = "64KiB"', 'create = true', '']
         for h in NODES:
             toml += ['[[node]]', 'name = "%s"' % h,
                      'replication_address = "%s"' % self.addr(h, REPL_PORT),

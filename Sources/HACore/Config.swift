@@ -59,15 +59,18 @@ public struct ClusterConfig: Sendable, Equatable {
         public var metadata: String
         /// NBD export name; defaults to the cluster name.
         public var exportName: String
+        /// A missing backing *file* may be created (sparse). Off by default: a path that does
+        /// not exist is an error naming it, and nothing under /dev is ever created.
+        public var create: Bool
 
         /// `http://` + `status_address`: what `/status` reports as the peer's `status_url`.
         public var statusURL: String { "http://\(statusAddress)" }
 
         public init(name: NodeID, replicationAddress: String, serviceAddress: String, statusAddress: String,
-                    backing: String, metadata: String, exportName: String) {
+                    backing: String, metadata: String, exportName: String, create: Bool = false) {
             self.name = name; self.replicationAddress = replicationAddress; self.serviceAddress = serviceAddress
             self.statusAddress = statusAddress; self.backing = backing; self.metadata = metadata
-            self.exportName = exportName
+            self.exportName = exportName; self.create = create
         }
     }
 
@@ -282,7 +285,8 @@ public struct ClusterConfig: Sendable, Equatable {
 
         // [volume]
         let v = try top.requiredTable("volume")
-        try v.allow(["size", "chunk_size", "resync_rate"])
+        try v.allow(["size", "chunk_size", "resync_rate", "create"])
+        let createAll = try v.bool("create") ?? false
         let volume = Volume(
             sizeBytes: try v.size("size", required: true)!,
             chunkSizeBytes: try v.size("chunk_size") ?? Volume.defaultChunkSizeBytes,
@@ -293,7 +297,7 @@ public struct ClusterConfig: Sendable, Equatable {
         var nodes: [Node] = []
         for (i, nt) in nodeTables.enumerated() {
             let n = TableReader(nt, path: "node[\(i)]")
-            try n.allow(["name", "replication_address", "service_address", "status_address", "backing", "metadata", "export_name"])
+            try n.allow(["name", "replication_address", "service_address", "status_address", "backing", "metadata", "export_name", "create"])
             let nodeName = try n.requiredString("name")
             guard !nodeName.isEmpty, nodeName.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_") }) else {
                 throw ConfigError(key: "node[\(i)].name", message: "'\(nodeName)' must be non-empty and use only letters, digits, '-' and '_'")
@@ -305,7 +309,8 @@ public struct ClusterConfig: Sendable, Equatable {
                 statusAddress: try n.requiredString("status_address"),
                 backing: resolve(try n.requiredString("backing")),
                 metadata: resolve(try n.requiredString("metadata")),
-                exportName: try n.string("export_name") ?? name))
+                exportName: try n.string("export_name") ?? name,
+                create: try n.bool("create") ?? createAll))
         }
 
         // [arbitrator]
@@ -387,6 +392,9 @@ public struct ClusterConfig: Sendable, Equatable {
         for (i, n) in nodes.enumerated() {
             if n.backing == n.metadata {
                 throw ConfigError(key: "node[\(i)].metadata", message: "must differ from backing (\(n.backing))")
+            }
+            if n.create && n.backing.hasPrefix("/dev/") {
+                throw ConfigError(key: "node[\(i)].create", message: "\(n.backing) is a device path: hamgr never creates devices")
             }
         }
 
@@ -470,6 +478,12 @@ private final class TableReader {
         guard let v = value(k) else { return nil }
         guard let s = v.string else { throw typeError(k, "a string", v) }
         return s
+    }
+
+    func bool(_ k: String) throws -> Bool? {
+        guard let v = value(k) else { return nil }
+        guard let b = v.bool else { throw typeError(k, "true or false", v) }
+        return b
     }
 
     func requiredString(_ k: String) throws -> String {

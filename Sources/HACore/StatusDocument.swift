@@ -80,12 +80,15 @@ public struct StatusDocument: Codable, Sendable, Equatable {
     public var version: String
     /// Why the backing store was declared failed (the node then reports `diskless`), or nil.
     public var diskError: String?
+    /// Why the local disk is not up to date, in words an operator can act on (nil when it is):
+    /// new metadata waiting for a sync or a bootstrap, sync progress, outdated.
+    public var diskNote: String?
 
     public init(cluster: String, node: String, role: Role, epoch: UInt64, master: Master?, diskState: DiskState,
                 peer: Peer, arbitrator: Arbitrator, quorum: Bool, leaseValidMs: Int64 = 0, outOfSyncBytes: UInt64 = 0,
                 resync: Resync? = nil, splitBrain: String? = nil, whyNotPromoted: String? = nil, maintenance: Bool = false,
                 serviceAddress: String, generation: String, resources: [Resource] = [], version: String = hamgrVersion,
-                diskError: String? = nil) {
+                diskError: String? = nil, diskNote: String? = nil) {
         self.cluster = cluster; self.node = node; self.role = role; self.epoch = epoch; self.master = master
         self.diskState = diskState; self.peer = peer; self.arbitrator = arbitrator; self.quorum = quorum
         self.leaseValidMs = leaseValidMs; self.outOfSyncBytes = outOfSyncBytes; self.resync = resync
@@ -93,11 +96,12 @@ public struct StatusDocument: Codable, Sendable, Equatable {
         self.serviceAddress = serviceAddress; self.generation = generation; self.resources = resources
         self.version = version
         self.diskError = diskError
+        self.diskNote = diskNote
     }
 
     enum CodingKeys: String, CodingKey {
         case cluster, node, role, epoch, master, peer, arbitrator, quorum, resync, maintenance, generation, resources, version
-        case diskError = "disk_error"
+        case diskError = "disk_error", diskNote = "disk_note"
         case diskState = "disk_state", leaseValidMs = "lease_valid_ms", outOfSyncBytes = "out_of_sync_bytes"
         case splitBrain = "split_brain", whyNotPromoted = "why_not_promoted", serviceAddress = "service_address"
     }
@@ -126,6 +130,7 @@ public struct StatusDocument: Codable, Sendable, Equatable {
         try c.encode(resources, forKey: .resources)
         try c.encode(version, forKey: .version)
         try c.encode(diskError, forKey: .diskError)
+        try c.encode(diskNote, forKey: .diskNote)
     }
 }
 
@@ -273,8 +278,13 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
     case demote
     /// Take this node out of candidacy (on: it is never elected) or put it back (off).
     case maintenance(on: Bool)
-    /// Compare chunk hashes with the peer.
-    case verify
+    /// Compare chunk hashes with the peer; `repair` then resyncs exactly the mismatched chunks.
+    case verify(repair: Bool)
+    /// Make this (inconsistent) node's data the pair's in a new generation; the peer gets a
+    /// full sync, or with `assumeClean` a fresh peer adopts the generation without one.
+    case bootstrap(assumeClean: Bool)
+    /// Discard this node's data: it becomes a full-sync target of its up-to-date peer.
+    case invalidate
     /// Resync chunks found out of sync (by verify or the bitmap).
     case resync
     /// Resolve a split brain by discarding one side's changes since divergence.
@@ -282,7 +292,7 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
 
     public enum DiscardSide: String, Sendable, CaseIterable { case local, peer }
 
-    public static let actions = ["switchover", "promote", "demote", "maintenance", "verify", "resync", "resolve"]
+    public static let actions = ["switchover", "promote", "demote", "maintenance", "verify", "resync", "resolve", "bootstrap", "invalidate"]
 
     public var action: String {
         switch self {
@@ -293,6 +303,8 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
         case .verify: return "verify"
         case .resync: return "resync"
         case .resolve: return "resolve"
+        case .bootstrap: return "bootstrap"
+        case .invalidate: return "invalidate"
         }
     }
 
@@ -302,7 +314,9 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
         case .promote(let force): return force ? ["force": .bool(true)] : [:]
         case .maintenance(let on): return ["on": .bool(on)]
         case .resolve(let side): return ["discard": .string(side.rawValue)]
-        case .switchover, .demote, .verify, .resync: return [:]
+        case .verify(let repair): return repair ? ["repair": .bool(true)] : [:]
+        case .bootstrap(let clean): return clean ? ["assume_clean": .bool(true)] : [:]
+        case .switchover, .demote, .resync, .invalidate: return [:]
         }
     }
 
@@ -330,7 +344,9 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
             try only(["on"])
             guard let on = try bool("on") else { throw AdminCommandError("maintenance: 'on' (true or false) is required") }
             return .maintenance(on: on)
-        case "verify": try only([]); return .verify
+        case "verify": try only(["repair"]); return .verify(repair: try bool("repair") ?? false)
+        case "bootstrap": try only(["assume_clean"]); return .bootstrap(assumeClean: try bool("assume_clean") ?? false)
+        case "invalidate": try only([]); return .invalidate
         case "resync": try only([]); return .resync
         case "resolve":
             try only(["discard"])

@@ -19,12 +19,14 @@ public final class BackingStore: @unchecked Sendable {
     public let isBlockDevice: Bool
     private let fd: Int32
 
-    /// Opens `path`. A missing regular file is created sparse with `createSize` bytes; an
-    /// existing file smaller than `createSize` is extended. Block devices report their size.
+    /// Opens `path`. With `createSize`, a missing regular file is created sparse with that many
+    /// bytes and a smaller existing one is extended; without it a missing path is an error.
+    /// Nothing is ever created under /dev: a device that is not there is the operator's to
+    /// attach. Block devices report their size.
     public init(path: String, createSize: UInt64? = nil, directIO: Bool = false) throws {
         self.path = path
         var flags = O_RDWR | O_CLOEXEC
-        if createSize != nil { flags |= O_CREAT }
+        if createSize != nil && !Self.isDevicePath(path) { flags |= O_CREAT }
         if directIO { flags |= 0o40000 /* O_DIRECT, hidden behind _GNU_SOURCE in Glibc */ }
         let fd = open(path, flags, 0o600)
         guard fd >= 0 else { throw StoreError(op: "open", path: path, errno: errno) }
@@ -46,6 +48,21 @@ public final class BackingStore: @unchecked Sendable {
             self.isBlockDevice = false
         }
         self.fd = fd
+    }
+
+    /// True for paths a device node lives at, which hamgr never creates.
+    public static func isDevicePath(_ path: String) -> Bool { path.hasPrefix("/dev/") }
+
+    /// True if `[0, length)` provably reads as zeroes without reading it: a regular file with
+    /// no allocated data there (SEEK_DATA finds none). Block devices and file systems without
+    /// SEEK_DATA are never provably zero.
+    public func provablyZero(length: UInt64) -> Bool {
+        guard !isBlockDevice else { return false }
+        let SEEK_DATA: Int32 = 3
+        errno = 0
+        let at = lseek(fd, 0, SEEK_DATA)
+        if at < 0 { return errno == ENXIO }  // no data at all past offset 0
+        return UInt64(at) >= length
     }
 
     deinit { close(fd) }
@@ -80,6 +97,10 @@ public final class BackingStore: @unchecked Sendable {
             if n < 0 { if errno == EINTR { continue }; throw StoreError(op: "pwrite", path: path, errno: errno) }
             done += n
         }
+    }
+
+    public func write(offset: UInt64, array: [UInt8]) throws {
+        try array.withUnsafeBytes { try write(offset: offset, bytes: $0) }
     }
 
     public func write(offset: UInt64, buffer: ByteBuffer) throws {

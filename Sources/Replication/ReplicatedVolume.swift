@@ -28,6 +28,9 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     private let readQueue = DispatchQueue(label: "hamgr.replication.read", attributes: .concurrent)
     private let backing: BackingStore
     private let meta: MetadataStore  // io queue only
+    /// The generation the store's identity label names (io queue only): a header with a new
+    /// current generation is preceded by a label write (`DiskLabel`).
+    private var labelGeneration: GenerationID
     private let dead = LockedFlag()  // set by a simulated crash: nothing more reaches the disk or the peer
 
     // loop-confined
@@ -50,13 +53,16 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     private let statusLock = NSLock()
     private var snapshot = ReplicationStatus()
 
-    /// Opens (or creates) the backing store and metadata.
+    /// Opens the backing store and its metadata, and checks that one describes the other.
     ///
-    /// A missing metadata file is initialised with the pair's *initial generation*, derived
-    /// from cluster name, size and chunk size, and disk state upToDate: two new (zero)
-    /// stores are then identical and need no initial full sync. Creating metadata next to
-    /// backing stores that already hold different data is the operator's error;
-    /// `startVerify()` finds it and `requestResync()` repairs it.
+    /// Fresh metadata is never up to date: it starts `inconsistent` in a random generation of
+    /// its own, flagged `fresh`. Such a node is never promoted and never a sync source; it
+    /// becomes up to date only as the full-sync target of an up-to-date peer, by an operator's
+    /// `bootstrap`, or — when both stores of a new pair provably hold only zeroes — by pairing
+    /// with an equally fresh peer (docs/replication.md "Disk identity and bootstrap").
+    /// The store's identity label (`DiskLabel`) is checked against the metadata at every start:
+    /// another store at the path makes this node a full-sync target, another node's store is
+    /// refused.
     public init(config: ReplicatedVolumeConfig, group: EventLoopGroup, logger: Logger, clock: @escaping @Sendable () -> Instant) throws {
         try config.validate()
         self.config = config
@@ -69,19 +75,66 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         var caps = VolumeCapabilities()
         caps.multiConn = true  // one store, one write order; a flush covers every acked write
         self.capabilities = caps
-        backing = try BackingStore(path: config.backingPath, createSize: config.sizeBytes)
-        guard backing.sizeBytes >= config.sizeBytes else {
-            throw ConfigError(key: "node.backing", message: "\(config.backingPath) holds \(backing.sizeBytes) bytes, the volume needs \(config.sizeBytes)")
+        let storeBytes = DiskLabel.storeBytes(forVolumeBytes: config.sizeBytes)
+        let path = config.backingPath
+        if !FileManager.default.fileExists(atPath: path) {
+            guard config.createBacking, !BackingStore.isDevicePath(path) else {
+                throw ConfigError(key: "node.backing", message: BackingStore.isDevicePath(path)
+                    ? "\(path) does not exist (a device is never created: attach or activate it first)"
+                    : "\(path) does not exist (set create = true on the node or [volume] to let hamgr create a sparse file)")
+            }
         }
+        backing = try BackingStore(path: path, createSize: storeBytes)  // existing files are only extended (room for the label)
+        guard backing.sizeBytes >= storeBytes else {
+            throw ConfigError(key: "node.backing", message: "\(path) holds \(backing.sizeBytes) bytes; the volume needs \(storeBytes) (\(config.sizeBytes) + the 4 KiB identity label)")
+        }
+        let labelAt = DiskLabel.offset(forVolumeBytes: config.sizeBytes)
+        let reading = DiskLabel.read(Array(try backing.read(offset: labelAt, length: DiskLabel.bytes).readableBytesView))
+        let existing: MetadataHeader? = FileManager.default.fileExists(atPath: config.metadataPath)
+            ? try MetadataStore.peekHeader(path: config.metadataPath) : nil
+        let identity = DiskIdentity.decide(header: existing, reading: reading, path: path, cluster: config.cluster, node: config.me)
+        if case .refuse(let why) = identity { throw ConfigError(key: "node.backing", message: why) }
+        var rng = SystemRandomNumberGenerator()
+        func freshGeneration() -> GenerationID { var g: UInt64 = 0; while g == 0 { g = rng.next() }; return GenerationID(g) }
+        func freshID() -> UInt64 { var g: UInt64 = 0; while g == 0 { g = rng.next() }; return g }
+        let keptID: UInt64? = { if case .new(let k) = identity { return k }; return nil }()
         let initial = MetadataHeader(sizeBytes: config.sizeBytes, chunkBytes: UInt32(config.chunkBytes),
                                      alExtentBytes: UInt32(config.activityLogExtentBytes), alSlots: UInt32(config.activityLogExtents),
-                                     diskState: .upToDate, flags: [], epoch: .zero,
-                                     generations: DataGenerations(current: Self.initialGeneration(config)))
+                                     diskState: .inconsistent, flags: [.fresh], epoch: .zero,
+                                     generations: DataGenerations(current: freshGeneration()), diskID: keptID ?? freshID())
         meta = try MetadataStore(path: config.metadataPath, initial: initial)
-        if meta.created { log.info("created metadata \(config.metadataPath) with initial generation \(initial.generations.current)") }
-        let rec = CrashRecovery.open(header: meta.header, activityLog: meta.openedAL, bitmap: meta.openedBitmap)
+        if meta.created {
+            log.notice("created metadata \(config.metadataPath): inconsistent in generation \(initial.generations.current) until a full sync from an up-to-date peer or a bootstrap",
+                       metadata: ["event": "metadata_created"])
+        }
+        var opened = meta.header
+        var bitmap = meta.openedBitmap
+        var openedAL = meta.openedAL
+        switch identity {
+        case .replaced(let why):
+            log.warning("\(why): this node discards its metadata's claim and joins as a full-sync target", metadata: ["event": "disk_replaced"])
+            opened.diskState = .inconsistent
+            opened.generations = DataGenerations(current: freshGeneration())
+            opened.flags = [.fresh]
+            opened.diskID = freshID()
+            bitmap.clearAll()
+            openedAL = []
+            try meta.writeBitmap(bitmap)
+        case .stamp(let why):
+            log.notice("\(why)", metadata: ["event": "disk_label_stamped"])
+            if opened.diskID == 0 { opened.diskID = freshID() }
+        case .matches, .new, .refuse: break
+        }
+        let label = DiskLabel(diskID: opened.diskID, cluster: config.cluster, node: config.me, sizeBytes: config.sizeBytes,
+                              current: opened.generations.current)
+        if reading != .label(label) {
+            try backing.write(offset: labelAt, array: label.encode())
+            try backing.sync()
+        }
+        labelGeneration = label.current
+        let rec = CrashRecovery.open(header: opened, activityLog: openedAL, bitmap: bitmap)
         if rec.recoveredChunks > 0 {
-            log.warning("primary crash detected: \(meta.openedAL.count) activity-log extents (\(rec.recoveredChunks) chunks) marked out of sync")
+            log.warning("primary crash detected: \(openedAL.count) activity-log extents (\(rec.recoveredChunks) chunks) marked out of sync")
         }
         // Bits first, then the empty AL, then the header: a crash in between loses nothing.
         try meta.writeBitmapPages(rec.dirtyPages.map { ($0, rec.bitmap.pageBytes($0)) })
@@ -92,16 +145,10 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
                                            activityLogExtents: config.activityLogExtents, windowChunks: config.resyncWindowChunks,
                                            resyncRateBytesPerSecond: config.resyncRateBytesPerSecond,
                                            maximumWriteBytes: Int(caps.maximumBlockSize))
-        var seed = SystemRandomNumberGenerator()
-        core = ReplicationCore(settings: settings, header: meta.header, bitmap: rec.bitmap, seed: seed.next())
+        // A fresh store that provably reads as zeroes may pair with an equally fresh peer.
+        let emptyFresh = meta.header.flags.contains(.fresh) && backing.provablyZero(length: config.sizeBytes)
+        core = ReplicationCore(settings: settings, header: meta.header, bitmap: rec.bitmap, seed: rng.next(), emptyFresh: emptyFresh)
         snapshot = core.status
-    }
-
-    /// The generation both nodes of a new pair start in.
-    public static func initialGeneration(_ c: ReplicatedVolumeConfig) -> GenerationID {
-        let d = Array(SHA256.hash(data: Array("hamgr-initial-generation/\(c.cluster)/\(c.sizeBytes)/\(c.chunkBytes)".utf8)))
-        let raw = d.prefix(8).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
-        return GenerationID(raw == 0 ? 1 : raw)
     }
 
     // MARK: control API
@@ -159,6 +206,30 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         io.sync {}
     }
 
+    /// `hactl bootstrap` on this node (see `ReplicationCore.bootstrap`); returns once durable.
+    public func bootstrap(assumeClean: Bool) throws {
+        try onLoopThrowing {
+            guard !self.halted else { throw VolumeError.shuttingDown }
+            switch self.core.bootstrap(assumeClean: assumeClean, now: self.clock()) {
+            case .failure(let e): throw e
+            case .success(let actions): self.perform(actions); self.publish()
+            }
+        }
+        io.sync {}
+    }
+
+    /// `hactl invalidate` on this node (see `ReplicationCore.invalidate`); returns once durable.
+    public func invalidate() throws {
+        try onLoopThrowing {
+            guard !self.halted else { throw VolumeError.shuttingDown }
+            switch self.core.invalidate(now: self.clock()) {
+            case .failure(let e): throw e
+            case .success(let actions): self.perform(actions); self.publish()
+            }
+        }
+        io.sync {}
+    }
+
     /// Stop accepting writes (pending ones fail with notPrimary) and follow the peer.
     public func becomeSecondary(epoch: Epoch) { onLoop { self.run(.becomeSecondary(epoch)) } }
 
@@ -178,7 +249,7 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
 
     /// Hash every chunk on both sides; mismatches are reported (`status.lastVerifyMismatches`,
     /// `.verifyFinished`) and repaired by `requestResync()`.
-    public func startVerify() { onLoop { self.run(.startVerify) } }
+    public func startVerify(repair: Bool = false) { onLoop { self.run(.startVerify(repair: repair)) } }
 
     /// Resync the chunks known out of sync (bitmap, last verify's mismatches) from the source
     /// side; on the other side this asks the peer to do it.
@@ -328,7 +399,9 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
             do {
                 switch step {
                 case .writeAL(let hot): try meta.writeAL(hot)
-                case .writeHeader(let h): try meta.writeHeader(h)
+                case .writeHeader(let h):
+                    if h.generations.current != labelGeneration { try stampLabel(h) }
+                    try meta.writeHeader(h)
                 case .writeBitmapPages(let pages): try meta.writeBitmapPages(pages.map { ($0.index, $0.bytes) })
                 case .writeBitmap(let bm): try meta.writeBitmap(bm)
                 case let .send(s, m): send(s, m)
@@ -357,6 +430,15 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         } else {
             report((b.then.map { [CoreEvent.io($0)] } ?? []) + extra.map { .io($0) })
         }
+    }
+
+    /// Rewrites the store's identity label for the header about to be written (io queue).
+    private func stampLabel(_ h: MetadataHeader) throws {
+        let label = DiskLabel(diskID: h.diskID, cluster: config.cluster, node: config.me, sizeBytes: config.sizeBytes,
+                              current: h.generations.current, previous: labelGeneration)
+        try backing.write(offset: DiskLabel.offset(forVolumeBytes: config.sizeBytes), array: label.encode())
+        try backing.sync()
+        labelGeneration = h.generations.current
     }
 
     /// Hands I/O outcomes to the core in the order the I/O queue produced them. One loop task
@@ -505,16 +587,19 @@ public struct ReplicatedVolumeConfig: Sendable {
     public var resyncWindowChunks: Int = 16
     /// Delay between dial attempts.
     public var redialDelay: Duration = .milliseconds(200)
+    /// A missing backing *file* may be created (sparse); never a path under /dev.
+    public var createBacking = false
 
     public init(cluster: String, me: NodeID, peer: NodeID, backingPath: String, metadataPath: String,
                 sizeBytes: UInt64, chunkBytes: Int = 64 << 10, replicationProtocol: ReplicationProtocol = .c,
                 peerReplicationAddress: (host: String, port: Int), clusterKey: SymmetricKey,
-                linkTimeout: Duration = .seconds(3), resyncRateBytesPerSecond: Int = 100 << 20) {
+                linkTimeout: Duration = .seconds(3), resyncRateBytesPerSecond: Int = 100 << 20, createBacking: Bool = false) {
         self.cluster = cluster; self.me = me; self.peer = peer
         self.backingPath = backingPath; self.metadataPath = metadataPath
         self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.replicationProtocol = replicationProtocol
         self.peerReplicationAddress = peerReplicationAddress; self.clusterKey = clusterKey
         self.linkTimeout = linkTimeout; self.resyncRateBytesPerSecond = resyncRateBytesPerSecond
+        self.createBacking = createBacking
     }
 
     /// The channel name the daemon's PeerListener routes to the volume.
@@ -570,6 +655,10 @@ public struct ReplicationStatus: Sendable, Equatable {
     public var replicationLagBytes: UInt64 = 0
     public var lastVerifyMismatches: [Int]?
     public var verifyRunning = false
+    /// Metadata created on this store and no data adopted since.
+    public var fresh = false
+    /// Why the disk is not up to date, for /status (nil when it is).
+    public var diskNote: String?
     public var splitBrain: String?
     /// Why the link was last refused or closed.
     public var lastLinkError: String?

@@ -174,14 +174,99 @@ private func runJob(_ command: AdminCommand, hactl: Hactl, wait: Bool) throws {
 struct VerifyCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "verify",
-        abstract: "Compare chunk hashes between the nodes; mismatches are marked out of sync (then run `resync`).")
+        abstract: "Compare chunk hashes between the nodes; mismatches are reported (and with --repair resynced from the master).")
 
     @ParentCommand var hactl: Hactl
 
     @Flag(name: .long, help: "Start and return; do not follow progress.")
     var noWait = false
 
-    func run() throws { try reporting { try runJob(.verify, hactl: hactl, wait: !noWait) } }
+    @Flag(name: .long, help: "When the pass ends, resync exactly the mismatched chunks from the up-to-date side.")
+    var repair = false
+
+    func run() throws { try reporting { try runJob(.verify(repair: repair), hactl: hactl, wait: !noWait) } }
+}
+
+/// The endpoint whose node is `name`, among the given endpoints and their peers.
+private func endpoint(ofNode name: String, client: ClusterClient) throws -> (String, StatusDocument) {
+    let views = client.discover()
+    guard let v = views.first(where: { $0.document?.node == name }), let d = v.document else {
+        let known = views.compactMap { $0.document?.node }
+        throw HactlError("no endpoint answers for node \(name)" + (known.isEmpty ? "" : " (found: \(known.joined(separator: ", ")))"))
+    }
+    return (v.endpoint, d)
+}
+
+struct BootstrapCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bootstrap",
+        abstract: "Start a new pair: make NODE's data the cluster's; the peer gets a full sync.",
+        discussion: """
+        For a new pair (both nodes report new metadata, disk inconsistent) whose stores are \
+        not provably empty. NODE becomes up to date in a new data generation and is then \
+        electable; its peer joins as a full-sync target and stays inconsistent (never \
+        promotable) until the sync completes. --assume-clean skips that sync: the operator \
+        declares both stores identical (e.g. both zeroed block devices) and the peer adopts \
+        the generation as it is. Two sparse files that provably hold only zeroes need no \
+        bootstrap at all. Refused when the peer is up to date. Asks for confirmation.
+        """)
+
+    @ParentCommand var hactl: Hactl
+
+    @Option(name: .long, help: "The node whose data is kept.")
+    var source: String
+
+    @Flag(name: .long, help: "Declare both stores identical: no initial sync.")
+    var assumeClean = false
+
+    @Flag(name: .long, help: "Do not ask for confirmation.")
+    var yes = false
+
+    func run() throws {
+        try reporting {
+            let client = try hactl.client(needsToken: true)
+            let (ep, doc) = try endpoint(ofNode: source, client: client)
+            if !yes {
+                guard isInteractive else { throw HactlError("bootstrap decides whose data survives: it needs --yes when not run from a terminal") }
+                let question = assumeClean
+                    ? "Declare the stores of \(source) and \(doc.peer.node) identical, with no sync between them?"
+                    : "Keep \(source)'s data and overwrite \(doc.peer.node)'s whole store with it?"
+                guard confirm(question, expected: source) else { throw HactlError("not confirmed; nothing done") }
+            }
+            printReply(try send(.bootstrap(assumeClean: assumeClean), to: ep, with: client), node: source)
+        }
+    }
+}
+
+struct InvalidateCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "invalidate",
+        abstract: "Discard the data of the node at the (first) endpoint: it becomes a full-sync target of its up-to-date peer.",
+        discussion: """
+        For a store that is known bad (wrong disk, damaged data). The node must be secondary \
+        and connected to an up-to-date peer; it is inconsistent (never promotable) until the \
+        full sync completes. Asks for confirmation.
+        """)
+
+    @ParentCommand var hactl: Hactl
+
+    @Flag(name: .long, help: "Do not ask for confirmation.")
+    var yes = false
+
+    func run() throws {
+        try reporting {
+            let client = try hactl.client(needsToken: true)
+            let ep = client.endpoints[0]
+            if !yes {
+                guard isInteractive else { throw HactlError("invalidate discards data: it needs --yes when not run from a terminal") }
+                let node = client.fetch(ep).document?.node ?? ep
+                guard confirm("Discard every byte of \(node)'s store and copy it again from its peer?", expected: node) else {
+                    throw HactlError("not confirmed; nothing done")
+                }
+            }
+            printReply(try send(.invalidate, to: ep, with: client))
+        }
+    }
 }
 
 struct ResyncCommand: ParsableCommand {

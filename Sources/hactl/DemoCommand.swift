@@ -130,6 +130,7 @@ final class LocalCluster: @unchecked Sendable {
         [volume]
         size = "64MiB"
         chunk_size = "64KiB"
+        create = true
 
         """
         for (n, ip) in [("a", "127.0.77.1"), ("b", "127.0.77.2")] {

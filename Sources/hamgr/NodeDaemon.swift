@@ -100,7 +100,8 @@ final class NodeDaemon: @unchecked Sendable {
                 replicationProtocol: config.cluster.replicationProtocol,
                 peerReplicationAddress: peerRepl, clusterKey: key,
                 linkTimeout: config.timeouts.failureTimeout,
-                resyncRateBytesPerSecond: Int(config.volume.resyncRateBytesPerSecond)),
+                resyncRateBytesPerSecond: Int(config.volume.resyncRateBytesPerSecond),
+                createBacking: me.create),
             group: group, logger: logger, clock: { MonotonicClock.now() })
         let st = volume.status
         let repairPending = FileManager.default.fileExists(atPath: me.metadata + ".disk-failed")
@@ -612,9 +613,28 @@ final class NodeDaemon: @unchecked Sendable {
                 }
             case .demote: self.submitAdmin(.demote, reply: promise.succeed)
             case .maintenance(let on): self.submitAdmin(.maintenance(on), reply: promise.succeed)
-            case .verify:
-                self.volume.startVerify()
-                promise.succeed(.ok("verify started; watch /status"))
+            case .verify(let repair):
+                self.volume.startVerify(repair: repair)
+                promise.succeed(.ok(repair ? "verify started; mismatched chunks are resynced when it ends; watch /status"
+                                           : "verify started; watch /status"))
+            case .bootstrap(let clean):
+                do {
+                    try self.volume.bootstrap(assumeClean: clean)
+                    self.logger.notice("bootstrap: this node's data is the pair's\(clean ? " (declared clean)" : "")",
+                                       metadata: self.eventMetadata("bootstrap"))
+                    promise.succeed(.ok(clean ? "bootstrapped as clean: a fresh peer adopts this generation without a sync"
+                                              : "bootstrapped: this node is up to date; the peer gets a full sync (watch /status)"))
+                } catch {
+                    promise.succeed(.refused("bootstrap refused: \(error)", status: 409))
+                }
+            case .invalidate:
+                do {
+                    try self.volume.invalidate()
+                    self.logger.warning("invalidate: local data discarded, full sync from the peer follows", metadata: self.eventMetadata("invalidate"))
+                    promise.succeed(.ok("invalidated: this node is inconsistent until the full sync from its peer completes (watch /status)"))
+                } catch {
+                    promise.succeed(.refused("invalidate refused: \(error)", status: 409))
+                }
             case .resync:
                 self.volume.requestResync()
                 promise.succeed(.ok("resync requested; watch /status"))

@@ -43,7 +43,7 @@ extension NodeDaemon {
             quorum: q.hasQuorum, leaseValidMs: leaseMs, outOfSyncBytes: v.outOfSyncBytes, resync: resync,
             splitBrain: v.splitBrain, whyNotPromoted: q.whyNotPromoted, maintenance: q.maintenance,
             serviceAddress: me.serviceAddress, generation: v.generations.current.description, resources: resourcesStatus,
-            diskError: diskErrorStatus)
+            diskError: diskErrorStatus, diskNote: v.diskNote)
     }
 
     /// Refreshes the gauges from the cores and renders the exposition text.

@@ -21,7 +21,7 @@ final class StatusDocumentTests: XCTestCase {
         XCTAssertEqual(Set(obj.keys), [
             "cluster", "node", "role", "epoch", "master", "disk_state", "peer", "arbitrator", "quorum",
             "lease_valid_ms", "out_of_sync_bytes", "resync", "split_brain", "why_not_promoted", "maintenance",
-            "service_address", "generation", "resources", "version", "disk_error",
+            "service_address", "generation", "resources", "version", "disk_error", "disk_note",
         ])
         XCTAssertTrue(obj["master"] is NSNull)
         XCTAssertTrue(obj["split_brain"] is NSNull)
@@ -70,7 +70,7 @@ final class StatusDocumentTests: XCTestCase {
         XCTAssertThrowsError(try AdminCommand.parse(action: "resolve", params: ["discard": .string("both")]))
         XCTAssertThrowsError(try AdminCommand.parse(action: "switchover", params: ["to": .string("b")]))
         XCTAssertThrowsError(try AdminCommand.parse(action: "reboot", params: [:]))
-        for c in [AdminCommand.switchover, .promote(force: true), .demote, .maintenance(on: true), .verify, .resync, .resolve(discard: .local)] {
+        for c in [AdminCommand.switchover, .promote(force: true), .demote, .maintenance(on: true), .verify(repair: false), .verify(repair: true), .resync, .resolve(discard: .local), .bootstrap(assumeClean: false), .bootstrap(assumeClean: true), .invalidate] {
             XCTAssertEqual(try AdminCommand.parse(action: c.action, params: c.params), c, "params round-trip for \(c)")
         }
     }

@@ -4,14 +4,16 @@ import XCTest
 
 /// The sync decision table (docs/replication.md "Sync decision"), one row per relation,
 /// each checked from both ends.
-final class GenerationDecisionTests: XCTestCase {
-    let X0 = GenerationID(0x10), X1 = GenerationID(0x11), X2 = GenerationID(0x12), X3 = GenerationID(0x13), Z = GenerationID(0x99)
+/// Row helpers shared by the decision-table tests.
+class GenerationRowTestCase: XCTestCase {
+    let X0 = GenerationID(0x10), X1 = GenerationID(0x11), X2 = GenerationID(0x12), X3 = GenerationID(0x13), X4 = GenerationID(0x14), Z = GenerationID(0x99)
 
     func side(_ n: NodeID, _ cur: GenerationID, bitmap: GenerationID = .none, history: [GenerationID] = [], disk: DiskState = .upToDate,
               role: Role = .secondary, dirty: Bool = false, crashed: Bool = false, discard: Bool = false,
-              size: UInt64 = 1 << 30, chunk: Int = 65536) -> SyncSide {
+              size: UInt64 = 1 << 30, chunk: Int = 65536, empty: Bool = false, clean: Bool = false) -> SyncSide {
         SyncSide(node: n, generations: DataGenerations(current: cur, bitmap: bitmap, history: history), diskState: disk, role: role,
-                 hasDirtyChunks: dirty, crashedPrimary: crashed, discardLocal: discard, sizeBytes: size, chunkBytes: chunk)
+                 hasDirtyChunks: dirty, crashedPrimary: crashed, discardLocal: discard, sizeBytes: size, chunkBytes: chunk,
+                 emptyFresh: empty, assumeClean: clean)
     }
 
     /// Asserts the decision from a's side and the mirrored one from b's side.
@@ -27,7 +29,9 @@ final class GenerationDecisionTests: XCTestCase {
             XCTAssertEqual(db, expected.mirrored, "b's view", file: file, line: line)
         }
     }
+}
 
+final class GenerationDecisionTests: GenerationRowTestCase {
     func testEqualCurrentClean() {
         check(side("a", X1), side("b", X1), .inSync)
         check(side("a", X1, role: .primary), side("b", X1), .inSync)
@@ -90,8 +94,6 @@ final class GenerationDecisionTests: XCTestCase {
         check(side("a", X1, disk: .inconsistent), side("b", X1, disk: .inconsistent), .refuse(""))
         check(side("a", X1, disk: .diskless), side("b", X1), .refuse(""))
         check(side("a", .none), side("b", X1), .refuse(""))
-        // The source would be inconsistent.
-        check(side("a", X2, bitmap: X1, disk: .inconsistent), side("b", X1), .refuse(""))
         // A primary is never made a sync target.
         check(side("a", X2, bitmap: X1), side("b", X1, role: .primary), .refuse(""))
         check(side("a", X3, history: [X1]), side("b", X1, role: .primary), .refuse(""))
@@ -104,15 +106,25 @@ final class GenerationDecisionTests: XCTestCase {
         for _ in 0..<5000 {
             let a = side("a", pick(Array(ids.dropFirst())), bitmap: pick(ids), history: [pick(ids)].filter { !$0.isNone },
                          disk: pick(DiskState.allCases), role: pick(Role.allCases), dirty: pick([true, false]),
-                         crashed: pick([true, false]), discard: pick([true, false]))
+                         crashed: pick([true, false]), discard: pick([true, false]), empty: pick([true, false]), clean: pick([true, false]))
             let b = side("b", pick(Array(ids.dropFirst())), bitmap: pick(ids), history: [pick(ids)].filter { !$0.isNone },
                          disk: pick(DiskState.allCases), role: pick(Role.allCases), dirty: pick([true, false]),
-                         crashed: pick([true, false]), discard: pick([true, false]))
+                         crashed: pick([true, false]), discard: pick([true, false]), empty: pick([true, false]), clean: pick([true, false]))
             let da = SyncDecision.decide(me: a, peer: b), db = SyncDecision.decide(me: b, peer: a)
             XCTAssertEqual(da.mirrored, db, "\(a) vs \(b)")
             // Invariants: never sync into a primary, never from an inconsistent side.
             if case .becomeSource = da { XCTAssertNotEqual(b.role, .primary); XCTAssertNotEqual(a.diskState, .inconsistent) }
             if case .becomeTarget = da { XCTAssertNotEqual(a.role, .primary); XCTAssertNotEqual(b.diskState, .inconsistent) }
+            // An inconsistent side becomes up to date only from an up-to-date source, or when
+            // it is fresh and provably empty.
+            if case .becomeSource = da, b.diskState == .inconsistent { XCTAssertEqual(a.diskState, .upToDate) }
+            if case .becomeTarget = da, a.diskState == .inconsistent { XCTAssertEqual(b.diskState, .upToDate) }
+            if case .adoptClean = da {
+                if a.diskState == .inconsistent { XCTAssertTrue(a.emptyFresh) }
+                if b.diskState == .inconsistent { XCTAssertTrue(b.emptyFresh) }
+            }
+            // Never "in sync" with a side that holds no consistent data.
+            if case .inSync = da { XCTAssertNotEqual(a.diskState, .inconsistent); XCTAssertNotEqual(b.diskState, .inconsistent) }
         }
     }
 }

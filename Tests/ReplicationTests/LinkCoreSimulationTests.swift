@@ -301,7 +301,7 @@ final class LinkCoreSimulationTests: XCTestCase {
         XCTAssertEqual(sim.p.core.status.outOfSyncBytes, 0, context)
         XCTAssertEqual(sim.b.core.header.generations.current, sim.a.core.header.generations.current, context)
         // An online verify over the settled pair finds nothing.
-        sim.deliver(sim.p, .startVerify)
+        sim.deliver(sim.p, .startVerify(repair: false))
         var n = 0
         while sim.verifyResult == nil && n < 100_000 { sim.step(faults: false); n += 1 }
         XCTAssertEqual(sim.verifyResult, [], context)

@@ -71,7 +71,12 @@ final class VolumePair: @unchecked Sendable {
         var all: [(NodeID, ReplicationEvent)] { lock.lock(); defer { lock.unlock() }; return list }
     }
 
-    init(test: XCTestCase, proto: ReplicationProtocol = .c, listenerKey: SymmetricKey? = nil, name: String = #function) throws {
+    /// `fresh`: leave both nodes without metadata (a new pair). Otherwise the pair is first
+    /// brought up the way a new pair on two empty sparse files comes up by itself (both
+    /// fresh, provably empty → up to date in one generation), then closed: tests start from
+    /// two up-to-date nodes in the same generation, as after a completed initial sync.
+    init(test: XCTestCase, proto: ReplicationProtocol = .c, listenerKey: SymmetricKey? = nil, fresh: Bool = false,
+         name: String = #function) throws {
         dir = try makeTempDir(test, name)
         self.proto = proto
         self.listenerKey = listenerKey ?? key
@@ -84,6 +89,19 @@ final class VolumePair: @unchecked Sendable {
                                              return (PeerHello(cluster: "test", node: "b", channel: ReplicatedVolumeConfig.channel), b.inboundSession())
                                          }).wait()
         test.addTeardownBlock { [self] in self.shutdown() }
+        if !fresh && listenerKey == nil { try pairUp() }
+    }
+
+    /// Opens both new nodes, waits until they agree they are up to date in one generation,
+    /// and closes them again.
+    func pairUp(file: StaticString = #filePath, line: UInt = #line) throws {
+        let b = try open("b"), a = try open("a")
+        waitUntil("the new pair to come up on its own", timeout: .seconds(10), file: file, line: line) {
+            a.status.diskState == .upToDate && b.status.diskState == .upToDate
+                && a.status.generations.current == b.status.generations.current
+        }
+        a.stop(); b.stop()
+        self.a = nil; self.b = nil
     }
 
     func path(_ node: String, _ ext: String) -> String { "\(dir)/\(node).\(ext)" }
@@ -98,6 +116,7 @@ final class VolumePair: @unchecked Sendable {
         c.activityLogExtentBytes = 1 << 20
         c.activityLogExtents = 8
         c.redialDelay = .milliseconds(50)
+        c.createBacking = true
         return c
     }
 
@@ -125,7 +144,8 @@ final class VolumePair: @unchecked Sendable {
     }
 
     func fileBytes(_ node: String) -> [UInt8] {
-        [UInt8](FileManager.default.contents(atPath: path(node, "img")) ?? Data())
+        // The volume's bytes: the store also carries this node's identity label past the end.
+        Array(([UInt8](FileManager.default.contents(atPath: path(node, "img")) ?? Data())).prefix(Int(sizeBytes)))
     }
 }
 

@@ -142,6 +142,7 @@ final class ReplicatedVolumeTests: XCTestCase {
         let pair = try VolumePair(test: self, listenerKey: .init(data: [UInt8](repeating: 0x11, count: 32)))
         let b = try pair.open("b")
         let a = try pair.open("a", start: false)
+        try a.bootstrap(assumeClean: false)  // a new pair that can never connect: the operator picks a
         try a.becomePrimary(epoch: Epoch(1), newGeneration: false)
         a.setWriteGate(VolumePair.openGate(Epoch(1)))
         a.start()

@@ -115,7 +115,7 @@ public enum CoreEvent: Sendable {
     case becomeSecondary(Epoch)
     case promise(Epoch)
     case drain(RequestID)
-    case startVerify
+    case startVerify(repair: Bool)
     case requestResync
     case resolveSplitBrain(discardLocal: Bool)
     /// A wake-up the core asked for (gate expiry, throttle).
@@ -172,6 +172,11 @@ public struct ReplicationCore: Sendable {
     private var lastDisk: DiskSnapshot?
     private var rng: SplitMix64
     private var out: [CoreAction] = []
+    /// Fresh metadata on a store that provably reads as zeroes (the shell checked at open).
+    private var emptyFresh: Bool
+    /// The source's disk state when this node became a sync target: the target ends no more
+    /// up to date than its source.
+    private var syncSourceDisk: DiskState = .upToDate
 
     private struct DiskSnapshot: Hashable { var state: DiskState; var generations: DataGenerations }
 
@@ -261,10 +266,13 @@ public struct ReplicationCore: Sendable {
         var next = 0
         var inFlight = 0
         var mismatches: [Int] = []
+        /// `verify --repair`: resync exactly the mismatched chunks when the pass ends.
+        var repair = false
     }
 
-    public init(settings: ReplicationSettings, header: MetadataHeader, bitmap: DirtyBitmap, seed: UInt64) {
+    public init(settings: ReplicationSettings, header: MetadataHeader, bitmap: DirtyBitmap, seed: UInt64, emptyFresh: Bool = false) {
         self.settings = settings
+        self.emptyFresh = emptyFresh && header.flags.contains(.fresh)
         self.header = header
         self.bitmap = bitmap
         al = ActivityLog(capacity: settings.activityLogExtents)
@@ -310,7 +318,7 @@ public struct ReplicationCore: Sendable {
                 persistHeader()
             }
         case .drain(let id): drain(id, now)
-        case .startVerify: startVerify()
+        case .startVerify(let repair): startVerify(repair: repair)
         case .requestResync: requestResync(now)
         case .resolveSplitBrain(let discard): resolveSplitBrain(discard)
         case .tick:
@@ -337,9 +345,60 @@ public struct ReplicationCore: Sendable {
         promisedEpoch = max(promisedEpoch, epoch)
         header.epoch = max(header.epoch, epoch)
         header.flags.insert(.wasPrimary)
-        if newGeneration { header.generations.branch(to: freshGeneration()) }
+        if newGeneration { header.generations.branch(to: freshGeneration()); header.flags.remove(.assumeClean) }
         log(.notice, "primary in epoch \(epoch)\(newGeneration ? ", new generation \(header.generations.current)" : "")")
         persistHeader()
+        noteChanges()
+        return .success(out)
+    }
+
+    /// `hactl bootstrap`: this node's data becomes the pair's, in a new generation; the peer
+    /// then joins as a full-sync target (or, with `assumeClean`, a fresh peer adopts the
+    /// generation without a sync). Only for a node whose data nobody vouches for yet
+    /// (inconsistent) and never while the peer is up to date.
+    public mutating func bootstrap(assumeClean: Bool, now: Instant) -> Result<[CoreAction], VolumeError> {
+        out = []
+        guard !stopped else { return .failure(.shuttingDown) }
+        guard role == .secondary else { return .failure(.invalid("this node is primary")) }
+        guard header.diskState == .inconsistent else {
+            return .failure(.invalid("disk is \(header.diskState): bootstrap is only for a node whose data no generation vouches for (inconsistent)"))
+        }
+        if let p = link?.peer, p.diskState == .upToDate {
+            return .failure(.invalid("\(settings.peer) is up to date: this node syncs from it by itself; bootstrap here would discard the peer's data"))
+        }
+        if targetRun != nil { return .failure(.invalid("a sync from \(settings.peer) is running")) }
+        header.generations = DataGenerations(current: freshGeneration())
+        header.diskState = .upToDate
+        header.flags.subtract([.fresh, .discardLocal, .crashRecoveryPending])
+        if assumeClean { header.flags.insert(.assumeClean) }
+        emptyFresh = false
+        bitmap.clearAll()
+        log(.notice, "bootstrap: this node's data is generation \(header.generations.current)"
+            + (assumeClean ? "; declared clean: a fresh peer adopts it without a sync" : "; the peer gets a full sync"))
+        persistHeader(withBitmap: true)
+        if let l = link { dropLink(l, reason: "bootstrap"); out.append(.close(l.session)) }
+        noteChanges()
+        return .success(out)
+    }
+
+    /// `hactl invalidate`: this node discards its data and becomes a full-sync target of its
+    /// connected, up-to-date peer (a new generation of its own, unrelated to the peer's).
+    public mutating func invalidate(now: Instant) -> Result<[CoreAction], VolumeError> {
+        out = []
+        guard !stopped else { return .failure(.shuttingDown) }
+        guard role == .secondary else { return .failure(.invalid("a primary cannot discard its data; switch over first")) }
+        guard let l = link, let p = l.peer, p.diskState == .upToDate, l.decision != nil else {
+            return .failure(.invalid("invalidate needs a connected, up-to-date \(settings.peer) to sync from"))
+        }
+        header.generations = DataGenerations(current: freshGeneration())
+        header.diskState = .inconsistent
+        header.flags.subtract([.fresh, .discardLocal, .crashRecoveryPending, .assumeClean])
+        emptyFresh = false
+        bitmap.clearAll()
+        log(.warning, "invalidate: local data discarded; full sync from \(settings.peer) follows")
+        persistHeader(withBitmap: true)
+        dropLink(l, reason: "invalidate")
+        out.append(.close(l.session))
         noteChanges()
         return .success(out)
     }
@@ -361,7 +420,26 @@ public struct ReplicationCore: Sendable {
         s.inFlightWrites = writes.openRequests
         s.replicationLagBytes = writes.unconfirmedBytes
         s.verifyRunning = verify != nil
+        s.fresh = header.flags.contains(.fresh)
+        s.diskNote = diskNote
         return s
+    }
+
+    /// Why this node's disk is not up to date, in words an operator can act on.
+    private var diskNote: String? {
+        switch header.diskState {
+        case .upToDate: return nil
+        case .diskless: return "no usable backing store"
+        case .outdated: return "outdated: the peer wrote without this node; it catches up when the link is back"
+        case .inconsistent:
+            if let t = targetRun { return "sync target of \(settings.peer): \(t.doneBytes) of \(max(t.totalBytes, t.doneBytes)) bytes received" }
+            if header.flags.contains(.fresh) {
+                return "new metadata, no data yet: becomes up to date by a full sync from an up-to-date \(settings.peer), "
+                    + "or by `hactl bootstrap` when neither node has data to keep"
+                    + (emptyFresh ? " (this store is provably empty: it pairs with an equally empty new peer by itself)" : "")
+            }
+            return "inconsistent: waits for a sync from an up-to-date \(settings.peer)"
+        }
     }
 
     private var peerState: PeerReplicationState {
@@ -627,7 +705,8 @@ public struct ReplicationCore: Sendable {
         }
         let hs = LinkHandshake(sizeBytes: settings.sizeBytes, chunkBytes: UInt32(settings.chunkBytes), generations: header.generations,
                                diskState: header.diskState, role: role, crashedPrimary: header.flags.contains(.crashRecoveryPending),
-                               discardLocal: header.flags.contains(.discardLocal), dirtyRuns: bitmap.runs)
+                               discardLocal: header.flags.contains(.discardLocal), dirtyRuns: bitmap.runs,
+                               emptyFresh: emptyFresh && header.flags.contains(.fresh), assumeClean: header.flags.contains(.assumeClean))
         link = Link(session: session, sent: hs)
         counters.linksEstablished += 1
         log(.info, "replication link up with \(node); handshake sent (generation \(hs.generations.current), \(hs.diskState), \(bitmap.setCount) dirty chunks)")
@@ -673,7 +752,8 @@ public struct ReplicationCore: Sendable {
     }
 
     private mutating func refuse(_ l: Link, _ why: String) {
-        log(.error, "replication link refused: \(why)")
+        // A refusal repeats on every redial until something changes: say it once.
+        if counters.lastLinkError != why { log(.error, "replication link refused: \(why)") }
         counters.lastLinkError = why
         out.append(.send(l.session, .refuse(why)))
         dropLink(l, reason: why)
@@ -777,11 +857,11 @@ public struct ReplicationCore: Sendable {
         let mine = l.sent
         let me = SyncSide(node: settings.me, generations: mine.generations, diskState: mine.diskState, role: mine.role,
                           hasDirtyChunks: !mine.dirtyRuns.isEmpty, crashedPrimary: mine.crashedPrimary, discardLocal: mine.discardLocal,
-                          sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes))
+                          sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes), emptyFresh: mine.emptyFresh, assumeClean: mine.assumeClean)
         let them = SyncSide(node: settings.peer, generations: peer.generations, diskState: peer.diskState, role: peer.role,
                             hasDirtyChunks: !peer.dirtyRuns.isEmpty, crashedPrimary: peer.crashedPrimary, discardLocal: peer.discardLocal,
-                            sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes))
-        let d = SyncDecision.decide(me: me, peer: them)
+                            sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes), emptyFresh: peer.emptyFresh, assumeClean: peer.assumeClean)
+        var d = SyncDecision.decide(me: me, peer: them)
         counters.peerDiskState = peer.diskState
         log(.info, "sync decision with \(settings.peer): \(d) (mine \(mine.generations.current)/\(mine.generations.bitmap), peer \(peer.generations.current)/\(peer.generations.bitmap))")
         switch d {
@@ -799,11 +879,21 @@ public struct ReplicationCore: Sendable {
             link = l
             return refuse(l, why)
         case .inSync:
-            if header.diskState == .outdated || header.flags.contains(.crashRecoveryPending) {
-                header.diskState = .upToDate
+            // Same bytes as the peer: up to date again if the peer is (never from an outdated peer).
+            if (header.diskState == .outdated && peer.diskState == .upToDate) || header.flags.contains(.crashRecoveryPending) {
+                if peer.diskState == .upToDate { header.diskState = .upToDate }
                 header.flags.remove(.crashRecoveryPending)
                 persistHeader()
             }
+        case .adoptClean(let g):
+            if header.generations.current != g { header.generations = DataGenerations(current: g) }
+            header.diskState = .upToDate
+            header.flags.remove(.fresh)
+            header.flags.remove(.assumeClean)
+            emptyFresh = false
+            persistHeader()
+            log(.notice, "no data to move: up to date in generation \(g) together with \(settings.peer)")
+            d = .inSync
         case .becomeSource(let scope):
             var pages = bitmap.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
             if scope == .full {
@@ -817,6 +907,9 @@ public struct ReplicationCore: Sendable {
             persistPages(pages)
         case .becomeTarget(let scope):
             header.diskState = .inconsistent
+            header.flags.remove(.fresh)  // the store is about to hold the peer's data
+            emptyFresh = false
+            syncSourceDisk = peer.diskState
             persistHeader()
             var union = bitmap
             union.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
@@ -907,7 +1000,7 @@ public struct ReplicationCore: Sendable {
         if header.generations.current != gens.current { header.generations.pushHistory(header.generations.current) }
         header.generations.current = gens.current
         header.generations.bitmap = .none
-        header.diskState = .upToDate
+        header.diskState = syncSourceDisk == .upToDate ? .upToDate : .outdated
         header.flags.remove(.crashRecoveryPending)
         header.flags.remove(.discardLocal)
         bitmap.clearAll()
@@ -946,12 +1039,12 @@ public struct ReplicationCore: Sendable {
 
     // MARK: verify
 
-    private mutating func startVerify() {
+    private mutating func startVerify(repair: Bool) {
         guard let l = link, case .inSync? = l.decision, verify == nil else {
             return log(.warning, "verify needs a connected peer in sync")
         }
-        log(.info, "online verify started over \(settings.chunkCount) chunks")
-        verify = VerifyRun()
+        log(.info, "online verify\(repair ? " with repair" : "") started over \(settings.chunkCount) chunks")
+        verify = VerifyRun(repair: repair)
         pumpVerify()
     }
 
@@ -979,6 +1072,7 @@ public struct ReplicationCore: Sendable {
         log(.notice, "verify finished: \(mm.count) of \(settings.chunkCount) chunks differ\(mm.isEmpty ? "" : ": \(mm.prefix(20))")")
         if let l = link { out.append(.send(l.session, .verifyEnd(chunks: UInt64(settings.chunkCount)))) }
         out.append(.emit(.verifyFinished(mismatchedChunks: mm)))
+        if v.repair && !mm.isEmpty { requestResync(.zero) }
     }
 
     // MARK: helpers
@@ -1011,6 +1105,7 @@ public struct ReplicationCore: Sendable {
 
     private mutating func branchForUnreplicatedWrites() {
         header.generations.branch(to: freshGeneration())
+        header.flags.remove(.assumeClean)  // written alone: a fresh peer needs the data now
         log(.notice, "peer not following and outdated: new generation \(header.generations.current) over \(header.generations.bitmap)")
     }
 

@@ -14,13 +14,18 @@ public struct SyncSide: Hashable, Sendable {
     public var discardLocal: Bool
     public var sizeBytes: UInt64
     public var chunkBytes: Int
+    /// Fresh metadata on a store that provably reads as zeroes (sparse file, nothing written).
+    public var emptyFresh: Bool
+    /// Bootstrapped with `--assume-clean` and not written alone since: a fresh peer may adopt
+    /// this generation without a sync.
+    public var assumeClean: Bool
 
     public init(node: NodeID, generations: DataGenerations, diskState: DiskState, role: Role,
                 hasDirtyChunks: Bool = false, crashedPrimary: Bool = false, discardLocal: Bool = false,
-                sizeBytes: UInt64, chunkBytes: Int) {
+                sizeBytes: UInt64, chunkBytes: Int, emptyFresh: Bool = false, assumeClean: Bool = false) {
         self.node = node; self.generations = generations; self.diskState = diskState; self.role = role
         self.hasDirtyChunks = hasDirtyChunks; self.crashedPrimary = crashedPrimary; self.discardLocal = discardLocal
-        self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes
+        self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
     }
 }
 
@@ -37,6 +42,9 @@ public enum SyncScope: Hashable, Sendable {
 /// mirror each other, so no decision message is needed.
 public enum SyncDecision: Hashable, Sendable, CustomStringConvertible {
     case inSync
+    /// No data moves and both sides end up to date in this generation: two fresh, provably
+    /// empty stores, or a fresh empty store joining a peer bootstrapped with `--assume-clean`.
+    case adoptClean(GenerationID)
     case becomeSource(SyncScope)
     case becomeTarget(SyncScope)
     /// Both sides changed data since they parted: refuse, touch nothing, report.
@@ -47,6 +55,7 @@ public enum SyncDecision: Hashable, Sendable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .inSync: return "in sync"
+        case .adoptClean(let g): return "both clean: up to date in generation \(g) without a sync"
         case .becomeSource(let s): return "sync source (\(s))"
         case .becomeTarget(let s): return "sync target (\(s))"
         case .splitBrain(let why): return "split brain: \(why)"
@@ -75,18 +84,37 @@ public enum SyncDecision: Hashable, Sendable, CustomStringConvertible {
             return .refuse("volume geometry differs: \(a.node) has \(a.sizeBytes) bytes in \(a.chunkBytes)-byte chunks, \(b.node) \(b.sizeBytes) in \(b.chunkBytes)")
         }
         if a.diskState == .diskless || b.diskState == .diskless { return .refuse("a side is diskless") }
-        if a.diskState == .inconsistent && b.diskState == .inconsistent {
-            return .refuse("neither side has consistent data")
-        }
         let ga = a.generations, gb = b.generations
+        let aEmpty = a.diskState == .inconsistent, bEmpty = b.diskState == .inconsistent
+        // Neither side holds data anyone may rely on: only two provably empty fresh stores
+        // pair up by themselves; anything else waits for the operator's bootstrap.
+        if aEmpty && bEmpty {
+            if a.emptyFresh && b.emptyFresh && a.role == .secondary && b.role == .secondary && !ga.current.isNone {
+                return .adoptClean(ga.current)
+            }
+            return .refuse("neither side has consistent data (\(a.node) and \(b.node) are inconsistent); "
+                           + "choose the node whose data to keep: hactl bootstrap --source NODE")
+        }
         if ga.current.isNone || gb.current.isNone { return .refuse("a side has no data generation") }
+        // Exactly one side holds consistent data: it is the source whatever the generations
+        // say, but only if it is up to date; a resync never makes a disk up to date from an
+        // outdated one.
+        if aEmpty != bEmpty {
+            let (s, t) = aEmpty ? (b, a) : (a, b)
+            guard s.diskState == .upToDate else {
+                return .refuse("\(t.node) needs a sync but \(s.node), the only side with data, is \(s.diskState)")
+            }
+            if t.role == .primary { return .refuse("primary \(t.node) is inconsistent") }
+            if t.emptyFresh && s.assumeClean && !s.hasDirtyChunks { return .adoptClean(s.generations.current) }
+            let related = s.generations.current == t.generations.current || s.generations.bitmap == t.generations.current
+            let scope: SyncScope = related ? .bitmap : .full
+            return aEmpty ? .becomeTarget(scope) : .becomeSource(scope)
+        }
 
         let result: SyncDecision
         if ga.current == gb.current {
             if a.role == .primary && b.role == .primary { return .refuse("both sides are primary") }
-            if a.diskState == .inconsistent { result = .becomeTarget(.bitmap) }
-            else if b.diskState == .inconsistent { result = .becomeSource(.bitmap) }
-            else if !a.hasDirtyChunks && !b.hasDirtyChunks { return .inSync }
+            if !a.hasDirtyChunks && !b.hasDirtyChunks { return .inSync }
             else if a.role != b.role { result = a.role == .primary ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
             else if a.crashedPrimary != b.crashedPrimary { result = a.crashedPrimary ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
             else if a.hasDirtyChunks != b.hasDirtyChunks { result = a.hasDirtyChunks ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }

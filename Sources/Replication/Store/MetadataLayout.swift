@@ -14,6 +14,13 @@ public struct MetadataFlags: OptionSet, Hashable, Sendable {
     public static let crashRecoveryPending = MetadataFlags(rawValue: 1 << 2)
     /// The operator chose to discard this node's changes after a split brain.
     public static let discardLocal = MetadataFlags(rawValue: 1 << 3)
+    /// Metadata created on this store and no data adopted since: the node has never been a
+    /// bootstrap source, a sync target that finished, or in sync with a peer. With a store
+    /// that is provably all zeros it may pair with another such node without a sync.
+    public static let fresh = MetadataFlags(rawValue: 1 << 4)
+    /// Bootstrapped with `--assume-clean`: a fresh peer adopts this generation without a
+    /// full sync. Cleared once adopted and whenever the primary writes without its peer.
+    public static let assumeClean = MetadataFlags(rawValue: 1 << 5)
 }
 
 /// The durable header of a replicated volume's metadata file.
@@ -28,12 +35,15 @@ public struct MetadataHeader: Hashable, Sendable {
     /// The newest epoch this node served in or promised.
     public var epoch: Epoch
     public var generations: DataGenerations
+    /// The identity of the backing store this metadata describes (its `DiskLabel`); 0 in
+    /// metadata written before disk identities existed (format 1).
+    public var diskID: UInt64
 
     public init(sequence: UInt64 = 0, sizeBytes: UInt64, chunkBytes: UInt32, alExtentBytes: UInt32, alSlots: UInt32,
-                diskState: DiskState, flags: MetadataFlags, epoch: Epoch, generations: DataGenerations) {
+                diskState: DiskState, flags: MetadataFlags, epoch: Epoch, generations: DataGenerations, diskID: UInt64 = 0) {
         self.sequence = sequence; self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes
         self.alExtentBytes = alExtentBytes; self.alSlots = alSlots; self.diskState = diskState
-        self.flags = flags; self.epoch = epoch; self.generations = generations
+        self.flags = flags; self.epoch = epoch; self.generations = generations; self.diskID = diskID
     }
 }
 
@@ -58,7 +68,9 @@ public enum MetadataLayout {
     public static let checksumOffset = slotBytes - 32
     public static let headerMagic: [UInt8] = Array("HAMGRMD1".utf8)
     public static let alMagic: [UInt8] = Array("HAMGRAL1".utf8)
-    public static let version: UInt32 = 1
+    /// Format 2 adds the disk identity after the history; format 1 headers still decode
+    /// (with diskID 0) so an upgraded node keeps its state and stamps its store once.
+    public static let version: UInt32 = 2
     /// AL slot: magic(8) seq(8) count(4) then u32 extents, bounded by the checksum.
     public static let maxALSlots = (checksumOffset - 20) / 4
 
@@ -102,6 +114,7 @@ public enum MetadataLayout {
         for i in 0..<DataGenerations.historyLimit {
             w.u64(i < h.generations.history.count ? h.generations.history[i].raw : 0)
         }
+        w.u64(h.diskID)
         return seal(w.out)
     }
 
@@ -109,7 +122,7 @@ public enum MetadataLayout {
     public static func decodeHeader(_ slot: [UInt8]) -> MetadataHeader? {
         guard isSealed(slot) else { return nil }
         var r = ByteReader(slot)
-        guard r.bytes(8) == headerMagic, r.u32() == version,
+        guard r.bytes(8) == headerMagic, let v = r.u32(), v == 1 || v == version,
               let seq = r.u64(), let size = r.u64(), let chunk = r.u32(), let ext = r.u32(), let alSlots = r.u32(),
               let dc = r.u8(), let disk = disk(dc), r.bytes(3) != nil, let flags = r.u32(), let epoch = r.u64(),
               let cur = r.u64(), let bm = r.u64(), let hc = r.u32(), hc <= UInt32(DataGenerations.historyLimit)
@@ -119,10 +132,13 @@ public enum MetadataLayout {
             guard let g = r.u64() else { return nil }
             if i < Int(hc) { hist.append(GenerationID(g)) }
         }
+        var diskID: UInt64 = 0
+        if v >= 2 { guard let d = r.u64() else { return nil }; diskID = d }
         guard chunk > 0, ext > 0 else { return nil }
         return MetadataHeader(sequence: seq, sizeBytes: size, chunkBytes: chunk, alExtentBytes: ext, alSlots: alSlots,
                               diskState: disk, flags: MetadataFlags(rawValue: flags), epoch: Epoch(epoch),
-                              generations: DataGenerations(current: GenerationID(cur), bitmap: GenerationID(bm), history: hist))
+                              generations: DataGenerations(current: GenerationID(cur), bitmap: GenerationID(bm), history: hist),
+                              diskID: diskID)
     }
 
     /// The newer of two slots that verify; nil if neither does.

@@ -75,6 +75,19 @@ public final class MetadataStore: @unchecked Sendable {
 
     deinit { close(fd) }
 
+    /// The newest valid header of an existing metadata file, without opening it for writing.
+    public static func peekHeader(path: String) throws -> MetadataHeader {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw StoreError(op: "open", path: path, errno: errno) }
+        defer { close(fd) }
+        let s0 = try preadAll(fd, MetadataLayout.slotBytes, at: MetadataLayout.headerSlotOffsets[0], path: path)
+        let s1 = try preadAll(fd, MetadataLayout.slotBytes, at: MetadataLayout.headerSlotOffsets[1], path: path)
+        guard let (_, h) = MetadataLayout.newestHeader(s0, s1) else {
+            throw MetadataError.unreadable(path: path, why: "neither header slot verifies (not a hamgr metadata file, or both slots damaged)")
+        }
+        return h
+    }
+
     /// Writes the header into the other slot and syncs; the previous slot stays valid until then.
     public func writeHeader(_ h: MetadataHeader) throws {
         var next = h

@@ -70,6 +70,7 @@ final class ClusterHarness {
         [volume]
         size = "\(size)"
         chunk_size = "64KiB"
+        create = true
 
         """
         for n in nodes {
