@@ -439,7 +439,7 @@ public struct ClusterConfig: Sendable, Equatable {
 
     /// Checks only a data node needs (its hooks and exec: resources are executable).
     public func validateNodeHost(_ name: String) throws {
-        _ = try node(named: name)
+        try validateBacking(name)
         for (key, path) in [("hooks.on_promote", hooks.onPromote), ("hooks.on_demote", hooks.onDemote)] {
             if let path, access(path, X_OK) != 0 {
                 throw ConfigError(key: key, message: "\(path) is not an executable file")
@@ -448,6 +448,20 @@ public struct ClusterConfig: Sendable, Equatable {
         for (i, r) in resources.enumerated() {
             if case .exec(let path) = r.agent, access(path, X_OK) != 0 {
                 throw ConfigError(key: "resource[\(i)].agent", message: "\(path) is not an executable file")
+            }
+        }
+    }
+
+    /// Node `name`'s backing store exists, or may be created (a file, with `create = true`).
+    public func validateBacking(_ name: String) throws {
+        let me = try node(named: name)
+        let i = nodes.firstIndex(of: me) ?? 0
+        if !FileManager.default.fileExists(atPath: me.backing) {
+            if me.backing.hasPrefix("/dev/") {
+                throw ConfigError(key: "node[\(i)].backing", message: "\(me.backing) does not exist (a device is never created: attach or activate it first)")
+            }
+            if !me.create {
+                throw ConfigError(key: "node[\(i)].backing", message: "\(me.backing) does not exist (set create = true to let hamgr create a sparse file)")
             }
         }
     }

@@ -22,7 +22,16 @@ struct RunCommand: ParsableCommand {
         let cfg = try loadConfig(config)
         _ = try cfg.node(named: node)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, NIOSingletons.groupLoopCountSuggestion))
-        let daemon = try NodeDaemon(config: cfg, node: node, group: group, logger: Logger(label: "hamgr.node"))
+        let daemon: NodeDaemon
+        do {
+            // A store that is missing or not this node's stops the start with one line naming
+            // the key and the path (nothing is created, nothing is touched).
+            try cfg.validateBacking(node)
+            daemon = try NodeDaemon(config: cfg, node: node, group: group, logger: Logger(label: "hamgr.node"))
+        } catch let e as ConfigError {
+            FileHandle.standardError.write(Data("hamgr: \(config): \(e)\n".utf8))
+            throw ExitCode(1)
+        }
         try daemon.start()
         waitForTermination()
         daemon.shutdown()

@@ -363,7 +363,7 @@ public struct ReplicationCore: Sendable {
         guard header.diskState == .inconsistent else {
             return .failure(.invalid("disk is \(header.diskState): bootstrap is only for a node whose data no generation vouches for (inconsistent)"))
         }
-        if let p = link?.peer, p.diskState == .upToDate {
+        if link?.decision != nil, counters.peerDiskState == .upToDate {
             return .failure(.invalid("\(settings.peer) is up to date: this node syncs from it by itself; bootstrap here would discard the peer's data"))
         }
         if targetRun != nil { return .failure(.invalid("a sync from \(settings.peer) is running")) }
@@ -387,7 +387,7 @@ public struct ReplicationCore: Sendable {
         out = []
         guard !stopped else { return .failure(.shuttingDown) }
         guard role == .secondary else { return .failure(.invalid("a primary cannot discard its data; switch over first")) }
-        guard let l = link, let p = l.peer, p.diskState == .upToDate, l.decision != nil else {
+        guard let l = link, l.decision != nil, counters.peerDiskState == .upToDate else {
             return .failure(.invalid("invalidate needs a connected, up-to-date \(settings.peer) to sync from"))
         }
         header.generations = DataGenerations(current: freshGeneration())
@@ -893,6 +893,8 @@ public struct ReplicationCore: Sendable {
             emptyFresh = false
             persistHeader()
             log(.notice, "no data to move: up to date in generation \(g) together with \(settings.peer)")
+            l.peer?.diskState = .upToDate
+            counters.peerDiskState = .upToDate
             d = .inSync
         case .becomeSource(let scope):
             var pages = bitmap.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
