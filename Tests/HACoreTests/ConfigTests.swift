@@ -164,11 +164,17 @@ final class ConfigTests: XCTestCase {
         let hook = f.dir + "/announce.sh"
         try "#!/bin/sh\nexit 0\n".write(toFile: hook, atomically: true, encoding: .utf8)
         chmod(hook, 0o755)
-        let good = try ClusterConfig.load(path: f.write(ConfigFixture.variant("/etc/hamgr/announce.sh", "announce.sh")))
+        let good = try ClusterConfig.load(path: f.write(ConfigFixture.variant("/etc/hamgr/announce.sh", "announce.sh")
+            .replacingOccurrences(of: "[volume]\n", with: "[volume]\ncreate = true\n")))
         XCTAssertNoThrow(try good.validateNodeHost("a"))
-        let bad = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML))
+        let bad = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML.replacingOccurrences(of: "[volume]\n", with: "[volume]\ncreate = true\n")))
         XCTAssertThrowsError(try bad.validateNodeHost("a")) { error in
             XCTAssertEqual((error as? ConfigError)?.key, "hooks.on_promote")
+        }
+        // Without create, a backing path that does not exist is named first.
+        let noCreate = try ClusterConfig.load(path: f.write(ConfigFixture.variant("/etc/hamgr/announce.sh", "announce.sh")))
+        XCTAssertThrowsError(try noCreate.validateNodeHost("a")) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "node[0].backing")
         }
     }
 

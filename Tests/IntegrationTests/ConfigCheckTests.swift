@@ -55,6 +55,11 @@ final class ConfigCheckTests: XCTestCase {
         let r = try check(Self.valid)
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertEqual(r.stdout, "config OK: cluster web1, nodes a, b\n")
+        // With --node, the node's backing store must exist (or create = true).
+        let missing = try check(Self.valid, ["--node", "b"])
+        XCTAssertEqual(missing.status, 1)
+        XCTAssertTrue(missing.stderr.contains("node[1].backing") && missing.stderr.contains(dir + "/b.img"), missing.stderr)
+        FileManager.default.createFile(atPath: dir + "/b.img", contents: nil)
         let n = try check(Self.valid, ["--node", "b"])
         XCTAssertEqual(n.status, 0, n.stderr)
         XCTAssertEqual(n.stdout, "config OK: cluster web1, nodes a, b (checked for node b)\n")

@@ -37,8 +37,8 @@ final class ForcedPromotionTests: XCTestCase {
         try load2.start(); load2.wait(seconds: 30)
         XCTAssertEqual(load2.acknowledgedOffsets().count, 20)
 
-        let masterStore = try sha256(ofFile: h.backing(master))
-        let backupStore = try sha256(ofFile: h.backing(backup))
+        let masterStore = try h.volumeDigest(master)
+        let backupStore = try h.volumeDigest(backup)
         try h.startNode(master)
         let detected = waitUntil(20) {
             (h.status(backup)?["split_brain"] as? String) != nil || (h.status(master)?["split_brain"] as? String) != nil
@@ -46,8 +46,8 @@ final class ForcedPromotionTests: XCTestCase {
         XCTAssertTrue(detected, "the reconnect did not report divergence\n\(h.tail(master))\n\(h.tail(backup))")
         print("split brain reported: \(h.status(backup)?["split_brain"] as? String ?? h.status(master)?["split_brain"] as? String ?? "-")")
         sleep(2)
-        XCTAssertEqual(try sha256(ofFile: h.backing(master)), masterStore, "the returning master's store was changed")
-        XCTAssertEqual(try sha256(ofFile: h.backing(backup)), backupStore, "the forced master's store was changed by the reconnect")
+        XCTAssertEqual(try h.volumeDigest(master), masterStore, "the returning master's store was changed")
+        XCTAssertEqual(try h.volumeDigest(backup), backupStore, "the forced master's store was changed by the reconnect")
         XCTAssertEqual(h.role(master), "secondary")
     }
 }

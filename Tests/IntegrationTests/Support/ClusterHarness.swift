@@ -25,6 +25,7 @@ final class ClusterHarness {
     let configPath: String
     let tokenPath: String
     private(set) var processes: [String: Process] = [:]
+    let volumeBytes: Int
 
     static var binDir: URL {
         if let p = ProcessInfo.processInfo.environment["HAMGR_BIN"] { return URL(fileURLWithPath: p).deletingLastPathComponent() }
@@ -42,6 +43,9 @@ final class ClusterHarness {
     init(name: String = "t", subnet: Int, protocolLetter: String = "C", size: String = "64MiB",
          extraCluster: String = "", extraTOML: String = "") throws {
         cluster = name
+        let units: [(String, Int)] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)]
+        let unit = units.first { size.hasSuffix($0.0) }
+        volumeBytes = (Int(size.dropLast(unit == nil ? 0 : 3)) ?? 0) * (unit?.1 ?? 1)
         dir = FileManager.default.temporaryDirectory.appendingPathComponent("hamgr-it-\(name)-\(getpid())-\(subnet)-\(UInt32.random(in: 0...UInt32.max))")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         let base = 20000 + (subnet % 200) * 100 + Int.random(in: 0..<20) * 5
@@ -99,6 +103,8 @@ final class ClusterHarness {
 
     func node(_ name: String) -> Node { nodes.first { $0.name == name }! }
     func backing(_ name: String) -> String { dir.appendingPathComponent("\(name).img").path }
+    /// SHA-256 of node `name`'s volume bytes (its store without the identity label).
+    func volumeDigest(_ name: String) throws -> String { try sha256(ofFile: backing(name), first: volumeBytes) }
     func log(_ name: String) -> String { dir.appendingPathComponent("\(name).log").path }
 
     // MARK: processes
@@ -252,6 +258,12 @@ func shell(_ argv: [String], timeout: Double = 60, env: [String: String] = [:], 
     let out = (try? String(contentsOf: outURL, encoding: .utf8)) ?? ""
     let err = (try? String(contentsOf: errURL, encoding: .utf8)) ?? ""
     return CommandResult(status: p.isRunning ? -1 : p.terminationStatus, stdout: out, stderr: err)
+}
+
+/// SHA-256 of the first `bytes` of a file: a store's volume range, without the identity
+/// label that follows it (each node's label differs by design).
+func sha256(ofFile path: String, first bytes: Int) throws -> String {
+    try shell(["sh", "-c", "head -c \(bytes) \"$0\" | sha256sum", path]).stdout.split(separator: " ").first.map(String.init) ?? ""
 }
 
 func sha256(ofFile path: String) throws -> String {
