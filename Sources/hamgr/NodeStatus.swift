@@ -41,7 +41,10 @@ extension NodeDaemon {
                                       reachable: q.peerReachable, replication: v.peerState, diskState: v.peerDiskState),
             arbitrator: StatusDocument.Arbitrator(reachable: q.arbitratorReachable ?? arbitratorLinkUp),
             quorum: q.hasQuorum, leaseValidMs: leaseMs, outOfSyncBytes: v.outOfSyncBytes, resync: resync,
-            splitBrain: v.splitBrain, whyNotPromoted: q.whyNotPromoted, maintenance: q.maintenance,
+            splitBrain: v.splitBrain,
+            // "local disk is inconsistent" alone does not say what to do: add the volume's note.
+            whyNotPromoted: q.whyNotPromoted.map { why in v.diskNote.map { "\(why) (\($0))" } ?? why },
+            maintenance: q.maintenance,
             serviceAddress: me.serviceAddress, generation: v.generations.current.description, resources: resourcesStatus,
             diskError: diskErrorStatus, diskNote: v.diskNote)
     }
