@@ -115,7 +115,7 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
             log.warning("\(why): this node discards its metadata's claim and joins as a full-sync target", metadata: ["event": "disk_replaced"])
             opened.diskState = .inconsistent
             opened.generations = DataGenerations(current: freshGeneration())
-            opened.flags = [.fresh]
+            opened.flags = []  // not `fresh`: no pairing shortcut or clean declaration covers this store
             opened.diskID = freshID()
             bitmap.clearAll()
             openedAL = []

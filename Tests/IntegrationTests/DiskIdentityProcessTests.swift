@@ -114,6 +114,35 @@ final class DiskIdentityProcessTests: XCTestCase {
         XCTAssertEqual(try shell(["cmp", "-i", "\(32 << 20):0", "-n", "\(8 << 20)", copy, original]).status, 0, "a's original data lost")
     }
 
+    func testAssumeCleanBootstrapAdoptsWithoutACopyAndBootstrapIsRefusedOnceUpToDate() throws {
+        let h = try ClusterHarness(name: "clean", subnet: 77)
+        defer { h.shutdown() }
+        // Two stores the operator knows to be identical but that are not provably empty
+        // (as two zeroed block devices would be): the same 4 MiB on both.
+        let data = Data((0..<(4 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ 7) })
+        for n in ["a", "b"] {
+            FileManager.default.createFile(atPath: h.backing(n), contents: nil)
+            let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: h.backing(n)))
+            fh.write(data); try fh.truncate(atOffset: UInt64(Self.volumeBytes)); try fh.close()
+        }
+        try h.startAll()
+        XCTAssertTrue(waitUntil(10) { self.diskState(h, "a") == "inconsistent" && self.diskState(h, "b") == "inconsistent" })
+        usleep(2_000_000)
+        XCTAssertNotEqual(h.role("a"), "primary"); XCTAssertNotEqual(h.role("b"), "primary")
+        let r = try hactl(h, ["bootstrap", "--source", "a", "--assume-clean", "--yes"])
+        XCTAssertEqual(r.status, 0, "\(r.stdout) \(r.stderr)")
+        h.waitFor("b", "adopted a's generation", within: 20) { ($0["disk_state"] as? String) == "upToDate" }
+        XCTAssertTrue(waitUntil(20) { h.role("a") == "primary" || h.role("b") == "primary" }, "no master after the bootstrap")
+        XCTAssertEqual(h.status("a")?["generation"] as? String, h.status("b")?["generation"] as? String)
+        XCTAssertTrue(h.tail("b", lines: 300).contains("no data to move"), h.tail("b"))
+        XCTAssertFalse(h.tail("a", lines: 300).contains("resync source"), "assume-clean must not copy:\n\(h.tail("a"))")
+        XCTAssertTrue(try sameBytes(h))
+        // Bootstrap is for nodes nobody vouches for: refused once a node is up to date.
+        let again = try hactl(h, ["bootstrap", "--source", "b", "--yes"])
+        XCTAssertNotEqual(again.status, 0)
+        XCTAssertTrue(again.stderr.contains("bootstrap refused"), again.stderr)
+    }
+
     // MARK: 2 + 3. a replaced secondary disk, with new or with kept metadata
 
     func testReplacedSecondaryDiskWithNewMetadataIsFullySyncedBeforeUpToDate() throws {

@@ -10,10 +10,10 @@ class GenerationRowTestCase: XCTestCase {
 
     func side(_ n: NodeID, _ cur: GenerationID, bitmap: GenerationID = .none, history: [GenerationID] = [], disk: DiskState = .upToDate,
               role: Role = .secondary, dirty: Bool = false, crashed: Bool = false, discard: Bool = false,
-              size: UInt64 = 1 << 30, chunk: Int = 65536, empty: Bool = false, clean: Bool = false) -> SyncSide {
+              size: UInt64 = 1 << 30, chunk: Int = 65536, fresh: Bool = false, empty: Bool = false, clean: Bool = false) -> SyncSide {
         SyncSide(node: n, generations: DataGenerations(current: cur, bitmap: bitmap, history: history), diskState: disk, role: role,
                  hasDirtyChunks: dirty, crashedPrimary: crashed, discardLocal: discard, sizeBytes: size, chunkBytes: chunk,
-                 emptyFresh: empty, assumeClean: clean)
+                 fresh: fresh, emptyFresh: empty, assumeClean: clean)
     }
 
     /// Asserts the decision from a's side and the mirrored one from b's side.

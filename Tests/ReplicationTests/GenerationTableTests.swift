@@ -27,13 +27,18 @@ final class GenerationTableTests: GenerationRowTestCase {
         check(side("a", X1), side("b", Z, disk: .inconsistent, empty: true), .becomeSource(.full))
     }
 
-    func testAssumeCleanSourceIsAdoptedOnlyByAnEmptyFreshPeerAndOnlyUnwritten() {
+    func testAssumeCleanSourceIsAdoptedOnlyByAFreshPeerAndOnlyUnwritten() {
+        // The operator declared both stores identical: a fresh peer adopts, empty or not.
         check(side("a", X1, clean: true), side("b", Z, disk: .inconsistent, empty: true), .adoptClean(X1))
-        check(side("a", Z, disk: .inconsistent, empty: true), side("b", X1, role: .primary, clean: true), .adoptClean(X1))
+        check(side("a", X1, clean: true), side("b", Z, disk: .inconsistent, fresh: true), .adoptClean(X1))
+        check(side("a", Z, disk: .inconsistent, fresh: true), side("b", X1, role: .primary, clean: true), .adoptClean(X1))
         // The source holds writes the peer lacks: full sync.
-        check(side("a", X1, dirty: true, clean: true), side("b", Z, disk: .inconsistent, empty: true), .becomeSource(.full))
-        // A fresh peer with data is not clean, whatever the source says.
+        check(side("a", X1, dirty: true, clean: true), side("b", Z, disk: .inconsistent, fresh: true), .becomeSource(.full))
+        // An inconsistent peer that is not fresh (an interrupted sync target, an invalidated
+        // node) holds nothing the declaration covers: full.
         check(side("a", X1, clean: true), side("b", Z, disk: .inconsistent), .becomeSource(.full))
+        // Not declared clean: a fresh peer is copied in full.
+        check(side("a", X1), side("b", Z, disk: .inconsistent, fresh: true), .becomeSource(.full))
     }
 
     func testInterruptedSyncTargetResumesFromItsRelation() {
@@ -78,7 +83,8 @@ final class GenerationTableTests: GenerationRowTestCase {
             func random(_ n: NodeID) -> SyncSide {
                 side(n, pick(Array(ids.dropFirst())), bitmap: pick(ids), history: [pick(ids)].filter { !$0.isNone },
                      disk: pick(DiskState.allCases), role: pick(Role.allCases), dirty: pick([true, false]),
-                     crashed: pick([true, false]), discard: pick([true, false]), empty: pick([true, false]), clean: pick([true, false]))
+                     crashed: pick([true, false]), discard: pick([true, false]), fresh: pick([true, false]), empty: pick([true, false]),
+                     clean: pick([true, false]))
             }
             let a = random("a"), b = random("b")
             let da = SyncDecision.decide(me: a, peer: b)
@@ -87,8 +93,8 @@ final class GenerationTableTests: GenerationRowTestCase {
             case .becomeSource where b.diskState == .inconsistent: XCTAssertEqual(a.diskState, .upToDate)
             case .becomeTarget where a.diskState == .inconsistent: XCTAssertEqual(b.diskState, .upToDate)
             case .adoptClean:
-                if a.diskState == .inconsistent { XCTAssertTrue(a.emptyFresh) }
-                if b.diskState == .inconsistent { XCTAssertTrue(b.emptyFresh) }
+                if a.diskState == .inconsistent { XCTAssertTrue(a.emptyFresh || (a.fresh && b.assumeClean)) }
+                if b.diskState == .inconsistent { XCTAssertTrue(b.emptyFresh || (b.fresh && a.assumeClean)) }
                 XCTAssertTrue(a.diskState != .inconsistent || b.diskState != .inconsistent || (a.emptyFresh && b.emptyFresh))
             case .inSync:
                 XCTAssertNotEqual(a.diskState, .inconsistent); XCTAssertNotEqual(b.diskState, .inconsistent)

@@ -706,7 +706,8 @@ public struct ReplicationCore: Sendable {
         let hs = LinkHandshake(sizeBytes: settings.sizeBytes, chunkBytes: UInt32(settings.chunkBytes), generations: header.generations,
                                diskState: header.diskState, role: role, crashedPrimary: header.flags.contains(.crashRecoveryPending),
                                discardLocal: header.flags.contains(.discardLocal), dirtyRuns: bitmap.runs,
-                               emptyFresh: emptyFresh && header.flags.contains(.fresh), assumeClean: header.flags.contains(.assumeClean))
+                               fresh: header.flags.contains(.fresh), emptyFresh: emptyFresh && header.flags.contains(.fresh),
+                               assumeClean: header.flags.contains(.assumeClean))
         link = Link(session: session, sent: hs)
         counters.linksEstablished += 1
         log(.info, "replication link up with \(node); handshake sent (generation \(hs.generations.current), \(hs.diskState), \(bitmap.setCount) dirty chunks)")
@@ -857,10 +858,10 @@ public struct ReplicationCore: Sendable {
         let mine = l.sent
         let me = SyncSide(node: settings.me, generations: mine.generations, diskState: mine.diskState, role: mine.role,
                           hasDirtyChunks: !mine.dirtyRuns.isEmpty, crashedPrimary: mine.crashedPrimary, discardLocal: mine.discardLocal,
-                          sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes), emptyFresh: mine.emptyFresh, assumeClean: mine.assumeClean)
+                          sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes), fresh: mine.fresh, emptyFresh: mine.emptyFresh, assumeClean: mine.assumeClean)
         let them = SyncSide(node: settings.peer, generations: peer.generations, diskState: peer.diskState, role: peer.role,
                             hasDirtyChunks: !peer.dirtyRuns.isEmpty, crashedPrimary: peer.crashedPrimary, discardLocal: peer.discardLocal,
-                            sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes), emptyFresh: peer.emptyFresh, assumeClean: peer.assumeClean)
+                            sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes), fresh: peer.fresh, emptyFresh: peer.emptyFresh, assumeClean: peer.assumeClean)
         var d = SyncDecision.decide(me: me, peer: them)
         counters.peerDiskState = peer.diskState
         log(.info, "sync decision with \(settings.peer): \(d) (mine \(mine.generations.current)/\(mine.generations.bitmap), peer \(peer.generations.current)/\(peer.generations.bitmap))")

@@ -14,6 +14,8 @@ public struct SyncSide: Hashable, Sendable {
     public var discardLocal: Bool
     public var sizeBytes: UInt64
     public var chunkBytes: Int
+    /// Fresh metadata: created on this store, no data adopted since.
+    public var fresh: Bool
     /// Fresh metadata on a store that provably reads as zeroes (sparse file, nothing written).
     public var emptyFresh: Bool
     /// Bootstrapped with `--assume-clean` and not written alone since: a fresh peer may adopt
@@ -22,10 +24,10 @@ public struct SyncSide: Hashable, Sendable {
 
     public init(node: NodeID, generations: DataGenerations, diskState: DiskState, role: Role,
                 hasDirtyChunks: Bool = false, crashedPrimary: Bool = false, discardLocal: Bool = false,
-                sizeBytes: UInt64, chunkBytes: Int, emptyFresh: Bool = false, assumeClean: Bool = false) {
+                sizeBytes: UInt64, chunkBytes: Int, fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false) {
         self.node = node; self.generations = generations; self.diskState = diskState; self.role = role
         self.hasDirtyChunks = hasDirtyChunks; self.crashedPrimary = crashedPrimary; self.discardLocal = discardLocal
-        self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
+        self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.fresh = fresh || emptyFresh; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
     }
 }
 
@@ -105,7 +107,9 @@ public enum SyncDecision: Hashable, Sendable, CustomStringConvertible {
                 return .refuse("\(t.node) needs a sync but \(s.node), the only side with data, is \(s.diskState)")
             }
             if t.role == .primary { return .refuse("primary \(t.node) is inconsistent") }
-            if t.emptyFresh && s.assumeClean && !s.hasDirtyChunks { return .adoptClean(s.generations.current) }
+            // The operator declared the stores identical (`bootstrap --assume-clean`): a fresh
+            // peer takes the generation as it is, as long as the source wrote nothing alone.
+            if t.fresh && s.assumeClean && !s.hasDirtyChunks { return .adoptClean(s.generations.current) }
             let related = s.generations.current == t.generations.current || s.generations.bitmap == t.generations.current
             let scope: SyncScope = related ? .bitmap : .full
             return aEmpty ? .becomeTarget(scope) : .becomeSource(scope)
