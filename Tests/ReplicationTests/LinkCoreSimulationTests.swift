@@ -47,6 +47,8 @@ final class LinkCoreSimulationTests: XCTestCase {
         var primary: NodeID = "a"
         var referenceValid = true
         var failovers = 0
+        var replacedDisks = 0
+        var invalidations = 0
         var p: SimNode { node(primary) }
         var backup: SimNode { other(primary) }
 
@@ -204,6 +206,39 @@ final class LinkCoreSimulationTests: XCTestCase {
 
         mutating func crashBackup() { crash(backup) }
 
+        /// The backup's disk is replaced: it dies, comes back with a store full of someone
+        /// else's bytes and new metadata (inconsistent, a random generation of its own). Only
+        /// a full sync may make it up to date; the final byte comparison catches any shortcut.
+        mutating func replaceBackupDisk() {
+            let n = backup
+            crash(n)
+            n.disk = (0..<n.disk.count).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            var h = n.durableHeader
+            h.diskState = .inconsistent
+            h.flags = rng.next() % 2 == 0 ? [.fresh] : []
+            h.generations = DataGenerations(current: GenerationID(rng.next() | 1))
+            n.durableHeader = h
+            n.durableBitmap = DirtyBitmap(chunkCount: n.durableBitmap.chunkCount)
+            n.durableAL = []
+            replacedDisks += 1
+            trace.append("\(now) \(n.name)'s disk replaced (new metadata in \(h.generations.current))")
+        }
+
+        /// The operator invalidates the backup (`hactl invalidate`): allowed only when it is
+        /// connected to its up-to-date peer; its data is then copied again in full.
+        mutating func invalidateBackup() {
+            let n = backup
+            guard n.alive else { return }
+            switch n.core.invalidate(now: now) {
+            case .success(let acts):
+                trace.append("\(now) \(n.name) invalidated")
+                invalidations += 1
+                perform(n, acts)
+                if let s = session { cut("invalidate closed \(s)") }
+            case .failure: break  // refused: not connected, or the peer is not up to date
+            }
+        }
+
         mutating func restartBackup() {
             let n = backup
             guard !n.alive else { return }
@@ -251,6 +286,7 @@ final class LinkCoreSimulationTests: XCTestCase {
         }
 
         var withFailover = false
+        var withDiskFaults = false
 
         mutating func step(faults: Bool) {
             now = now + .microseconds(Int64(rng.next() % 500))
@@ -265,15 +301,18 @@ final class LinkCoreSimulationTests: XCTestCase {
             case 960..<965: if faults { if withFailover && rng.next() % 2 == 0 { failover() } else { cut("injected") } }
             case 965..<968: if faults { if withFailover && rng.next() % 2 == 0 { failover() } else { crashBackup() } }
             case 968..<985: if !faults || rng.next() % 2 == 0 { connect() }
+            case 985..<987: if faults && withDiskFaults { replaceBackupDisk() } else { restartBackup() }
+            case 987..<989: if faults && withDiskFaults { invalidateBackup() } else { restartBackup() }
             default: restartBackup()
             }
         }
     }
 
     @discardableResult
-    func simulate(seed: UInt64, proto: ReplicationProtocol, failover: Bool = false, steps: Int = 4000) -> Int {
+    func simulate(seed: UInt64, proto: ReplicationProtocol, failover: Bool = false, diskFaults: Bool = false, steps: Int = 4000) -> Int {
         var sim = Sim(seed: seed, proto: proto)
         sim.withFailover = failover
+        sim.withDiskFaults = diskFaults
         _ = sim.a.core.becomePrimary(epoch: Epoch(1), newGeneration: false, now: sim.now).map { sim.perform(sim.a, $0) }
         sim.deliver(sim.a, .gate(WriteGate(epoch: Epoch(1), validUntil: Instant(nanoseconds: 1 << 50), peerRequired: false)))
         sim.deliver(sim.b, .promise(Epoch(1)))
@@ -292,7 +331,7 @@ final class LinkCoreSimulationTests: XCTestCase {
         let context = "seed \(seed), protocol \(proto)\(failover ? ", failover" : "")\n" + sim.trace.suffix(40).joined(separator: "\n")
         let cuts = sim.trace.filter { $0.contains("cut:") }.count, crashes = sim.trace.filter { $0.contains(" crashes with") }.count
         let sent = sim.a.core.status.resyncBytesSent + sim.b.core.status.resyncBytesSent
-        print("sim seed \(seed) (\(proto)): \(sim.nextRequest - 1) writes, \(sim.nextSession - 1) sessions, \(cuts) cuts, \(crashes) crashes, \(sim.failovers) failovers, resync sent \(sent) bytes")
+        print("sim seed \(seed) (\(proto)): \(sim.nextRequest - 1) writes, \(sim.nextSession - 1) sessions, \(cuts) cuts, \(crashes) crashes, \(sim.failovers) failovers, \(sim.replacedDisks) replaced disks, \(sim.invalidations) invalidations, resync sent \(sent) bytes")
         XCTAssertGreaterThan(sim.nextSession, 3, "faults were injected")
         XCTAssertLessThan(settle, 200_000, "did not settle; \(context)")
         XCTAssertEqual(sim.failed, [], context)
@@ -305,8 +344,11 @@ final class LinkCoreSimulationTests: XCTestCase {
         var n = 0
         while sim.verifyResult == nil && n < 100_000 { sim.step(faults: false); n += 1 }
         XCTAssertEqual(sim.verifyResult, [], context)
+        if diskFaults { diskFaultsSeen += sim.replacedDisks + sim.invalidations }
         return sim.failovers
     }
+
+    var diskFaultsSeen = 0
 
     var seeds: [UInt64] { ProcessInfo.processInfo.environment["HAMGR_SIM_SEED"].flatMap { UInt64($0) }.map { [$0] } ?? Array(1...24) }
 
@@ -318,6 +360,14 @@ final class LinkCoreSimulationTests: XCTestCase {
         var failovers = 0
         for seed in seeds { failovers += simulate(seed: seed + 1000, proto: ReplicationProtocol.allCases[Int(seed % 3)], failover: true) }
         if seeds.count > 1 { XCTAssertGreaterThanOrEqual(failovers, 5, "the failover runs must actually fail over") }
+    }
+
+    /// Replaced backup disks (random bytes, new metadata) and invalidations under the same
+    /// link faults and failovers: the final comparison of both disks byte for byte (and an
+    /// online verify) fails if any shortcut called a disk up to date without a full copy.
+    func testSeededDiskReplacementSimulation() {
+        for seed in seeds { simulate(seed: seed + 2000, proto: ReplicationProtocol.allCases[Int(seed % 3)], failover: seed % 2 == 0, diskFaults: true) }
+        if seeds.count > 1 { XCTAssertGreaterThanOrEqual(diskFaultsSeen, 10, "disks must actually be replaced or invalidated") }
     }
 
     /// The backup fences a primary whose epoch is older than the one it promised, in the core.
