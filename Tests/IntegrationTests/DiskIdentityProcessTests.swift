@@ -154,7 +154,8 @@ final class DiskIdentityProcessTests: XCTestCase {
     }
 
     func replacedDisk(keepMetadata: Bool, subnet: Int, file: StaticString = #filePath, line: UInt = #line) throws {
-        let h = try ClusterHarness(name: keepMetadata ? "swap" : "replace", subnet: subnet)
+        // A slow resync (16 MiB/s: about 4 s for the volume) so the copy can be watched.
+        let h = try ClusterHarness(name: keepMetadata ? "swap" : "replace", subnet: subnet, extraVolume: "resync_rate = \"16MiB\"")
         defer { h.shutdown() }
         // Two new sparse files: the pair comes up by itself (no bootstrap needed).
         let (master, backup) = try h.startedCluster()
@@ -167,7 +168,18 @@ final class DiskIdentityProcessTests: XCTestCase {
         try h.startNode(backup)
         XCTAssertTrue(waitUntil(15) { self.diskState(h, backup) == "inconsistent" }, "the new disk must be inconsistent\n\(h.tail(backup))",
                       file: file, line: line)
-        try watchCopy(h, target: backup, within: 90) { diskState(h, backup) == "upToDate" && peerReplication(h, master) == "inSync" }
+        var progress: [String: Any]?
+        try watchCopy(h, target: backup, within: 90) {
+            if progress == nil, let s = h.status(backup), (s["disk_state"] as? String) == "inconsistent", let r = s["resync"] as? [String: Any] {
+                progress = r
+                XCTAssertTrue(((s["disk_note"] as? String) ?? "").contains("sync target"), "\(s)", file: file, line: line)
+                XCTAssertTrue(((s["why_not_promoted"] as? String) ?? "").isEmpty || s["why_not_promoted"] is NSNull
+                              || ((s["why_not_promoted"] as? String) ?? "").contains("inconsistent"), "\(s)", file: file, line: line)
+            }
+            return diskState(h, backup) == "upToDate" && peerReplication(h, master) == "inSync"
+        }
+        // The copy was visible while it ran, and it was a full one: every byte of the volume.
+        XCTAssertEqual(progress?["total_bytes"] as? Int, Self.volumeBytes, "\(String(describing: progress))", file: file, line: line)
         XCTAssertTrue(try sameBytes(h), file: file, line: line)
         let log = h.tail(backup, lines: 400)
         XCTAssertTrue(log.contains(keepMetadata ? "event=disk_replaced" : "event=metadata_created"), log, file: file, line: line)

@@ -41,7 +41,7 @@ final class ClusterHarness {
 
     /// - Parameter subnet: the third octet base; each harness in one test run should use its own.
     init(name: String = "t", subnet: Int, protocolLetter: String = "C", size: String = "64MiB",
-         extraCluster: String = "", extraTOML: String = "") throws {
+         extraCluster: String = "", extraVolume: String = "", extraTOML: String = "") throws {
         cluster = name
         let units: [(String, Int)] = [("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)]
         let unit = units.first { size.hasSuffix($0.0) }
@@ -75,6 +75,7 @@ final class ClusterHarness {
         size = "\(size)"
         chunk_size = "64KiB"
         create = true
+        \(extraVolume)
 
         """
         for n in nodes {
