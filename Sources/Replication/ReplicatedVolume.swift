@@ -122,7 +122,9 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
             try meta.writeBitmap(bitmap)
         case .stamp(let why):
             log.notice("\(why)", metadata: ["event": "disk_label_stamped"])
-            if opened.diskID == 0 { opened.diskID = freshID() }
+            if opened.diskID == 0 {
+                if case .label(let l) = reading { opened.diskID = l.diskID } else { opened.diskID = freshID() }
+            }
         case .matches, .new, .refuse: break
         }
         let label = DiskLabel(diskID: opened.diskID, cluster: config.cluster, node: config.me, sizeBytes: config.sizeBytes,
