@@ -360,6 +360,9 @@ public struct ClusterConfig: Sendable, Equatable {
 
     // MARK: Validation
 
+    /// The name the arbitrator's vote goes by on the quorum channel.
+    public static let reservedArbitratorName = "arbitrator"
+
     /// The cross-key rules, and the key and token files. Throws the first problem found.
     public func validate() throws {
         guard nodes.count == 2 else {
@@ -367,6 +370,11 @@ public struct ClusterConfig: Sendable, Equatable {
         }
         if nodes[0].name == nodes[1].name {
             throw ConfigError(key: "node[1].name", message: "'\(nodes[1].name)' is also the name of node[0]; node names must differ")
+        }
+        // The quorum channel names the third voter "arbitrator": a data node of that name
+        // would be taken for it.
+        for (i, n) in nodes.enumerated() where n.name.name == Self.reservedArbitratorName {
+            throw ConfigError(key: "node[\(i)].name", message: "'\(Self.reservedArbitratorName)' is reserved for the arbitrator's vote")
         }
 
         // Every listening address must parse, and no two may collide.

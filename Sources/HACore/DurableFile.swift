@@ -18,8 +18,11 @@ public enum DurableFile {
         guard fsync(fd) == 0 else { throw DurableFileError(op: "fsync", path: tmp, errno: errno) }
         guard rename(tmp, path) == 0 else { throw DurableFileError(op: "rename", path: path, errno: errno) }
         let dir = (path as NSString).deletingLastPathComponent
+        // The rename is durable only once the directory is: a failure here is a failure of the write.
         let dfd = open(dir.isEmpty ? "." : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        if dfd >= 0 { _ = fsync(dfd); close(dfd) }
+        guard dfd >= 0 else { throw DurableFileError(op: "open directory", path: dir, errno: errno) }
+        defer { close(dfd) }
+        guard fsync(dfd) == 0 else { throw DurableFileError(op: "fsync directory", path: dir, errno: errno) }
     }
 
     /// nil when the file does not exist.

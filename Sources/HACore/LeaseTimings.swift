@@ -24,13 +24,21 @@ public struct LeaseTimings: Hashable, Sendable, Codable {
     /// clocks may differ in rate by `drift`, so the master's view ends first.
     public var masterLeaseSpan: Duration { lease.scaled(by: 1 - drift) }
 
+    /// The smallest clock-rate margin accepted (1 %).
+    public static let minimumDrift = 0.01
+
     /// Violations of the lease rule, each naming the key (empty = valid).
     /// renew_interval ≤ lease·(1−drift)/3 (three chances to renew before it lapses),
     /// renew_interval < failure_timeout < lease (a backup notices a dead master before the
     /// voters' grants lapse, and never sooner than two missed renewals).
     public func violations() -> [String] {
         var out: [String] = []
-        if drift < 0 || drift >= 0.5 { out.append("timeouts.drift: must be in [0, 0.5), got \(drift)") }
+        // drift 0 would leave no margin at all between the master's lease and the voters'
+        // grants: any clock running a little fast on a voter opens a window for two masters.
+        if !(drift >= Self.minimumDrift && drift < 0.5) {
+            out.append("timeouts.drift: must be in [\(Self.minimumDrift), 0.5), got \(drift); it is the margin between the master's lease and the voters' grants")
+            return out  // the rules below scale by (1 − drift): not with this value (NaN would trap)
+        }
         if lease < .milliseconds(100) { out.append("timeouts.lease_ms: must be at least 100 ms, got \(Int(lease.milliseconds))") }
         if renewInterval <= .zero { out.append("timeouts.renew_interval_ms: must be positive") }
         let maxRenew = masterLeaseSpan.scaled(by: 1.0 / 3.0)

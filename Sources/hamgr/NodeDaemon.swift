@@ -127,7 +127,7 @@ final class NodeDaemon: @unchecked Sendable {
         }
     }
 
-    static let arbitratorID = NodeID("arbitrator")
+    static let arbitratorID = NodeID(ClusterConfig.reservedArbitratorName)
 
     /// Planted bugs exist only in test builds (`-D HAMGR_PLANTED_BUGS`), so a production
     /// binary ignores the variable entirely (issue 5, "the checker can fail").

@@ -72,6 +72,8 @@ final class ConfigTests: XCTestCase {
             ("renew_interval_ms = 200", "renew_interval_ms = 500", "timeouts.renew_interval_ms"),
             ("failure_timeout_ms = 800", "failure_timeout_ms = 1300", "timeouts.failure_timeout_ms"),
             ("failure_timeout_ms = 800", "failure_timeout_ms = 800\ndrift = 0.7", "timeouts.drift"),
+            ("failure_timeout_ms = 800", "failure_timeout_ms = 800\ndrift = 0", "timeouts.drift"),
+            ("name = \"b\"", "name = \"arbitrator\"", "node[1].name"),
             ("lease_ms = 1200", "lease_ms = \"1200\"", "timeouts.lease_ms"),
             ("lease_ms = 1200", "lease_ms = -5", "timeouts.lease_ms"),
             ("[hooks]", "[hook]", "hook"),

@@ -13,6 +13,9 @@ final class LeaseTimingsTests: XCTestCase {
         XCTAssertTrue(LeaseTimings(failureTimeout: .milliseconds(300)).violations().contains { $0.hasPrefix("timeouts.failure_timeout_ms") })
         XCTAssertTrue(LeaseTimings(lease: .milliseconds(50)).violations().contains { $0.hasPrefix("timeouts.lease_ms") })
         XCTAssertTrue(LeaseTimings(drift: 0.7).violations().contains { $0.hasPrefix("timeouts.drift") })
+        XCTAssertTrue(LeaseTimings(drift: 0).violations().contains { $0.hasPrefix("timeouts.drift") }, "no margin at all is refused")
+        XCTAssertTrue(LeaseTimings(drift: .nan).violations().contains { $0.hasPrefix("timeouts.drift") })
+        XCTAssertFalse(LeaseTimings(drift: 0.01).violations().contains { $0.hasPrefix("timeouts.drift") })
     }
 
     func testGenerationBranchKeepsTheBitmapBase() {
