@@ -1,0 +1,244 @@
+import HACore
+import NIOCore
+
+/// The link of `ReplicationCore`: session lifecycle, inbound frames and the handshake that
+/// runs the sync decision.
+extension ReplicationCore {
+    // MARK: link lifecycle
+
+    mutating func linkUp(_ session: SessionID, _ node: NodeID) {
+        guard !stopped, node == settings.peer else {
+            log(.warning, "refused replication session from \(node)")
+            return out.append(.close(session))
+        }
+        if let old = link {
+            log(.info, "new replication session replaces the old one")
+            dropLink(old, reason: "replaced by a new session")
+            out.append(.close(old.session))
+        }
+        let hs = LinkHandshake(sizeBytes: settings.sizeBytes, chunkBytes: UInt32(settings.chunkBytes), generations: header.generations,
+                               diskState: header.diskState, role: role, crashedPrimary: header.flags.contains(.crashRecoveryPending),
+                               discardLocal: header.flags.contains(.discardLocal), dirtyRuns: bitmap.runs,
+                               fresh: header.flags.contains(.fresh), emptyFresh: emptyFresh && header.flags.contains(.fresh),
+                               assumeClean: header.flags.contains(.assumeClean))
+        link = Link(session: session, sent: hs)
+        counters.linksEstablished += 1
+        log(.info, "replication link up with \(node); handshake sent (generation \(hs.generations.current), \(hs.diskState), \(bitmap.setCount) dirty chunks)")
+        out.append(.send(session, .handshake(hs)))
+    }
+
+    mutating func linkDown(_ session: SessionID?, _ why: String, _ now: Instant) {
+        guard let session else {
+            if counters.lastLinkError != why { log(.warning, "replication session failed: \(why)") }
+            counters.lastLinkError = why
+            return
+        }
+        guard let l = link, l.session == session else { return }
+        log(.warning, "replication link down: \(why)")
+        if counters.splitBrain == nil { counters.lastLinkError = why }
+        dropLink(l, reason: why)
+    }
+
+    /// The peer no longer follows: every write it has not confirmed goes into the bitmap.
+    mutating func dropLink(_ l: Link, reason: String) {
+        guard link?.session == l.session else { return }
+        let held = link?.held ?? []
+        link = nil
+        resync = nil
+        targetRun = nil
+        if verify != nil { log(.warning, "verify aborted: \(reason)"); verify = nil }
+        let unconfirmed = writes.values.filter { !$0.peerLost && $0.confirmation < .written && !$0.failedLocally }.map(\.seq).sorted()
+        // Written at the peer but not yet synced there: lost if the peer lost power.
+        var chunks = Set(unflushedAtPeer.keys)
+        unflushedAtPeer = [:]
+        if !unconfirmed.isEmpty || !chunks.isEmpty {
+            var steps: [IOStep] = []
+            for s in unconfirmed {
+                writes[s]!.peerLost = true
+                writes[s]!.bitmapDurable = false
+                chunks.formUnion(writes[s]!.chunks)
+            }
+            steps += markOutOfSync(chunks.sorted())
+            out.append(.io(IOBatch(steps: steps, then: .bitmapDurable(unconfirmed), failure: nil, ack: nil)))
+        }
+        admitWaiting()
+        for h in held { submitWrite(h, .zero) }
+    }
+
+    mutating func refuse(_ l: Link, _ why: String) {
+        // A refusal repeats on every redial until something changes: say it once.
+        if counters.lastLinkError != why { log(.error, "replication link refused: \(why)") }
+        counters.lastLinkError = why
+        out.append(.send(l.session, .refuse(why)))
+        dropLink(l, reason: why)
+        out.append(.close(l.session))
+    }
+
+    // MARK: inbound frames
+
+    mutating func frame(_ session: SessionID, _ kind: UInt8, _ epoch: Epoch, _ payload: ByteBuffer, _ now: Instant) {
+        guard let l = link, l.session == session else { return }
+        let msg: LinkMessage
+        switch LinkMessage.decode(kind: kind, payload: payload) {
+        case .success(let m): msg = m
+        case .failure(let e): return refuse(l, "\(e)")
+        }
+        if EpochFence.isFenced(msg.kind), !EpochFence.admits(frameEpoch: epoch, promised: promisedEpoch) {
+            counters.fencedFrames += 1
+            return refuse(l, "fenced \(msg.kind) frame from epoch \(epoch); this node promised epoch \(promisedEpoch)")
+        }
+        switch msg {
+        case .handshake, .refuse: break
+        default: if !l.ready { return refuse(l, "\(msg.kind) frame before the handshake") }
+        }
+        switch msg {
+        case .handshake(let hs): handshake(hs, l, now)
+        case .refuse(let why):
+            log(.error, "peer refused the link: \(why)")
+            counters.lastLinkError = "peer: \(why)"
+            dropLink(l, reason: why)
+            out.append(.close(l.session))
+        case let .write(seq, offset, flags, length, data):
+            guard role == .secondary else { return refuse(l, "write frame while this node is primary") }
+            if case .becomeSource? = l.decision { return refuse(l, "write frame from the sync target") }
+            guard Int(length) <= settings.maximumWriteBytes, offset + UInt64(length) <= settings.sizeBytes else {
+                return refuse(l, "write frame outside the volume: \(offset)+\(length)")
+            }
+            if settings.replicationProtocol == .b { out.append(.send(session, .writeAck(seq: seq, stage: .received, status: 0))) }
+            var steps: [IOStep] = []
+            if flags.contains(.zeroes) {
+                steps.append(.writeZeroes(offset: offset, length: Int(length), mayDeallocate: flags.contains(.mayDeallocate)))
+            } else if let data {
+                steps.append(.writeData(offset: offset, data: data))
+            }
+            if flags.contains(.fua) { steps.append(.sync) }
+            out.append(.io(IOBatch(steps: steps, then: nil, failure: nil, ack: (session, .write(seq: seq)))))
+        case let .writeAck(seq, stage, status):
+            if status != 0 { return refuse(l, "peer failed to write (errno \(status))") }
+            if var w = writes[seq] {
+                let c: PeerConfirmation = stage == .written ? .written : .received
+                if c > w.confirmation { w.confirmation = c; writes[seq] = w }
+                evaluate(seq, now)
+            }
+        case .flush(let id):
+            guard role == .secondary else { return refuse(l, "flush frame while primary") }
+            out.append(.io(IOBatch(steps: [.sync], then: nil, failure: nil, ack: (session, .flush(id: id)))))
+        case let .flushAck(id, status):
+            if status != 0 { return refuse(l, "peer failed to flush (errno \(status))") }
+            if writes[id] != nil { writes[id]!.confirmation = .written; evaluate(id, now) }
+        case let .resyncData(chunk, data):
+            let c = Int(clamping: chunk)
+            guard role == .secondary, c < settings.chunkCount, data.readableBytes == chunkLength(c) else {
+                return refuse(l, "bad resync chunk \(chunk) (\(data.readableBytes) bytes)")
+            }
+            if targetRun == nil { targetRun = TargetRun(totalBytes: 0) }  // an on-demand repair of an in-sync peer
+            out.append(.io(IOBatch(steps: [.writeData(offset: UInt64(c) * UInt64(settings.chunkBytes), data: data)],
+                                   then: .targetChunkWritten(bytes: data.readableBytes), failure: nil, ack: (session, .resync(chunk: chunk)))))
+        case let .resyncAck(chunk, status):
+            if status != 0 { return refuse(l, "peer failed to write resync chunk \(chunk) (errno \(status))") }
+            resyncAcked(Int(clamping: chunk), now)
+        case .resyncDone(let gens):
+            guard role == .secondary else { return refuse(l, "resync done while primary") }
+            pendingTargetGenerations = gens
+            out.append(.io(IOBatch(steps: [.sync], then: .targetSynced(session), failure: nil, ack: nil)))
+        case .resyncFinished: sourceFinish(now)
+        case let .verifyRequest(chunk, hash):
+            let c = Int(clamping: chunk)
+            guard c < settings.chunkCount else { return refuse(l, "verify of chunk \(chunk) outside the volume") }
+            if c == 0 { targetMismatches = [] }
+            out.append(.io(IOBatch(steps: [.compareChunkHash(session, chunk: c, offset: UInt64(c) * UInt64(settings.chunkBytes),
+                                                             length: chunkLength(c), sha256: hash)], then: nil, failure: nil, ack: nil)))
+        case let .verifyReply(chunk, match): verifyReplied(Int(clamping: chunk), match)
+        case .verifyEnd:
+            let mm = targetMismatches.sorted()
+            counters.lastVerifyMismatches = mm
+            log(.info, "verify by peer finished: \(mm.count) mismatched chunks")
+            out.append(.emit(.verifyFinished(mismatchedChunks: mm)))
+        case .resyncRequest(let runs):
+            guard isRepairSource(l) else { return log(.warning, "peer asked for a resync this node cannot source") }
+            let pages = bitmap.mark(runs.flatMap { Array($0.chunks) })
+            persistPages(pages)
+            startResync(now)
+        }
+    }
+
+    mutating func handshake(_ peer: LinkHandshake, _ l0: Link, _ now: Instant) {
+        var l = l0
+        guard l.peer == nil else { return refuse(l, "second handshake") }
+        l.peer = peer
+        let mine = l.sent
+        let me = SyncSide(node: settings.me, generations: mine.generations, diskState: mine.diskState, role: mine.role,
+                          hasDirtyChunks: !mine.dirtyRuns.isEmpty, crashedPrimary: mine.crashedPrimary, discardLocal: mine.discardLocal,
+                          sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes), fresh: mine.fresh, emptyFresh: mine.emptyFresh, assumeClean: mine.assumeClean)
+        let them = SyncSide(node: settings.peer, generations: peer.generations, diskState: peer.diskState, role: peer.role,
+                            hasDirtyChunks: !peer.dirtyRuns.isEmpty, crashedPrimary: peer.crashedPrimary, discardLocal: peer.discardLocal,
+                            sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes), fresh: peer.fresh, emptyFresh: peer.emptyFresh, assumeClean: peer.assumeClean)
+        var d = SyncDecision.decide(me: me, peer: them)
+        counters.peerDiskState = peer.diskState
+        log(.info, "sync decision with \(settings.peer): \(d) (mine \(mine.generations.current)/\(mine.generations.bitmap), peer \(peer.generations.current)/\(peer.generations.bitmap))")
+        switch d {
+        case .splitBrain(let why):
+            link = l
+            if counters.splitBrain != why {
+                log(.critical, "SPLIT BRAIN, link refused, both stores left untouched: \(why)")
+                out.append(.emit(.splitBrain(why)))
+            }
+            counters.splitBrain = why
+            dropLink(l, reason: "split brain")
+            out.append(.close(l.session))
+            return
+        case .refuse(let why):
+            link = l
+            return refuse(l, why)
+        case .inSync:
+            // Same bytes as the peer: up to date again if the peer is (never from an outdated peer).
+            if (header.diskState == .outdated && peer.diskState == .upToDate) || header.flags.contains(.crashRecoveryPending) {
+                if peer.diskState == .upToDate { header.diskState = .upToDate }
+                header.flags.remove(.crashRecoveryPending)
+                persistHeader()
+            }
+        case .adoptClean(let g):
+            if header.generations.current != g { header.generations = DataGenerations(current: g) }
+            header.diskState = .upToDate
+            header.flags.remove(.fresh)
+            header.flags.remove(.assumeClean)
+            emptyFresh = false
+            persistHeader()
+            log(.notice, "no data to move: up to date in generation \(g) together with \(settings.peer)")
+            l.peer?.diskState = .upToDate
+            counters.peerDiskState = .upToDate
+            d = .inSync
+        case .becomeSource(let scope):
+            var pages = bitmap.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
+            if scope == .full {
+                // Record the relation so an interrupted full sync resumes as a bitmap sync.
+                if !header.generations.bitmap.isNone { header.generations.pushHistory(header.generations.bitmap) }
+                header.generations.bitmap = peer.generations.current
+                bitmap.markAll()
+                pages = Array(0..<bitmap.pageCount)
+            }
+            persistHeader()
+            persistPages(pages)
+        case .becomeTarget(let scope):
+            header.diskState = .inconsistent
+            header.flags.remove(.fresh)  // the store is about to hold the peer's data
+            emptyFresh = false
+            syncSourceDisk = peer.diskState
+            persistHeader()
+            var union = bitmap
+            union.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
+            if scope == .full { union.markAll() }
+            targetRun = TargetRun(totalBytes: bytes(of: union))
+            log(.notice, "resync target: \(targetRun!.totalBytes) bytes to receive from \(settings.peer)")
+        }
+        counters.splitBrain = nil
+        l.decision = d
+        let held = l.held
+        l.held = []
+        link = l
+        if case .becomeSource = d { startResync(now) }
+        admitWaiting()
+        for h in held { submitWrite(h, now) }
+        evaluateAll(now)
+    }
+}

@@ -1,0 +1,115 @@
+import HACore
+import NIOCore
+
+/// Resync of `ReplicationCore`: the source's paced pass over the bitmap, the target's
+/// completion, on-demand repair and split-brain resolution.
+extension ReplicationCore {
+    // MARK: resync
+
+    func isRepairSource(_ l: Link) -> Bool {
+        guard header.diskState == .upToDate else { return false }
+        if role == .primary { return true }
+        if l.peer?.role == .primary { return false }
+        return settings.me < settings.peer
+    }
+
+    mutating func startResync(_ now: Instant) {
+        guard resync == nil else { return pumpResync(now) }
+        let total = bytes(of: bitmap)
+        resync = ResyncRun(cursor: ResyncCursor(window: settings.windowChunks),
+                           throttle: ResyncThrottle(bytesPerSecond: settings.resyncRateBytesPerSecond, chunkBytes: settings.chunkBytes),
+                           totalBytes: total)
+        log(.notice, "resync source: \(bitmap.setCount) chunks (\(total) bytes) to \(settings.peer) at ≤ \(settings.resyncRateBytesPerSecond) B/s")
+        out.append(.emit(.resyncProgress(done: 0, total: total)))
+        pumpResync(now)
+    }
+
+    mutating func pumpResync(_ now: Instant) {
+        guard var r = resync, let l = link, !r.finishing else { return }
+        defer { resync = r }
+        while r.cursor.inFlight.count < settings.windowChunks {
+            if bitmap.nextSet(from: r.cursor.next) == nil { break }
+            if let wait = r.throttle.take(settings.chunkBytes, now: now) {
+                if !r.wakeScheduled { r.wakeScheduled = true; out.append(.wakeUp(after: wait)) }
+                return
+            }
+            guard let chunk = r.cursor.take(from: bitmap) else { break }
+            let len = chunkLength(chunk)
+            // Read on the I/O queue: after every write issued before it, before every later one.
+            out.append(.io(IOBatch(steps: [.sendChunk(l.session, chunk: chunk, offset: UInt64(chunk) * UInt64(settings.chunkBytes), length: len)],
+                                   then: .resyncChunkSent(bytes: len), failure: nil, ack: nil)))
+        }
+        if r.cursor.passComplete(bitmap: bitmap) {
+            r.finishing = true
+            out.append(.io(IOBatch(steps: [.send(l.session, .resyncDone(header.generations))], then: nil, failure: nil, ack: nil)))
+        }
+    }
+
+    mutating func resyncAcked(_ chunk: Int, _ now: Instant) {
+        guard var r = resync, r.cursor.acked(chunk) else { return }
+        bitmap.clear(chunk)
+        r.doneBytes += UInt64(chunkLength(chunk))
+        resync = r
+        out.append(.emit(.resyncProgress(done: r.doneBytes, total: r.totalBytes)))
+        pumpResync(now)
+    }
+
+    mutating func sourceFinish(_ now: Instant) {
+        guard let r = resync, r.finishing else { return }
+        resync = nil
+        if !header.generations.bitmap.isNone {
+            header.generations.pushHistory(header.generations.bitmap)
+            header.generations.bitmap = .none
+        }
+        header.flags.remove(.crashRecoveryPending)
+        link?.decision = .inSync
+        counters.peerDiskState = .upToDate
+        counters.resyncDoneBytes = r.doneBytes
+        counters.resyncTotalBytes = r.totalBytes
+        persistHeader(withBitmap: true)
+        log(.notice, "resync finished: \(r.doneBytes) bytes; \(settings.peer) is up to date")
+    }
+
+    mutating func targetSynced(_ session: SessionID) {
+        guard let l = link, l.session == session, let gens = pendingTargetGenerations else { return }
+        pendingTargetGenerations = nil
+        if header.generations.current != gens.current { header.generations.pushHistory(header.generations.current) }
+        header.generations.current = gens.current
+        header.generations.bitmap = .none
+        header.diskState = syncSourceDisk == .upToDate ? .upToDate : .outdated
+        header.flags.remove(.crashRecoveryPending)
+        header.flags.remove(.discardLocal)
+        bitmap.clearAll()
+        link?.decision = .inSync
+        if let t = targetRun {
+            counters.resyncDoneBytes = t.doneBytes
+            counters.resyncTotalBytes = max(t.totalBytes, t.doneBytes)
+        }
+        targetRun = nil
+        out.append(.io(IOBatch(steps: [.writeBitmap(bitmap), .writeHeader(header), .send(session, .resyncFinished)], then: nil, failure: nil, ack: nil)))
+        log(.notice, "resync target finished: up to date in generation \(gens.current)")
+    }
+
+    mutating func requestResync(_ now: Instant) {
+        guard let l = link, l.ready else { return log(.warning, "resync needs a connected peer") }
+        let mismatches = counters.lastVerifyMismatches ?? []
+        if isRepairSource(l) {
+            persistPages(bitmap.mark(mismatches))
+            startResync(now)
+        } else {
+            let runs = ChunkRun.runs(of: Array(Set(mismatches + bitmap.setChunks)).sorted())
+            out.append(.send(l.session, .resyncRequest(runs)))
+        }
+    }
+
+    mutating func resolveSplitBrain(_ discardLocal: Bool) {
+        if discardLocal {
+            guard role == .secondary else { return log(.error, "a primary cannot discard its data; demote it first") }
+            header.flags.insert(.discardLocal)
+            persistHeader()
+            log(.warning, "split brain: this node's changes will be discarded on the next connect")
+        }
+        counters.splitBrain = nil
+        if let l = link { dropLink(l, reason: "split brain resolution"); out.append(.close(l.session)) }
+    }
+}
