@@ -385,13 +385,34 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     private func queueIO(_ batch: IOBatch, epoch: Epoch, conns: [SessionID: PeerConnection]) {
         guard toIO.post([(batch, epoch, conns)]) else { return }
         io.async {
-            for w in self.toIO.take() { self.execute(w.0, epoch: w.1, conns: w.2) }
+            let burst = self.toIO.take()
+            // Resync chunks must be durable before their ack; in a burst of them, the last
+            // sync covers the earlier ones, whose acks wait for it (in order).
+            var lastSync = -1
+            for (i, w) in burst.enumerated() where w.0.steps.contains(where: { if case .sync = $0 { return true }; return false }) { lastSync = i }
+            for (i, w) in burst.enumerated() { self.execute(w.0, epoch: w.1, conns: w.2, deferSync: i < lastSync && w.0.isResyncChunk) }
         }
     }
 
+    /// Resync-chunk batches whose sync was merged into a later one of the same burst: their
+    /// acks and completions go out once that sync succeeded (io queue only).
+    private var syncDeferred: [(batch: IOBatch, epoch: Epoch, conns: [SessionID: PeerConnection])] = []
+
     /// Runs one batch on the I/O queue; reports its outcome to the core.
-    private func execute(_ b: IOBatch, epoch: Epoch, conns: [SessionID: PeerConnection]) {
+    private func execute(_ b: IOBatch, epoch: Epoch, conns: [SessionID: PeerConnection], deferSync: Bool = false) {
         guard !dead.value else { return }
+        if deferSync {
+            // Only the data write; the sync, the ack and the completion wait for a later sync.
+            do {
+                for step in b.steps { if case let .writeData(offset, data) = step { try backing.write(offset: offset, buffer: data) } }
+                syncDeferred.append((b, epoch, conns))
+            } catch {
+                let errno = (error as? StoreError)?.errno ?? EIO
+                if let (s, ack) = b.ack { let m = ack.message(status: errno); conns[s]?.send(kind: m.kind.rawValue, epoch: epoch, payload: m.encode()) }
+                report([.ioFailed(b.failure, "\(error)", errno: errno)])
+            }
+            return
+        }
         var failure: (String, Int32)?
         var extra: [IOCompletion] = []
         func send(_ s: SessionID, _ m: LinkMessage) {
@@ -409,7 +430,9 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
                 case let .send(s, m): send(s, m)
                 case let .writeData(offset, data): try backing.write(offset: offset, buffer: data)
                 case let .writeZeroes(offset, length, dealloc): try backing.writeZeroes(offset: offset, length: length, mayDeallocate: dealloc)
-                case .sync: try backing.sync()
+                case .sync:
+                    try backing.sync()
+                    releaseSyncDeferred(status: 0)
                 case let .sendChunk(s, chunk, offset, length):
                     send(s, .resyncData(chunk: UInt64(chunk), data: try backing.read(offset: offset, length: length)))
                 case let .sendChunkHash(s, chunk, offset, length):
@@ -426,12 +449,27 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
                 break
             }
         }
+        if let (_, errno) = failure { releaseSyncDeferred(status: errno) }
         if let (s, ack) = b.ack { send(s, ack.message(status: failure?.1 ?? 0)) }
         if let (why, errno) = failure {
             report([.ioFailed(b.failure, why, errno: errno)])
         } else {
             report((b.then.map { [CoreEvent.io($0)] } ?? []) + extra.map { .io($0) })
         }
+    }
+
+    /// Acks and completes the resync chunks whose sync was merged into the one just done
+    /// (status 0), or fails them with the errno that sync got.
+    private func releaseSyncDeferred(status: Int32) {
+        guard !syncDeferred.isEmpty else { return }
+        let done = syncDeferred
+        syncDeferred = []
+        var events: [CoreEvent] = []
+        for d in done {
+            if let (s, ack) = d.batch.ack { let m = ack.message(status: status); d.conns[s]?.send(kind: m.kind.rawValue, epoch: d.epoch, payload: m.encode()) }
+            if status == 0 { events += d.batch.then.map { [CoreEvent.io($0)] } ?? [] } else { events.append(.ioFailed(d.batch.failure, "sync failed", errno: status)) }
+        }
+        report(events)
     }
 
     /// Rewrites the store's identity label for the header about to be written (io queue).
@@ -669,4 +707,12 @@ public struct ReplicationStatus: Sendable, Equatable {
     /// Frames refused by epoch fencing.
     public var fencedFrames: Int = 0
     public init() {}
+}
+
+extension IOBatch {
+    /// A resync target's chunk: write, sync, ack (see `ReplicationCore`'s frame handling).
+    var isResyncChunk: Bool {
+        guard case (_, .resync)? = ack, steps.count == 2, case .writeData = steps[0], case .sync = steps[1] else { return false }
+        return true
+    }
 }

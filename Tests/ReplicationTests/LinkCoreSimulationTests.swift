@@ -16,14 +16,17 @@ final class LinkCoreSimulationTests: XCTestCase {
     final class SimNode {
         let name: NodeID
         var core: ReplicationCore
+        /// What reads see (page cache over the device)…
         var disk: [UInt8]
+        /// …and what survives a power loss: the bytes as of the last sync.
+        var durable: [UInt8]
         var durableHeader: MetadataHeader
         var durableAL: [Int] = []
         var durableBitmap: DirtyBitmap
         var io: [(IOBatch, Epoch)] = []
         var alive = true
         init(name: NodeID, core: ReplicationCore, size: Int) {
-            self.name = name; self.core = core; disk = [UInt8](repeating: 0, count: size)
+            self.name = name; self.core = core; disk = [UInt8](repeating: 0, count: size); durable = disk
             durableHeader = core.header; durableBitmap = core.bitmap
         }
     }
@@ -48,6 +51,8 @@ final class LinkCoreSimulationTests: XCTestCase {
         var referenceValid = true
         var failovers = 0
         var replacedDisks = 0
+        var powerLosses = 0
+        var withPowerLoss = false
         var invalidations = 0
         var p: SimNode { node(primary) }
         var backup: SimNode { other(primary) }
@@ -144,7 +149,7 @@ final class LinkCoreSimulationTests: XCTestCase {
                     n.disk.replaceSubrange(Int(off)..<Int(off) + data.readableBytes, with: data.readableBytesView)
                 case let .writeZeroes(off, len, _):
                     n.disk.replaceSubrange(Int(off)..<Int(off) + len, with: repeatElement(0, count: len))
-                case .sync: break
+                case .sync: n.durable = n.disk
                 case let .sendChunk(s, chunk, off, len):
                     send(from: n, s, .resyncData(chunk: UInt64(chunk), data: ByteBuffer(bytes: n.disk[Int(off)..<Int(off) + len])), epoch: epoch)
                 case let .sendChunkHash(s, chunk, off, len):
@@ -195,16 +200,19 @@ final class LinkCoreSimulationTests: XCTestCase {
                             : .write(id, .data(ByteBuffer(bytes: bytes)), offset: UInt64(off), length: len, fua: fua))
         }
 
-        mutating func crash(_ n: SimNode) {
+        /// `powerLoss`: the host loses power, not just the process: every write since the
+        /// node's last sync is gone (metadata writes are synced by the store as they happen).
+        mutating func crash(_ n: SimNode, powerLoss: Bool = false) {
             guard n.alive else { return }
-            trace.append("\(now) \(n.name) crashes with \(n.io.count) batches queued")
+            trace.append("\(now) \(n.name) \(powerLoss ? "loses power" : "crashes") with \(n.io.count) batches queued")
+            if powerLoss { n.disk = n.durable; powerLosses += 1 }
             cut("\(n.name) crashed")
             n.alive = false
             n.io = []
             timers.removeAll { $0.1 == n.name }
         }
 
-        mutating func crashBackup() { crash(backup) }
+        mutating func crashBackup() { crash(backup, powerLoss: withPowerLoss && rng.next() % 2 == 0) }
 
         /// The backup's disk is replaced: it dies, comes back with a store full of someone
         /// else's bytes and new metadata (inconsistent, a random generation of its own). Only
@@ -213,6 +221,7 @@ final class LinkCoreSimulationTests: XCTestCase {
             let n = backup
             crash(n)
             n.disk = (0..<n.disk.count).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            n.durable = n.disk
             var h = n.durableHeader
             h.diskState = .inconsistent
             h.flags = rng.next() % 2 == 0 ? [.fresh] : []
@@ -308,8 +317,10 @@ final class LinkCoreSimulationTests: XCTestCase {
     }
 
     @discardableResult
-    func simulate(seed: UInt64, proto: ReplicationProtocol, failover: Bool = false, diskFaults: Bool = false, steps: Int = 4000) -> Int {
+    func simulate(seed: UInt64, proto: ReplicationProtocol, failover: Bool = false, diskFaults: Bool = false, powerLoss: Bool = false,
+                  steps: Int = 4000) -> Int {
         var sim = Sim(seed: seed, proto: proto)
+        sim.withPowerLoss = powerLoss
         sim.withFailover = failover
         sim.withDiskFaults = diskFaults
         _ = sim.a.core.becomePrimary(epoch: Epoch(1), newGeneration: false, now: sim.now).map { sim.perform(sim.a, $0) }
@@ -348,7 +359,7 @@ final class LinkCoreSimulationTests: XCTestCase {
         let context = "seed \(seed), protocol \(proto)\(failover ? ", failover" : "")\n" + sim.trace.suffix(40).joined(separator: "\n")
         let cuts = sim.trace.filter { $0.contains("cut:") }.count, crashes = sim.trace.filter { $0.contains(" crashes with") }.count
         let sent = sim.a.core.status.resyncBytesSent + sim.b.core.status.resyncBytesSent
-        print("sim seed \(seed) (\(proto)): \(sim.nextRequest - 1) writes, \(sim.nextSession - 1) sessions, \(cuts) cuts, \(crashes) crashes, \(sim.failovers) failovers, \(sim.replacedDisks) replaced disks, \(sim.invalidations) invalidations, resync sent \(sent) bytes")
+        print("sim seed \(seed) (\(proto)): \(sim.nextRequest - 1) writes, \(sim.nextSession - 1) sessions, \(cuts) cuts, \(crashes) crashes, \(sim.failovers) failovers, \(sim.replacedDisks) replaced disks, \(sim.invalidations) invalidations, \(sim.powerLosses) power losses, resync sent \(sent) bytes")
         XCTAssertGreaterThan(sim.nextSession, 3, "faults were injected")
         XCTAssertLessThan(settle, 200_000, "did not settle; \(context)")
         XCTAssertEqual(sim.failed, [], context)
@@ -382,6 +393,12 @@ final class LinkCoreSimulationTests: XCTestCase {
     func testSeededDiskReplacementSimulation() {
         for seed in seeds { simulate(seed: seed + 2000, proto: ReplicationProtocol.allCases[Int(seed % 3)], failover: seed % 2 == 0, diskFaults: true) }
         if seeds.count > 1 { XCTAssertGreaterThanOrEqual(diskFaultsSeen, 10, "disks must actually be replaced or invalidated") }
+    }
+
+    /// Backup hosts that lose power (every write since their last sync gone), mid-resync
+    /// included: acknowledged writes and resync chunks must have been durable, or marked.
+    func testSeededBackupPowerLossSimulation() {
+        for seed in seeds { simulate(seed: seed + 3000, proto: ReplicationProtocol.allCases[Int(seed % 3)], powerLoss: true) }
     }
 
     /// The backup fences a primary whose epoch is older than the one it promised, in the core.

@@ -132,7 +132,11 @@ extension ReplicationCore {
                 return refuse(l, "bad resync chunk \(chunk) (\(data.readableBytes) bytes)")
             }
             if targetRun == nil { targetRun = TargetRun(totalBytes: 0) }  // an on-demand repair of an in-sync peer
-            out.append(.io(IOBatch(steps: [.writeData(offset: UInt64(c) * UInt64(settings.chunkBytes), data: data)],
+            // The ack lets the source clear the chunk's bit for good, so the chunk must be
+            // durable first: a target that loses power mid-resync resumes from the bits left,
+            // and a chunk acked from the page cache would never be sent again. (The I/O queue
+            // merges the syncs of a burst of chunks into one.)
+            out.append(.io(IOBatch(steps: [.writeData(offset: UInt64(c) * UInt64(settings.chunkBytes), data: data), .sync],
                                    then: .targetChunkWritten(bytes: data.readableBytes), failure: nil, ack: (session, .resync(chunk: chunk)))))
         case let .resyncAck(chunk, status):
             if status != 0 { return refuse(l, "peer failed to write resync chunk \(chunk) (errno \(status))") }
