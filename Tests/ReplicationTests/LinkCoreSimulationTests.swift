@@ -269,7 +269,7 @@ final class LinkCoreSimulationTests: XCTestCase {
             // the arbitrator holds the backup's outdate mark (design.md §2) and refuses it.
             guard old.alive, new.alive, session != nil, old.core.status.peerState == .inSync,
                   new.core.status.diskState == .upToDate, failovers < 4 else { return }
-            crash(old)
+            crash(old, powerLoss: withPowerLoss && rng.next() % 2 == 0)
             pending = []  // the clients of the dead primary see their connection drop
             referenceValid = false
             failovers += 1
@@ -399,6 +399,12 @@ final class LinkCoreSimulationTests: XCTestCase {
     /// included: acknowledged writes and resync chunks must have been durable, or marked.
     func testSeededBackupPowerLossSimulation() {
         for seed in seeds { simulate(seed: seed + 3000, proto: ReplicationProtocol.allCases[Int(seed % 3)], powerLoss: true) }
+    }
+
+    /// Primary hosts that lose power at a failover: the returning node resyncs everything
+    /// it may lack (activity log) and everything the new primary changed (bitmap).
+    func testSeededPrimaryPowerLossSimulation() {
+        for seed in seeds { simulate(seed: seed + 4000, proto: ReplicationProtocol.allCases[Int(seed % 3)], failover: true, powerLoss: true) }
     }
 
     /// The backup fences a primary whose epoch is older than the one it promised, in the core.
