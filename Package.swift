@@ -51,7 +51,8 @@ let package = Package(
             "HACore", "Replication",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
-        .testTarget(name: "HACoreTests", dependencies: ["HACore", .product(name: "NIOConcurrencyHelpers", package: "swift-nio")]),
+        .testTarget(name: "HACoreTests", dependencies: ["HACore", .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+                                                       .product(name: "NIOPosix", package: "swift-nio")]),
         .testTarget(name: "QuorumTests", dependencies: ["Quorum", "HACore"]),
         .testTarget(name: "ReplicationTests", dependencies: [
             "Replication", "HACore",

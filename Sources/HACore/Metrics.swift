@@ -256,6 +256,8 @@ public final class NodeMetrics: @unchecked Sendable {
     public let resyncTotalBytes: Gauge
     public let maintenance: Gauge
     public let splitBrain: Gauge
+    public let healthy: Gauge
+    public let livenessMisses: Counter
     public let writeLatencySeconds: Histogram
     public let replicationSentBytes: Counter
 
@@ -276,6 +278,8 @@ public final class NodeMetrics: @unchecked Sendable {
         resyncTotalBytes = registry.gauge("hamgr_resync_total_bytes", help: "Bytes the running resync has to copy (0 when none runs).")
         maintenance = registry.gauge("hamgr_maintenance", help: "1 while this node is in maintenance (never a candidate).")
         splitBrain = registry.gauge("hamgr_split_brain", help: "1 while a detected split brain awaits resolution.")
+        healthy = registry.gauge("hamgr_healthy", help: "1 while the node can serve its role: a working store, not stopping (what /healthz answers).")
+        livenessMisses = registry.counter("hamgr_watchdog_misses_total", help: "Watchdog checks in which a loop or the control queue did not answer in time (no ping sent).")
         writeLatencySeconds = registry.histogram("hamgr_write_latency_seconds", help: "Time from receiving an NBD write to acknowledging it.",
                                                  buckets: writeLatencyBuckets)
         replicationSentBytes = registry.counter("hamgr_replication_sent_bytes_total", help: "Bytes of writes and resync data sent to the peer.")

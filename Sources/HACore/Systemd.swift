@@ -2,12 +2,12 @@ import CSystemd
 import Foundation
 
 /// The service manager protocol (sd_notify): READY=1 once serving, STATUS= lines for
-/// `systemctl status`, WATCHDOG=1 at half of WatchdogSec while healthy, STOPPING=1 on the
+/// `systemctl status`, WATCHDOG=1 at half of WatchdogSec while the loops answer, STOPPING=1 on the
 /// way out (design.md §4). Every call is a no-op without NOTIFY_SOCKET, so the same
 /// binary runs under systemd, in tests and in the demo.
 public final class SystemdNotifier: @unchecked Sendable {
     private let lock = NSLock()
-    private var watchdogTask: Task<Void, Never>?
+    private var watchdogTimer: DispatchSourceTimer?
 
     public init() {}
 
@@ -58,35 +58,37 @@ public final class SystemdNotifier: @unchecked Sendable {
         return .microseconds(Int64(clamping: usec))
     }
 
-    /// Ping at half the watchdog interval while `isAlive()` says the daemon is healthy
-    /// (e.g. its event loops answered recently). A daemon that stops being alive stops
-    /// pinging and systemd restarts it. Returns false (and does nothing) without a watchdog.
+    /// Ping at half the watchdog interval after each successful `isAlive()` — which should
+    /// prove that the daemon's loops answer (`LivenessProbe`), not that it is healthy: a
+    /// daemon whose check fails stops pinging and systemd restarts it. The check runs on a
+    /// thread of its own and may block for up to a quarter of the interval. Returns false
+    /// (and does nothing) without a watchdog.
     @discardableResult
-    public func startWatchdog(isAlive: @escaping @Sendable () -> Bool) -> Bool {
+    public func startWatchdog(isAlive: @escaping @Sendable (_ bound: Duration) -> Bool) -> Bool {
         guard let interval = watchdogInterval else { return false }
         let period = interval / 2
-        let task = Task.detached { [weak self] in
-            while !Task.isCancelled {
-                guard let self else { return }
-                if isAlive() { self.watchdogPing() }
-                try? await Task.sleep(for: period)
-            }
+        let queue = DispatchQueue(label: "hamgr.watchdog")
+        let timer = DispatchSource.makeTimerSource(queue: queue)
+        timer.schedule(deadline: .now(), repeating: .nanoseconds(Int(period.nanosecondsClamped)), leeway: .milliseconds(10))
+        timer.setEventHandler { [weak self] in
+            if isAlive(period / 2) { self?.watchdogPing() }
         }
         lock.lock()
-        watchdogTask?.cancel()
-        watchdogTask = task
+        watchdogTimer?.cancel()
+        watchdogTimer = timer
         lock.unlock()
+        timer.resume()
         return true
     }
 
     public func stopWatchdog() {
         lock.lock()
-        watchdogTask?.cancel()
-        watchdogTask = nil
+        watchdogTimer?.cancel()
+        watchdogTimer = nil
         lock.unlock()
     }
 
-    deinit { watchdogTask?.cancel() }
+    deinit { watchdogTimer?.cancel() }
 
     private static func oneLine(_ s: String) -> String {
         s.replacingOccurrences(of: "\n", with: " ")

@@ -88,7 +88,13 @@ final class ArbitratorDaemon: @unchecked Sendable {
             statusServers.append(server)
         }
         _ = notifier.ready(status: "serving \(clusters.count) cluster(s)")
-        _ = notifier.startWatchdog { true }
+        // The watchdog proves the loops answer (every session and decision runs on them).
+        let probe = LivenessProbe(LivenessProbe.loops(of: group))
+        _ = notifier.startWatchdog { [logger] bound in
+            let stuck = probe.stuck(within: bound)
+            if !stuck.isEmpty { logger.error("watchdog: \(stuck.joined(separator: ", ")) did not answer within \(bound); not pinging", metadata: ["event": "watchdog_miss"]) }
+            return stuck.isEmpty
+        }
         logger.notice("arbitrator serving \(clusters.count) cluster(s): \(clusters.keys.sorted().joined(separator: ", "))",
                       metadata: ["event": "started"])
     }

@@ -191,7 +191,20 @@ final class NodeDaemon: @unchecked Sendable {
         refresh.resume()
         resourceRefresh = refresh
         _ = notifier.ready(status: "secondary, joining")
-        _ = notifier.startWatchdog { [weak self] in self?.healthy() ?? false }
+        // The watchdog proves liveness, not health: the control queue and every event loop
+        // (NBD, replication, quorum links, status server) must run a no-op within the bound.
+        // A failed disk leaves the node up and pinging (it reports `diskless` on /healthz and
+        // in metrics); a hung loop stops the pings and systemd restarts the node.
+        let probe = LivenessProbe([LivenessProbe.queue(control, name: "control queue")] + LivenessProbe.loops(of: group))
+        _ = notifier.startWatchdog { [weak self] bound in
+            let stuck = probe.stuck(within: bound)
+            if !stuck.isEmpty, let self {
+                self.metrics.livenessMisses.increment()
+                self.logger.error("watchdog: \(stuck.joined(separator: ", ")) did not answer within \(bound); not pinging",
+                                  metadata: self.eventMetadata("watchdog_miss"))
+            }
+            return stuck.isEmpty
+        }
         control.async {
             self.logger.notice("node started", metadata: self.eventMetadata("started"))
             if self.diskRepair != nil {
@@ -534,7 +547,6 @@ final class NodeDaemon: @unchecked Sendable {
     }
 
     var isHealthy: Bool { !stopping && volume.status.diskState != .diskless && diskErrorStatus == nil }
-    private func healthy() -> Bool { isHealthy }
 
     /// The core's view as of its last event; any thread.
     var coreStatus: NodeQuorumStatus { snapshotLock.withLock { coreSnapshot } }

@@ -66,6 +66,7 @@ extension NodeDaemon {
         metrics.resyncDoneBytes.set(v.resyncDoneBytes)
         metrics.resyncTotalBytes.set(v.resyncTotalBytes)
         metrics.maintenance.set(q.maintenance)
+        metrics.healthy.set(isHealthy)
         metrics.splitBrain.set(v.splitBrain != nil)
         recordCumulativeFigures(nbd: nbd.statistics, resyncBytesSent: v.resyncBytesSent)
         return metrics.registry.render()

@@ -1,5 +1,6 @@
 import Foundation
 import HACore
+import NIOPosix
 import XCTest
 
 /// A Unix datagram socket standing in for systemd's NOTIFY_SOCKET.
@@ -68,7 +69,7 @@ final class SystemdTests: XCTestCase {
         let n = SystemdNotifier()
         XCTAssertEqual(n.watchdogInterval, .milliseconds(400))
         let start = ContinuousClock.now
-        XCTAssertTrue(n.startWatchdog { true })
+        XCTAssertTrue(n.startWatchdog { _ in true })
         var pings = 0
         while pings < 4, let msg = sock.receive() {
             XCTAssertEqual(msg, "WATCHDOG=1")
@@ -90,16 +91,52 @@ final class SystemdTests: XCTestCase {
         setenv("WATCHDOG_USEC", "200000", 1)
         unsetenv("WATCHDOG_PID")
         let n = SystemdNotifier()
-        XCTAssertTrue(n.startWatchdog { false })
+        XCTAssertTrue(n.startWatchdog { _ in false })
         XCTAssertTrue(sock.isQuiet(for: 1))
         n.stopWatchdog()
+    }
+
+    /// The probe behind the node's and the arbitrator's watchdog: a real event loop blocked
+    /// by a task of its own is named stuck within the bound, and the pings stop while it is.
+    func testBlockedEventLoopStopsThePings() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        defer { try? group.syncShutdownGracefully() }
+        let control = DispatchQueue(label: "test.control")
+        let probe = LivenessProbe([LivenessProbe.queue(control, name: "control queue")] + LivenessProbe.loops(of: group))
+        XCTAssertEqual(probe.stuck(within: .seconds(1)), [], "idle loops answer")
+
+        let sock = try NotifySocket()
+        setenv("NOTIFY_SOCKET", sock.path, 1)
+        setenv("WATCHDOG_USEC", "400000", 1)
+        unsetenv("WATCHDOG_PID")
+        let n = SystemdNotifier()
+        XCTAssertTrue(n.startWatchdog { bound in probe.stuck(within: bound).isEmpty })
+        XCTAssertEqual(sock.receive(), "WATCHDOG=1", "pings while every loop answers")
+        // Block loop 1 for 2.5 s (a handler stuck in a system call, a busy loop).
+        let release = DispatchSemaphore(value: 0)
+        let loops = Array(group.makeIterator())
+        loops[1].execute { _ = release.wait(timeout: .now() + 2.5) }
+        usleep(50_000)
+        XCTAssertEqual(probe.stuck(within: .milliseconds(100)), ["event loop 1"])
+        // Drop pings sent before the block took effect; then silence while it lasts (≥ 1.9 s left).
+        usleep(300_000)
+        var buf = [UInt8](repeating: 0, count: 64)
+        while recv(sock.fd, &buf, buf.count, Int32(MSG_DONTWAIT)) > 0 {}
+        XCTAssertTrue(sock.isQuiet(for: 1), "a blocked loop must stop the pings")
+        release.signal()
+        XCTAssertEqual(sock.receive(), "WATCHDOG=1", "pings resume once the loop answers")
+        n.stopWatchdog()
+        // The control queue too.
+        control.async { _ = release.wait(timeout: .now() + 1) }
+        XCTAssertEqual(probe.stuck(within: .milliseconds(100)), ["control queue"])
+        release.signal()
     }
 
     func testWatchdogForAnotherProcessIsIgnored() {
         setenv("WATCHDOG_USEC", "200000", 1)
         setenv("WATCHDOG_PID", String(getpid() + 1), 1)
         XCTAssertNil(SystemdNotifier().watchdogInterval)
-        XCTAssertFalse(SystemdNotifier().startWatchdog { true })
+        XCTAssertFalse(SystemdNotifier().startWatchdog { _ in true })
     }
 
     func testNoOpWithoutNotifySocket() {
