@@ -72,3 +72,37 @@ public struct NodeQuorumStatus: Equatable, Sendable {
     public var peerOutdated: Bool
     public var switchoverInProgress: Bool
 }
+
+extension NodeQuorumStatus {
+    /// `why_not_promoted` of a master whose lease ran out by its own clock before its core
+    /// stepped down (the process was paused, a tick is late).
+    public static let leaseLapsedReason = "demoting: lease lapsed"
+
+    /// The view to announce at `now` (the local monotonic clock, read when rendering, after
+    /// the snapshot was taken). A snapshot is the core's state as of its last event; a
+    /// primary's lease may have run out since. Mastership is derived here from the lease
+    /// expiry, not taken from the cached role: primary only while `now < leaseValidUntil`,
+    /// the same rule the write gate applies to every acknowledgement. Past it the node reads
+    /// as a secondary that is demoting, with no master, whatever the timers have done yet.
+    public func announced(at now: Instant) -> NodeQuorumStatus {
+        guard role == .primary else { return self }
+        var s = self
+        if let until = leaseValidUntil, now < until {
+            s.hasQuorum = true
+            return s
+        }
+        s.role = .secondary
+        s.master = nil
+        s.leaseValidUntil = nil
+        s.hasQuorum = false
+        s.whyNotPromoted = Self.leaseLapsedReason
+        s.peerOutdated = false
+        return s
+    }
+
+    /// The lease left at `now` (zero unless primary with a running lease).
+    public func leaseRemaining(at now: Instant) -> Duration {
+        guard role == .primary, let until = leaseValidUntil, now < until else { return .zero }
+        return until - now
+    }
+}

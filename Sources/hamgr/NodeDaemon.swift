@@ -599,7 +599,7 @@ final class NodeDaemon: @unchecked Sendable {
     /// Polls the core until this node is master (success) or `deadline` (refused, with the
     /// core's reason). Control queue only.
     private func awaitPromotion(until deadline: DispatchTime, reply: @escaping (AdminResponse) -> Void) {
-        let st = core.status
+        let st = core.status.announced(at: MonotonicClock.now())
         if st.role == .primary {
             return reply(.ok("promoted: master in epoch \(st.epoch), serving at \(me.serviceAddress)"))
         }

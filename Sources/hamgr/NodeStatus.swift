@@ -21,14 +21,16 @@ extension NodeDaemon {
     }
 
     /// Built from the core's and the volume's latest snapshots; any thread, never waits.
+    /// The role is derived here, from the lease expiry against the clock read after the
+    /// snapshot: a node whose lease has lapsed never reads as primary, even before its
+    /// ticker has fed the core the event that demotes it (`NodeQuorumStatus.announced`).
     func statusDocument() -> StatusDocument {
-        let q = coreStatus
+        let (q, now) = announcedCoreStatus()
         let v = volume.status
-        let now = MonotonicClock.now()
         let masterDoc: StatusDocument.Master? = q.master.flatMap { m in
             (try? config.node(named: m.name)).map { StatusDocument.Master(node: m.name, serviceAddress: $0.serviceAddress) }
         }
-        let leaseMs: Int64 = q.role == .primary ? max(0, ((q.leaseValidUntil ?? now) - now).nanosecondsClamped / 1_000_000) : 0
+        let leaseMs: Int64 = q.leaseRemaining(at: now).nanosecondsClamped / 1_000_000
         // Progress is shown while a copy runs, not after it finished.
         let copying = v.verifyRunning || v.peerState == .behind || v.diskState == .inconsistent
         let resync: StatusDocument.Resync? = copying && v.resyncTotalBytes > 0
@@ -51,16 +53,15 @@ extension NodeDaemon {
 
     /// Refreshes the gauges from the cores and renders the exposition text.
     func metricsText() -> String {
-        let q = coreStatus
+        let (q, now) = announcedCoreStatus()
         let v = volume.status
-        let now = MonotonicClock.now()
         metrics.setRole(q.role)
         metrics.setDiskState(q.disk)
         metrics.epoch.set(q.epoch.value)
         metrics.quorum.set(q.hasQuorum)
         metrics.peerUp.set(v.peerState != .disconnected)
         metrics.arbitratorUp.set(q.arbitratorReachable ?? arbitratorLinkUp)
-        metrics.leaseRemainingSeconds.set(q.role == .primary ? max(0, ((q.leaseValidUntil ?? now) - now).seconds) : 0)
+        metrics.leaseRemainingSeconds.set(q.leaseRemaining(at: now).seconds)
         metrics.replicationLagBytes.set(v.replicationLagBytes)
         metrics.outOfSyncBytes.set(v.outOfSyncBytes)
         metrics.resyncDoneBytes.set(v.resyncDoneBytes)
@@ -70,5 +71,13 @@ extension NodeDaemon {
         metrics.splitBrain.set(v.splitBrain != nil)
         recordCumulativeFigures(nbd: nbd.statistics, resyncBytesSent: v.resyncBytesSent)
         return metrics.registry.render()
+    }
+
+    /// The core's latest snapshot as it may be announced now: the clock is read after the
+    /// snapshot, so a lease that lapsed since the core's last event counts as lapsed.
+    func announcedCoreStatus() -> (NodeQuorumStatus, Instant) {
+        let snapshot = coreStatus
+        let now = MonotonicClock.now()
+        return (snapshot.announced(at: now), now)
     }
 }
