@@ -96,7 +96,7 @@ status_address = "{ip}:9651"
 state_dir = "{d}/state"
 ''')
 PY
-    args=(); [ -n "$ARB_EVENT_LOOPS" ] && args+=(--event-loops "$ARB_EVENT_LOOPS")
+    args=(--init); [ -n "$ARB_EVENT_LOOPS" ] && args+=(--event-loops "$ARB_EVENT_LOOPS")
     for ((i = 0; i < N; i++)); do args+=(--config "c/$(printf %05d "$i").toml"); done
     argbytes=$(printf '%s\0' "$HAMGR_BIN" arbitrator "${args[@]}" | wc -c)
     envbytes=$(env | wc -c)

@@ -71,7 +71,7 @@ declare -A CPID=()   # role → pid (a, b, w)
 cluster_start() {  # cluster_start a|b|w
     local who=$1
     if [ "$who" = w ]; then
-        "$HAMGR_BIN" arbitrator --config "$CLUSTER_CONF" >>"$CLUSTER_DIR/w.log" 2>&1 &
+        "$HAMGR_BIN" arbitrator --config "$CLUSTER_CONF" --init >>"$CLUSTER_DIR/w.log" 2>&1 &
     else
         "$HAMGR_BIN" run --config "$CLUSTER_CONF" --node "$who" >>"$CLUSTER_DIR/$who.log" 2>&1 &
     fi

@@ -257,6 +257,7 @@ public final class NodeMetrics: @unchecked Sendable {
     public let maintenance: Gauge
     public let splitBrain: Gauge
     public let healthy: Gauge
+    public let arbitratorRefused: Gauge
     public let livenessMisses: Counter
     public let writeLatencySeconds: Histogram
     public let replicationSentBytes: Counter
@@ -278,6 +279,7 @@ public final class NodeMetrics: @unchecked Sendable {
         resyncTotalBytes = registry.gauge("hamgr_resync_total_bytes", help: "Bytes the running resync has to copy (0 when none runs).")
         maintenance = registry.gauge("hamgr_maintenance", help: "1 while this node is in maintenance (never a candidate).")
         splitBrain = registry.gauge("hamgr_split_brain", help: "1 while a detected split brain awaits resolution.")
+        arbitratorRefused = registry.gauge("hamgr_arbitrator_refused", help: "1 while the arbitrator's answers are not counted: its state is another incarnation than this node knows (hactl arbitrator-accept).")
         healthy = registry.gauge("hamgr_healthy", help: "1 while the node can serve its role: a working store, not stopping (what /healthz answers).")
         livenessMisses = registry.counter("hamgr_watchdog_misses_total", help: "Watchdog checks in which a loop or the control queue did not answer in time (no ping sent).")
         writeLatencySeconds = registry.histogram("hamgr_write_latency_seconds", help: "Time from receiving an NBD write to acknowledging it.",

@@ -31,7 +31,16 @@ public struct StatusDocument: Codable, Sendable, Equatable {
 
     public struct Arbitrator: Codable, Sendable, Equatable {
         public var reachable: Bool
-        public init(reachable: Bool) { self.reachable = reachable }
+        /// Why the arbitrator's answers are not counted (its state is another incarnation than
+        /// the one this node knows; `hactl arbitrator-accept`), or null.
+        public var refused: String?
+        public init(reachable: Bool, refused: String? = nil) { self.reachable = reachable; self.refused = refused }
+        enum CodingKeys: String, CodingKey { case reachable, refused }
+        public func encode(to encoder: Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(reachable, forKey: .reachable)
+            try c.encode(refused, forKey: .refused)
+        }
     }
 
     public struct Resync: Codable, Sendable, Equatable {
@@ -285,6 +294,8 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
     case bootstrap(assumeClean: Bool)
     /// Discard this node's data: it becomes a full-sync target of its up-to-date peer.
     case invalidate
+    /// Count the arbitrator's answers again after its state was rebuilt (a new incarnation).
+    case acceptArbitrator
     /// Resync chunks found out of sync (by verify or the bitmap).
     case resync
     /// Resolve a split brain by discarding one side's changes since divergence.
@@ -292,7 +303,7 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
 
     public enum DiscardSide: String, Sendable, CaseIterable { case local, peer }
 
-    public static let actions = ["switchover", "promote", "demote", "maintenance", "verify", "resync", "resolve", "bootstrap", "invalidate"]
+    public static let actions = ["switchover", "promote", "demote", "maintenance", "verify", "resync", "resolve", "bootstrap", "invalidate", "arbitrator_accept"]
 
     public var action: String {
         switch self {
@@ -305,6 +316,7 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
         case .resolve: return "resolve"
         case .bootstrap: return "bootstrap"
         case .invalidate: return "invalidate"
+        case .acceptArbitrator: return "arbitrator_accept"
         }
     }
 
@@ -316,7 +328,7 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
         case .resolve(let side): return ["discard": .string(side.rawValue)]
         case .verify(let repair): return repair ? ["repair": .bool(true)] : [:]
         case .bootstrap(let clean): return clean ? ["assume_clean": .bool(true)] : [:]
-        case .switchover, .demote, .resync, .invalidate: return [:]
+        case .switchover, .demote, .resync, .invalidate, .acceptArbitrator: return [:]
         }
     }
 
@@ -347,6 +359,7 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
         case "verify": try only(["repair"]); return .verify(repair: try bool("repair") ?? false)
         case "bootstrap": try only(["assume_clean"]); return .bootstrap(assumeClean: try bool("assume_clean") ?? false)
         case "invalidate": try only([]); return .invalidate
+        case "arbitrator_accept": try only([]); return .acceptArbitrator
         case "resync": try only([]); return .resync
         case "resolve":
             try only(["discard"])

@@ -71,7 +71,9 @@ public final class SystemdNotifier: @unchecked Sendable {
         let timer = DispatchSource.makeTimerSource(queue: queue)
         timer.schedule(deadline: .now(), repeating: .nanoseconds(Int(period.nanosecondsClamped)), leeway: .milliseconds(10))
         timer.setEventHandler { [weak self] in
-            if isAlive(period / 2) { self?.watchdogPing() }
+            // A check still running when the watchdog stops must not ping after STOPPING=1.
+            guard isAlive(period / 2), let self else { return }
+            self.lock.withLock { if !timer.isCancelled { self.watchdogPing() } }
         }
         lock.lock()
         watchdogTimer?.cancel()

@@ -18,6 +18,8 @@ public struct ArbitratorClusterStatus: Equatable, Sendable {
     public var leaseExpiry: Instant?
     public var outdated: [OutdateMark]
     public var lastContact: [NodeID: Instant]
+    /// The state's incarnation, stamped on every reply.
+    public var incarnation: UInt64 = 0
 }
 
 /// One cluster's /metrics figures (see `ArbitratorCore.metricsRows`).
@@ -59,7 +61,8 @@ public struct ArbitratorCore: Sendable {
         guard let c = table[cluster] else { return nil }
         return ArbitratorClusterStatus(cluster: cluster, epoch: c.persisted.promisedEpoch, master: c.persisted.master,
                                        votedFor: c.persisted.votedFor, leaseHolder: c.leaseHolder, leaseExpiry: c.leaseExpiry,
-                                       outdated: c.persisted.outdated, lastContact: c.lastContact)
+                                       outdated: c.persisted.outdated, lastContact: c.lastContact,
+                                       incarnation: c.persisted.incarnation)
     }
 
     /// The promised epoch of one cluster (zero if unknown): the fencing token every reply
@@ -138,10 +141,17 @@ public struct ArbitratorCore: Sendable {
                 c.leaseExpiry = now
                 out.append(.log(event("leaseReleased", cluster, c, [("by", from.name), ("handoverTo", to?.name ?? "none")])))
             }
-        case .renewReply, .voteReply, .outdateReply, .clearOutdateReply, .heartbeat:
+        case .identify:
+            out.append(.send(cluster: cluster, to: from, .identifyReply(promised: c.persisted.promisedEpoch)))
+        case .renewReply, .voteReply, .outdateReply, .clearOutdateReply, .heartbeat, .stamped, .identifyReply:
             out.append(.log(QuorumEvent("messageIgnored", [.init("cluster", cluster), .init("from", from.name), .init("kind", NodeCore.kind(message))])))
         }
         table[cluster] = c
+        // Every reply names the state it comes from, so a node can tell a lost or rolled-back
+        // state (a new incarnation) from the one it knows (docs/quorum-protocol.md).
+        for i in out.indices {
+            if case let .send(cl, to, m) = out[i] { out[i] = .send(cluster: cl, to: to, .stamped(incarnation: c.persisted.incarnation, m)) }
+        }
         return out
     }
 

@@ -95,6 +95,25 @@ public enum QuorumMessage: Equatable, Sendable {
     case release(epoch: Epoch, handoverTo: NodeID?)
     /// Secondary → peer, every renew interval.
     case heartbeat(Heartbeat)
+    /// Node → arbitrator, when its link comes up: "which state are you?", so a node that takes
+    /// no part in leases or elections (a backup) knows the arbitrator's incarnation before it
+    /// ever needs its vote.
+    case identify
+    /// Arbitrator → node: the answer to `identify` (the incarnation is in the stamp).
+    case identifyReply(promised: Epoch)
+    /// Arbitrator → node: every arbitrator reply travels in this wrapper. `incarnation` names
+    /// the arbitrator's per-cluster state (random, created with the state file by
+    /// `hamgr arbitrator --init`); a node that knows another incarnation does not count the
+    /// wrapped grant (docs/quorum-protocol.md "Arbitrator continuity"). Never nested.
+    indirect case stamped(incarnation: UInt64, QuorumMessage)
+}
+
+extension QuorumMessage {
+    /// The message inside an arbitrator's incarnation stamp (itself when not stamped).
+    public var unstamped: QuorumMessage {
+        if case let .stamped(_, inner) = self { return inner }
+        return self
+    }
 }
 
 /// Garbage on the wire. Never a crash: the shell logs it and drops the message.
@@ -109,7 +128,8 @@ extension QuorumMessage {
     public static let maxEncodedBytes = 1024
 
     private enum Tag: UInt8 {
-        case renew = 1, renewReply, voteRequest, voteReply, outdate, outdateReply, clearOutdate, clearOutdateReply, release, heartbeat
+        case renew = 1, renewReply, voteRequest, voteReply, outdate, outdateReply, clearOutdate, clearOutdateReply, release, heartbeat,
+             stamped, identify, identifyReply
     }
 
     public func encoded() -> [UInt8] {
@@ -135,6 +155,17 @@ extension QuorumMessage {
             w.u8(Tag.release.rawValue); w.epoch(e); w.optionalNode(to)
         case let .heartbeat(h):
             w.u8(Tag.heartbeat.rawValue); w.epoch(h.epoch); w.optionalNode(h.master); w.disk(h.disk); w.generations(h.generations); w.bool(h.maintenance)
+        case .identify:
+            w.u8(Tag.identify.rawValue)
+        case let .identifyReply(promised):
+            w.u8(Tag.identifyReply.rawValue); w.epoch(promised)
+        case let .stamped(incarnation, inner):
+            w.u8(Tag.stamped.rawValue); w.u64(incarnation)
+            // Only a plain message is wrapped (the arbitrator stamps each reply once); a
+            // nested wrapper would not decode, so it is flattened here rather than sent.
+            var inner = inner
+            while case let .stamped(_, m) = inner { inner = m }
+            w.bytes.append(contentsOf: inner.encoded())
         }
         return w.bytes
     }
@@ -161,6 +192,14 @@ extension QuorumMessage {
         case .heartbeat:
             m = .heartbeat(Heartbeat(epoch: try r.epoch(), master: try r.optionalNode(), disk: try r.disk(),
                                      generations: try r.generations(), maintenance: try r.bool()))
+        case .identify: m = .identify
+        case .identifyReply: m = .identifyReply(promised: try r.epoch())
+        case .stamped:
+            let incarnation = try r.u64()
+            let rest = Array(bytes[r.index...])
+            guard let first = rest.first, first != Tag.stamped.rawValue else { throw QuorumDecodeError("nested or empty stamped message") }
+            m = .stamped(incarnation: incarnation, try decode(rest))
+            r.index = bytes.count
         }
         guard r.atEnd else { throw QuorumDecodeError("\(r.remaining) trailing bytes after \(tag)") }
         return m

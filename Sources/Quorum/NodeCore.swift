@@ -50,6 +50,9 @@ public struct NodeCore: Sendable {
     private var drainingSince: Instant?
 
     private var whyNotPromoted: String?
+    /// The incarnation the arbitrator's latest answer came from, when it is not the one this
+    /// node trusts (`state.arbitratorIncarnation`): its answers are dropped until accepted.
+    private var foreignArbitratorIncarnation: UInt64?
     /// An admin promotion waiting for the lease this node granted to run out (its own vote
     /// obeys the same rule as any other).
     private var promotionRequest: (force: Bool, until: Instant)?
@@ -119,9 +122,17 @@ public struct NodeCore: Sendable {
             leaseValidUntil: role == .primary ? leaseValidUntil : nil,
             hasQuorum: role == .primary ? now < leaseValidUntil : (state.master != nil && now - lastHeardMaster < window),
             peerReachable: peerUp, arbitratorReachable: arbUp, maintenance: state.maintenance,
-            whyNotPromoted: role == .primary ? nil : whyNotPromoted, gate: gate, disk: disk.state,
+            whyNotPromoted: role == .primary ? nil : [arbitratorRefused, whyNotPromoted].compactMap { $0 }.joined(separator: "; ").nilIfEmpty,
+            gate: gate, disk: disk.state,
             peerReplication: peerReplication, peerOutdated: role == .primary && fence.confirmed,
-            switchoverInProgress: drainingSince != nil)
+            switchoverInProgress: drainingSince != nil, arbitratorRefused: arbitratorRefused)
+    }
+
+    private var arbitratorRefused: String? {
+        guard let seen = foreignArbitratorIncarnation else { return nil }
+        let known = state.arbitratorIncarnation.map { String($0, radix: 16) } ?? "none"
+        return "the arbitrator's state is incarnation \(String(seen, radix: 16)), this node knows \(known) (rebuilt, wiped or rolled back): "
+            + "its votes and grants are not counted until an operator runs `hactl arbitrator-accept` (docs/operator-guide.md, Arbitrator rebuild)"
     }
 
     // MARK: - Entry point
@@ -135,8 +146,10 @@ public struct NodeCore: Sendable {
         switch event {
         case .tick:
             if role == .primary { primaryTick(now, &out) } else { secondaryTick(now, &out) }
-        case .linkUp:
-            break // reachability follows from messages, not from connections
+        case .linkUp(let n):
+            // Reachability follows from messages, not from connections; but learn (or check)
+            // the arbitrator's incarnation now, not first when its vote is needed.
+            if n == arbitrator { out.append(.send(to: arbitrator, .identify)) }
         case .linkDown(let n):
             if n == peer { lastPeerContact = nil } else if n == arbitrator { lastArbitratorContact = nil }
         case .received(let from, let message):
@@ -536,7 +549,34 @@ public struct NodeCore: Sendable {
 
     // MARK: - Messages
 
-    private mutating func receive(_ m: QuorumMessage, from: NodeID, now: Instant, _ out: inout [NodeAction]) {
+    private mutating func receive(_ stamped: QuorumMessage, from: NodeID, now: Instant, _ out: inout [NodeAction]) {
+        var m = stamped
+        if from == arbitrator {
+            // Arbitrator continuity: its answers count only from the state incarnation this
+            // node knows (adopted on first contact, durably, before it is relied on).
+            var incarnation: UInt64 = 0
+            if case let .stamped(i, inner) = stamped { incarnation = i; m = inner }
+            switch state.arbitratorIncarnation {
+            case nil:
+                state.arbitratorIncarnation = incarnation
+                persist(&out)
+                log("arbitratorAdopted", [("incarnation", String(incarnation, radix: 16))], &out)
+            case incarnation?:
+                if foreignArbitratorIncarnation != nil {
+                    foreignArbitratorIncarnation = nil
+                    log("arbitratorTrusted", [("incarnation", String(incarnation, radix: 16))], &out)
+                }
+            case let known?:
+                if foreignArbitratorIncarnation != incarnation {
+                    foreignArbitratorIncarnation = incarnation
+                    log("arbitratorIncarnationMismatch", [("known", String(known, radix: 16)), ("seen", String(incarnation, radix: 16)),
+                                                          ("why", "its votes and grants are not counted until hactl arbitrator-accept")], &out)
+                }
+                return
+            }
+        } else if case .stamped = stamped {
+            return log("messageIgnored", [("from", from.name), ("why", "only the arbitrator stamps its answers")], &out)
+        }
         if from == peer { lastPeerContact = now } else if from == arbitrator { lastArbitratorContact = now } else {
             log("messageIgnored", [("from", from.name), ("why", "not a member of this cluster")], &out)
             return
@@ -570,6 +610,8 @@ public struct NodeCore: Sendable {
         case let .heartbeat(h) where from == peer:
             peerHeartbeat = h
             noteEpoch(h.epoch)
+        case .identifyReply(let promised) where from == arbitrator:
+            noteEpoch(promised)  // the incarnation was checked (or adopted) above
         default:
             log("messageIgnored", [("from", from.name), ("kind", Self.kind(m))], &out)
         }
@@ -587,6 +629,9 @@ public struct NodeCore: Sendable {
         case .clearOutdateReply: return "clearOutdateReply"
         case .release: return "release"
         case .heartbeat: return "heartbeat"
+        case .stamped: return "stamped"
+        case .identify: return "identify"
+        case .identifyReply: return "identifyReply"
         }
     }
 
@@ -762,6 +807,17 @@ public struct NodeCore: Sendable {
             }
             out.append(.adminResult(command, .success("maintenance \(on ? "on" : "off")")))
             log("maintenance", [("on", String(on))], &out)
+        case .acceptArbitrator:
+            guard let seen = foreignArbitratorIncarnation else {
+                return refuse("nothing to accept: the arbitrator has answered from no other incarnation than the one this node knows"
+                              + (state.arbitratorIncarnation.map { " (\(String($0, radix: 16)))" } ?? ""))
+            }
+            let old = state.arbitratorIncarnation
+            state.arbitratorIncarnation = seen
+            foreignArbitratorIncarnation = nil
+            persist(&out)
+            out.append(.adminResult(command, .success("now counting the arbitrator's incarnation \(String(seen, radix: 16)) (was \(old.map { String($0, radix: 16) } ?? "none"))")))
+            log("arbitratorAccepted", [("incarnation", String(seen, radix: 16)), ("was", old.map { String($0, radix: 16) } ?? "none")], &out)
         }
     }
 
@@ -805,4 +861,8 @@ func fnv1a(_ s: String) -> UInt64 {
     var h: UInt64 = 0xcbf2_9ce4_8422_2325
     for b in s.utf8 { h = (h ^ UInt64(b)) &* 0x100_0000_01b3 }
     return h
+}
+
+private extension String {
+    var nilIfEmpty: String? { isEmpty ? nil : self }
 }

@@ -16,6 +16,9 @@ public enum AdminCommand: Equatable, Sendable {
     case demote
     /// While on, this node never becomes a candidate (it still votes).
     case maintenance(Bool)
+    /// Trust the arbitrator incarnation this node has seen (after a rebuilt or rolled-back
+    /// arbitrator state); until then its votes and grants are not counted.
+    case acceptArbitrator
 }
 
 public enum NodeEvent: Sendable {
@@ -71,6 +74,9 @@ public struct NodeQuorumStatus: Equatable, Sendable {
     /// The arbitrator confirmed our outdate of the peer: writes are acknowledged without it.
     public var peerOutdated: Bool
     public var switchoverInProgress: Bool
+    /// Why the arbitrator's answers are not counted (its state is another incarnation than
+    /// the one this node knows), nil when they are.
+    public var arbitratorRefused: String? = nil
 }
 
 extension NodeQuorumStatus {

@@ -22,13 +22,37 @@ public struct NodePersistentState: Codable, Equatable, Sendable {
     /// is in sync again. While set this node never votes for its peer: a local copy of the
     /// arbitrator's mark that does not depend on the data generations being reported in time.
     public var peerOutdatedAt: Epoch?
+    /// The arbitrator incarnation this node trusts (docs/quorum-protocol.md "Arbitrator
+    /// continuity"): adopted on first contact, replaced only by `hactl arbitrator-accept`.
+    /// Replies stamped with another incarnation never count. nil: no arbitrator reply seen
+    /// yet (or a state file written before incarnations existed).
+    public var arbitratorIncarnation: UInt64?
 
     public init(promisedEpoch: Epoch = .zero, votedFor: NodeID? = nil, master: NodeID? = nil,
                 lastMasterEpoch: Epoch? = nil, role: Role = .secondary, maintenance: Bool = false,
-                peerOutdatedAt: Epoch? = nil) {
+                peerOutdatedAt: Epoch? = nil, arbitratorIncarnation: UInt64? = nil) {
         self.promisedEpoch = promisedEpoch; self.votedFor = votedFor; self.master = master
         self.lastMasterEpoch = lastMasterEpoch; self.role = role; self.maintenance = maintenance
         self.peerOutdatedAt = peerOutdatedAt
+        self.arbitratorIncarnation = arbitratorIncarnation
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case promisedEpoch, votedFor, master, lastMasterEpoch, role, maintenance, peerOutdatedAt
+        case arbitratorIncarnation
+    }
+
+    /// Files written before the arbitrator incarnation existed still load (none known).
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        promisedEpoch = try c.decode(Epoch.self, forKey: .promisedEpoch)
+        votedFor = try c.decodeIfPresent(NodeID.self, forKey: .votedFor)
+        master = try c.decodeIfPresent(NodeID.self, forKey: .master)
+        lastMasterEpoch = try c.decodeIfPresent(Epoch.self, forKey: .lastMasterEpoch)
+        role = try c.decode(Role.self, forKey: .role)
+        maintenance = try c.decode(Bool.self, forKey: .maintenance)
+        peerOutdatedAt = try c.decodeIfPresent(Epoch.self, forKey: .peerOutdatedAt)
+        arbitratorIncarnation = try c.decodeIfPresent(UInt64.self, forKey: .arbitratorIncarnation)
     }
 
     public static let initial = NodePersistentState()
@@ -70,11 +94,41 @@ public struct ArbitratorPersistentState: Codable, Equatable, Sendable {
     public var outdated: [OutdateMark]
     /// Per node, the newest (epoch, instance) a master cleared up to; older marks are stale.
     public var cleared: [OutdateMark]
+    /// Random id of this state, created with it (`hamgr arbitrator --init`) and never changed.
+    /// Every reply carries it; a node that knows another one does not count the reply. A lost
+    /// or re-created state therefore gets a new incarnation and is not mistaken for the old
+    /// one. 0: not assigned (pure-core tests; the daemon assigns one to an old state file).
+    public var incarnation: UInt64
 
     public init(promisedEpoch: Epoch = .zero, votedFor: NodeID? = nil, master: NodeID? = nil,
-                masterGeneration: GenerationID = .none, outdated: [OutdateMark] = [], cleared: [OutdateMark] = []) {
+                masterGeneration: GenerationID = .none, outdated: [OutdateMark] = [], cleared: [OutdateMark] = [],
+                incarnation: UInt64 = 0) {
         self.promisedEpoch = promisedEpoch; self.votedFor = votedFor; self.master = master
         self.masterGeneration = masterGeneration; self.outdated = outdated; self.cleared = cleared
+        self.incarnation = incarnation
+    }
+
+    /// A fresh state for `hamgr arbitrator --init`: nothing promised, a new random incarnation.
+    public static func fresh<R: RandomNumberGenerator>(using rng: inout R) -> ArbitratorPersistentState {
+        var id: UInt64 = 0
+        while id == 0 { id = rng.next() }
+        return ArbitratorPersistentState(incarnation: id)
+    }
+
+    enum CodingKeys: String, CodingKey {
+        case promisedEpoch, votedFor, master, masterGeneration, outdated, cleared, incarnation
+    }
+
+    /// A file written before incarnations existed loads with incarnation 0.
+    public init(from decoder: Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        promisedEpoch = try c.decode(Epoch.self, forKey: .promisedEpoch)
+        votedFor = try c.decodeIfPresent(NodeID.self, forKey: .votedFor)
+        master = try c.decodeIfPresent(NodeID.self, forKey: .master)
+        masterGeneration = try c.decode(GenerationID.self, forKey: .masterGeneration)
+        outdated = try c.decode([OutdateMark].self, forKey: .outdated)
+        cleared = try c.decode([OutdateMark].self, forKey: .cleared)
+        incarnation = try c.decodeIfPresent(UInt64.self, forKey: .incarnation) ?? 0
     }
 
     public static let initial = ArbitratorPersistentState()

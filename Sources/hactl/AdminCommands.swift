@@ -321,6 +321,43 @@ struct ResolveCommand: ParsableCommand {
 
 extension AdminCommand.DiscardSide: ExpressibleByArgument {}
 
+struct ArbitratorAcceptCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "arbitrator-accept",
+        abstract: "Count the arbitrator again after its state was rebuilt, wiped or rolled back (a new incarnation).",
+        discussion: """
+        Sent to the node(s) at the given endpoint(s). A node refuses the votes and grants of an \
+        arbitrator whose state is another incarnation than the one it knows, because the new \
+        state may have lost the mark that says which node is outdated. Accept only on nodes \
+        you know hold the newest data (the last master, or both nodes while they are connected \
+        and in sync): accepting on an outdated node lets the arbitrator elect it. Asks for \
+        confirmation (docs/operator-guide.md, Arbitrator rebuild).
+        """)
+
+    @ParentCommand var hactl: Hactl
+
+    @Flag(name: .long, help: "Do not ask for confirmation.")
+    var yes = false
+
+    func run() throws {
+        try reporting {
+            let client = try hactl.client(needsToken: true)
+            for ep in client.endpoints {
+                let doc = client.fetch(ep).document
+                let node = doc?.node ?? ep
+                if !yes {
+                    guard isInteractive else { throw HactlError("arbitrator-accept can let an outdated node be elected: it needs --yes when not run from a terminal") }
+                    let why = doc?.arbitrator.refused.map { " (\($0))" } ?? ""
+                    guard confirm("Count the new arbitrator state on \(node)\(why)? Only if \(node) holds the newest data.", expected: node) else {
+                        throw HactlError("not confirmed; nothing done")
+                    }
+                }
+                printReply(try send(.acceptArbitrator, to: ep, with: client), node: node)
+            }
+        }
+    }
+}
+
 /// A progress bar on a terminal; on a pipe, a line at every 10 %.
 final class ProgressBar {
     let label: String

@@ -162,7 +162,7 @@ final class LocalCluster: @unchecked Sendable {
     func log(_ n: String) -> String { dir.appendingPathComponent("\(n).log").path }
 
     func start(_ n: String) throws {
-        let args = n == "w" ? ["arbitrator", "--config", config] : ["run", "--config", config, "--node", n]
+        let args = n == "w" ? ["arbitrator", "--config", config, "--init"] : ["run", "--config", config, "--node", n]
         let p = Process()
         p.executableURL = URL(fileURLWithPath: hamgr)
         p.arguments = args

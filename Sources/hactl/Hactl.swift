@@ -20,7 +20,7 @@ struct Hactl: AsyncParsableCommand {
         version: hamgrVersion,
         subcommands: [StatusCommand.self, SwitchoverCommand.self, PromoteCommand.self, DemoteCommand.self,
                       MaintenanceCommand.self, VerifyCommand.self, ResyncCommand.self, ResolveCommand.self,
-                      BootstrapCommand.self, InvalidateCommand.self,
+                      BootstrapCommand.self, InvalidateCommand.self, ArbitratorAcceptCommand.self,
                       DrillCommand.self, DemoCommand.self])
 
     @Option(name: .long, help: ArgumentHelp("A node's status endpoint, http://HOST:PORT (repeatable).", valueName: "url"))

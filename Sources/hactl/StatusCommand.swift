@@ -89,6 +89,7 @@ enum StatusTable {
             }
             if let sb = d.splitBrain { notes.append("\(d.node): SPLIT BRAIN: \(sb) — see `hactl resolve`") }
             if let why = d.whyNotPromoted { notes.append("\(d.node): not promoted: \(why)") }
+            if let refused = d.arbitrator.refused { notes.append("\(d.node): ARBITRATOR NOT COUNTED: \(refused)") }
             if let note = d.diskNote { notes.append("\(d.node): disk \(d.diskState.rawValue): \(note)") }
             if let r = d.resync {
                 notes.append("\(d.node): \(r.kind) \(ProgressBar.bar(r.fraction, width: 20)) \(ProgressBar.percent(r.fraction)) \(ByteSize.format(r.doneBytes)) / \(ByteSize.format(r.totalBytes))")

@@ -28,7 +28,10 @@ final class ArbitratorDaemon: @unchecked Sendable {
     private let decisionSeconds: Histogram
     private let messagesTotal: Counter
 
-    init(configs: [ClusterConfig], group: MultiThreadedEventLoopGroup, logger: Logger) throws {
+    /// - Parameter initialize: create the state of a configured cluster whose state file is
+    ///   missing (`hamgr arbitrator --init`). Without it a missing file is an error: a lost
+    ///   state must not pass for a fresh cluster (docs/quorum-protocol.md, Arbitrator continuity).
+    init(configs: [ClusterConfig], group: MultiThreadedEventLoopGroup, logger: Logger, initialize: Bool = false) throws {
         self.group = group
         self.loop = group.next()
         self.logger = logger
@@ -40,8 +43,26 @@ final class ArbitratorDaemon: @unchecked Sendable {
             clusters[c.cluster.name] = ClusterEntry(config: c, key: try c.loadClusterKey())
             try FileManager.default.createDirectory(atPath: c.arbitrator.stateDir, withIntermediateDirectories: true,
                                                     attributes: [.posixPermissions: 0o700])
-            if let bytes = try DurableFile.read(Self.statePath(c)) {
-                persisted[c.cluster.name] = try ArbitratorPersistentState.decode(bytes)
+            let path = Self.statePath(c)
+            var rng = SystemRandomNumberGenerator()
+            if let bytes = try DurableFile.read(path) {
+                var state = try ArbitratorPersistentState.decode(bytes)
+                if state.incarnation == 0 {  // written before incarnations existed: name it once
+                    state.incarnation = ArbitratorPersistentState.fresh(using: &rng).incarnation
+                    try DurableFile.write(state.encoded(), to: path)
+                    logger.notice("cluster \(c.cluster.name): state \(path) gets incarnation \(String(state.incarnation, radix: 16))",
+                                  metadata: ["event": "state_incarnation", "cluster": .string(c.cluster.name)])
+                }
+                persisted[c.cluster.name] = state
+            } else if initialize {
+                let state = ArbitratorPersistentState.fresh(using: &rng)
+                try DurableFile.write(state.encoded(), to: path)
+                persisted[c.cluster.name] = state
+                logger.notice("cluster \(c.cluster.name): new state \(path), incarnation \(String(state.incarnation, radix: 16))",
+                              metadata: ["event": "state_created", "cluster": .string(c.cluster.name)])
+            } else {
+                throw ConfigError(key: "arbitrator.state_dir", message: "cluster \(c.cluster.name): state file \(path) is missing; "
+                    + "start with --init if this arbitrator is new for the cluster (nodes that knew a previous state refuse the new one until an operator runs hactl arbitrator-accept)")
             }
         }
         let first = configs[0]

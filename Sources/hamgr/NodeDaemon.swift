@@ -625,6 +625,7 @@ final class NodeDaemon: @unchecked Sendable {
                 }
             case .demote: self.submitAdmin(.demote, reply: promise.succeed)
             case .maintenance(let on): self.submitAdmin(.maintenance(on), reply: promise.succeed)
+            case .acceptArbitrator: self.submitAdmin(.acceptArbitrator, reply: promise.succeed)
             case .verify(let repair):
                 self.volume.startVerify(repair: repair)
                 promise.succeed(.ok(repair ? "verify started; mismatched chunks are resynced when it ends; watch /status"

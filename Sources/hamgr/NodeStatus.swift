@@ -41,7 +41,7 @@ extension NodeDaemon {
             diskState: q.disk,
             peer: StatusDocument.Peer(node: peer.name.name, statusURL: "http://\(peer.statusAddress)/status",
                                       reachable: q.peerReachable, replication: v.peerState, diskState: v.peerDiskState),
-            arbitrator: StatusDocument.Arbitrator(reachable: q.arbitratorReachable ?? arbitratorLinkUp),
+            arbitrator: StatusDocument.Arbitrator(reachable: q.arbitratorReachable ?? arbitratorLinkUp, refused: q.arbitratorRefused),
             quorum: q.hasQuorum, leaseValidMs: leaseMs, outOfSyncBytes: v.outOfSyncBytes, resync: resync,
             splitBrain: v.splitBrain,
             // "local disk is inconsistent" alone does not say what to do: add the volume's note.
@@ -68,6 +68,7 @@ extension NodeDaemon {
         metrics.resyncTotalBytes.set(v.resyncTotalBytes)
         metrics.maintenance.set(q.maintenance)
         metrics.healthy.set(isHealthy)
+        metrics.arbitratorRefused.set(q.arbitratorRefused != nil)
         metrics.splitBrain.set(v.splitBrain != nil)
         recordCumulativeFigures(nbd: nbd.statistics, resyncBytesSent: v.resyncBytesSent)
         return metrics.registry.render()

@@ -53,13 +53,22 @@ struct ArbitratorCommand: ParsableCommand {
     @Option(name: .long, help: "Event-loop threads for sessions and status (decisions always run on one of them).")
     var eventLoops: Int = 1
 
+    @Flag(name: .long, help: "Create the state of a configured cluster whose state file is missing (first start, or a deliberate rebuild).")
+    var `init` = false
+
     func run() throws {
         HamgrLogging.bootstrap()
         guard !config.isEmpty else { throw ValidationError("give at least one --config") }
         guard (1...256).contains(eventLoops) else { throw ValidationError("--event-loops must be 1…256") }
         let configs = try config.map(loadConfig)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops)
-        let daemon = try ArbitratorDaemon(configs: configs, group: group, logger: Logger(label: "hamgr.arbitrator"))
+        let daemon: ArbitratorDaemon
+        do {
+            daemon = try ArbitratorDaemon(configs: configs, group: group, logger: Logger(label: "hamgr.arbitrator"), initialize: `init`)
+        } catch let e as ConfigError {
+            FileHandle.standardError.write(Data("hamgr arbitrator: \(e)\n".utf8))
+            throw ExitCode(1)
+        }
         try daemon.start()
         waitForTermination()
         daemon.shutdown()

@@ -26,7 +26,7 @@ final class ArbitratorLoadTests: XCTestCase {
                 for a in w.handle(cluster: n, from: "a", .renew(epoch: Epoch(1), seq: UInt64(round), generation: GenerationID(1)), at: t) {
                     switch a {
                     case .persist: XCTFail("routine renewal persisted for \(n)")
-                    case .send(_, _, .renewReply(_, _, true, _)): replies += 1
+                    case .send(_, _, .stamped(_, .renewReply(_, _, true, _))): replies += 1
                     default: break
                     }
                 }

@@ -66,7 +66,8 @@ final class Harness {
             case .log: break
             }
         }
-        return out
+        // Nodes get the stamped replies (above); assertions look at what is inside the stamp.
+        return out.map { if case let .send(c, to, m) = $0 { return .send(cluster: c, to: to, m.unstamped) }; return $0 }
     }
 
     /// Delivers queued messages (and whatever they cause) until none is left; `drop` models
@@ -76,7 +77,7 @@ final class Harness {
         while !inbox.isEmpty, guardCount < 1000 {
             guardCount += 1
             let (from, to, m) = inbox.removeFirst()
-            if drop(from, to, m) { continue }
+            if drop(from, to, m.unstamped) { continue }
             if to == Self.w { arbitrate(from: from, m) } else { handle(to, .received(from: from, m)) }
         }
     }
@@ -107,6 +108,12 @@ final class Harness {
         let peer = id == Self.a ? Self.b : Self.a
         nodes[id] = NodeCore(cluster: "c", me: id, peer: peer, arbitrator: Self.w, settings: settings,
                              persisted: try! NodePersistentState.decode(persisted[id]!.encoded()), disk: disks[id]!, now: now)
+    }
+
+    /// The arbitrator comes back with another state (wiped and re-created, or rolled back).
+    func replaceArbitrator(with state: ArbitratorPersistentState) {
+        arbitratorPersisted = state
+        arbitrator = ArbitratorCore(settings: settings, persisted: ["c": state])
     }
 
     func restartArbitrator() {

@@ -32,6 +32,10 @@ final class MessageCodecTests: XCTestCase {
         .release(epoch: Epoch(8), handoverTo: nil),
         .heartbeat(Heartbeat(epoch: Epoch(1), master: "a", disk: .outdated, generations: gens, maintenance: true)),
         .heartbeat(Heartbeat(epoch: Epoch(1), master: nil, disk: .upToDate, generations: gens, maintenance: false)),
+        .identify,
+        .identifyReply(promised: Epoch(9)),
+        .stamped(incarnation: 0xFEED_F00D, .voteReply(epoch: Epoch(2), round: 7, promised: Epoch(2), refusal: nil)),
+        .stamped(incarnation: 1, .identifyReply(promised: Epoch(3))),
     ]
 
     func testEveryMessageRoundTrips() throws {

@@ -503,10 +503,80 @@ final class ProtocolRuleTests: XCTestCase {
         _ = w.handle(cluster: "x", from: H.a, .renew(epoch: Epoch(3), seq: 1, generation: GenerationID(1)), at: t0)
         let out = w.handle(cluster: "y", from: H.b, .voteRequest(VoteRequest(epoch: Epoch(1), round: 1, disk: .upToDate, generations: gen1)),
                            at: t0 + .seconds(2))
-        XCTAssertTrue(out.contains { if case .send("y", H.b, .voteReply(_, _, _, nil)) = $0 { return true }; return false })
+        XCTAssertTrue(out.contains { if case .send("y", H.b, .stamped(_, .voteReply(_, _, _, nil))) = $0 { return true }; return false })
         XCTAssertEqual(w.clusters, ["x", "y"])
         XCTAssertEqual(w.status(cluster: "x")?.master, H.a)
         XCTAssertEqual(w.status(cluster: "y")?.master, H.b)
         XCTAssertEqual(w.status(cluster: "x")?.epoch, Epoch(3))
     }
 }
+
+/// Arbitrator continuity (issue 8): a node counts the arbitrator's answers only from the
+/// state incarnation it knows; a wiped or rebuilt arbitrator state (new incarnation) cannot
+/// elect an outdated backup until an operator accepts it.
+final class ArbitratorContinuityTests: XCTestCase {
+    typealias H = Harness
+    func stamped(_ inc: UInt64, _ m: QuorumMessage) -> QuorumMessage { .stamped(incarnation: inc, m) }
+
+    func testEveryArbitratorReplyCarriesItsIncarnation() {
+        var w = ArbitratorCore(settings: QuorumSettings(), persisted: ["c": ArbitratorPersistentState(incarnation: 0xABC)])
+        let out = w.handle(cluster: "c", from: H.a, .renew(epoch: Epoch(1), seq: 1, generation: GenerationID(1)), at: Instant(nanoseconds: 1 << 40))
+        let sends = out.compactMap { a -> QuorumMessage? in if case let .send(_, _, m) = a { return m }; return nil }
+        XCTAssertFalse(sends.isEmpty)
+        for m in sends { guard case .stamped(0xABC, _) = m else { return XCTFail("unstamped reply \(m)") } }
+        // The stamp survives the wire.
+        for m in sends { XCTAssertEqual(try QuorumMessage.decode(m.encoded()), m) }
+    }
+
+    func testFirstContactAdoptsThenAnotherIncarnationIsNotCountedUntilAccepted() {
+        let h = H()
+        let vote = VoteReply(epoch: Epoch(1), round: 1)
+        // First contact: adopted and persisted before anything else of that answer counts.
+        let first = h.handle(H.b, .received(from: H.w, stamped(7, vote.message)))
+        XCTAssertTrue(first.contains { if case let .persist(s) = $0 { return s.arbitratorIncarnation == 7 }; return false })
+        XCTAssertNil(h.status(H.b).arbitratorRefused)
+        // A reply from incarnation 8 (the state was wiped and re-created): dropped, and said so.
+        let second = h.handle(H.b, .received(from: H.w, stamped(8, vote.message)))
+        XCTAssertFalse(second.contains { if case .persist = $0 { return true }; return false }, "nothing from a foreign incarnation is acted on")
+        let refused = h.status(H.b).arbitratorRefused ?? ""
+        XCTAssertTrue(refused.contains("incarnation 8") && refused.contains("knows 7") && refused.contains("arbitrator-accept"), refused)
+        XCTAssertTrue(h.status(H.b).whyNotPromoted?.contains("arbitrator-accept") ?? false)
+        // Accepting adopts 8 durably; a node with nothing to accept refuses.
+        let accept = h.handle(H.b, .admin(.acceptArbitrator))
+        XCTAssertTrue(accept.contains { if case let .persist(s) = $0 { return s.arbitratorIncarnation == 8 }; return false })
+        XCTAssertTrue(accept.contains { if case .adminResult(.acceptArbitrator, .success) = $0 { return true }; return false })
+        XCTAssertNil(h.status(H.b).arbitratorRefused)
+        let again = h.handle(H.b, .admin(.acceptArbitrator))
+        XCTAssertTrue(again.contains { if case .adminResult(.acceptArbitrator, .failure) = $0 { return true }; return false })
+    }
+
+    /// The issue's scenario in the cores: the master writes alone (backup outdated at the
+    /// arbitrator), the arbitrator's state is lost (new incarnation, no outdate mark), the master
+    /// dies: the backup's candidacy gets the new arbitrator's vote — which is not counted.
+    func testWipedArbitratorCannotElectTheOutdatedBackup() {
+        let h = H()
+        // Both nodes' arbitrator links come up: each learns the arbitrator's incarnation then,
+        // not first when it needs a vote (a backup may never have asked for one).
+        for n in [H.a, H.b] { h.handle(n, .linkUp(H.w)) }
+        h.deliverAll()
+        XCTAssertNotNil(h.persisted[H.b]?.arbitratorIncarnation, "the backup adopted the incarnation at link-up")
+        h.electA()
+        XCTAssertEqual(h.status(H.a).role, .primary)
+        // Both nodes know the arbitrator's first incarnation.
+        XCTAssertNotNil(h.persisted[H.a]?.arbitratorIncarnation)
+        // The arbitrator comes back with a new, empty state (what `--init` after a wipe makes).
+        h.replaceArbitrator(with: ArbitratorPersistentState(incarnation: 0xBEEF))
+        // a is gone; b waits out the lease and stands.
+        h.advance(h.t.lease * 3)
+        for _ in 0..<40 { h.tick(H.b); h.deliverAll(drop: { from, _, _ in from == H.a }); h.advance(h.t.renewInterval) }
+        XCTAssertNotEqual(h.status(H.b).role, .primary, "an arbitrator with a lost state elected the backup")
+        XCTAssertTrue(h.status(H.b).whyNotPromoted?.contains("arbitrator-accept") ?? false, "\(String(describing: h.status(H.b).whyNotPromoted))")
+    }
+}
+
+extension VoteReply {
+    var message: QuorumMessage { .voteReply(epoch: epoch, round: round, promised: epoch, refusal: nil) }
+}
+
+/// A vote reply's fields, for readable tests.
+struct VoteReply { var epoch: Epoch; var round: UInt64 }

@@ -110,7 +110,10 @@ final class ClusterHarness {
 
     // MARK: processes
 
-    func startArbitrator() throws { try spawn("w", [Self.hamgr, "arbitrator", "--config", configPath]) }
+    /// `--init`: the arbitrator's state is created on first start (kept on later starts).
+    func startArbitrator(initialize: Bool = true) throws {
+        try spawn("w", [Self.hamgr, "arbitrator", "--config", configPath] + (initialize ? ["--init"] : []))
+    }
     func startNode(_ name: String, env: [String: String] = [:]) throws {
         try spawn(name, [Self.hamgr, "run", "--config", configPath, "--node", name], env: env)
     }
