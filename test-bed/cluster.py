@@ -111,7 +111,8 @@ class Cluster:
                     self.addr(h, STATUS_PORT), "--cluster", self.cluster_json,
                     "--backing", os.path.join(self.mounts[h], "%s.img" % h), "--size-mb", str(self.size_mb)]
         if h == "w":
-            return [self.hamgr, "arbitrator", "--config", self.config_path]
+            # --init: the state is created on the first start and kept on restarts.
+            return [self.hamgr, "arbitrator", "--config", self.config_path, "--init"]
         return [self.hamgr, "run", "--config", self.config_path, "--node", h]
 
     def start(self, h):
