@@ -567,6 +567,9 @@ public struct NodeCore: Sendable {
                     log("arbitratorTrusted", [("incarnation", String(incarnation, radix: 16))], &out)
                 }
             case let known?:
+                // It answered, even if it does not count: under split_brain = "allow" a node
+                // must not take that for silence and promote alone.
+                if case .voteReply(let e, _, _, _) = m, var c = candidacy, c.epoch == e { c.heardFrom.insert(from); candidacy = c }
                 if foreignArbitratorIncarnation != incarnation {
                     foreignArbitratorIncarnation = incarnation
                     log("arbitratorIncarnationMismatch", [("known", String(known, radix: 16)), ("seen", String(incarnation, radix: 16)),

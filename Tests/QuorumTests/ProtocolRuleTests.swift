@@ -574,6 +574,21 @@ final class ArbitratorContinuityTests: XCTestCase {
     }
 }
 
+extension ArbitratorContinuityTests {
+    /// Under split_brain = "allow" a node promotes alone only when nobody answers; a refused
+    /// arbitrator (another incarnation) did answer, so the backup does not promote alone.
+    func testRefusedArbitratorIsNotSilenceUnderAllow() {
+        let h = H(settings: QuorumSettings(splitBrain: .allow))
+        for n in [H.a, H.b] { h.handle(n, .linkUp(H.w)) }
+        h.deliverAll()
+        h.electA()
+        h.replaceArbitrator(with: ArbitratorPersistentState(incarnation: 0xBEEF))
+        h.advance(h.t.lease * 3)
+        for _ in 0..<40 { h.tick(H.b); h.deliverAll(drop: { from, to, _ in from == H.a || to == H.a }); h.advance(h.t.renewInterval) }
+        XCTAssertNotEqual(h.status(H.b).role, .primary, "a refused arbitrator's answer was taken for silence")
+    }
+}
+
 extension VoteReply {
     var message: QuorumMessage { .voteReply(epoch: epoch, round: round, promised: epoch, refusal: nil) }
 }
