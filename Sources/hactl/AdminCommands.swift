@@ -227,11 +227,10 @@ struct BootstrapCommand: ParsableCommand {
             let client = try hactl.client(needsToken: true)
             let (ep, doc) = try endpoint(ofNode: source, client: client)
             if !yes {
-                guard isInteractive else { throw HactlError("bootstrap decides whose data survives: it needs --yes when not run from a terminal") }
-                let question = assumeClean
-                    ? "Declare the stores of \(source) and \(doc.peer.node) identical, with no sync between them?"
-                    : "Keep \(source)'s data and overwrite \(doc.peer.node)'s whole store with it?"
-                guard confirm(question, expected: source) else { throw HactlError("not confirmed; nothing done") }
+                try requireConfirmation("bootstrap decides whose data survives") {
+                    (assumeClean ? "Declare the stores of \(source) and \(doc.peer.node) identical, with no sync between them?"
+                                 : "Keep \(source)'s data and overwrite \(doc.peer.node)'s whole store with it?", source)
+                }
             }
             printReply(try send(.bootstrap(assumeClean: assumeClean), to: ep, with: client), node: source)
         }
@@ -258,10 +257,9 @@ struct InvalidateCommand: ParsableCommand {
             let client = try hactl.client(needsToken: true)
             let ep = client.endpoints[0]
             if !yes {
-                guard isInteractive else { throw HactlError("invalidate discards data: it needs --yes when not run from a terminal") }
-                let node = client.fetch(ep).document?.node ?? ep
-                guard confirm("Discard every byte of \(node)'s store and copy it again from its peer?", expected: node) else {
-                    throw HactlError("not confirmed; nothing done")
+                try requireConfirmation("invalidate discards data") {
+                    let node = client.fetch(ep).document?.node ?? ep
+                    return ("Discard every byte of \(node)'s store and copy it again from its peer?", node)
                 }
             }
             printReply(try send(.invalidate, to: ep, with: client))
@@ -305,13 +303,10 @@ struct ResolveCommand: ParsableCommand {
             let client = try hactl.client(needsToken: true)
             let endpoint = client.endpoints[0]
             if !yes {
-                guard isInteractive else { throw HactlError("resolve discards data: it needs --yes when not run from a terminal") }
-                let doc = client.fetch(endpoint).document
-                let local = doc?.node ?? endpoint
-                let peer = doc?.peer.node ?? "the peer"
-                let loser = discard == .local ? local : peer
-                guard confirm("Discard every change on \(loser) since the split brain\(doc?.splitBrain.map { " (\($0))" } ?? "")?", expected: loser) else {
-                    throw HactlError("not confirmed; nothing done")
+                try requireConfirmation("resolve discards data") {
+                    let doc = client.fetch(endpoint).document
+                    let loser = discard == .local ? doc?.node ?? endpoint : doc?.peer.node ?? "the peer"
+                    return ("Discard every change on \(loser) since the split brain\(doc?.splitBrain.map { " (\($0))" } ?? "")?", loser)
                 }
             }
             printReply(try send(.resolve(discard: discard), to: endpoint, with: client))
@@ -346,10 +341,8 @@ struct ArbitratorAcceptCommand: ParsableCommand {
                 let doc = client.fetch(ep).document
                 let node = doc?.node ?? ep
                 if !yes {
-                    guard isInteractive else { throw HactlError("arbitrator-accept can let an outdated node be elected: it needs --yes when not run from a terminal") }
-                    let why = doc?.arbitrator.refused.map { " (\($0))" } ?? ""
-                    guard confirm("Count the new arbitrator state on \(node)\(why)? Only if \(node) holds the newest data.", expected: node) else {
-                        throw HactlError("not confirmed; nothing done")
+                    try requireConfirmation("arbitrator-accept can let an outdated node be elected") {
+                        ("Count the new arbitrator state on \(node)\(doc?.arbitrator.refused.map { " (\($0))" } ?? "")? Only if \(node) holds the newest data.", node)
                     }
                 }
                 printReply(try send(.acceptArbitrator, to: ep, with: client), node: node)

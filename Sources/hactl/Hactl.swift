@@ -90,6 +90,15 @@ func reporting(_ body: () throws -> Void) throws {
 /// True if both stdin and stdout are terminals (prompts and progress bars).
 var isInteractive: Bool { isatty(0) == 1 && isatty(1) == 1 }
 
+/// The confirmation every data-discarding command asks for (unless `--yes`): refused without
+/// a terminal (naming `risk`), else the operator must type `expected`. `ask` runs only on a
+/// terminal (it may fetch the node's status to word the question).
+func requireConfirmation(_ risk: String, _ ask: () -> (question: String, expected: String)) throws {
+    guard isInteractive else { throw HactlError("\(risk): it needs --yes when not run from a terminal") }
+    let (question, expected) = ask()
+    guard confirm(question, expected: expected) else { throw HactlError("not confirmed; nothing done") }
+}
+
 /// Ask for a typed confirmation; false unless the operator types `expected`.
 func confirm(_ question: String, expected: String) -> Bool {
     print(question)
