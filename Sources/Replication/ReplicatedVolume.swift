@@ -198,9 +198,15 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     /// forced promotion) so a later reconnect can tell who changed what. Throws unless the
     /// disk is upToDate; returns after the header is durable.
     public func becomePrimary(epoch: Epoch, newGeneration: Bool) throws {
+        try command { core, now in core.becomePrimary(epoch: epoch, newGeneration: newGeneration, now: now) }
+    }
+
+    /// Runs a core command that may refuse, carries out its actions, and returns once its
+    /// header (and whatever else it queued) is durable.
+    private func command(_ body: @escaping (inout ReplicationCore, Instant) -> Result<[CoreAction], VolumeError>) throws {
         try onLoopThrowing {
             guard !self.halted else { throw VolumeError.shuttingDown }
-            switch self.core.becomePrimary(epoch: epoch, newGeneration: newGeneration, now: self.clock()) {
+            switch body(&self.core, self.clock()) {
             case .failure(let e): throw e
             case .success(let actions): self.perform(actions); self.publish()
             }
@@ -210,26 +216,12 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
 
     /// `hactl bootstrap` on this node (see `ReplicationCore.bootstrap`); returns once durable.
     public func bootstrap(assumeClean: Bool) throws {
-        try onLoopThrowing {
-            guard !self.halted else { throw VolumeError.shuttingDown }
-            switch self.core.bootstrap(assumeClean: assumeClean, now: self.clock()) {
-            case .failure(let e): throw e
-            case .success(let actions): self.perform(actions); self.publish()
-            }
-        }
-        io.sync {}
+        try command { core, now in core.bootstrap(assumeClean: assumeClean, now: now) }
     }
 
     /// `hactl invalidate` on this node (see `ReplicationCore.invalidate`); returns once durable.
     public func invalidate() throws {
-        try onLoopThrowing {
-            guard !self.halted else { throw VolumeError.shuttingDown }
-            switch self.core.invalidate(now: self.clock()) {
-            case .failure(let e): throw e
-            case .success(let actions): self.perform(actions); self.publish()
-            }
-        }
-        io.sync {}
+        try command { core, now in core.invalidate(now: now) }
     }
 
     /// Stop accepting writes (pending ones fail with notPrimary) and follow the peer.
