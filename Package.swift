@@ -1,9 +1,23 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-// Language mode 5: the cores are value types and the shells confine mutable state to
-// one NIO event loop each; strict-concurrency annotations on every NIO handler would
-// cost more than they catch here. See docs/architecture.md ("Concurrency").
+// Module rule (docs/architecture.md, "Modules"): the pure targets (HACore, Quorum,
+// Replication) hold the vocabulary and the cores; they may depend on each other, on NIOCore
+// (ByteBuffer) and on Crypto (frame MAC, metadata checksums) and nothing else. Everything
+// that touches the OS (sockets, files, clocks of the daemon, journald, TOML, Foundation)
+// lives in the shell targets. scripts/check-purity.sh enforces it in CI.
+//
+// The pure targets compile in Swift 6 language mode. The shells stay in mode 5: they confine
+// mutable state to one NIO event loop or queue each, and strict-concurrency annotations on
+// every NIO handler would cost more than they catch (docs/architecture.md, "Concurrency").
+let nioCore = Target.Dependency.product(name: "NIOCore", package: "swift-nio")
+let nioPosix = Target.Dependency.product(name: "NIOPosix", package: "swift-nio")
+let nioLocks = Target.Dependency.product(name: "NIOConcurrencyHelpers", package: "swift-nio")
+let crypto = Target.Dependency.product(name: "Crypto", package: "swift-crypto")
+let logging = Target.Dependency.product(name: "Logging", package: "swift-log")
+let argumentParser = Target.Dependency.product(name: "ArgumentParser", package: "swift-argument-parser")
+let pure: [SwiftSetting] = [.swiftLanguageMode(.v6)]
+
 let package = Package(
     name: "hamgr",
     platforms: [.macOS(.v13)],
@@ -11,8 +25,11 @@ let package = Package(
         .executable(name: "hamgr", targets: ["hamgr"]),
         .executable(name: "hactl", targets: ["hactl"]),
         .library(name: "HACore", targets: ["HACore"]),
+        .library(name: "HAShell", targets: ["HAShell"]),
         .library(name: "Quorum", targets: ["Quorum"]),
         .library(name: "Replication", targets: ["Replication"]),
+        .library(name: "ReplicationShell", targets: ["ReplicationShell"]),
+        .library(name: "HamgrKit", targets: ["HamgrKit"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
@@ -22,47 +39,38 @@ let package = Package(
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
     ],
     targets: [
+        // Pure: vocabulary and cores.
+        .target(name: "HACore", dependencies: [nioCore, crypto], swiftSettings: pure),
+        .target(name: "Quorum", dependencies: ["HACore"], swiftSettings: pure),
+        .target(name: "Replication", dependencies: ["HACore", nioCore, crypto], swiftSettings: pure),
+
+        // Shells: I/O.
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
-        .target(name: "HACore", dependencies: [
-            "CSystemd",
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
-            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "Crypto", package: "swift-crypto"),
+        .target(name: "HAShell", dependencies: [
+            "HACore", "CSystemd", nioCore, nioPosix, nioLocks, logging, crypto,
             .product(name: "TOMLKit", package: "TOMLKit"),
         ]),
-        .target(name: "Quorum", dependencies: ["HACore"]),
-        .target(name: "Replication", dependencies: [
-            "HACore",
-            .product(name: "Logging", package: "swift-log"),
-            .product(name: "Crypto", package: "swift-crypto"),
-            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
+        .target(name: "ReplicationShell", dependencies: [
+            "Replication", "HAShell", nioCore, nioPosix, nioLocks, logging, crypto,
         ]),
-        .executableTarget(name: "hamgr", dependencies: [
-            "HACore", "Quorum", "Replication",
-            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        .target(name: "HamgrKit", dependencies: [
+            "HAShell", "Quorum", "Replication", "ReplicationShell", "CSystemd",
+            nioCore, nioPosix, nioLocks, logging, crypto, argumentParser,
             .product(name: "NIOHTTP1", package: "swift-nio"),
-            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
         ]),
+        .executableTarget(name: "hamgr", dependencies: ["HamgrKit"]),
         .executableTarget(name: "hactl", dependencies: [
-            "HACore", "Replication",
-            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            "HAShell", "Replication", "ReplicationShell", crypto, argumentParser,
         ]),
-        .testTarget(name: "HACoreTests", dependencies: ["HACore", .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-                                                       .product(name: "NIOPosix", package: "swift-nio")]),
+
+        .testTarget(name: "HACoreTests", dependencies: ["HACore", "HAShell", nioCore, nioPosix, nioLocks, crypto]),
         .testTarget(name: "QuorumTests", dependencies: ["Quorum", "HACore"]),
         .testTarget(name: "ReplicationTests", dependencies: [
-            "Replication", "HACore",
-            .product(name: "NIOCore", package: "swift-nio"),
-            .product(name: "NIOPosix", package: "swift-nio"),
-            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
-            .product(name: "Logging", package: "swift-log"),
+            "Replication", "ReplicationShell", "HACore", "HAShell", nioCore, nioPosix, nioLocks, logging, crypto,
         ]),
-        .testTarget(name: "IntegrationTests", dependencies: ["HACore", "Replication", "hamgr"],
-                    swiftSettings: [.define("HAMGR_TESTABLE")]),
+        .testTarget(name: "IntegrationTests", dependencies: [
+            "HamgrKit", "HAShell", "Quorum", "Replication", "ReplicationShell", nioCore, nioPosix, nioLocks, logging, crypto
+        ]),
     ],
     swiftLanguageModes: [.v5]
 )

@@ -1,5 +1,3 @@
-import Foundation
-
 /// Byte sizes as operators write them in the config: `"1GiB"`, `"64KiB"`, `"100MiB"`,
 /// `"4096"` or a bare TOML integer. Binary suffixes are powers of 1024; the decimal
 /// ones (`kB`, `MB`, `GB`, `TB`) powers of 1000, as everywhere else in storage tooling.
@@ -12,7 +10,7 @@ public enum ByteSize {
 
     /// Parse `text`; errors name `key`.
     public static func parse(_ text: String, key: String) throws -> UInt64 {
-        let s = text.trimmingCharacters(in: .whitespaces)
+        let s = trimmingWhitespace(text)
         var number = Substring(s)
         var unit: UInt64 = 1
         for (suffix, factor) in suffixes where s.hasSuffix(suffix) {
@@ -20,7 +18,7 @@ public enum ByteSize {
             unit = factor
             break
         }
-        number = Substring(number.trimmingCharacters(in: .whitespaces))
+        number = Substring(trimmingWhitespace(number))
         guard !number.isEmpty, number.allSatisfy({ $0.isASCII && $0.isNumber }), let n = UInt64(number) else {
             throw ConfigError(key: key, message: "'\(text)' is not a size (examples: 1GiB, 64KiB, 100MiB, 4096)")
         }
@@ -34,7 +32,7 @@ public enum ByteSize {
         let units: [(String, UInt64)] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)]
         for (name, factor) in units where bytes >= factor {
             if bytes % factor == 0 { return "\(bytes / factor) \(name)" }
-            return String(format: "%.1f", Double(bytes) / Double(factor)) + " " + name
+            return fixedPoint(bytes, scale: factor, decimals: 1) + " " + name
         }
         return "\(bytes) B"
     }

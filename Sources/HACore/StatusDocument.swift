@@ -1,5 +1,3 @@
-import Foundation
-
 /// The `/status` document of a data node (design.md §5), shared by `hamgr` (which
 /// serves it) and `hactl` (which reads it). JSON keys are snake_case and stable;
 /// docs/operator-guide.md "The /status document" describes every field.
@@ -184,15 +182,6 @@ public struct ArbitratorStatusDocument: Codable, Sendable, Equatable {
     }
 }
 
-extension JSONEncoder {
-    /// The encoder for everything hamgr serves: sorted keys, so output is diffable.
-    public static var hamgr: JSONEncoder {
-        let e = JSONEncoder()
-        e.outputFormatting = [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes]
-        return e
-    }
-}
-
 /// A JSON value, for admin request parameters and response fields.
 public enum JSONValue: Codable, Sendable, Equatable, CustomStringConvertible {
     case null
@@ -229,16 +218,8 @@ public enum JSONValue: Codable, Sendable, Equatable, CustomStringConvertible {
     public var stringValue: String? { if case .string(let s) = self { return s }; return nil }
     public var numberValue: Double? { if case .number(let n) = self { return n }; return nil }
 
-    public var description: String {
-        guard let data = try? JSONEncoder().encode(self), let s = String(data: data, encoding: .utf8) else { return "?" }
-        return s
-    }
-
-    /// Parse a JSON object from bytes; nil if the bytes are not a JSON object.
-    public static func parseObject(_ data: Data) -> [String: JSONValue]? {
-        if data.isEmpty { return [:] }
-        return try? JSONDecoder().decode([String: JSONValue].self, from: data)
-    }
+    /// Compact JSON text, keys sorted (HACore/JSON.swift).
+    public var description: String { PureJSON.text(self) }
 }
 
 /// The JSON body of every admin response: `{"ok": …, "message": …, …fields}`.

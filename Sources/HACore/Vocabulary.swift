@@ -1,6 +1,7 @@
-import Foundation
-
 /// Small domain types shared by every module (design.md §1).
+
+/// The version string reported in `/status`, `hamgr_build_info` and `--version`.
+public let hamgrVersion = "0.1.0"
 
 /// A data node or the arbitrator, by its configured name.
 public struct NodeID: Hashable, Comparable, Codable, Sendable, CustomStringConvertible, ExpressibleByStringLiteral {
@@ -111,7 +112,7 @@ public struct Instant: Hashable, Comparable, Codable, Sendable, CustomStringConv
     public static func + (a: Instant, d: Duration) -> Instant { Instant(nanoseconds: a.nanoseconds + d.nanosecondsClamped) }
     public static func - (a: Instant, d: Duration) -> Instant { Instant(nanoseconds: a.nanoseconds - d.nanosecondsClamped) }
     public static func - (a: Instant, b: Instant) -> Duration { .nanoseconds(a.nanoseconds - b.nanoseconds) }
-    public var description: String { String(format: "%.3fs", Double(nanoseconds) / 1e9) }
+    public var description: String { fixedPoint(nanoseconds, scale: 1_000_000_000, decimals: 3) + "s" }
 }
 
 extension Duration {

@@ -1,4 +1,3 @@
-import Foundation
 import HACore
 
 /// What a data node writes durably (fsync) before relying on it (design.md §1, §2).
@@ -142,15 +141,15 @@ public struct ArbitratorPersistentState: Codable, Equatable, Sendable {
 
 /// Persisted state is small and written rarely (on epoch, vote and mark changes), so JSON:
 /// readable in an incident, versioned by its keys.
+/// `PureJSON` (HACore) writes the layout `JSONEncoder` with `.sortedKeys` wrote, and reads
+/// files written by either, without Foundation.
 enum StateCoding {
     static func encode<T: Encodable>(_ value: T) -> [UInt8] {
-        let e = JSONEncoder()
-        e.outputFormatting = [.sortedKeys]
         // Encoding these plain structs cannot fail; a failure would be a programming error.
-        guard let data = try? e.encode(value) else { preconditionFailure("cannot encode \(T.self)") }
-        return [UInt8](data)
+        guard let bytes = try? PureJSON.encode(value) else { preconditionFailure("cannot encode \(T.self)") }
+        return bytes
     }
     static func decode<T: Decodable>(_ bytes: [UInt8]) throws -> T {
-        try JSONDecoder().decode(T.self, from: Data(bytes))
+        try PureJSON.decode(T.self, from: bytes)
     }
 }

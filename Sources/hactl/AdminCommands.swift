@@ -1,6 +1,6 @@
 import ArgumentParser
 import Foundation
-import HACore
+import HAShell
 
 /// Send one admin command and report the reply: the message on stdout and exit 0 when
 /// the node carried it out, the message on stderr and exit 1 when it refused.

@@ -1,5 +1,5 @@
 import Foundation
-import HACore
+import HAShell
 
 /// One node as hactl sees it: its `/status` document, or why it could not be read.
 struct NodeView {

@@ -1,7 +1,8 @@
 import ArgumentParser
 import Foundation
-import HACore
+import HAShell
 import Replication
+import ReplicationShell
 
 /// `hactl demo`: a local cluster — arbitrator and two data nodes, each on its own loopback
 /// address — in a temporary directory with file-backed volumes. It shows the status table,

@@ -1,6 +1,6 @@
 import ArgumentParser
 import Foundation
-import HACore
+import HAShell
 
 /// `hactl drill`: a planned (switchover) or crash drill against a running cluster. It
 /// writes a verifiable pattern through the master's export, fails over, and reports RTO

@@ -1,8 +1,9 @@
 import Crypto
 import Dispatch
 import Foundation
-import HACore
+import HAShell
 import Replication
+import ReplicationShell
 
 /// Carries out a drill against the cluster behind `client`: a pattern writer through the
 /// master's NBD export, the failover (switchover request or the operator's kill command),

@@ -1,6 +1,6 @@
 import ArgumentParser
 import Foundation
-import HACore
+import HAShell
 
 /// `hactl --endpoint http://HOST:PORT [--token-file F] COMMAND` (design.md §5).
 /// Talks only to the nodes' status servers: `/status` to read, `/admin/*` to act.

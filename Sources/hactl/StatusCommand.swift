@@ -1,6 +1,6 @@
 import ArgumentParser
 import Foundation
-import HACore
+import HAShell
 
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -71,7 +71,7 @@ public struct DiskLabel: Hashable, Sendable {
         var r = ByteReader(area)
         guard r.bytes(8) == magic, r.u32() == format, let id = r.u64(), let size = r.u64(), let cur = r.u64(), let prev = r.u64(),
               let cl = r.u32(), cl <= 1024, let cb = r.bytes(Int(cl)), let nl = r.u32(), nl <= 1024, let nb = r.bytes(Int(nl)),
-              let cluster = String(bytes: cb, encoding: .utf8), let nodeName = String(bytes: nb, encoding: .utf8)
+              let cluster = strictUTF8String(cb), let nodeName = strictUTF8String(nb)
         else { return .foreign }
         return .label(DiskLabel(diskID: id, cluster: cluster, node: NodeID(nodeName), sizeBytes: size, current: GenerationID(cur), previous: GenerationID(prev)))
     }

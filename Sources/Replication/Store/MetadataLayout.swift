@@ -1,5 +1,4 @@
 @preconcurrency import Crypto
-import Foundation
 import HACore
 
 /// Flags kept in the metadata header (design.md §1, §3 "Activity log").

@@ -328,7 +328,3 @@ public final class NodeMetrics: @unchecked Sendable {
         registry.counter("hamgr_hook_runs_total", help: "Hook runs by hook and result (ok, failed, timeout).", labels: ["hook": hook, "result": result]).increment()
     }
 }
-
-
-/// The version string reported in `/status`, `hamgr_build_info` and `--version`.
-public let hamgrVersion = "0.1.0"

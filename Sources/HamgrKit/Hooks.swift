@@ -1,5 +1,5 @@
 import Foundation
-import HACore
+import HAShell
 import Logging
 
 /// Which hook runs (design.md §4: announce after promotion, and on demotion).

@@ -1,8 +1,9 @@
 import ArgumentParser
 
-@main
-struct Hamgr: ParsableCommand {
-    static let configuration = CommandConfiguration(
+/// The root command; `Sources/hamgr/main.swift` runs it.
+public struct Hamgr: ParsableCommand {
+    public init() {}
+    public static let configuration = CommandConfiguration(
         commandName: "hamgr",
         abstract: "High-availability cluster manager for replicated block storage.",
         subcommands: [RunCommand.self, ArbitratorCommand.self, CheckCommand.self, ExportCommand.self])

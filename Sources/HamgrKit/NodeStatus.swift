@@ -1,8 +1,9 @@
 import Foundation
-import HACore
+import HAShell
 import NIOCore
 import Quorum
 import Replication
+import ReplicationShell
 
 /// What a node tells operators and monitoring: `/status`, `/metrics`, `/healthz`.
 extension NodeDaemon {

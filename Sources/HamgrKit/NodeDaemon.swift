@@ -1,12 +1,13 @@
 import Crypto
 import Foundation
-import HACore
+import HAShell
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 import Quorum
 import Replication
+import ReplicationShell
 
 /// `hamgr run`: wires one data node together. Owns nothing but wiring (style.md "Shape of
 /// the house"): the quorum core decides, the replicated volume moves data, the NBD server

@@ -1,6 +1,7 @@
-import HACore
+import HAShell
 import NIOCore
 import NIOPosix
+import Replication
 
 /// An unreplicated volume over one local `BackingStore` ("hamgr unreplicated", `hamgr export`).
 /// Every system call runs on a small thread pool, never on an event loop. FUA writes and

@@ -1,6 +1,6 @@
 import CSystemd
 import Foundation
-import HACore
+import HAShell
 import Logging
 
 /// OCF resource agent exit codes (OCF RA API 1.1, "Return codes").

@@ -1,9 +1,10 @@
 @preconcurrency import Crypto
 import Foundation
-import HACore
+import HAShell
 import Logging
 import NIOCore
 import NIOPosix
+import Replication
 
 /// A `BlockVolume` mirrored to the peer node over the replication link (design.md §3).
 ///
@@ -655,50 +656,6 @@ public struct ReplicatedVolumeConfig: Sendable {
         }
         guard me != peer else { throw ConfigError(key: "node", message: "the peer must differ from this node (\(me))") }
     }
-}
-
-/// What the volume reports to the daemon (metrics, hooks, quorum core).
-public enum ReplicationEvent: Sendable {
-    case peer(PeerReplicationState)
-    case disk(DiskState, DataGenerations)
-    case splitBrain(String)
-    case diskFailure(String)
-    case resyncProgress(done: UInt64, total: UInt64)
-    case verifyFinished(mismatchedChunks: [Int])
-}
-
-/// A point-in-time view of the volume for /status, /metrics and hactl.
-public struct ReplicationStatus: Sendable, Equatable {
-    public var role: Role = .secondary
-    public var epoch: Epoch = .zero
-    public var promisedEpoch: Epoch = .zero
-    public var diskState: DiskState = .upToDate
-    public var generations = DataGenerations(current: .none)
-    public var peerState: PeerReplicationState = .disconnected
-    public var peerDiskState: DiskState?
-    /// Bytes this node knows the peer lacks (bitmap) or that it lacks itself (crash AL).
-    public var outOfSyncBytes: UInt64 = 0
-    public var resyncDoneBytes: UInt64 = 0
-    public var resyncTotalBytes: UInt64 = 0
-    /// Cumulative chunk payload bytes this node sent as resync source.
-    public var resyncBytesSent: UInt64 = 0
-    public var inFlightWrites: Int = 0
-    /// Bytes written locally that the peer has not yet confirmed.
-    public var replicationLagBytes: UInt64 = 0
-    public var lastVerifyMismatches: [Int]?
-    public var verifyRunning = false
-    /// Metadata created on this store and no data adopted since.
-    public var fresh = false
-    /// Why the disk is not up to date, for /status (nil when it is).
-    public var diskNote: String?
-    public var splitBrain: String?
-    /// Why the link was last refused or closed.
-    public var lastLinkError: String?
-    /// Sessions that completed the authenticated hello.
-    public var linksEstablished: Int = 0
-    /// Frames refused by epoch fencing.
-    public var fencedFrames: Int = 0
-    public init() {}
 }
 
 extension IOBatch {

@@ -2,6 +2,7 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import Replication
 
 /// The NBD export of one volume (design.md §3, docs/nbd.md): fixed newstyle handshake,
 /// pipelined transmission, any number of connections. The volume can be swapped or

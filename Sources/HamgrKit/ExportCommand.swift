@@ -1,11 +1,12 @@
 import ArgumentParser
 import Dispatch
 import Foundation
-import HACore
+import HAShell
 import Logging
 import NIOCore
 import NIOPosix
 import Replication
+import ReplicationShell
 
 /// `hamgr export`: serve a local backing store over NBD, unreplicated (bring-up, benchmarks).
 struct ExportCommand: ParsableCommand {

@@ -1,5 +1,5 @@
 import Foundation
-import HACore
+import HAShell
 import Logging
 import NIOCore
 import NIOHTTP1

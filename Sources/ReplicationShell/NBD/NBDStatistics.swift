@@ -1,5 +1,6 @@
 import NIOConcurrencyHelpers
 import NIOCore
+import Replication
 
 /// A snapshot of what an `NBDServer` has served, for `/metrics` (design.md §4).
 public struct NBDStatistics: Sendable, Equatable {

@@ -1,5 +1,5 @@
 import Crypto
-import HACore
+import HAShell
 import Logging
 import NIOCore
 import Quorum

@@ -4,6 +4,7 @@ import Glibc
 import Darwin
 #endif
 import NIOCore
+import Replication
 
 /// Why an `NBDClient` call failed.
 public enum NBDClientError: Error, Equatable, CustomStringConvertible {

@@ -1,7 +1,7 @@
 import ArgumentParser
 import Dispatch
 import Foundation
-import HACore
+import HAShell
 import Logging
 import NIOCore
 import NIOPosix

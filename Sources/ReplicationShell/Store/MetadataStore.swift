@@ -1,5 +1,6 @@
 import Foundation
-import HACore
+import HAShell
+import Replication
 
 /// The metadata file: header slots, activity-log slots and the bitmap (layout in
 /// `MetadataLayout`). Every write here is followed by fdatasync before it is relied on.

@@ -1,6 +1,6 @@
 import Crypto
 import Foundation
-import HACore
+import HAShell
 import Logging
 import NIOCore
 import NIOPosix

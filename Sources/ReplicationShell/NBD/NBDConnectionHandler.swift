@@ -1,5 +1,6 @@
 import Logging
 import NIOCore
+import Replication
 
 /// One NBD connection: the handshake, then pipelined requests. Confined to the channel's
 /// event loop. Requests go to the volume as soon as they are decoded; replies are written

@@ -1,6 +1,7 @@
 import Foundation
-import HACore
+import HAShell
 import NIOCore
+import Replication
 
 /// A failed operation on the backing store or metadata, with the errno it got.
 public struct StoreError: Error, CustomStringConvertible {

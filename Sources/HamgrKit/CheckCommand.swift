@@ -1,6 +1,6 @@
 import ArgumentParser
 import Foundation
-import HACore
+import HAShell
 
 /// `hamgr check --config F [--node N]`: validate a cluster config the way `run` and
 /// `arbitrator` would, print one line, exit 0 — or print the first problem, naming the

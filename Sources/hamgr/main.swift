@@ -1,0 +1,4 @@
+// The hamgr executable: everything else lives in HamgrKit, so the tests can link it.
+import HamgrKit
+
+Hamgr.main()
