@@ -1,5 +1,6 @@
 import Foundation
 import HACore
+import HAShell
 
 /// A scratch directory holding a valid cluster config (design.md §5's example) with its
 /// key and token files, for tests that change one thing and expect one error.

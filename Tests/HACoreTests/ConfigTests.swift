@@ -1,5 +1,6 @@
 import Foundation
 import HACore
+import HAShell
 import XCTest
 
 final class ConfigTests: XCTestCase {

@@ -5,6 +5,7 @@ import NIOCore
 import NIOPosix
 import XCTest
 @testable import HACore
+@testable import HAShell
 
 /// Frames and authenticated sessions (design.md §3 "Frames"), byte for byte.
 final class FrameTests: XCTestCase {

@@ -1,5 +1,6 @@
 import Foundation
 @testable import HACore
+@testable import HAShell
 import XCTest
 
 final class HTTPClientTests: XCTestCase {

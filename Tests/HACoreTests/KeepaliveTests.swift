@@ -4,6 +4,7 @@ import NIOCore
 import NIOPosix
 import XCTest
 @testable import HACore
+@testable import HAShell
 
 /// Keepalives and silence detection of authenticated sessions (design.md §3 "Frames"): one
 /// sweeping timer per event loop, a keepalive only after idleTimeout/2 without sending, and a

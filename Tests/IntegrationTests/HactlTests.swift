@@ -1,9 +1,8 @@
-// Needs `@testable import hamgr` for the real StatusServer (IntegrationTests depends on
-// hamgr, HAMGR_TESTABLE defined). hactl itself runs as the built binary.
-#if HAMGR_TESTABLE
+// The real StatusServer comes from HamgrKit (internal API, hence @testable); hactl itself
+// runs as the built binary.
 import Foundation
-import HACore
-@testable import hamgr
+import HAShell
+@testable import HamgrKit
 import Logging
 import NIOCore
 import NIOPosix
@@ -232,4 +231,3 @@ final class HactlTests: XCTestCase {
         XCTAssertTrue(crash.stderr.contains("--kill-command"), crash.stderr)
     }
 }
-#endif

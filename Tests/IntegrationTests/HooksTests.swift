@@ -1,8 +1,6 @@
-// Needs `@testable import hamgr` (IntegrationTests depends on hamgr, HAMGR_TESTABLE defined).
-#if HAMGR_TESTABLE
 import Foundation
-import HACore
-@testable import hamgr
+import HAShell
+@testable import HamgrKit
 import Logging
 import XCTest
 
@@ -69,4 +67,3 @@ final class HooksTests: XCTestCase {
         XCTAssertTrue(why.contains("No such file"), why)
     }
 }
-#endif

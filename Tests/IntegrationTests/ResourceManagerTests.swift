@@ -1,8 +1,6 @@
-// Needs `@testable import hamgr` (IntegrationTests depends on hamgr, HAMGR_TESTABLE defined).
-#if HAMGR_TESTABLE
 import Foundation
-import HACore
-@testable import hamgr
+import HAShell
+@testable import HamgrKit
 import Logging
 import XCTest
 
@@ -197,4 +195,3 @@ final class ResourceManagerTests: XCTestCase {
         XCTAssertEqual(probe["web"]?.ok, false)
     }
 }
-#endif

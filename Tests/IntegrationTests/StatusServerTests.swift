@@ -1,9 +1,6 @@
-// Needs `@testable import hamgr`: the IntegrationTests target must list "hamgr" as a
-// dependency and define HAMGR_TESTABLE (see docs/operator-guide.md, "Running the tests").
-#if HAMGR_TESTABLE
 import Foundation
-import HACore
-@testable import hamgr
+import HAShell
+@testable import HamgrKit
 import Logging
 import NIOCore
 import NIOPosix
@@ -221,4 +218,3 @@ enum StatusDocumentSample {
             serviceAddress: "127.0.0.1:10809", generation: "abc")
     }
 }
-#endif

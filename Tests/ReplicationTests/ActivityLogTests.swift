@@ -1,5 +1,6 @@
 import HACore
 @testable import Replication
+@testable import ReplicationShell
 import XCTest
 
 final class ActivityLogTests: XCTestCase {

@@ -3,6 +3,7 @@ import NIOCore
 import NIOPosix
 import XCTest
 @testable import Replication
+@testable import ReplicationShell
 
 /// LocalVolume over a real temp file: data lands in the file, holes are punched, bounds and
 /// read-only are enforced, and a volume that was shut down fails with `.shuttingDown`.

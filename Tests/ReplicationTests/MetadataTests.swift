@@ -1,6 +1,7 @@
 import Foundation
 import HACore
 @testable import Replication
+@testable import ReplicationShell
 import XCTest
 
 final class MetadataTests: XCTestCase {

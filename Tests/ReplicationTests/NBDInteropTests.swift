@@ -1,6 +1,7 @@
 import Foundation
 import XCTest
 @testable import Replication
+@testable import ReplicationShell
 
 /// Real NBD clients (libnbd's nbdinfo/nbdcopy, qemu-io, fio) against an in-process
 /// NBDServer + LocalVolume on a temp backing file.

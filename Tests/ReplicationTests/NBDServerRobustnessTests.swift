@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import XCTest
 @testable import Replication
+@testable import ReplicationShell
 
 /// Raw-socket tests written byte for byte from the spec: bad input gets an error reply or a
 /// close, never a crash, and the server goes on serving other clients.

@@ -4,6 +4,8 @@ import NIOCore
 import NIOPosix
 import XCTest
 @testable import Replication
+@testable import ReplicationShell
+import HAShell
 
 /// An in-process NBDServer + LocalVolume on 127.0.0.1 (port 0) over a temp backing file.
 final class TestExport {

@@ -5,6 +5,8 @@ import Logging
 import NIOCore
 import NIOPosix
 @testable import Replication
+@testable import ReplicationShell
+import HAShell
 import XCTest
 
 /// A temporary directory removed when the test ends.

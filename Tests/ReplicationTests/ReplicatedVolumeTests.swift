@@ -2,6 +2,8 @@ import Foundation
 import HACore
 import NIOCore
 @testable import Replication
+@testable import ReplicationShell
+import HAShell
 import XCTest
 
 final class ReplicatedVolumeTests: XCTestCase {

@@ -2,6 +2,7 @@ import Foundation
 import HACore
 import NIOCore
 @testable import Replication
+@testable import ReplicationShell
 import XCTest
 
 final class ResyncTests: XCTestCase {
