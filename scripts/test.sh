@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
 # The README's second command, and exactly what CI runs (.ci/run): installs what the tests
-# need, builds, runs the whole suite (unit, simulator, real-client and process tests), then
-# the fault-injection test bed's self-test and short matrix (root only: it creates netns hosts).
+# need, builds (with the explicit import check), checks module purity, runs the whole suite
+# (unit, simulator, real-client and process tests), then the fault-injection test bed's
+# self-test and short matrix (root only: it creates netns hosts).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh || exit 1
 fail=0
 # Executables first: the process-level tests spawn them, and --build-tests alone does not relink them.
-swift build && swift build --build-tests || exit 1
+# The import check refuses a file that imports a module its target does not declare, so the
+# dependency lists in Package.swift (which scripts/check-purity.sh reads) are the real ones.
+importCheck=(--explicit-target-dependency-import-check error)
+swift build "${importCheck[@]}" && swift build --build-tests "${importCheck[@]}" || exit 1
+# Module rule (docs/architecture.md, "Modules"): prove the checker can fail, then check.
+bash scripts/check-purity.sh --self-test || fail=1
+bash scripts/check-purity.sh || fail=1
 swift test --skip-build 2>&1 | tee /tmp/hamgr-swift-test.log
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
 if [ "$(id -u)" -eq 0 ] && [ -x test-bed/run_matrix.sh ]; then

@@ -32,7 +32,7 @@ public enum ByteSize {
         let units: [(String, UInt64)] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)]
         for (name, factor) in units where bytes >= factor {
             if bytes % factor == 0 { return "\(bytes / factor) \(name)" }
-            return fixedPoint(bytes, scale: factor, decimals: 1) + " " + name
+            return fixedPoint(Double(bytes) / Double(factor), decimals: 1) + " " + name
         }
         return "\(bytes) B"
     }

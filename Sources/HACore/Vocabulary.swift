@@ -112,7 +112,7 @@ public struct Instant: Hashable, Comparable, Codable, Sendable, CustomStringConv
     public static func + (a: Instant, d: Duration) -> Instant { Instant(nanoseconds: a.nanoseconds + d.nanosecondsClamped) }
     public static func - (a: Instant, d: Duration) -> Instant { Instant(nanoseconds: a.nanoseconds - d.nanosecondsClamped) }
     public static func - (a: Instant, b: Instant) -> Duration { .nanoseconds(a.nanoseconds - b.nanoseconds) }
-    public var description: String { fixedPoint(nanoseconds, scale: 1_000_000_000, decimals: 3) + "s" }
+    public var description: String { fixedPoint(Double(nanoseconds) / 1e9, decimals: 3) + "s" }
 }
 
 extension Duration {
