@@ -1,3 +1,6 @@
+// @preconcurrency: swift-crypto does not mark `SHA256` Sendable on Linux, and `FrameMAC`
+// stores two of them. They are copy-on-write values (the BoringSSL context is copied before
+// a shared one is updated), so a `FrameMAC` sent to another thread is as safe as an Array.
 @preconcurrency import Crypto
 import NIOCore
 

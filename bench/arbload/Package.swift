@@ -1,6 +1,6 @@
 // swift-tools-version:6.0
 // Load generator for bench/arbitrator.sh: simulates the master of N clusters against one
-// `hamgr arbitrator`, over the product's own authenticated transport (HACore.PeerDialer) and
+// `hamgr arbitrator`, over the product's own authenticated transport (HAShell.PeerDialer) and
 // quorum messages (Quorum.QuorumMessage). A separate package so the main build is untouched.
 import Foundation
 import PackageDescription
@@ -19,7 +19,7 @@ let package = Package(
     ],
     targets: [
         .executableTarget(name: "arbload", dependencies: [
-            .product(name: "HACore", package: mainPackage),
+            .product(name: "HAShell", package: mainPackage),
             .product(name: "Quorum", package: mainPackage),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

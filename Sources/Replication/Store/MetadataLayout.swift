@@ -1,4 +1,4 @@
-@preconcurrency import Crypto
+import Crypto
 import HACore
 
 /// Flags kept in the metadata header (design.md §1, §3 "Activity log").

@@ -1,7 +1,7 @@
 // arbload — N simulated cluster masters against one hamgr arbitrator.
 //
 // Each simulated master ("node a" of cluster PREFIX-NNNNN) keeps one authenticated quorum
-// session (HACore.PeerDialer: hello with nonces, per-direction HMAC-SHA256 session keys,
+// session (HAShell.PeerDialer: hello with nonces, per-direction HMAC-SHA256 session keys,
 // sequence numbers, keepalives after idle/2 of silence), first wins an election (VoteRequest at epoch 1,
 // retried while the arbitrator refuses, e.g. during its restart quarantine), then sends
 // Renew(epoch 1) every 1/RATE seconds and measures the round trip to the RenewReply.
@@ -13,7 +13,7 @@
 //           [--window 30] [--threads 2] [--idle-ms 800] [--ramp-s 10] [--ready-timeout-s 300] [--linger-s 3]
 import Crypto
 import Foundation
-import HACore
+import HAShell
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
@@ -40,7 +40,7 @@ let rampS = Double(arg("ramp-s", "10"))!
 let readyTimeout = Double(arg("ready-timeout-s", "300"))!
 let linger = Double(arg("linger-s", "3"))!
 
-let quorumKind: UInt8 = 1  // Sources/hamgr/QuorumChannels.swift: quorumMessageFrameKind
+let quorumKind: UInt8 = 1  // Sources/HamgrKit/QuorumChannels.swift: quorumMessageFrameKind
 let epoch1 = Epoch(1)
 
 struct Stats {
