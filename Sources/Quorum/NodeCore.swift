@@ -162,9 +162,21 @@ public struct NodeCore: Sendable {
             onAdmin(command, now: now, &out)
         case .switchoverDrained:
             onDrained(now: now, &out)
+        case .clockJump(let d):
+            onClockJump(d, now: now, &out)
         }
         syncGate(&out)
         return out
+    }
+
+    /// The start entry: the actions the shell runs before any event, in order.
+    public mutating func start(at now: Instant) -> [NodeAction] {
+        lastNow = now
+        return []
+    }
+
+    private mutating func onClockJump(_ d: Duration, now: Instant, _ out: inout [NodeAction]) {
+        log("clockJump", [("missedMs", String(Int64(d.milliseconds)))], &out)
     }
 
     // MARK: - Gate, persistence, logging

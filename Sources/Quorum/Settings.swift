@@ -34,6 +34,14 @@ public enum PlantedBug: String, Sendable, CaseIterable {
     case skipOutdate
     /// Votes and the epochs promised by voting are not written before the reply.
     case votesNotPersisted
+    /// The master's lease span ignores the drift bound: it equals the voters' lease.
+    case noDriftMargin
+    /// A granted renewal or vote extends the master's lease from the reply's arrival instead
+    /// of the request's send time.
+    case leaseAnchoredAtReply
+    /// A master keeps its gate open when a voter reports a promised epoch above its own
+    /// (the clock-freeze fix skipped; docs/quorum-protocol.md "Clock freeze").
+    case gateOpenOnNewerEpoch
 }
 
 /// One structured state-change event: a name plus ordered fields (epoch, role, reason…).

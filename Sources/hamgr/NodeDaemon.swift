@@ -396,6 +396,8 @@ final class NodeDaemon: @unchecked Sendable {
                 }
             }
             completeAdmin(command, result)
+        case .fence, .cancelDrain, .fenceServices, .unfenceServices:
+            break
         case .log(let event):
             var md = eventMetadata(event.name)
             for f in event.fields { md[f.key] = .string(f.value) }

@@ -325,6 +325,13 @@ final class Simulation {
                 }
             case let .log(ev):
                 trace("\(Self.names[i]) log \(ev)")
+            case let .fence(e):
+                trace("\(Self.names[i]) fence \(e)")
+            case .cancelDrain:
+                trace("\(Self.names[i]) cancelDrain")
+                nodes[i].draining = false
+            case .fenceServices, .unfenceServices:
+                trace("\(Self.names[i]) \(a)")
             }
         }
     }
@@ -640,6 +647,7 @@ final class Simulation {
         case let .peerReplication(s): return "peerReplication \(s.rawValue)"
         case let .admin(c): return "admin \(c)"
         case .switchoverDrained: return "switchoverDrained"
+        case let .clockJump(d): return "clockJump \(d)"
         }
     }
 }

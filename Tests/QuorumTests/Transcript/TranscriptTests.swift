@@ -1,0 +1,6 @@
+import XCTest
+
+/// The datadriven transcripts in `testdata/` (see `Transcript`). One test per file.
+final class TranscriptTests: XCTestCase {
+    func testBasics() { Transcript.run("basics.txt") }
+}
