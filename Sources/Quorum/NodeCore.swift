@@ -48,6 +48,13 @@ public struct NodeCore: Sendable {
     private var peerReplicationSince: Instant
     private var fence = PeerFence()
     private var drainingSince: Instant?
+    /// Clock-freeze rule: a voter reported a promised epoch above `masterEpoch`, so another node
+    /// may already be master there (this node's clock may have stood still while the others'
+    /// ran). The gate stays closed until this node is master of an epoch at least this new.
+    private var newerEpochReported: Epoch?
+    /// A clock jump (`NodeEvent.clockJump`) was detected at this local instant: the gate stays
+    /// closed until a renewal (or vote round) sent at or after it is granted.
+    private var clockJumpAt: Instant?
 
     private var whyNotPromoted: String?
     /// The incarnation the arbitrator's latest answer came from, when it is not the one this
@@ -119,8 +126,8 @@ public struct NodeCore: Sendable {
         return NodeQuorumStatus(
             role: role, epoch: state.promisedEpoch,
             master: role == .primary ? me : state.master,
-            leaseValidUntil: role == .primary ? leaseValidUntil : nil,
-            hasQuorum: role == .primary ? now < leaseValidUntil : (state.master != nil && now - lastHeardMaster < window),
+            leaseValidUntil: role == .primary ? desiredGate.validUntil : nil,
+            hasQuorum: role == .primary ? now < desiredGate.validUntil : (state.master != nil && now - lastHeardMaster < window),
             peerReachable: peerUp, arbitratorReachable: arbUp, maintenance: state.maintenance,
             whyNotPromoted: role == .primary ? nil : [arbitratorRefused, whyNotPromoted].compactMap { $0 }.joined(separator: "; ").nilIfEmpty,
             gate: gate, disk: disk.state,
@@ -175,16 +182,62 @@ public struct NodeCore: Sendable {
         return []
     }
 
+    /// The clock stood still for about `d` while real time went on (a paused VM): every lease
+    /// this node measured as master or candidate may be over in real time already.
     private mutating func onClockJump(_ d: Duration, now: Instant, _ out: inout [NodeAction]) {
+        guard d > .zero else { return }
         log("clockJump", [("missedMs", String(Int64(d.milliseconds)))], &out)
+        // A vote granted to a round sent before the freeze may be older than its lease.
+        if var c = candidacy { c.rounds.removeAll(); candidacy = c }
+        guard role == .primary else { return }
+        clockJumpAt = now
+        syncGate(&out) // closed before anything else
+        log("gateClosed", [("why", "clock jump of \(Int64(d.milliseconds)) ms")], &out)
+        sendRenewals(now, &out) // the first renewal that can reopen it
+    }
+
+    /// Clock-freeze rule: a voter (peer or arbitrator, in any reply) promised an epoch above
+    /// ours. Someone else may be master there already, with a lease our (possibly frozen)
+    /// clock knows nothing of: close the gate now; a re-election may follow, but writes stay
+    /// closed until this node is master of an epoch at least that new.
+    private mutating func onNewerEpochReported(_ p: Epoch, by from: NodeID, _ out: inout [NodeAction]) {
+        guard role == .primary, p > masterEpoch, !settings.has(.gateOpenOnNewerEpoch) else { return }
+        let wasOpen = gateHeld == nil
+        if newerEpochReported.map({ p > $0 }) ?? true { newerEpochReported = p }
+        guard wasOpen else { return }
+        syncGate(&out)
+        log("gateClosed", [("why", "\(from) promised epoch \(p)")], &out)
+    }
+
+    /// The promised epoch a voter's reply reports, when that promise may belong to another
+    /// master (a vote granted to us does not). Heartbeats do not count: they are not answers to
+    /// anything this master sent, and a backup cut off from the master (one-way) announces its
+    /// own failed candidacies in them while the master still renews at the arbitrator — closing
+    /// the gate then would stop writes with no re-election to reopen it (no flapping, §3). A
+    /// thawed master learns a newer epoch from the replies to its first renewals.
+    private func reportedPromise(_ m: QuorumMessage) -> Epoch? {
+        switch m {
+        case let .renewReply(_, _, _, promised): return promised
+        case let .voteReply(_, _, promised, refusal): return refusal == nil ? nil : promised
+        case let .outdateReply(_, _, _, _, promised): return promised
+        case let .identifyReply(promised): return promised
+        default: return nil
+        }
     }
 
     // MARK: - Gate, persistence, logging
 
     private var desiredGate: WriteGate {
         role == .primary
-            ? WriteGate(epoch: masterEpoch, validUntil: leaseValidUntil, peerRequired: !fence.confirmed)
+            ? WriteGate(epoch: masterEpoch, validUntil: gateHeld == nil ? leaseValidUntil : .zero, peerRequired: !fence.confirmed)
             : WriteGate(epoch: state.promisedEpoch, validUntil: .zero, peerRequired: true)
+    }
+
+    /// Why a master's gate is closed although its lease runs (nil: it is not).
+    private var gateHeld: String? {
+        if let n = newerEpochReported, n > masterEpoch { return "a voter promised epoch \(n)" }
+        if clockJumpAt != nil { return "clock jump: waiting for a renewal sent after it to be granted" }
+        return nil
     }
 
     private mutating func syncGate(_ out: inout [NodeAction]) {
@@ -470,6 +523,7 @@ public struct NodeCore: Sendable {
         // A vote granted by another voter is also a lease grant, anchored at the request's send time.
         leaseValidUntil = max(wasPrimary ? leaseValidUntil : .zero, leaseAnchor + timings.masterLeaseSpan)
         lastGrantAt = now
+        if let j = clockJumpAt, leaseAnchor >= j { clockJumpAt = nil }
         if wasPrimary {
             syncGate(&out)
             log("epochRaised", [("via", via.name)], &out)
@@ -499,6 +553,8 @@ public struct NodeCore: Sendable {
     private mutating func becomeMaster(_ now: Instant) {
         role = .primary
         primarySince = now
+        newerEpochReported = nil
+        clockJumpAt = nil
         fence = PeerFence()
         peerReplication = .disconnected
         peerReplicationSince = now
@@ -596,6 +652,7 @@ public struct NodeCore: Sendable {
             log("messageIgnored", [("from", from.name), ("why", "not a member of this cluster")], &out)
             return
         }
+        if let p = reportedPromise(m) { onNewerEpochReported(p, by: from, &out) }
         switch m {
         case let .renew(e, seq, _) where from == peer:
             onRenew(epoch: e, seq: seq, now: now, &out)
@@ -704,6 +761,10 @@ public struct NodeCore: Sendable {
             if let sent = renewsSent.first(where: { $0.seq == seq }) {
                 leaseValidUntil = max(leaseValidUntil, sent.at + timings.masterLeaseSpan)
                 lastGrantAt = now
+                if let j = clockJumpAt, sent.at >= j {
+                    clockJumpAt = nil
+                    log("gateReopened", [("why", "renewal sent after the clock jump granted by \(from)")], &out)
+                }
             }
         } else if from == peer, promised >= masterEpoch, candidacy == nil, drainingSince == nil,
                   now < leaseValidUntil, now >= nextCandidacyAt {

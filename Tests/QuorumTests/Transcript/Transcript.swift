@@ -22,6 +22,10 @@ import XCTest
 ///     disk a upToDate|outdated|inconsistent|diskless [gen=2] [bitmap=1]
 ///     drained a                       the shell finished the switchover drain
 ///     clockjump a 5s                  the shell detected a clock freeze of about 5 s
+///     freeze a 3s                     3 s pass for everyone but a, whose monotonic clock stands
+///                                     still (a paused VM); a gets no events meanwhile. From then
+///                                     on a's clock is 3 s behind (tick/deliver/inject use it;
+///                                     run/elect do not)
 ///     crash a                         a is gone (messages to it are dropped)
 ///     restart a|w                     restart from the persisted state (prints `start` actions)
 ///     start a [epoch=5] [voted=b] [master=b] [fenced=4] [peerOutdatedAt=3] [since=5s]
@@ -35,11 +39,18 @@ import XCTest
 final class Transcript {
     var h: Harness
     var origin: Instant
+    /// How far each node's monotonic clock is behind the shared clock (`freeze`).
+    var behind: [NodeID: Duration] = [:]
+    /// The clock of the node whose output is being rendered.
+    private var renderNow: Instant
 
     init(settings: QuorumSettings = QuorumSettings()) {
         h = Harness(settings: settings)
         origin = h.now - .seconds(2)
+        renderNow = h.now
     }
+
+    func local(_ n: NodeID) -> Instant { h.now - (behind[n] ?? .zero) }
 
     // MARK: - File handling
 
@@ -160,6 +171,7 @@ final class Transcript {
             }
             h = Harness(settings: s)
             origin = h.now - .seconds(2)
+            behind = [:]
         case "advance":
             h.advance(try Self.duration(args.first))
         case "tick":
@@ -222,6 +234,11 @@ final class Transcript {
         case "clockjump":
             let n = try node(args.first)
             feed(n, .clockJump(try Self.duration(args.dropFirst().first)))
+        case "freeze":
+            let n = try node(args.first)
+            let d = try Self.duration(args.dropFirst().first)
+            h.advance(d)
+            behind[n, default: .zero] += d
         case "crash":
             let n = try node(args.first)
             h.nodes[n] = nil
@@ -286,12 +303,14 @@ final class Transcript {
     }
 
     private func feed(_ n: NodeID, _ e: NodeEvent) {
-        for a in h.handle(n, e) { output.append("\(n): \(render(a))") }
+        renderNow = local(n)
+        for a in h.handle(n, e, at: local(n)) { output.append("\(n): \(render(a))") }
+        renderNow = h.now
     }
 
     private func started(_ n: NodeID) {
         guard var core = h.nodes[n] else { return }
-        let out = core.start(at: h.now)
+        let out = core.start(at: local(n))
         h.nodes[n] = core
         for a in out {
             if case let .persist(p) = a { h.persisted[n] = p }
@@ -328,7 +347,7 @@ final class Transcript {
     static func route(_ s: String) throws -> (NodeID, NodeID) -> Bool {
         guard let arrow = s.range(of: "->") else { throw Bad("expected FROM->TO, got \(s)") }
         let from = String(s[..<arrow.lowerBound]), to = String(s[arrow.upperBound...])
-        return { f, t in (from == "*" || f.name == from) && (to == "*" || t.name == to) }
+        return { f, t in (from.isEmpty || from == "*" || f.name == from) && (to.isEmpty || to == "*" || t.name == to) }
     }
 
     static func message(_ words: [String]) throws -> QuorumMessage {
@@ -428,7 +447,7 @@ final class Transcript {
     }
 
     func gate(_ g: WriteGate) -> String {
-        g.validUntil <= h.now
+        g.validUntil <= renderNow
             ? "gate e=\(g.epoch) closed"
             : "gate e=\(g.epoch) until=\(time(g.validUntil)) peer=\(g.peerRequired ? "required" : "outdated")"
     }
@@ -446,6 +465,8 @@ final class Transcript {
 
     func status(_ n: NodeID) -> String {
         guard let core = h.nodes[n] else { return "\(n): down" }
+        renderNow = local(n)
+        defer { renderNow = h.now }
         let s = core.status
         var line = "\(n): \(s.role.rawValue) epoch=\(s.epoch) master=\(Self.opt(s.master)) \(gate(s.gate))"
         if s.peerOutdated { line += " peerOutdated" }

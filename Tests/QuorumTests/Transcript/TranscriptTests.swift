@@ -3,4 +3,5 @@ import XCTest
 /// The datadriven transcripts in `testdata/` (see `Transcript`). One test per file.
 final class TranscriptTests: XCTestCase {
     func testBasics() { Transcript.run("basics.txt") }
+    func testClockFreeze() { Transcript.run("clock-freeze.txt") }
 }
