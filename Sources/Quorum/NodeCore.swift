@@ -275,6 +275,9 @@ public struct NodeCore: Sendable {
         if let since = drainingSince, now >= since + timings.failureTimeout {
             drainingSince = nil
             out.append(.adminResult(.switchover, .failure(AdminRefusal("drain did not finish within \(Int(timings.failureTimeout.milliseconds)) ms; writes resume, this node stays master"))))
+            // The shell resumes writes and restarts the services it stopped; a late
+            // `.switchoverDrained` is ignored (drainingSince is nil).
+            out.append(.cancelDrain)
             log("switchoverAbandoned", [("reason", "drain timeout")], &out)
         }
         if lastRenewSent.map({ now >= $0 + timings.renewInterval }) ?? true {
@@ -905,6 +908,9 @@ public struct NodeCore: Sendable {
         drainingSince = nil
         guard candidacy == nil, state.promisedEpoch == masterEpoch, now < leaseValidUntil else {
             out.append(.adminResult(.switchover, .failure(AdminRefusal("switchover failed: the epoch changed or the lease lapsed while draining"))))
+            // Still master (a step-down would have ended the drain already): resume.
+            out.append(.cancelDrain)
+            log("switchoverAbandoned", [("reason", "epoch changed while draining")], &out)
             return
         }
         let e = masterEpoch

@@ -388,15 +388,22 @@ final class NodeDaemon: @unchecked Sendable {
                 }
                 }
             }
-        case .adminResult(let command, let result):
-            if command == .switchover, case .failure = result, core.status.role == .primary {
-                // An abandoned switchover: the core stays master, so the drained volume resumes writes.
-                do { try volume.becomePrimary(epoch: core.status.epoch, newGeneration: false) } catch {
-                    logger.error("cannot resume writes after an abandoned switchover: \(error)", metadata: eventMetadata("resume_failed"))
+        case .cancelDrain:
+            // An abandoned switchover: this node stays master. Queued behind the stop-and-drain
+            // of `.drainForSwitchover`, so the cancel reaches the volume after the drain request.
+            let volume = self.volume
+            inResourceOrder { [weak self] in
+                volume.cancelDrain()
+                guard let self else { return }
+                do { try await self.resources.startAll() } catch {
+                    self.control.async {
+                        self.logger.error("restarting resources after an abandoned switchover: \(error)", metadata: self.eventMetadata("resource_start_failed"))
+                    }
                 }
             }
+        case .adminResult(let command, let result):
             completeAdmin(command, result)
-        case .fence, .cancelDrain, .fenceServices, .unfenceServices:
+        case .fence, .fenceServices, .unfenceServices:
             break
         case .log(let event):
             var md = eventMetadata(event.name)

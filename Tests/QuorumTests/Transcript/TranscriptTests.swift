@@ -4,4 +4,5 @@ import XCTest
 final class TranscriptTests: XCTestCase {
     func testBasics() { Transcript.run("basics.txt") }
     func testClockFreeze() { Transcript.run("clock-freeze.txt") }
+    func testSwitchoverAbandoned() { Transcript.run("switchover-abandoned.txt") }
 }
