@@ -17,6 +17,9 @@ public struct NodeCore: Sendable {
     private var gate: WriteGate
     /// Highest epoch seen anywhere; a new candidacy goes above it.
     private var highestSeenEpoch: Epoch
+    /// The replication fencing token handed to the volume (`NodeAction.fence`): the highest
+    /// epoch promised to the peer, followed, or held as master — never a self-vote alone.
+    private var fencedEpoch: Epoch
 
     // As a voter.
     /// The node holding the lease this node granted (nil: unknown, e.g. right after a restart).
@@ -105,6 +108,7 @@ public struct NodeCore: Sendable {
         self.rng = SplitMix64(seed: settings.jitterSeed ^ fnv1a(cluster) ^ fnv1a(me.name) &* 31)
         self.gate = WriteGate(epoch: persisted.promisedEpoch, validUntil: .zero, peerRequired: true)
         self.highestSeenEpoch = persisted.promisedEpoch
+        self.fencedEpoch = persisted.fencedEpoch ?? persisted.promisedEpoch
         // Restart quarantine: before the crash this node may have granted a lease it no longer
         // remembers; it votes for nobody until such a lease would have run out.
         self.grantedLeaseExpiry = settings.has(.skipLeaseWait) ? now : now + settings.timings.lease
@@ -246,6 +250,27 @@ public struct NodeCore: Sendable {
     }
 
     private mutating func persist(_ out: inout [NodeAction]) { out.append(.persist(state)) }
+
+    /// Records `e` as the fencing token if it is newer; the caller persists `state` next and
+    /// then emits `.fence(e)` (`emitFence`), so the token is durable before it is acted on.
+    ///
+    /// Why a self-vote never fences (gap 5): the token exists so that a backup that promised a
+    /// newer epoch to *another* node never applies (and so never lets an old master count) a
+    /// frame of an older epoch. A candidate's promise to itself protects nothing: if it wins,
+    /// its volume becomes primary and refuses every replication write from the peer; if it
+    /// loses, the master it followed may still hold a valid lease (the candidacy failed exactly
+    /// because a voter still honoured that lease), and refusing its frames would only stall
+    /// that live master's protocol-B/C acknowledgements and get this node outdated. Any frame
+    /// of the old epoch it still applies is one the old master can acknowledge only under its
+    /// lease, which the voters checked had run out before granting a newer epoch (§8 b).
+    private mutating func raiseFence(_ e: Epoch) -> Bool {
+        guard e > fencedEpoch else { return false }
+        fencedEpoch = e
+        state.fencedEpoch = e
+        return true
+    }
+
+    private func emitFence(_ out: inout [NodeAction]) { out.append(.fence(fencedEpoch)) }
 
     /// Persisting a vote (and the epoch it promises) before replying is what keeps a restarted
     /// voter from voting twice; the planted bug leaves it out.
@@ -522,7 +547,9 @@ public struct NodeCore: Sendable {
         state.master = me
         state.lastMasterEpoch = c.epoch
         state.role = .primary
+        let fenced = raiseFence(c.epoch)
         persist(&out)
+        defer { if fenced { emitFence(&out) } }
         // A vote granted by another voter is also a lease grant, anchored at the request's send time.
         leaseValidUntil = max(wasPrimary ? leaseValidUntil : .zero, leaseAnchor + timings.masterLeaseSpan)
         lastGrantAt = now
@@ -545,11 +572,13 @@ public struct NodeCore: Sendable {
         state.master = me
         state.lastMasterEpoch = c.epoch
         state.role = .primary
+        let fenced = raiseFence(c.epoch)
         persist(&out)
         becomeMaster(now)
         leaseValidUntil = now + timings.masterLeaseSpan
         syncGate(&out)
         out.append(.becomePrimary(epoch: c.epoch, newGeneration: true))
+        if fenced { emitFence(&out) }
         log("promoted", [("via", "nobody answered for failure_timeout (split_brain=allow)")], &out)
     }
 
@@ -605,7 +634,9 @@ public struct NodeCore: Sendable {
         state.promisedEpoch = r.epoch
         state.votedFor = from
         state.master = from
-        if fresh { persistVote(&out) }
+        let fenced = raiseFence(r.epoch)
+        if fresh || fenced { persistVote(&out) }
+        if fenced { emitFence(&out) }
         // A vote is also a lease grant to the candidate (its lease starts at the request).
         grantedLeaseHolder = from
         grantedLeaseExpiry = now + timings.lease
@@ -735,13 +766,15 @@ public struct NodeCore: Sendable {
         let newMaster = e != state.promisedEpoch || state.master != peer
         if let c = candidacy, c.epoch <= e { candidacy = nil }
         if e > state.promisedEpoch { state.votedFor = nil }
+        let fenced = raiseFence(e)
         if newMaster {
             state.promisedEpoch = e
             state.master = peer
             // The peer is master of a newer epoch: our data will follow its data from now on.
             state.peerOutdatedAt = nil
-            persist(&out)
         }
+        if newMaster || fenced { persist(&out) }
+        if fenced { emitFence(&out) }
         if let h = handover, e > h.epoch { handover = nil }
         grantedLeaseHolder = peer
         grantedLeaseExpiry = now + timings.lease
@@ -923,7 +956,9 @@ public struct NodeCore: Sendable {
         state.votedFor = peer
         state.master = peer
         state.role = .secondary
+        let fenced = raiseFence(e.next)
         persist(&out)
+        if fenced { emitFence(&out) }
         noteEpoch(e.next)
         grantedLeaseHolder = peer
         grantedLeaseExpiry = now + timings.lease

@@ -69,7 +69,6 @@ final class NodeDaemon: @unchecked Sendable {
     let notifier = SystemdNotifier()
     private var stopping = false
     private var promotedAt: Instant?
-    private var fencedEpoch = Epoch.zero
 
     init(config: ClusterConfig, node: String, group: MultiThreadedEventLoopGroup, logger: Logger) throws {
         self.config = config
@@ -403,7 +402,11 @@ final class NodeDaemon: @unchecked Sendable {
             }
         case .adminResult(let command, let result):
             completeAdmin(command, result)
-        case .fence, .fenceServices, .unfenceServices:
+        case .fence(let epoch):
+            // The replication fencing token, an explicit core output: never raised by this
+            // node's own candidacy (a failed one must not refuse the live master's frames).
+            volume.setPromisedEpoch(epoch)
+        case .fenceServices, .unfenceServices:
             break
         case .log(let event):
             var md = eventMetadata(event.name)
@@ -414,10 +417,6 @@ final class NodeDaemon: @unchecked Sendable {
             maintenanceApplied = core.status.maintenance
             let on = maintenanceApplied
             Task { await self.resources.holdRestarts(on) }
-        }
-        if core.status.epoch != fencedEpoch {
-            fencedEpoch = core.status.epoch
-            volume.setPromisedEpoch(fencedEpoch)
         }
     }
 

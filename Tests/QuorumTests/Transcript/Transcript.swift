@@ -469,6 +469,7 @@ final class Transcript {
         defer { renderNow = h.now }
         let s = core.status
         var line = "\(n): \(s.role.rawValue) epoch=\(s.epoch) master=\(Self.opt(s.master)) \(gate(s.gate))"
+        if let f = h.persisted[n]?.fencedEpoch { line += " fenced=\(f)" }
         if s.peerOutdated { line += " peerOutdated" }
         if let p = h.persisted[n], let o = p.peerOutdatedAt { line += " peerOutdatedAt=\(o)" }
         if let w = s.whyNotPromoted { line += " why=\"\(w)\"" }

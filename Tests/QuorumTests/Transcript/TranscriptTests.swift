@@ -5,4 +5,5 @@ final class TranscriptTests: XCTestCase {
     func testBasics() { Transcript.run("basics.txt") }
     func testClockFreeze() { Transcript.run("clock-freeze.txt") }
     func testSwitchoverAbandoned() { Transcript.run("switchover-abandoned.txt") }
+    func testFailedCandidacyDoesNotFence() { Transcript.run("failed-candidacy-fence.txt") }
 }
