@@ -180,10 +180,13 @@ public struct NodeCore: Sendable {
         return out
     }
 
-    /// The start entry: the actions the shell runs before any event, in order.
+    /// The start entry: the actions the shell runs before any event, in order. First the
+    /// replication fencing token persisted before the restart (the volume must refuse frames
+    /// of older epochs before the first frame or quorum message is handled), then the closed
+    /// gate carrying the promised epoch.
     public mutating func start(at now: Instant) -> [NodeAction] {
         lastNow = now
-        return []
+        return [.fence(fencedEpoch), .writeGate(gate)]
     }
 
     /// The clock stood still for about `d` while real time went on (a paused VM): every lease

@@ -148,6 +148,13 @@ final class NodeDaemon: @unchecked Sendable {
         let svc = try parseHostPort(me.serviceAddress, key: "node.service_address")
         try nbd.start(host: svc.host, port: svc.port).wait()
         nbd.setVolume(nil, refusal: refusal())
+        // The persisted fencing token reaches the volume before any replication session can
+        // be routed to it (the listener binds below; the volume runs events in order).
+        control.sync {
+            for action in core.start(at: MonotonicClock.now()) { perform(action) }
+            let st = core.status
+            snapshotLock.withLock { coreSnapshot = st }
+        }
         let repl = try parseHostPort(me.replicationAddress, key: "node.replication_address")
         let idle = TimeAmount.nanoseconds(config.timeouts.failureTimeout.nanosecondsClamped)
         listener = try PeerListener.bind(

@@ -241,7 +241,6 @@ final class Simulation {
                           settings: settings, persisted: persisted, disk: LocalDisk(state: n.disk, generations: n.gens),
                           now: localNow(i))
         n.gate = n.core!.status.gate
-        n.fence = max(n.fence, persisted.fencedEpoch ?? persisted.promisedEpoch)
         n.role = .secondary
         n.pending = [:]
         n.draining = false
@@ -249,6 +248,10 @@ final class Simulation {
             fail("\(Self.names[i]) restarted at epoch \(n.core!.status.epoch) after having promised \(n.maxEpoch): epoch went back")
         }
         nodes[i] = n
+        var core = nodes[i].core!
+        let first = core.start(at: localNow(i))
+        nodes[i].core = core
+        apply(first, at: i)
         queue.push(now + uniform(Self.ms(1), Self.ms(100)), .tick(node: i, incarnation: n.incarnation))
         trace("\(Self.names[i]) starts (persisted epoch \(persisted.promisedEpoch), vote \(persisted.votedFor?.name ?? "-"))")
     }

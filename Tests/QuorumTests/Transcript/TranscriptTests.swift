@@ -6,4 +6,5 @@ final class TranscriptTests: XCTestCase {
     func testClockFreeze() { Transcript.run("clock-freeze.txt") }
     func testSwitchoverAbandoned() { Transcript.run("switchover-abandoned.txt") }
     func testFailedCandidacyDoesNotFence() { Transcript.run("failed-candidacy-fence.txt") }
+    func testStartEmitsThePersistedFence() { Transcript.run("start-fence.txt") }
 }
