@@ -120,6 +120,17 @@ public struct ArbitratorCore: Sendable {
             out.append(.send(cluster: cluster, to: from, .outdateReply(peer: peer, epoch: e, instance: instance, granted: granted,
                                                                     promised: c.persisted.promisedEpoch)))
         case let .clearOutdate(peer, e, instance):
+            // Bound to sender and epoch (gap 7): only the master of epoch e — the node this
+            // arbitrator follows there (or in a newer epoch it adopts, as for a renewal) — may
+            // clear, and only marks of its peer at or below (e, instance), so only marks of an
+            // epoch ≤ its own. The marked node itself, a deposed master (an older epoch) or a
+            // node that is not master never clear anything, nor record a cleared position that
+            // would make a later mark look like a late duplicate. No reply: the sender resends.
+            guard peer != from, mayFollow(&c, master: from, epoch: e, generation: nil, cluster: cluster, &out) else {
+                out.append(.log(event("clearRefused", cluster, c, [("node", peer.name), ("by", from.name), ("clearEpoch", e.description),
+                                                                   ("why", peer == from ? "a node cannot clear its own mark" : "not the master of that epoch")])))
+                break
+            }
             let pos = MarkPosition(epoch: e, instance: instance)
             var changed = false
             if pos > c.persisted.clearedPosition(of: peer) {

@@ -7,4 +7,5 @@ final class TranscriptTests: XCTestCase {
     func testSwitchoverAbandoned() { Transcript.run("switchover-abandoned.txt") }
     func testFailedCandidacyDoesNotFence() { Transcript.run("failed-candidacy-fence.txt") }
     func testStartEmitsThePersistedFence() { Transcript.run("start-fence.txt") }
+    func testClearOutdateIsBoundToSenderAndEpoch() { Transcript.run("clear-outdate-bound.txt") }
 }
