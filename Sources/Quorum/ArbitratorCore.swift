@@ -95,6 +95,20 @@ public struct ArbitratorCore: Sendable {
             if granted {
                 c.leaseHolder = from
                 c.leaseExpiry = now + settings.timings.lease
+                // Gap 4: a mark on the master itself from an older epoch is stale — it won e
+                // (a forced vote skips marks, and the peer's vote does not consult ours) and its
+                // data is the data of e. Drop it, recording its position as cleared so that a
+                // late duplicate of that outdate cannot bring it back.
+                if let m = c.persisted.mark(of: from), m.epoch < e {
+                    c.persisted.outdated.removeAll { $0.node == from }
+                    if m.position > c.persisted.clearedPosition(of: from) {
+                        c.persisted.cleared.removeAll { $0.node == from }
+                        c.persisted.cleared.append(m)
+                        c.persisted.cleared.sort { $0.node < $1.node }
+                    }
+                    out.append(.persist(cluster: cluster, c.persisted))
+                    out.append(.log(event("staleMarkCleared", cluster, c, [("node", from.name), ("markEpoch", m.epoch.description)])))
+                }
             } else {
                 out.append(.log(event("renewRefused", cluster, c, [("master", from.name), ("masterEpoch", e.description)])))
             }

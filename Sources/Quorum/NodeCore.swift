@@ -773,10 +773,18 @@ public struct NodeCore: Sendable {
         if newMaster {
             state.promisedEpoch = e
             state.master = peer
-            // The peer is master of a newer epoch: our data will follow its data from now on.
-            state.peerOutdatedAt = nil
         }
-        if newMaster || fenced { persist(&out) }
+        // Gap 4: the peer is master of an epoch newer than our mark on it, so our data follows
+        // its data from now on and the mark is stale. Checked on every granted renewal, not only
+        // when we start following: a vote (a forced one skips the mark) already made the peer
+        // our master, and its renewals then are not "new".
+        var staleMark = false
+        if let o = state.peerOutdatedAt, e > o {
+            state.peerOutdatedAt = nil
+            staleMark = true
+            log("staleMarkCleared", [("peer", peer.name), ("markEpoch", o.description)], &out)
+        }
+        if newMaster || fenced || staleMark { persist(&out) }
         if fenced { emitFence(&out) }
         if let h = handover, e > h.epoch { handover = nil }
         grantedLeaseHolder = peer

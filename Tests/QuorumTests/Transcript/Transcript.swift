@@ -415,8 +415,9 @@ final class Transcript {
         }
     }
 
-    static func render(_ e: QuorumEvent) -> String {
-        (["log", e.name] + e.fields.filter { $0.key != "cluster" && $0.key != "node" }.map { "\($0.key)=\($0.value)" }).joined(separator: " ")
+    /// A log event without the fields the prefix already says (`cluster`; `node` on a node).
+    static func render(_ e: QuorumEvent, dropNode: Bool = true) -> String {
+        (["log", e.name] + e.fields.filter { $0.key != "cluster" && !(dropNode && $0.key == "node") }.map { "\($0.key)=\($0.value)" }).joined(separator: " ")
     }
 
     func render(_ a: NodeAction) -> String {
@@ -459,7 +460,7 @@ final class Transcript {
             return "persist epoch=\(p.promisedEpoch) voted=\(Self.opt(p.votedFor)) master=\(Self.opt(p.master)) gen=\(p.masterGeneration)"
                 + " outdated=[\(p.outdated.map { "\($0.node)@\($0.epoch).\($0.instance)" }.joined(separator: ","))]"
                 + " cleared=[\(p.cleared.map { "\($0.node)@\($0.epoch).\($0.instance)" }.joined(separator: ","))]"
-        case let .log(e): return Self.render(e)
+        case let .log(e): return Self.render(e, dropNode: false)
         }
     }
 

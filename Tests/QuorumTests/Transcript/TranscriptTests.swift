@@ -8,4 +8,5 @@ final class TranscriptTests: XCTestCase {
     func testFailedCandidacyDoesNotFence() { Transcript.run("failed-candidacy-fence.txt") }
     func testStartEmitsThePersistedFence() { Transcript.run("start-fence.txt") }
     func testClearOutdateIsBoundToSenderAndEpoch() { Transcript.run("clear-outdate-bound.txt") }
+    func testStaleOutdateMarkOnNewMasterIsCleared() { Transcript.run("stale-outdate-mark.txt") }
 }
