@@ -58,6 +58,8 @@ public struct NodeCore: Sendable {
     /// A clock jump (`NodeEvent.clockJump`) was detected at this local instant: the gate stays
     /// closed until a renewal (or vote round) sent at or after it is granted.
     private var clockJumpAt: Instant?
+    /// `.fenceServices` was emitted and no `.unfenceServices` since (primary only).
+    private var servicesFenced = false
 
     private var whyNotPromoted: String?
     /// The incarnation the arbitrator's latest answer came from, when it is not the one this
@@ -177,7 +179,28 @@ public struct NodeCore: Sendable {
             onClockJump(d, now: now, &out)
         }
         syncGate(&out)
+        syncServices(now, &out)
         return out
+    }
+
+    /// Gap 3, services above the block layer: one rule. A master fences its services while its
+    /// gate is closed or its lease will lapse within `servicesMargin` without a fresh grant, and
+    /// unfences them when a grant moves the lease end beyond the margin again. A step-down
+    /// fences (if not yet) before `.becomeSecondary`.
+    private mutating func syncServices(_ now: Instant, _ out: inout [NodeAction]) {
+        guard role == .primary else { return }
+        let g = desiredGate
+        let fence = !g.allowsAck(at: now) || g.validUntil - now <= settings.servicesMargin
+        if fence != servicesFenced {
+            servicesFenced = fence
+            out.append(fence ? .fenceServices : .unfenceServices)
+            if fence {
+                let left = g.allowsAck(at: now) ? "\(Int64((g.validUntil - now).milliseconds)) ms of lease left" : "gate closed"
+                log("servicesFenced", [("why", left)], &out)
+            } else {
+                log("servicesUnfenced", [("leaseLeftMs", String(Int64((g.validUntil - now).milliseconds)))], &out)
+            }
+        }
     }
 
     /// The start entry: the actions the shell runs before any event, in order. First the
@@ -464,6 +487,8 @@ public struct NodeCore: Sendable {
         role = .secondary
         leaseValidUntil = .zero
         syncGate(&out) // closed before anything else happens
+        if !servicesFenced { out.append(.fenceServices) }
+        servicesFenced = false
         if drainingSince != nil {
             drainingSince = nil
             out.append(.adminResult(.switchover, .failure(AdminRefusal("switchover failed: \(reason)"))))
@@ -590,6 +615,7 @@ public struct NodeCore: Sendable {
         primarySince = now
         newerEpochReported = nil
         clockJumpAt = nil
+        servicesFenced = false
         fence = PeerFence()
         peerReplication = .disconnected
         peerReplicationSince = now
@@ -961,6 +987,7 @@ public struct NodeCore: Sendable {
         // Close the gate first: from here on this node never acknowledges in epoch e.
         leaseValidUntil = now
         role = .secondary
+        servicesFenced = false // the shell stopped them for the drain
         syncGate(&out)
         fence = PeerFence()
         state.promisedEpoch = e.next

@@ -11,6 +11,11 @@ public struct QuorumSettings: Sendable, Equatable {
     public var plantedBugs: Set<PlantedBug>
     /// Seed for election jitter; mixed with the node name so two nodes never share a sequence.
     public var jitterSeed: UInt64
+    /// A master emits `.fenceServices` once its lease will lapse within this margin without a
+    /// fresh grant (docs/quorum-protocol.md §2c). nil: 2 × renew_interval (400 ms at defaults:
+    /// four renewals in a row unanswered). Must exceed the shell's tick interval, and stay below
+    /// masterLeaseSpan − renew_interval or healthy masters fence.
+    public var serviceFenceMargin: Duration?
 
     public init(timings: LeaseTimings = .defaults, splitBrain: SplitBrainPolicy = .prohibit,
                 plantedBugs: Set<PlantedBug> = [], jitterSeed: UInt64 = 0) {
@@ -21,6 +26,9 @@ public struct QuorumSettings: Sendable, Equatable {
     }
 
     public static let defaults = QuorumSettings()
+
+    /// `serviceFenceMargin` or its default.
+    public var servicesMargin: Duration { serviceFenceMargin ?? timings.renewInterval * 2 }
 
     func has(_ bug: PlantedBug) -> Bool { !plantedBugs.isEmpty && plantedBugs.contains(bug) }
 }

@@ -413,8 +413,15 @@ final class NodeDaemon: @unchecked Sendable {
             // The replication fencing token, an explicit core output: never raised by this
             // node's own candidacy (a failed one must not refuse the live master's frames).
             volume.setPromisedEpoch(epoch)
-        case .fenceServices, .unfenceServices:
-            break
+        case .fenceServices:
+            // Contract: freeze the services above the block layer now (no I/O), so page-cache
+            // reads stop before a new master can exist. Writes already fail at the closed gate.
+            // No freezer is wired to the resource agents yet: say so, the window stays open
+            // until the resource stop of `.becomeSecondary` completes.
+            logger.warning("services should be frozen now (lease about to lapse or gate closed); no freezer is configured, they stop only with the demotion",
+                           metadata: eventMetadata("services_fence"))
+        case .unfenceServices:
+            logger.notice("services may serve again (fresh lease grant)", metadata: eventMetadata("services_unfence"))
         case .log(let event):
             var md = eventMetadata(event.name)
             for f in event.fields { md[f.key] = .string(f.value) }

@@ -9,4 +9,5 @@ final class TranscriptTests: XCTestCase {
     func testStartEmitsThePersistedFence() { Transcript.run("start-fence.txt") }
     func testClearOutdateIsBoundToSenderAndEpoch() { Transcript.run("clear-outdate-bound.txt") }
     func testStaleOutdateMarkOnNewMasterIsCleared() { Transcript.run("stale-outdate-mark.txt") }
+    func testServicesAreFencedBeforeTheLeaseLapses() { Transcript.run("fence-services.txt") }
 }
