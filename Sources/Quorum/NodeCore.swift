@@ -123,6 +123,14 @@ public struct NodeCore: Sendable {
 
     private var timings: LeaseTimings { settings.timings }
 
+    /// How long a grant counts for this node as master: `lease·(1−drift)` from the request's
+    /// send time. The planted bug `noDriftMargin` drops the drift discount.
+    private var leaseSpan: Duration { settings.has(.noDriftMargin) ? timings.lease : timings.masterLeaseSpan }
+
+    /// The instant a grant's lease is counted from: the request's send time. The planted bug
+    /// `leaseAnchoredAtReply` counts it from the reply's arrival instead.
+    private func leaseAnchor(sent: Instant, now: Instant) -> Instant { settings.has(.leaseAnchoredAtReply) ? now : sent }
+
     public var status: NodeQuorumStatus {
         let now = lastNow
         let window = timings.failureTimeout
@@ -153,7 +161,7 @@ public struct NodeCore: Sendable {
     public mutating func handle(_ event: NodeEvent, at now: Instant) -> [NodeAction] {
         var out: [NodeAction] = []
         lastNow = now
-        if role == .primary, now >= max(leaseValidUntil, primarySince + timings.masterLeaseSpan) {
+        if role == .primary, now >= max(leaseValidUntil, primarySince + leaseSpan) {
             stepDown(reason: "lease lapsed", master: nil, now: now, &out)
         }
         switch event {
@@ -336,7 +344,7 @@ public struct NodeCore: Sendable {
         }
         if settings.splitBrain == .allow, now >= lastGrantAt + timings.failureTimeout {
             // Availability over consistency: an isolated master keeps its own lease.
-            leaseValidUntil = max(leaseValidUntil, now + timings.masterLeaseSpan)
+            leaseValidUntil = max(leaseValidUntil, now + leaseSpan)
         }
         progressFence(now, &out)
         if var c = candidacy {
@@ -550,11 +558,11 @@ public struct NodeCore: Sendable {
         guard let sent = c.rounds.first(where: { $0.round == round }) else { return }
         // A grant is worth only the lease it carries: once that would have lapsed, the voter may
         // have voted again (in a newer epoch) and this epoch may already be superseded.
-        guard now < sent.at + timings.masterLeaseSpan else {
+        guard now < sent.at + leaseSpan else {
             log("staleVoteIgnored", [("by", from.name), ("candidateEpoch", epoch.description)], &out)
             return
         }
-        win(c, leaseAnchor: sent.at, via: from, now, &out)
+        win(c, leaseAnchor: leaseAnchor(sent: sent.at, now: now), via: from, now, &out)
     }
 
     static func explain(_ r: VoteRefusal, candidate: NodeID) -> String {
@@ -579,7 +587,7 @@ public struct NodeCore: Sendable {
         persist(&out)
         defer { if fenced { emitFence(&out) } }
         // A vote granted by another voter is also a lease grant, anchored at the request's send time.
-        leaseValidUntil = max(wasPrimary ? leaseValidUntil : .zero, leaseAnchor + timings.masterLeaseSpan)
+        leaseValidUntil = max(wasPrimary ? leaseValidUntil : .zero, leaseAnchor + leaseSpan)
         lastGrantAt = now
         if let j = clockJumpAt, leaseAnchor >= j { clockJumpAt = nil }
         if wasPrimary {
@@ -603,7 +611,7 @@ public struct NodeCore: Sendable {
         let fenced = raiseFence(c.epoch)
         persist(&out)
         becomeMaster(now)
-        leaseValidUntil = now + timings.masterLeaseSpan
+        leaseValidUntil = now + leaseSpan
         syncGate(&out)
         out.append(.becomePrimary(epoch: c.epoch, newGeneration: true))
         if fenced { emitFence(&out) }
@@ -832,7 +840,7 @@ public struct NodeCore: Sendable {
         guard role == .primary, e == masterEpoch else { return }
         if granted {
             if let sent = renewsSent.first(where: { $0.seq == seq }) {
-                leaseValidUntil = max(leaseValidUntil, sent.at + timings.masterLeaseSpan)
+                leaseValidUntil = max(leaseValidUntil, leaseAnchor(sent: sent.at, now: now) + leaseSpan)
                 lastGrantAt = now
                 if let j = clockJumpAt, sent.at >= j {
                     clockJumpAt = nil
