@@ -10,4 +10,8 @@ final class TranscriptTests: XCTestCase {
     func testClearOutdateIsBoundToSenderAndEpoch() { Transcript.run("clear-outdate-bound.txt") }
     func testStaleOutdateMarkOnNewMasterIsCleared() { Transcript.run("stale-outdate-mark.txt") }
     func testServicesAreFencedBeforeTheLeaseLapses() { Transcript.run("fence-services.txt") }
+
+    // Rules of design.md §2 that read better as transcripts (converted from ProtocolRuleTests).
+    func testRuleEpochsNeverGoBack() { Transcript.run("rules-epochs.txt") }
+    func testRuleSwitchoverHandsOverAtOnce() { Transcript.run("rules-switchover.txt") }
 }
