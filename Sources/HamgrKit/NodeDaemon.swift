@@ -70,7 +70,6 @@ final class NodeDaemon: @unchecked Sendable {
     let notifier = SystemdNotifier()
     private var stopping = false
     private var promotedAt: Instant?
-    private var fencedEpoch = Epoch.zero
 
     init(config: ClusterConfig, node: String, group: MultiThreadedEventLoopGroup, logger: Logger) throws {
         self.config = config
@@ -150,6 +149,13 @@ final class NodeDaemon: @unchecked Sendable {
         let svc = try parseHostPort(me.serviceAddress, key: "node.service_address")
         try nbd.start(host: svc.host, port: svc.port).wait()
         nbd.setVolume(nil, refusal: refusal())
+        // The persisted fencing token reaches the volume before any replication session can
+        // be routed to it (the listener binds below; the volume runs events in order).
+        control.sync {
+            for action in core.start(at: MonotonicClock.now()) { perform(action) }
+            let st = core.status
+            snapshotLock.withLock { coreSnapshot = st }
+        }
         let repl = try parseHostPort(me.replicationAddress, key: "node.replication_address")
         let idle = TimeAmount.nanoseconds(config.timeouts.failureTimeout.nanosecondsClamped)
         listener = try PeerListener.bind(
@@ -389,14 +395,34 @@ final class NodeDaemon: @unchecked Sendable {
                 }
                 }
             }
-        case .adminResult(let command, let result):
-            if command == .switchover, case .failure = result, core.status.role == .primary {
-                // An abandoned switchover: the core stays master, so the drained volume resumes writes.
-                do { try volume.becomePrimary(epoch: core.status.epoch, newGeneration: false) } catch {
-                    logger.error("cannot resume writes after an abandoned switchover: \(error)", metadata: eventMetadata("resume_failed"))
+        case .cancelDrain:
+            // An abandoned switchover: this node stays master. Queued behind the stop-and-drain
+            // of `.drainForSwitchover`, so the cancel reaches the volume after the drain request.
+            let volume = self.volume
+            inResourceOrder { [weak self] in
+                volume.cancelDrain()
+                guard let self else { return }
+                do { try await self.resources.startAll() } catch {
+                    self.control.async {
+                        self.logger.error("restarting resources after an abandoned switchover: \(error)", metadata: self.eventMetadata("resource_start_failed"))
+                    }
                 }
             }
+        case .adminResult(let command, let result):
             completeAdmin(command, result)
+        case .fence(let epoch):
+            // The replication fencing token, an explicit core output: never raised by this
+            // node's own candidacy (a failed one must not refuse the live master's frames).
+            volume.setPromisedEpoch(epoch)
+        case .fenceServices:
+            // Contract: freeze the services above the block layer now (no I/O), so page-cache
+            // reads stop before a new master can exist. Writes already fail at the closed gate.
+            // No freezer is wired to the resource agents yet: say so, the window stays open
+            // until the resource stop of `.becomeSecondary` completes.
+            logger.warning("services should be frozen now (lease about to lapse or gate closed); no freezer is configured, they stop only with the demotion",
+                           metadata: eventMetadata("services_fence"))
+        case .unfenceServices:
+            logger.notice("services may serve again (fresh lease grant)", metadata: eventMetadata("services_unfence"))
         case .log(let event):
             var md = eventMetadata(event.name)
             for f in event.fields { md[f.key] = .string(f.value) }
@@ -406,10 +432,6 @@ final class NodeDaemon: @unchecked Sendable {
             maintenanceApplied = core.status.maintenance
             let on = maintenanceApplied
             Task { await self.resources.holdRestarts(on) }
-        }
-        if core.status.epoch != fencedEpoch {
-            fencedEpoch = core.status.epoch
-            volume.setPromisedEpoch(fencedEpoch)
         }
     }
 

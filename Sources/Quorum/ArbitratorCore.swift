@@ -95,6 +95,20 @@ public struct ArbitratorCore: Sendable {
             if granted {
                 c.leaseHolder = from
                 c.leaseExpiry = now + settings.timings.lease
+                // Gap 4: a mark on the master itself from an older epoch is stale — it won e
+                // (a forced vote skips marks, and the peer's vote does not consult ours) and its
+                // data is the data of e. Drop it, recording its position as cleared so that a
+                // late duplicate of that outdate cannot bring it back.
+                if let m = c.persisted.mark(of: from), m.epoch < e {
+                    c.persisted.outdated.removeAll { $0.node == from }
+                    if m.position > c.persisted.clearedPosition(of: from) {
+                        c.persisted.cleared.removeAll { $0.node == from }
+                        c.persisted.cleared.append(m)
+                        c.persisted.cleared.sort { $0.node < $1.node }
+                    }
+                    out.append(.persist(cluster: cluster, c.persisted))
+                    out.append(.log(event("staleMarkCleared", cluster, c, [("node", from.name), ("markEpoch", m.epoch.description)])))
+                }
             } else {
                 out.append(.log(event("renewRefused", cluster, c, [("master", from.name), ("masterEpoch", e.description)])))
             }
@@ -120,6 +134,17 @@ public struct ArbitratorCore: Sendable {
             out.append(.send(cluster: cluster, to: from, .outdateReply(peer: peer, epoch: e, instance: instance, granted: granted,
                                                                     promised: c.persisted.promisedEpoch)))
         case let .clearOutdate(peer, e, instance):
+            // Bound to sender and epoch (gap 7): only the master of epoch e — the node this
+            // arbitrator follows there (or in a newer epoch it adopts, as for a renewal) — may
+            // clear, and only marks of its peer at or below (e, instance), so only marks of an
+            // epoch ≤ its own. The marked node itself, a deposed master (an older epoch) or a
+            // node that is not master never clear anything, nor record a cleared position that
+            // would make a later mark look like a late duplicate. No reply: the sender resends.
+            guard peer != from, mayFollow(&c, master: from, epoch: e, generation: nil, cluster: cluster, &out) else {
+                out.append(.log(event("clearRefused", cluster, c, [("node", peer.name), ("by", from.name), ("clearEpoch", e.description),
+                                                                   ("why", peer == from ? "a node cannot clear its own mark" : "not the master of that epoch")])))
+                break
+            }
             let pos = MarkPosition(epoch: e, instance: instance)
             var changed = false
             if pos > c.persisted.clearedPosition(of: peer) {

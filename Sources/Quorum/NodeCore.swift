@@ -17,6 +17,9 @@ public struct NodeCore: Sendable {
     private var gate: WriteGate
     /// Highest epoch seen anywhere; a new candidacy goes above it.
     private var highestSeenEpoch: Epoch
+    /// The replication fencing token handed to the volume (`NodeAction.fence`): the highest
+    /// epoch promised to the peer, followed, or held as master — never a self-vote alone.
+    private var fencedEpoch: Epoch
 
     // As a voter.
     /// The node holding the lease this node granted (nil: unknown, e.g. right after a restart).
@@ -48,6 +51,15 @@ public struct NodeCore: Sendable {
     private var peerReplicationSince: Instant
     private var fence = PeerFence()
     private var drainingSince: Instant?
+    /// Clock-freeze rule: a voter reported a promised epoch above `masterEpoch`, so another node
+    /// may already be master there (this node's clock may have stood still while the others'
+    /// ran). The gate stays closed until this node is master of an epoch at least this new.
+    private var newerEpochReported: Epoch?
+    /// A clock jump (`NodeEvent.clockJump`) was detected at this local instant: the gate stays
+    /// closed until a renewal (or vote round) sent at or after it is granted.
+    private var clockJumpAt: Instant?
+    /// `.fenceServices` was emitted and no `.unfenceServices` since (primary only).
+    private var servicesFenced = false
 
     private var whyNotPromoted: String?
     /// The incarnation the arbitrator's latest answer came from, when it is not the one this
@@ -98,6 +110,7 @@ public struct NodeCore: Sendable {
         self.rng = SplitMix64(seed: settings.jitterSeed ^ fnv1a(cluster) ^ fnv1a(me.name) &* 31)
         self.gate = WriteGate(epoch: persisted.promisedEpoch, validUntil: .zero, peerRequired: true)
         self.highestSeenEpoch = persisted.promisedEpoch
+        self.fencedEpoch = persisted.fencedEpoch ?? persisted.promisedEpoch
         // Restart quarantine: before the crash this node may have granted a lease it no longer
         // remembers; it votes for nobody until such a lease would have run out.
         self.grantedLeaseExpiry = settings.has(.skipLeaseWait) ? now : now + settings.timings.lease
@@ -110,6 +123,14 @@ public struct NodeCore: Sendable {
 
     private var timings: LeaseTimings { settings.timings }
 
+    /// How long a grant counts for this node as master: `lease·(1−drift)` from the request's
+    /// send time. The planted bug `noDriftMargin` drops the drift discount.
+    private var leaseSpan: Duration { settings.has(.noDriftMargin) ? timings.lease : timings.masterLeaseSpan }
+
+    /// The instant a grant's lease is counted from: the request's send time. The planted bug
+    /// `leaseAnchoredAtReply` counts it from the reply's arrival instead.
+    private func leaseAnchor(sent: Instant, now: Instant) -> Instant { settings.has(.leaseAnchoredAtReply) ? now : sent }
+
     public var status: NodeQuorumStatus {
         let now = lastNow
         let window = timings.failureTimeout
@@ -119,8 +140,8 @@ public struct NodeCore: Sendable {
         return NodeQuorumStatus(
             role: role, epoch: state.promisedEpoch,
             master: role == .primary ? me : state.master,
-            leaseValidUntil: role == .primary ? leaseValidUntil : nil,
-            hasQuorum: role == .primary ? now < leaseValidUntil : (state.master != nil && now - lastHeardMaster < window),
+            leaseValidUntil: role == .primary ? desiredGate.validUntil : nil,
+            hasQuorum: role == .primary ? now < desiredGate.validUntil : (state.master != nil && now - lastHeardMaster < window),
             peerReachable: peerUp, arbitratorReachable: arbUp, maintenance: state.maintenance,
             whyNotPromoted: role == .primary ? nil : [arbitratorRefused, whyNotPromoted].compactMap { $0 }.joined(separator: "; ").nilIfEmpty,
             gate: gate, disk: disk.state,
@@ -140,7 +161,7 @@ public struct NodeCore: Sendable {
     public mutating func handle(_ event: NodeEvent, at now: Instant) -> [NodeAction] {
         var out: [NodeAction] = []
         lastNow = now
-        if role == .primary, now >= max(leaseValidUntil, primarySince + timings.masterLeaseSpan) {
+        if role == .primary, now >= max(leaseValidUntil, primarySince + leaseSpan) {
             stepDown(reason: "lease lapsed", master: nil, now: now, &out)
         }
         switch event {
@@ -162,17 +183,99 @@ public struct NodeCore: Sendable {
             onAdmin(command, now: now, &out)
         case .switchoverDrained:
             onDrained(now: now, &out)
+        case .clockJump(let d):
+            onClockJump(d, now: now, &out)
         }
         syncGate(&out)
+        syncServices(now, &out)
         return out
+    }
+
+    /// Gap 3, services above the block layer: one rule. A master fences its services while its
+    /// gate is closed or its lease will lapse within `servicesMargin` without a fresh grant, and
+    /// unfences them when a grant moves the lease end beyond the margin again. A step-down
+    /// fences (if not yet) before `.becomeSecondary`.
+    private mutating func syncServices(_ now: Instant, _ out: inout [NodeAction]) {
+        guard role == .primary else { return }
+        let g = desiredGate
+        let fence = !g.allowsAck(at: now) || g.validUntil - now <= settings.servicesMargin
+        if fence != servicesFenced {
+            servicesFenced = fence
+            out.append(fence ? .fenceServices : .unfenceServices)
+            if fence {
+                let left = g.allowsAck(at: now) ? "\(Int64((g.validUntil - now).milliseconds)) ms of lease left" : "gate closed"
+                log("servicesFenced", [("why", left)], &out)
+            } else {
+                log("servicesUnfenced", [("leaseLeftMs", String(Int64((g.validUntil - now).milliseconds)))], &out)
+            }
+        }
+    }
+
+    /// The start entry: the actions the shell runs before any event, in order. First the
+    /// replication fencing token persisted before the restart (the volume must refuse frames
+    /// of older epochs before the first frame or quorum message is handled), then the closed
+    /// gate carrying the promised epoch.
+    public mutating func start(at now: Instant) -> [NodeAction] {
+        lastNow = now
+        return [.fence(fencedEpoch), .writeGate(gate)]
+    }
+
+    /// The clock stood still for about `d` while real time went on (a paused VM): every lease
+    /// this node measured as master or candidate may be over in real time already.
+    private mutating func onClockJump(_ d: Duration, now: Instant, _ out: inout [NodeAction]) {
+        guard d > .zero else { return }
+        log("clockJump", [("missedMs", String(Int64(d.milliseconds)))], &out)
+        // A vote granted to a round sent before the freeze may be older than its lease.
+        if var c = candidacy { c.rounds.removeAll(); candidacy = c }
+        guard role == .primary else { return }
+        clockJumpAt = now
+        syncGate(&out) // closed before anything else
+        log("gateClosed", [("why", "clock jump of \(Int64(d.milliseconds)) ms")], &out)
+        sendRenewals(now, &out) // the first renewal that can reopen it
+    }
+
+    /// Clock-freeze rule: a voter (peer or arbitrator, in any reply) promised an epoch above
+    /// ours. Someone else may be master there already, with a lease our (possibly frozen)
+    /// clock knows nothing of: close the gate now; a re-election may follow, but writes stay
+    /// closed until this node is master of an epoch at least that new.
+    private mutating func onNewerEpochReported(_ p: Epoch, by from: NodeID, _ out: inout [NodeAction]) {
+        guard role == .primary, p > masterEpoch, !settings.has(.gateOpenOnNewerEpoch) else { return }
+        let wasOpen = gateHeld == nil
+        if newerEpochReported.map({ p > $0 }) ?? true { newerEpochReported = p }
+        guard wasOpen else { return }
+        syncGate(&out)
+        log("gateClosed", [("why", "\(from) promised epoch \(p)")], &out)
+    }
+
+    /// The promised epoch a voter's reply reports, when that promise may belong to another
+    /// master (a vote granted to us does not). Heartbeats do not count: they are not answers to
+    /// anything this master sent, and a backup cut off from the master (one-way) announces its
+    /// own failed candidacies in them while the master still renews at the arbitrator — closing
+    /// the gate then would stop writes with no re-election to reopen it (no flapping, §3). A
+    /// thawed master learns a newer epoch from the replies to its first renewals.
+    private func reportedPromise(_ m: QuorumMessage) -> Epoch? {
+        switch m {
+        case let .renewReply(_, _, _, promised): return promised
+        case let .voteReply(_, _, promised, refusal): return refusal == nil ? nil : promised
+        case let .outdateReply(_, _, _, _, promised): return promised
+        case let .identifyReply(promised): return promised
+        default: return nil
+        }
     }
 
     // MARK: - Gate, persistence, logging
 
     private var desiredGate: WriteGate {
         role == .primary
-            ? WriteGate(epoch: masterEpoch, validUntil: leaseValidUntil, peerRequired: !fence.confirmed)
+            ? WriteGate(epoch: masterEpoch, validUntil: gateHeld == nil ? leaseValidUntil : .zero, peerRequired: !fence.confirmed)
             : WriteGate(epoch: state.promisedEpoch, validUntil: .zero, peerRequired: true)
+    }
+
+    /// Why a master's gate is closed although its lease runs (nil: it is not).
+    private var gateHeld: String? {
+        if let n = newerEpochReported, n > masterEpoch { return "a voter promised epoch \(n)" }
+        if clockJumpAt != nil { return "clock jump: waiting for a renewal sent after it to be granted" }
+        return nil
     }
 
     private mutating func syncGate(_ out: inout [NodeAction]) {
@@ -181,6 +284,27 @@ public struct NodeCore: Sendable {
     }
 
     private mutating func persist(_ out: inout [NodeAction]) { out.append(.persist(state)) }
+
+    /// Records `e` as the fencing token if it is newer; the caller persists `state` next and
+    /// then emits `.fence(e)` (`emitFence`), so the token is durable before it is acted on.
+    ///
+    /// Why a self-vote never fences (gap 5): the token exists so that a backup that promised a
+    /// newer epoch to *another* node never applies (and so never lets an old master count) a
+    /// frame of an older epoch. A candidate's promise to itself protects nothing: if it wins,
+    /// its volume becomes primary and refuses every replication write from the peer; if it
+    /// loses, the master it followed may still hold a valid lease (the candidacy failed exactly
+    /// because a voter still honoured that lease), and refusing its frames would only stall
+    /// that live master's protocol-B/C acknowledgements and get this node outdated. Any frame
+    /// of the old epoch it still applies is one the old master can acknowledge only under its
+    /// lease, which the voters checked had run out before granting a newer epoch (§8 b).
+    private mutating func raiseFence(_ e: Epoch) -> Bool {
+        guard e > fencedEpoch else { return false }
+        fencedEpoch = e
+        state.fencedEpoch = e
+        return true
+    }
+
+    private func emitFence(_ out: inout [NodeAction]) { out.append(.fence(fencedEpoch)) }
 
     /// Persisting a vote (and the epoch it promises) before replying is what keeps a restarted
     /// voter from voting twice; the planted bug leaves it out.
@@ -210,6 +334,9 @@ public struct NodeCore: Sendable {
         if let since = drainingSince, now >= since + timings.failureTimeout {
             drainingSince = nil
             out.append(.adminResult(.switchover, .failure(AdminRefusal("drain did not finish within \(Int(timings.failureTimeout.milliseconds)) ms; writes resume, this node stays master"))))
+            // The shell resumes writes and restarts the services it stopped; a late
+            // `.switchoverDrained` is ignored (drainingSince is nil).
+            out.append(.cancelDrain)
             log("switchoverAbandoned", [("reason", "drain timeout")], &out)
         }
         if lastRenewSent.map({ now >= $0 + timings.renewInterval }) ?? true {
@@ -217,7 +344,7 @@ public struct NodeCore: Sendable {
         }
         if settings.splitBrain == .allow, now >= lastGrantAt + timings.failureTimeout {
             // Availability over consistency: an isolated master keeps its own lease.
-            leaseValidUntil = max(leaseValidUntil, now + timings.masterLeaseSpan)
+            leaseValidUntil = max(leaseValidUntil, now + leaseSpan)
         }
         progressFence(now, &out)
         if var c = candidacy {
@@ -368,6 +495,8 @@ public struct NodeCore: Sendable {
         role = .secondary
         leaseValidUntil = .zero
         syncGate(&out) // closed before anything else happens
+        if !servicesFenced { out.append(.fenceServices) }
+        servicesFenced = false
         if drainingSince != nil {
             drainingSince = nil
             out.append(.adminResult(.switchover, .failure(AdminRefusal("switchover failed: \(reason)"))))
@@ -429,11 +558,11 @@ public struct NodeCore: Sendable {
         guard let sent = c.rounds.first(where: { $0.round == round }) else { return }
         // A grant is worth only the lease it carries: once that would have lapsed, the voter may
         // have voted again (in a newer epoch) and this epoch may already be superseded.
-        guard now < sent.at + timings.masterLeaseSpan else {
+        guard now < sent.at + leaseSpan else {
             log("staleVoteIgnored", [("by", from.name), ("candidateEpoch", epoch.description)], &out)
             return
         }
-        win(c, leaseAnchor: sent.at, via: from, now, &out)
+        win(c, leaseAnchor: leaseAnchor(sent: sent.at, now: now), via: from, now, &out)
     }
 
     static func explain(_ r: VoteRefusal, candidate: NodeID) -> String {
@@ -454,10 +583,13 @@ public struct NodeCore: Sendable {
         state.master = me
         state.lastMasterEpoch = c.epoch
         state.role = .primary
+        let fenced = raiseFence(c.epoch)
         persist(&out)
+        defer { if fenced { emitFence(&out) } }
         // A vote granted by another voter is also a lease grant, anchored at the request's send time.
-        leaseValidUntil = max(wasPrimary ? leaseValidUntil : .zero, leaseAnchor + timings.masterLeaseSpan)
+        leaseValidUntil = max(wasPrimary ? leaseValidUntil : .zero, leaseAnchor + leaseSpan)
         lastGrantAt = now
+        if let j = clockJumpAt, leaseAnchor >= j { clockJumpAt = nil }
         if wasPrimary {
             syncGate(&out)
             log("epochRaised", [("via", via.name)], &out)
@@ -476,17 +608,22 @@ public struct NodeCore: Sendable {
         state.master = me
         state.lastMasterEpoch = c.epoch
         state.role = .primary
+        let fenced = raiseFence(c.epoch)
         persist(&out)
         becomeMaster(now)
-        leaseValidUntil = now + timings.masterLeaseSpan
+        leaseValidUntil = now + leaseSpan
         syncGate(&out)
         out.append(.becomePrimary(epoch: c.epoch, newGeneration: true))
+        if fenced { emitFence(&out) }
         log("promoted", [("via", "nobody answered for failure_timeout (split_brain=allow)")], &out)
     }
 
     private mutating func becomeMaster(_ now: Instant) {
         role = .primary
         primarySince = now
+        newerEpochReported = nil
+        clockJumpAt = nil
+        servicesFenced = false
         fence = PeerFence()
         peerReplication = .disconnected
         peerReplicationSince = now
@@ -534,7 +671,9 @@ public struct NodeCore: Sendable {
         state.promisedEpoch = r.epoch
         state.votedFor = from
         state.master = from
-        if fresh { persistVote(&out) }
+        let fenced = raiseFence(r.epoch)
+        if fresh || fenced { persistVote(&out) }
+        if fenced { emitFence(&out) }
         // A vote is also a lease grant to the candidate (its lease starts at the request).
         grantedLeaseHolder = from
         grantedLeaseExpiry = now + timings.lease
@@ -584,6 +723,7 @@ public struct NodeCore: Sendable {
             log("messageIgnored", [("from", from.name), ("why", "not a member of this cluster")], &out)
             return
         }
+        if let p = reportedPromise(m) { onNewerEpochReported(p, by: from, &out) }
         switch m {
         case let .renew(e, seq, _) where from == peer:
             onRenew(epoch: e, seq: seq, now: now, &out)
@@ -663,13 +803,23 @@ public struct NodeCore: Sendable {
         let newMaster = e != state.promisedEpoch || state.master != peer
         if let c = candidacy, c.epoch <= e { candidacy = nil }
         if e > state.promisedEpoch { state.votedFor = nil }
+        let fenced = raiseFence(e)
         if newMaster {
             state.promisedEpoch = e
             state.master = peer
-            // The peer is master of a newer epoch: our data will follow its data from now on.
-            state.peerOutdatedAt = nil
-            persist(&out)
         }
+        // Gap 4: the peer is master of an epoch newer than our mark on it, so our data follows
+        // its data from now on and the mark is stale. Checked on every granted renewal, not only
+        // when we start following: a vote (a forced one skips the mark) already made the peer
+        // our master, and its renewals then are not "new".
+        var staleMark = false
+        if let o = state.peerOutdatedAt, e > o {
+            state.peerOutdatedAt = nil
+            staleMark = true
+            log("staleMarkCleared", [("peer", peer.name), ("markEpoch", o.description)], &out)
+        }
+        if newMaster || fenced || staleMark { persist(&out) }
+        if fenced { emitFence(&out) }
         if let h = handover, e > h.epoch { handover = nil }
         grantedLeaseHolder = peer
         grantedLeaseExpiry = now + timings.lease
@@ -690,8 +840,12 @@ public struct NodeCore: Sendable {
         guard role == .primary, e == masterEpoch else { return }
         if granted {
             if let sent = renewsSent.first(where: { $0.seq == seq }) {
-                leaseValidUntil = max(leaseValidUntil, sent.at + timings.masterLeaseSpan)
+                leaseValidUntil = max(leaseValidUntil, leaseAnchor(sent: sent.at, now: now) + leaseSpan)
                 lastGrantAt = now
+                if let j = clockJumpAt, sent.at >= j {
+                    clockJumpAt = nil
+                    log("gateReopened", [("why", "renewal sent after the clock jump granted by \(from)")], &out)
+                }
             }
         } else if from == peer, promised >= masterEpoch, candidacy == nil, drainingSince == nil,
                   now < leaseValidUntil, now >= nextCandidacyAt {
@@ -832,19 +986,25 @@ public struct NodeCore: Sendable {
         drainingSince = nil
         guard candidacy == nil, state.promisedEpoch == masterEpoch, now < leaseValidUntil else {
             out.append(.adminResult(.switchover, .failure(AdminRefusal("switchover failed: the epoch changed or the lease lapsed while draining"))))
+            // Still master (a step-down would have ended the drain already): resume.
+            out.append(.cancelDrain)
+            log("switchoverAbandoned", [("reason", "epoch changed while draining")], &out)
             return
         }
         let e = masterEpoch
         // Close the gate first: from here on this node never acknowledges in epoch e.
         leaseValidUntil = now
         role = .secondary
+        servicesFenced = false // the shell stopped them for the drain
         syncGate(&out)
         fence = PeerFence()
         state.promisedEpoch = e.next
         state.votedFor = peer
         state.master = peer
         state.role = .secondary
+        let fenced = raiseFence(e.next)
         persist(&out)
+        if fenced { emitFence(&out) }
         noteEpoch(e.next)
         grantedLeaseHolder = peer
         grantedLeaseExpiry = now + timings.lease

@@ -31,7 +31,16 @@ public enum NodeEvent: Sendable {
     case peerReplication(PeerReplicationState)
     case admin(AdminCommand)
     /// Answer to `.drainForSwitchover`: no write in flight, the peer has every acknowledged write.
+    /// One that arrives after the switchover was abandoned (`.cancelDrain`) is ignored.
     case switchoverDrained
+    /// The local monotonic clock stood still (or fell behind) while real time went on, by
+    /// about this much: the process or its VM was frozen (a paused KVM guest's CLOCK_MONOTONIC
+    /// stops). The shell compares, every tick, how far CLOCK_MONOTONIC advanced against
+    /// CLOCK_BOOTTIME / CLOCK_REALTIME and feeds this when the difference exceeds what the
+    /// drift bound allows (docs/quorum-protocol.md "Clock freeze"). A master closes its gate
+    /// until a renewal *sent after this event* is granted; a candidate forgets the vote rounds
+    /// it sent before it (their grants may be stale by more than the lease).
+    case clockJump(Duration)
 }
 
 public enum NodeAction: Equatable, Sendable {
@@ -46,6 +55,38 @@ public enum NodeAction: Equatable, Sendable {
     /// Suspend new writes, drain in-flight ones, confirm the peer has them all, then feed
     /// `.switchoverDrained`. A `.adminResult(.switchover, .failure)` means: resume writes.
     case drainForSwitchover
+    /// The switchover is abandoned and this node **stays master** (the drain did not finish
+    /// within `failure_timeout`, or the drain ended after the epoch moved on while the node
+    /// is still master). The shell must: resume writes on the volume (un-suspend it and fail a
+    /// drain request still pending: `ReplicatedVolume.cancelDrain()`), then restart the
+    /// services it stopped for the drain. It must be ordered *after* the drain request that
+    /// `.drainForSwitchover` started (a drain started after the cancel would suspend writes
+    /// for good), e.g. by running it on the same serial resource queue. A `.switchoverDrained`
+    /// fed after this is ignored by the core (logged `drainIgnored`). Always preceded by
+    /// `.adminResult(.switchover, .failure)`, which is only the operator's answer: the shell
+    /// must not resume anything on that result alone. Not emitted when the node steps down
+    /// instead (then `.becomeSecondary` follows and the volume leaves the primary role).
+    case cancelDrain
+    /// The replication fencing token: from now on refuse replication frames (writes, resync)
+    /// of epochs below this one (`ReplicatedVolume.setPromisedEpoch`). Emitted only for epochs
+    /// this node promised to *another* node (a vote for the peer, following the peer as master
+    /// of a newer epoch, the handover vote of a switchover) or holds as master, never for its
+    /// own candidacy: a self-vote that fails must not fence the live master's replication, and
+    /// one that wins makes the volume primary, which refuses the peer's writes anyway. Never
+    /// goes down. `start(at:)` emits it first for the persisted value.
+    case fence(Epoch)
+    /// Services above the block layer (mounted filesystem, page cache, applications) must
+    /// stop serving now: this master's gate is closed (newer epoch reported, clock jump, lease
+    /// lapse) or its lease will lapse within `QuorumSettings.serviceFenceMargin` without a
+    /// fresh grant. The shell freezes them (e.g. the cgroup freezer: `systemctl freeze UNIT`,
+    /// `fsfreeze` only if it needs no writes) — fast, no I/O — so reads from the page cache stop
+    /// before a new master can be elected. Writes need nothing: a closed gate fails them (EIO)
+    /// at the block layer. Emitted at most once per fenced period, always before the
+    /// `.becomeSecondary` of a step-down (which then stops them for good; thaw before stopping).
+    case fenceServices
+    /// The master got a fresh grant after `.fenceServices` (its gate is open and its lease runs
+    /// longer than the margin again): thaw the services frozen by `.fenceServices`.
+    case unfenceServices
     case adminResult(AdminCommand, Result<String, AdminRefusal>)
     case log(QuorumEvent)
 }

@@ -26,6 +26,11 @@ public struct NodePersistentState: Codable, Equatable, Sendable {
     /// Replies stamped with another incarnation never count. nil: no arbitrator reply seen
     /// yet (or a state file written before incarnations existed).
     public var arbitratorIncarnation: UInt64?
+    /// The replication fencing token last handed to the volume (`NodeAction.fence`): the
+    /// highest epoch this node promised to its peer, followed the peer in, or was master of —
+    /// never one it promised only to itself. nil (a file written before it existed): the
+    /// promised epoch, the old, more conservative token.
+    public var fencedEpoch: Epoch?
 
     public init(promisedEpoch: Epoch = .zero, votedFor: NodeID? = nil, master: NodeID? = nil,
                 lastMasterEpoch: Epoch? = nil, role: Role = .secondary, maintenance: Bool = false,
@@ -38,7 +43,7 @@ public struct NodePersistentState: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case promisedEpoch, votedFor, master, lastMasterEpoch, role, maintenance, peerOutdatedAt
-        case arbitratorIncarnation
+        case arbitratorIncarnation, fencedEpoch
     }
 
     /// Files written before the arbitrator incarnation existed still load (none known).
@@ -52,6 +57,7 @@ public struct NodePersistentState: Codable, Equatable, Sendable {
         maintenance = try c.decode(Bool.self, forKey: .maintenance)
         peerOutdatedAt = try c.decodeIfPresent(Epoch.self, forKey: .peerOutdatedAt)
         arbitratorIncarnation = try c.decodeIfPresent(UInt64.self, forKey: .arbitratorIncarnation)
+        fencedEpoch = try c.decodeIfPresent(Epoch.self, forKey: .fencedEpoch)
     }
 
     public static let initial = NodePersistentState()

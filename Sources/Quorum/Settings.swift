@@ -11,6 +11,11 @@ public struct QuorumSettings: Sendable, Equatable {
     public var plantedBugs: Set<PlantedBug>
     /// Seed for election jitter; mixed with the node name so two nodes never share a sequence.
     public var jitterSeed: UInt64
+    /// A master emits `.fenceServices` once its lease will lapse within this margin without a
+    /// fresh grant (docs/quorum-protocol.md §2c). nil: 2 × renew_interval (400 ms at defaults:
+    /// four renewals in a row unanswered). Must exceed the shell's tick interval, and stay below
+    /// masterLeaseSpan − renew_interval or healthy masters fence.
+    public var serviceFenceMargin: Duration?
 
     public init(timings: LeaseTimings = .defaults, splitBrain: SplitBrainPolicy = .prohibit,
                 plantedBugs: Set<PlantedBug> = [], jitterSeed: UInt64 = 0) {
@@ -21,6 +26,9 @@ public struct QuorumSettings: Sendable, Equatable {
     }
 
     public static let defaults = QuorumSettings()
+
+    /// `serviceFenceMargin` or its default.
+    public var servicesMargin: Duration { serviceFenceMargin ?? timings.renewInterval * 2 }
 
     func has(_ bug: PlantedBug) -> Bool { !plantedBugs.isEmpty && plantedBugs.contains(bug) }
 }
@@ -34,6 +42,14 @@ public enum PlantedBug: String, Sendable, CaseIterable {
     case skipOutdate
     /// Votes and the epochs promised by voting are not written before the reply.
     case votesNotPersisted
+    /// The master's lease span ignores the drift bound: it equals the voters' lease.
+    case noDriftMargin
+    /// A granted renewal or vote extends the master's lease from the reply's arrival instead
+    /// of the request's send time.
+    case leaseAnchoredAtReply
+    /// A master keeps its gate open when a voter reports a promised epoch above its own
+    /// (the clock-freeze fix skipped; docs/quorum-protocol.md "Clock freeze").
+    case gateOpenOnNewerEpoch
 }
 
 /// One structured state-change event: a name plus ordered fields (epoch, role, reason…).

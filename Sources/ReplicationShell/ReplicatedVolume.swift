@@ -242,6 +242,10 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
         }
     }
 
+    /// The switchover was abandoned (`NodeAction.cancelDrain`): resume writes, fail a drain
+    /// still waiting. Call it after the `drainForSwitchover` it cancels.
+    public func cancelDrain() { onLoop { self.run(.cancelDrain) } }
+
     /// Hash every chunk on both sides; mismatches are reported (`status.lastVerifyMismatches`,
     /// `.verifyFinished`) and repaired by `requestResync()`.
     public func startVerify(repair: Bool = false) { onLoop { self.run(.startVerify(repair: repair)) } }

@@ -75,6 +75,9 @@ final class Simulation {
         var incarnation = 0
         var persisted = NodePersistentState.initial
         var gate = WriteGate.closed
+        /// The replication fencing token the core handed out (`NodeAction.fence`); like the
+        /// volume's header it survives a crash. Frames of older epochs are refused.
+        var fence = Epoch.zero
         var role: Role = .secondary
         var log: [Int] = []
         var disk: DiskState = .upToDate
@@ -245,6 +248,10 @@ final class Simulation {
             fail("\(Self.names[i]) restarted at epoch \(n.core!.status.epoch) after having promised \(n.maxEpoch): epoch went back")
         }
         nodes[i] = n
+        var core = nodes[i].core!
+        let first = core.start(at: localNow(i))
+        nodes[i].core = core
+        apply(first, at: i)
         queue.push(now + uniform(Self.ms(1), Self.ms(100)), .tick(node: i, incarnation: n.incarnation))
         trace("\(Self.names[i]) starts (persisted epoch \(persisted.promisedEpoch), vote \(persisted.votedFor?.name ?? "-"))")
     }
@@ -325,6 +332,14 @@ final class Simulation {
                 }
             case let .log(ev):
                 trace("\(Self.names[i]) log \(ev)")
+            case let .fence(e):
+                trace("\(Self.names[i]) fence \(e)")
+                nodes[i].fence = max(nodes[i].fence, e)
+            case .cancelDrain:
+                trace("\(Self.names[i]) cancelDrain")
+                nodes[i].draining = false
+            case .fenceServices, .unfenceServices:
+                trace("\(Self.names[i]) \(a)")
             }
         }
     }
@@ -394,7 +409,8 @@ final class Simulation {
             let p = s.peer
             guard nodes[p].core != nil else { return }
             if deferIfPaused(p, event) { return }
-            if epoch >= nodes[p].gate.epoch {
+            // The backup's volume refuses writes while primary and frames below its fence.
+            if nodes[p].role != .primary, epoch >= nodes[p].fence {
                 nodes[p].log.append(w)
                 if link[p][s.master] {
                     queue.push(now + uniform(Self.ms(1), Self.ms(15)), .frameAck(node: s.master, write: w, epoch: epoch))
@@ -554,7 +570,8 @@ final class Simulation {
     func updateReplication() {
         if let s = session {
             let m = s.master, p = s.peer
-            let ok = nodes[m].role == .primary && connected(m, p) && nodes[m].gate.epoch == s.epoch && nodes[p].gate.epoch <= s.epoch
+            let ok = nodes[m].role == .primary && connected(m, p) && nodes[m].gate.epoch == s.epoch && nodes[p].fence <= s.epoch
+                && nodes[p].role != .primary
             if !ok {
                 session = nil
                 trace("replication \(Self.names[m]) -> \(Self.names[p]) breaks")
@@ -565,7 +582,7 @@ final class Simulation {
         let primaries = (0..<2).filter { nodes[$0].role == .primary && nodes[$0].core != nil && nodes[$0].gate.epoch > .zero }
         guard let m = primaries.max(by: { nodes[$0].gate.epoch < nodes[$1].gate.epoch }) else { return }
         let p = 1 - m
-        guard connected(m, p), nodes[p].gate.epoch <= nodes[m].gate.epoch else { return }
+        guard connected(m, p), nodes[p].fence <= nodes[m].gate.epoch, nodes[p].role != .primary else { return }
         let s = Session(id: nextSessionID, master: m, peer: p, epoch: nodes[m].gate.epoch, inSync: false)
         nextSessionID += 1
         if nodes[p].log == nodes[m].log, nodes[p].disk == .upToDate, nodes[p].gens == nodes[m].gens {
@@ -640,6 +657,7 @@ final class Simulation {
         case let .peerReplication(s): return "peerReplication \(s.rawValue)"
         case let .admin(c): return "admin \(c)"
         case .switchoverDrained: return "switchoverDrained"
+        case let .clockJump(d): return "clockJump \(d)"
         }
     }
 }

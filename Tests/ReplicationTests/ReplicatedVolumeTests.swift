@@ -101,6 +101,21 @@ final class ReplicatedVolumeTests: XCTestCase {
         XCTAssertTrue(pair.fileBytes("a") == pair.fileBytes("b"))
     }
 
+    /// An abandoned switchover (`NodeAction.cancelDrain`): the drained, suspended primary
+    /// takes writes again without a new promotion.
+    func testCancelledDrainResumesWrites() throws {
+        let pair = try connectedPair()
+        let a = pair.a!
+        let loop = pair.group.next()
+        let done = loop.makePromise(of: Void.self)
+        a.drainForSwitchover { r in done.completeWith(r) }
+        try done.futureResult.wait()
+        XCTAssertThrowsError(try a.write(offset: 0, data: ByteBuffer(bytes: [1]), fua: false, on: loop).wait(), "suspended")
+        a.cancelDrain()
+        XCTAssertNoThrow(try a.write(offset: 0, data: ByteBuffer(bytes: [2]), fua: false, on: loop).wait())
+        XCTAssertEqual(a.status.role, .primary)
+    }
+
     func testSplitBrainRefusedAndStoresUntouchedThenResolved() throws {
         let pair = try connectedPair()
         let loop = pair.group.next()

@@ -219,6 +219,15 @@ extension ReplicationCore {
         checkDrained()
     }
 
+    mutating func cancelDrain() {
+        let waiting = drainWaiting
+        drainWaiting = []
+        for id in waiting { out.append(.drained(id, .invalid("switchover cancelled; this node stays primary"))) }
+        guard suspended, role == .primary, !stopped else { return }
+        suspended = false
+        log(.notice, "switchover cancelled: writes resume")
+    }
+
     mutating func checkDrained() {
         guard !drainWaiting.isEmpty, !writes.values.contains(where: { $0.open && !$0.isDrain }), alWaiting.isEmpty else { return }
         let ids = drainWaiting

@@ -115,6 +115,10 @@ public enum CoreEvent: Sendable {
     case becomeSecondary(Epoch)
     case promise(Epoch)
     case drain(RequestID)
+    /// The switchover was abandoned and this node stays primary: writes resume (no longer
+    /// suspended) and a drain still waiting fails. A drain flush already sent may still
+    /// complete; its `.drained` then means nothing to the quorum core (it ignores it).
+    case cancelDrain
     case startVerify(repair: Bool)
     case requestResync
     case resolveSplitBrain(discardLocal: Bool)
@@ -320,6 +324,7 @@ public struct ReplicationCore: Sendable {
                 persistHeader()
             }
         case .drain(let id): drain(id, now)
+        case .cancelDrain: cancelDrain()
         case .startVerify(let repair): startVerify(repair: repair)
         case .requestResync: requestResync(now)
         case .resolveSplitBrain(let discard): resolveSplitBrain(discard)
