@@ -41,8 +41,13 @@ let package = Package(
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
         ]),
+        // The one runtime of a node (quorum core + replicated volume + policies), shared by
+        // the daemon and the whole-node simulator. Pure: it reaches the world only through
+        // the NodeHost / ArbitratorHost protocols.
+        .target(name: "NodeRuntime", dependencies: ["HACore", "Quorum", "Replication"],
+                swiftSettings: [.swiftLanguageMode(.v6)]),
         .executableTarget(name: "hamgr", dependencies: [
-            "HACore", "Quorum", "Replication",
+            "HACore", "Quorum", "Replication", "NodeRuntime",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
