@@ -29,6 +29,11 @@ public protocol NodeHost: AnyObject, Sendable {
     /// Close the export and stop resources (demotion, or before a switchover's drain). `done`
     /// runs on the runtime's context when the stop finished (or failed: it is logged).
     func stopServices(epoch: Epoch, master: NodeID?, wasPrimary: Bool, then done: @escaping () -> Void)
+    /// Before a switchover's drain: stop resources (a filesystem flushes through the export);
+    /// the export stays, the volume suspends writes. `done` runs on the runtime's context.
+    func suspendServices(then done: @escaping () -> Void)
+    /// An abandoned switchover: start the resources `suspendServices` stopped.
+    func resumeServices(epoch: Epoch)
     /// Maintenance mode: resources are not restarted while on.
     func holdServiceRestarts(_ on: Bool)
 

@@ -118,8 +118,7 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
         case .drainForSwitchover:
             // Planned handover: services stop first (a filesystem flushes through the export),
             // then the volume drains and confirms the peer has every write.
-            let epoch = core.status.epoch
-            host.stopServices(epoch: epoch, master: nil, wasPrimary: true) { [self] in
+            host.suspendServices { [self] in
                 host.volume.drainForSwitchover { [self] result in
                     host.enqueue { [self] in
                         switch result {
@@ -133,7 +132,10 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
         case .adminResult(let command, let result):
             if command == .switchover, case .failure = result, core.status.role == .primary {
                 // An abandoned switchover: the core stays master, so the drained volume resumes writes.
-                do { try host.volume.becomePrimary(epoch: core.status.epoch, newGeneration: false) } catch {
+                do {
+                    try host.volume.becomePrimary(epoch: core.status.epoch, newGeneration: false)
+                    host.resumeServices(epoch: core.status.epoch)
+                } catch {
                     host.log(event("resumeFailed", [("why", "\(error)")]))
                 }
             }
