@@ -37,7 +37,7 @@ public protocol NodeHost: AnyObject, Sendable {
     /// Maintenance mode: resources are not restarted while on.
     func holdServiceRestarts(_ on: Bool)
 
-    /// Record (durably) that this node's store failed, so a restart comes back outdated.
+    /// Log (critical) and record durably that this node's store failed, so a restart comes back outdated.
     func recordDiskFailure(_ detail: String)
     /// The store was verified against the peer: drop the record.
     func clearDiskFailure()

@@ -193,8 +193,7 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
             // the peer — which holds every acknowledged write — takes over.
             guard diskFailure == nil else { return }
             diskFailure = detail
-            host.log(event("diskFailure", [("detail", detail)]))
-            host.recordDiskFailure(detail)
+            host.recordDiskFailure(detail)  // logs it (critical) and records it durably
             feed(.disk(LocalDisk(state: .diskless, generations: host.volume.status.generations)))
             if core.status.role == .primary { feed(.admin(.demote)) }
         case .resyncProgress:
