@@ -53,8 +53,12 @@ let package = Package(
         .target(name: "ReplicationShell", dependencies: [
             "Replication", "HAShell", nioCore, nioPosix, nioLocks, logging, crypto,
         ]),
+        // The one runtime of a node (quorum core + replicated volume + policies), shared by
+        // the daemon and the whole-node simulator. Pure: it reaches the world only through
+        // the NodeHost / ArbitratorHost protocols.
+        .target(name: "NodeRuntime", dependencies: ["HACore", "Quorum", "Replication"], swiftSettings: pure),
         .target(name: "HamgrKit", dependencies: [
-            "HAShell", "Quorum", "Replication", "ReplicationShell", "CSystemd",
+            "HAShell", "Quorum", "Replication", "ReplicationShell", "NodeRuntime", "CSystemd",
             nioCore, nioPosix, nioLocks, logging, crypto, argumentParser,
             .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),

@@ -4,12 +4,14 @@ import HAShell
 import Logging
 import NIOCore
 import NIOPosix
+import NodeRuntime
 import Quorum
 
 /// `hamgr arbitrator`: the third-site witness for many clusters, keyed by cluster name.
-/// All decisions are made by one `ArbitratorCore` on one event loop; its persisted state
-/// (promised epoch, votes, outdated marks) is durable before any reply leaves (design.md §2).
-final class ArbitratorDaemon: @unchecked Sendable {
+/// All decisions are made by one `ArbitratorCore` on one event loop, driven by the shared
+/// `ArbitratorRuntime` with this class as its host; its persisted state (promised epoch,
+/// votes, outdated marks) is durable before any reply leaves (design.md §2).
+final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
     struct ClusterEntry {
         let config: ClusterConfig
         let key: SymmetricKey
@@ -19,7 +21,9 @@ final class ArbitratorDaemon: @unchecked Sendable {
     let group: MultiThreadedEventLoopGroup
     let loop: EventLoop
     let logger: Logger
-    private var core: ArbitratorCore
+    /// Decision loop only. Set at the end of `init` (it needs `self` as host).
+    private var runtime: ArbitratorRuntime<ArbitratorDaemon>!
+    private var core: ArbitratorCore { runtime.core }
     private var clusters: [String: ClusterEntry] = [:]
     private var listeners: [PeerListener] = []
     private var statusServers: [StatusServer] = []
@@ -71,7 +75,7 @@ final class ArbitratorDaemon: @unchecked Sendable {
         if let odd = configs.first(where: { $0.timeouts != first.timeouts }) {
             throw ConfigError(key: "timeouts", message: "cluster \(odd.cluster.name) has timeouts that differ from cluster \(first.cluster.name); one arbitrator process serves clusters with identical [timeouts] only (run another arbitrator for the others)")
         }
-        core = ArbitratorCore(settings: QuorumSettings(timings: first.timeouts, splitBrain: first.cluster.splitBrain,
+        let core = ArbitratorCore(settings: QuorumSettings(timings: first.timeouts, splitBrain: first.cluster.splitBrain,
                                                        plantedBugs: NodeDaemon.plantedBugs()),
                               persisted: persisted)
         registry.gauge("hamgr_build_info", help: "Always 1; the version label names the running build.", labels: ["version": hamgrVersion]).set(1)
@@ -80,6 +84,7 @@ final class ArbitratorDaemon: @unchecked Sendable {
             buckets: [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1])
         messagesTotal = registry.counter("hamgr_arbitrator_messages_total", help: "Quorum messages handled.")
         registry.gauge("hamgr_arbitrator_clusters", help: "Clusters this arbitrator serves.").set(clusters.count)
+        runtime = ArbitratorRuntime(core: core, host: self)
     }
 
     static func statePath(_ c: ClusterConfig) -> String {
@@ -168,29 +173,34 @@ final class ArbitratorDaemon: @unchecked Sendable {
     }
 
     private func handle(cluster: String, from: NodeID, _ message: QuorumMessage, received: Instant) {
-        let now = MonotonicClock.now()
-        let actions = core.handle(cluster: cluster, from: from, message, at: now)
-        for action in actions {
-            switch action {
-            case .send(let c, let to, let m):
-                clusters[c]?.connections[to]?.send(m, epoch: core.epoch(cluster: c))
-            case .persist(let c, let state):
-                guard let entry = clusters[c] else { continue }
-                do {
-                    try DurableFile.write(state.encoded(), to: Self.statePath(entry.config))
-                } catch {
-                    // Never reply on the strength of a vote we could not make durable.
-                    logger.critical("cannot persist arbitrator state for \(c): \(error); exiting", metadata: ["event": "persist_failed", "cluster": .string(c)])
-                    exit(70)
-                }
-            case .log(let event):
-                var md: Logger.Metadata = ["event": .string(event.name), "cluster": .string(cluster), "node": "arbitrator"]
-                for f in event.fields { md[f.key] = .string(f.value) }
-                logger.notice("\(event.name)", metadata: md)
-            }
-        }
+        runtime.receive(cluster: cluster, from: from, message)
         decisionSeconds.observe(MonotonicClock.now() - received)
         messagesTotal.increment()
+    }
+
+    // MARK: ArbitratorHost (decision loop only)
+
+    func now() -> Instant { MonotonicClock.now() }
+
+    func persist(cluster: String, _ state: ArbitratorPersistentState) throws {
+        guard let entry = clusters[cluster] else { return }
+        try DurableFile.write(state.encoded(), to: Self.statePath(entry.config))
+    }
+
+    func send(_ message: QuorumMessage, cluster: String, to node: NodeID, epoch: Epoch) {
+        clusters[cluster]?.connections[node]?.send(message, epoch: epoch)
+    }
+
+    func log(cluster: String, _ event: QuorumEvent) {
+        var md: Logger.Metadata = ["event": .string(event.name), "cluster": .string(cluster), "node": "arbitrator"]
+        for f in event.fields { md[f.key] = .string(f.value) }
+        logger.notice("\(event.name)", metadata: md)
+    }
+
+    func fatal(_ reason: String) {
+        // Never reply on the strength of a vote we could not make durable.
+        logger.critical("\(reason); exiting", metadata: ["event": "persist_failed"])
+        exit(70)
     }
 
     // MARK: status

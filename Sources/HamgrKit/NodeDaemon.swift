@@ -5,16 +5,18 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import NodeRuntime
 import Quorum
 import Replication
 import ReplicationShell
 
-/// `hamgr run`: wires one data node together. Owns nothing but wiring (style.md "Shape of
-/// the house"): the quorum core decides, the replicated volume moves data, the NBD server
-/// serves the export, the status server answers operators. Every core event is handled on
-/// `control`, one serial queue, in arrival order; actions run in the order the core gave them,
-/// and a `.persist` is durable before the next action runs.
-final class NodeDaemon: @unchecked Sendable {
+/// `hamgr run`: wires one data node together. Owns nothing but wiring and I/O (style.md
+/// "Shape of the house"): the `NodeRuntime` — the same one the whole-node simulator runs —
+/// decides with the quorum core and carries out its actions through this class as its
+/// `NodeHost`; the replicated volume moves data, the NBD server serves the export, the status
+/// server answers operators. Every runtime call happens on `control`, one serial queue, in
+/// arrival order; a `.persist` is durable before the next action runs.
+final class NodeDaemon: NodeHost, @unchecked Sendable {
     let config: ClusterConfig
     let me: ClusterConfig.Node
     let peer: ClusterConfig.Node
@@ -29,8 +31,9 @@ final class NodeDaemon: @unchecked Sendable {
     var logger: Logger
     private let key: SymmetricKey
     private let statePath: String
-    private var core: NodeCore
-    let volume: ReplicatedVolume
+    /// The runtime (control queue only). Set at the end of `init` (it needs `self` as host).
+    private var runtime: NodeRuntime<NodeDaemon>!
+    let replicatedVolume: ReplicatedVolume
     let nbd: NBDServer
     private var statusServer: StatusServer?
     private var listener: PeerListener?
@@ -45,9 +48,6 @@ final class NodeDaemon: @unchecked Sendable {
     private var dialers: [PeerDialer] = []
     private var ticker: DispatchSourceTimer?
     private var resourceRefresh: DispatchSourceTimer?
-    private var pendingAdmin: [(command: Quorum.AdminCommand, id: Int, reply: (AdminResponse) -> Void)] = []
-    private var nextAdminID = 0
-    private var lastPersisted: NodePersistentState
     let metrics = NodeMetrics(writeLatencyBuckets: NBDLatencyHistogram.bucketBounds)
     private let metricsLock = NIOLock()
     private var resyncSentSeen: UInt64 = 0  // under metricsLock
@@ -57,19 +57,18 @@ final class NodeDaemon: @unchecked Sendable {
     /// Resource starts and stops run one after another, in the order promotions and
     /// demotions happened (control queue only).
     private var resourceChain: Task<Void, Never>?
-    /// Set when this node's store failed in an earlier run (the marker file exists): its data
-    /// may lack writes the failure dropped from the page cache, so it stays `outdated` (never
-    /// promotable) until a full online verify against the peer finds no mismatch.
-    private var diskRepair: DiskRepair?
-    enum DiskRepair { case waitingForPeer, verifying(round: Int), resyncing(round: Int) }
+    private var fenceChain: Task<Void, Never>?
+    /// A frozen process or VM (monotonic clock stood still while the wall clock went on).
+    private var clockJumps = ClockJumpDetector(threshold: .milliseconds(100))
+    /// Exists while this node's store failed in a run and was not yet verified against the
+    /// peer: the runtime keeps the node `outdated` (never promotable) until a full online
+    /// verify finds no mismatch, then removes it.
     private var diskFailedMarker: String { me.metadata + ".disk-failed" }
     private var diskError: String?  // under snapshotLock; set once, on the first failed store operation
     var diskErrorStatus: String? { snapshotLock.withLock { diskError } }
-    private var maintenanceApplied = false
     private var nbdSeen = NBDStatistics()
     let notifier = SystemdNotifier()
     private var stopping = false
-    private var promotedAt: Instant?
 
     init(config: ClusterConfig, node: String, group: MultiThreadedEventLoopGroup, logger: Logger) throws {
         self.config = config
@@ -89,10 +88,9 @@ final class NodeDaemon: @unchecked Sendable {
         } else {
             persisted = .initial
         }
-        lastPersisted = persisted
 
         let peerRepl = try parseHostPort(peer.replicationAddress, key: "node.replication_address")
-        volume = try ReplicatedVolume(
+        replicatedVolume = try ReplicatedVolume(
             config: ReplicatedVolumeConfig(
                 cluster: config.cluster.name, me: me.name, peer: peer.name,
                 backingPath: me.backing, metadataPath: me.metadata,
@@ -103,28 +101,28 @@ final class NodeDaemon: @unchecked Sendable {
                 resyncRateBytesPerSecond: Int(config.volume.resyncRateBytesPerSecond),
                 createBacking: me.create),
             group: group, logger: logger, clock: { MonotonicClock.now() })
-        let st = volume.status
+        let st = replicatedVolume.status
         let repairPending = FileManager.default.fileExists(atPath: me.metadata + ".disk-failed")
-        core = NodeCore(cluster: config.cluster.name, me: me.name, peer: peer.name, arbitrator: Self.arbitratorID,
+        let core = NodeCore(cluster: config.cluster.name, me: me.name, peer: peer.name, arbitrator: Self.arbitratorID,
                         settings: QuorumSettings(timings: config.timeouts, splitBrain: config.cluster.splitBrain,
                                                  plantedBugs: Self.plantedBugs()),
                         persisted: persisted,
                         disk: LocalDisk(state: repairPending ? .outdated : st.diskState, generations: st.generations),
                         now: MonotonicClock.now())
         coreSnapshot = core.status
-        if repairPending { diskRepair = .waitingForPeer }
-        nbd = NBDServer(group: group, childGroup: volume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)", logger: logger)
+        nbd = NBDServer(group: group, childGroup: replicatedVolume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)", logger: logger)
         hooks = HookRunner(hooks: config.hooks, logger: logger, metrics: metrics)
         resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics) { [weak self] resource, reason in
             // A resource that keeps failing here may run on the peer: hand over (design.md §4).
             self?.control.async {
                 guard let self else { return }
                 self.logger.error("resource \(resource) gave up (\(reason)); switching over", metadata: self.eventMetadata("resource_give_up"))
-                self.submitAdmin(.switchover) { r in
-                    self.logger.notice("switchover after resource failure: \(r.reply.message)", metadata: self.eventMetadata("resource_switchover"))
+                self.runtime.admin(.switchover) { r in
+                    self.logger.notice("switchover after resource failure: \(r.message)", metadata: self.eventMetadata("resource_switchover"))
                 }
             }
         }
+        runtime = NodeRuntime(core: core, host: self, repairPending: repairPending)
     }
 
     static let arbitratorID = NodeID(ClusterConfig.reservedArbitratorName)
@@ -145,25 +143,24 @@ final class NodeDaemon: @unchecked Sendable {
     // MARK: lifecycle
 
     func start() throws {
-        volume.onEvent = { [weak self] ev in self?.control.async { self?.volumeEvent(ev) } }
+        replicatedVolume.onEvent = { [weak self] ev in self?.control.async { self?.volumeEvent(ev) } }
         let svc = try parseHostPort(me.serviceAddress, key: "node.service_address")
         try nbd.start(host: svc.host, port: svc.port).wait()
         nbd.setVolume(nil, refusal: refusal())
         // The persisted fencing token reaches the volume before any replication session can
         // be routed to it (the listener binds below; the volume runs events in order).
         control.sync {
-            for action in core.start(at: MonotonicClock.now()) { perform(action) }
-            let st = core.status
-            snapshotLock.withLock { coreSnapshot = st }
+            runtime.start()
+            publish()
         }
         let repl = try parseHostPort(me.replicationAddress, key: "node.replication_address")
         let idle = TimeAmount.nanoseconds(config.timeouts.failureTimeout.nanosecondsClamped)
         listener = try PeerListener.bind(
-            host: repl.host, port: repl.port, group: group, childGroup: volume.eventLoop, idleTimeout: idle,
+            host: repl.host, port: repl.port, group: group, childGroup: replicatedVolume.eventLoop, idleTimeout: idle,
             keyForCluster: { [key, config] in $0 == config.cluster.name ? key : nil },
             refused: { [logger] why in logger.warning("\(why)", metadata: ["event": "link_refused"]) },
             route: { [weak self] hello in self?.route(hello) }).wait()
-        volume.start()
+        replicatedVolume.start()
         // Quorum channels: to the arbitrator always; to the peer only from the node whose
         // name sorts first (the other accepts it on its replication address).
         let arb = try parseHostPort(config.arbitrator.address, key: "arbitrator.address")
@@ -183,13 +180,25 @@ final class NodeDaemon: @unchecked Sendable {
         let tickNanos = max(5_000_000, Int(config.timeouts.renewInterval.nanosecondsClamped / 8))
         let timer = DispatchSource.makeTimerSource(queue: control)
         timer.schedule(deadline: .now(), repeating: .nanoseconds(tickNanos), leeway: .milliseconds(1))
-        timer.setEventHandler { [weak self] in self?.feed(.tick) }
+        timer.setEventHandler { [weak self] in
+            guard let self else { return }
+            var wall = timespec()
+            clock_gettime(CLOCK_REALTIME, &wall)
+            let reference = Instant(nanoseconds: Int64(wall.tv_sec) * 1_000_000_000 + Int64(wall.tv_nsec))
+            if let gap = self.clockJumps.observe(monotonic: MonotonicClock.now(), reference: reference) {
+                self.logger.warning("clock jump: the wall clock moved \(gap) more than the monotonic clock (frozen process or VM)",
+                                    metadata: self.eventMetadata("clock_jump"))
+                self.feed(.clockJump(gap))
+            }
+            self.feed(.tick)
+        }
         timer.resume()
         ticker = timer
         let refresh = DispatchSource.makeTimerSource(queue: control)
         refresh.schedule(deadline: .now(), repeating: .milliseconds(500))
         refresh.setEventHandler { [weak self] in
             guard let self else { return }
+            self.runtime.pollRepair()
             Task {
                 let snap = await self.resources.snapshot()
                 self.snapshotLock.withLock { self.resourceSnapshot = snap }
@@ -214,7 +223,7 @@ final class NodeDaemon: @unchecked Sendable {
         }
         control.async {
             self.logger.notice("node started", metadata: self.eventMetadata("started"))
-            if self.diskRepair != nil {
+            if FileManager.default.fileExists(atPath: self.diskFailedMarker) {
                 self.logger.warning("the backing store failed in an earlier run: this node stays outdated until a full verify against the peer passes",
                                     metadata: self.eventMetadata("disk_repair_pending"))
             }
@@ -226,9 +235,10 @@ final class NodeDaemon: @unchecked Sendable {
         let handedOver = DispatchSemaphore(value: 0)
         control.async {
             _ = self.notifier.stopping()
-            if self.core.status.role == .primary && self.core.status.peerReachable {
+            let st = self.runtime.core.status
+            if st.role == .primary && st.peerReachable {
                 self.logger.notice("stopping: switching over first", metadata: self.eventMetadata("shutdown_switchover"))
-                self.submitAdmin(.switchover) { _ in handedOver.signal() }
+                self.runtime.admin(.switchover) { _ in handedOver.signal() }
             } else {
                 handedOver.signal()
             }
@@ -238,14 +248,14 @@ final class NodeDaemon: @unchecked Sendable {
             self.stopping = true
             self.ticker?.cancel()
             self.resourceRefresh?.cancel()
-            if self.core.status.role == .primary { self.feed(.admin(.demote)) }
+            if self.runtime.core.status.role == .primary { self.feed(.admin(.demote)) }
         }
         let resourcesStopped = DispatchSemaphore(value: 0)
         Task { try? await self.resources.stopAll(); resourcesStopped.signal() }
         _ = resourcesStopped.wait(timeout: .now() + 120)
         dialers.forEach { $0.stop() }
         _ = try? nbd.stop().wait()
-        volume.stop()
+        replicatedVolume.stop()
         _ = try? listener?.close().wait()
         _ = try? statusServer?.stop().wait()
         logger.notice("node stopped", metadata: ["event": "stopped"])
@@ -266,7 +276,7 @@ final class NodeDaemon: @unchecked Sendable {
         let local = PeerHello(cluster: config.cluster.name, node: me.name, channel: hello.channel)
         switch hello.channel {
         case ChannelName.quorum: return (local, quorumCallbacks(expecting: peer.name))
-        case ChannelName.replication: return (local, volume.inboundSession())
+        case ChannelName.replication: return (local, replicatedVolume.inboundSession())
         default: return nil
         }
     }
@@ -309,150 +319,79 @@ final class NodeDaemon: @unchecked Sendable {
             })
     }
 
-    // MARK: the core
+    // MARK: the runtime
 
     private func feed(_ event: NodeEvent) {
         dispatchPrecondition(condition: .onQueue(control))
-        let actions = core.handle(event, at: MonotonicClock.now())
-        for action in actions { perform(action) }
-        let st = core.status
-        snapshotLock.withLock { coreSnapshot = st }
+        runtime.feed(event)
+        publish()
     }
 
     private func volumeEvent(_ event: ReplicationEvent) {
-        switch event {
-        case .peer(let state):
-            feed(.peerReplication(state))
-            if state == .inSync { advanceDiskRepair(mismatches: nil) }
-        case .disk(let state, let generations):
-            feed(.disk(LocalDisk(state: reportedDiskState(state), generations: generations)))
-        case .splitBrain(let detail):
-            logger.error("split brain: \(detail)", metadata: eventMetadata("split_brain"))
-        case .diskFailure(let detail):
-            // A store that failed a write is not trusted again until an operator restarts the
-            // node: it reports diskless, never stands for election, and a master steps down so
-            // the peer — which holds every acknowledged write — takes over.
-            let first = snapshotLock.withLock { () -> Bool in
-                defer { diskError = diskError ?? detail }
-                return diskError == nil
-            }
-            logger.critical("backing store failed: \(detail)", metadata: eventMetadata("disk_failure"))
-            guard first else { return }
-            do { try DurableFile.write(Array("\(detail)\n".utf8), to: diskFailedMarker) } catch {
-                logger.critical("cannot record the disk failure in \(diskFailedMarker): \(error); replace the disk and start from an empty store",
-                                metadata: eventMetadata("disk_failure_unrecorded"))
-            }
-            feed(.disk(LocalDisk(state: .diskless, generations: volume.status.generations)))
-            if core.status.role == .primary {
-                logger.critical("stepping down: the backing store failed", metadata: eventMetadata("disk_failure_step_down"))
-                feed(.admin(.demote))
-            }
-        case .resyncProgress(let done, let total):
+        if case .resyncProgress(let done, let total) = event {
             logger.debug("resync \(done)/\(total) bytes", metadata: eventMetadata("resync_progress"))
-        case .verifyFinished(let mismatched):
-            logger.notice("verify finished: \(mismatched.count) mismatched chunk(s) \(mismatched.prefix(20))",
-                          metadata: eventMetadata("verify_finished"))
-            advanceDiskRepair(mismatches: mismatched)
+        }
+        runtime.volumeEvent(event)
+        publish()
+    }
+
+    private func publish() {
+        let st = runtime.core.status
+        snapshotLock.withLock { coreSnapshot = st }
+    }
+
+    // MARK: NodeHost (the runtime's I/O; control queue only)
+
+    func now() -> Instant { MonotonicClock.now() }
+
+    var volume: any NodeVolume { replicatedVolume }
+
+    func persist(_ state: NodePersistentState) throws {
+        try DurableFile.write(state.encoded(), to: statePath)
+    }
+
+    func send(_ message: QuorumMessage, to node: NodeID, epoch: Epoch) {
+        let conn = node == Self.arbitratorID ? arbitratorQuorum : peerQuorum
+        conn?.send(message, epoch: epoch)
+    }
+
+    func log(_ event: QuorumEvent) {
+        var md = eventMetadata(event.name)
+        for f in event.fields { md[f.key] = .string(f.value) }
+        logger.notice("\(event.name)", metadata: md)
+    }
+
+    func fatal(_ reason: String) {
+        // A vote or epoch that cannot be made durable must not be acted on: stop here,
+        // systemd restarts us from the last durable state.
+        logger.critical("\(reason); exiting", metadata: eventMetadata("fatal"))
+        exit(70)
+    }
+
+    func enqueue(_ work: @escaping @Sendable () -> Void) {
+        control.async { work(); self.publish() }
+    }
+
+    func holdServiceRestarts(_ on: Bool) {
+        Task { await self.resources.holdRestarts(on) }
+    }
+
+    func recordDiskFailure(_ detail: String) {
+        snapshotLock.withLock { diskError = diskError ?? detail }
+        logger.critical("backing store failed: \(detail)", metadata: eventMetadata("disk_failure"))
+        do { try DurableFile.write(Array("\(detail)\n".utf8), to: diskFailedMarker) } catch {
+            logger.critical("cannot record the disk failure in \(diskFailedMarker): \(error); replace the disk and start from an empty store",
+                            metadata: eventMetadata("disk_failure_unrecorded"))
         }
     }
 
-    private func perform(_ action: NodeAction) {
-        switch action {
-        case .send(let to, let message):
-            let conn = to == Self.arbitratorID ? arbitratorQuorum : peerQuorum
-            conn?.send(message, epoch: core.status.epoch)
-        case .persist(let state):
-            do {
-                try DurableFile.write(state.encoded(), to: statePath)
-                lastPersisted = state
-            } catch {
-                // A vote or epoch that cannot be made durable must not be acted on: stop here,
-                // systemd restarts us from the last durable state.
-                logger.critical("cannot persist quorum state: \(error); exiting", metadata: eventMetadata("persist_failed"))
-                exit(70)
-            }
-        case .writeGate(let gate):
-            volume.setWriteGate(gate)
-        case .becomePrimary(let epoch, let newGeneration):
-            promote(epoch: epoch, newGeneration: newGeneration)
-        case .becomeSecondary(let epoch, let master):
-            demote(epoch: epoch, master: master)
-        case .drainForSwitchover:
-            // Planned handover: services stop first (a filesystem flushes through the export),
-            // then the volume drains and confirms the peer has every write.
-            let volume = self.volume
-            inResourceOrder { [weak self] in
-                guard let self else { return }
-                do { try await self.resources.stopAll() } catch {
-                    self.logger.error("stopping resources for switchover: \(error)", metadata: self.eventMetadata("resource_stop_failed"))
-                }
-                volume.drainForSwitchover { [weak self] result in
-                self?.control.async {
-                    switch result {
-                    case .success: self?.feed(.switchoverDrained)
-                    case .failure(let e): self?.logger.error("switchover drain failed: \(e)", metadata: self?.eventMetadata("switchover_failed") ?? [:])
-                    }
-                }
-                }
-            }
-        case .cancelDrain:
-            // An abandoned switchover: this node stays master. Queued behind the stop-and-drain
-            // of `.drainForSwitchover`, so the cancel reaches the volume after the drain request.
-            let volume = self.volume
-            inResourceOrder { [weak self] in
-                volume.cancelDrain()
-                guard let self else { return }
-                do { try await self.resources.startAll() } catch {
-                    self.control.async {
-                        self.logger.error("restarting resources after an abandoned switchover: \(error)", metadata: self.eventMetadata("resource_start_failed"))
-                    }
-                }
-            }
-        case .adminResult(let command, let result):
-            completeAdmin(command, result)
-        case .fence(let epoch):
-            // The replication fencing token, an explicit core output: never raised by this
-            // node's own candidacy (a failed one must not refuse the live master's frames).
-            volume.setPromisedEpoch(epoch)
-        case .fenceServices:
-            // Contract: freeze the services above the block layer now (no I/O), so page-cache
-            // reads stop before a new master can exist. Writes already fail at the closed gate.
-            // No freezer is wired to the resource agents yet: say so, the window stays open
-            // until the resource stop of `.becomeSecondary` completes.
-            logger.warning("services should be frozen now (lease about to lapse or gate closed); no freezer is configured, they stop only with the demotion",
-                           metadata: eventMetadata("services_fence"))
-        case .unfenceServices:
-            logger.notice("services may serve again (fresh lease grant)", metadata: eventMetadata("services_unfence"))
-        case .log(let event):
-            var md = eventMetadata(event.name)
-            for f in event.fields { md[f.key] = .string(f.value) }
-            logger.notice("\(event.name)", metadata: md)
-        }
-        if core.status.maintenance != maintenanceApplied {
-            maintenanceApplied = core.status.maintenance
-            let on = maintenanceApplied
-            Task { await self.resources.holdRestarts(on) }
-        }
+    func clearDiskFailure() {
+        try? FileManager.default.removeItem(atPath: diskFailedMarker)
     }
 
-    private func promote(epoch: Epoch, newGeneration: Bool) {
-        do {
-            try volume.becomePrimary(epoch: epoch, newGeneration: newGeneration)
-        } catch {
-            // The volume refused: give the lease back at once so the peer can take over.
-            logger.error("cannot become primary: \(error); stepping down", metadata: eventMetadata("promote_failed"))
-            control.async {
-                self.feed(.disk(LocalDisk(state: .diskless, generations: self.volume.status.generations)))
-                if self.core.status.role == .primary { self.feed(.admin(.demote)) }
-            }
-            return
-        }
-        // The core starts a mastership assuming nothing of the peer; the volume reports only
-        // changes, so tell the core where the link stands now.
-        control.async { self.feed(.peerReplication(self.volume.status.peerState)) }
-        promotedAt = MonotonicClock.now()
-        metrics.failover(kind: newGeneration ? "forced" : (pendingAdmin.isEmpty ? "failover" : "switchover"))
-        nbd.setVolume(volume, refusal: "")
+    func startServices(epoch: Epoch, kind: PromotionKind) {
+        metrics.failover(kind: kind.rawValue)
+        nbd.setVolume(replicatedVolume, refusal: "")
         _ = notifier.status("primary, epoch \(epoch), serving \(me.serviceAddress)")
         logger.notice("promoted: serving the export on \(me.serviceAddress)", metadata: eventMetadata("promoted"))
         // Promotion order (design.md §4): lease → volume primary → resources in order → announce.
@@ -464,7 +403,7 @@ final class NodeDaemon: @unchecked Sendable {
             } catch {
                 self.control.async {
                     self.logger.error("resources failed to start: \(error); switching over", metadata: self.eventMetadata("resource_start_failed"))
-                    self.submitAdmin(.switchover) { _ in }
+                    self.runtime.admin(.switchover) { _ in }
                 }
                 return
             }
@@ -472,82 +411,74 @@ final class NodeDaemon: @unchecked Sendable {
         }
     }
 
-    private func demote(epoch: Epoch, master: NodeID?) {
-        let wasPrimary = volume.status.role == .primary
+    func stopServices(epoch: Epoch, master: NodeID?, wasPrimary: Bool, then done: @escaping () -> Void) {
         nbd.setVolume(nil, refusal: refusal(master: master))
-        volume.becomeSecondary(epoch: epoch)
-        _ = notifier.status("secondary, epoch \(epoch), master \(master?.name ?? "unknown")")
-        if wasPrimary {
-            logger.notice("demoted: export closed", metadata: eventMetadata("demoted"))
-            let context = hookContext(role: .secondary, epoch: epoch, master: master)
-            inResourceOrder { [weak self] in
-                guard let self else { return }
-                try? await self.resources.stopAll()
-                _ = await self.hooks.run(.onDemote, context: context)
+        _ = notifier.status(runtime.core.status.role == .primary ? "primary, epoch \(epoch), switching over"
+                                                                  : "secondary, epoch \(epoch), master \(master?.name ?? "unknown")")
+        guard wasPrimary else { return done() }
+        logger.notice("export closed; stopping resources", metadata: eventMetadata("services_stopping"))
+        let context = hookContext(role: .secondary, epoch: epoch, master: master)
+        let finished: @Sendable () -> Void = { [weak self] in self?.enqueue(done) }
+        inResourceOrder { [weak self] in
+            guard let self else { return }
+            do { try await self.resources.stopAll() } catch {
+                self.logger.error("stopping resources: \(error)", metadata: self.eventMetadata("resource_stop_failed"))
+            }
+            _ = await self.hooks.run(.onDemote, context: context)
+            finished()
+        }
+    }
+
+    func suspendServices(then done: @escaping () -> Void) {
+        let finished: @Sendable () -> Void = { [weak self] in self?.enqueue(done) }
+        inResourceOrder { [weak self] in
+            guard let self else { return }
+            do { try await self.resources.stopAll() } catch {
+                self.logger.error("stopping resources for switchover: \(error)", metadata: self.eventMetadata("resource_stop_failed"))
+            }
+            finished()
+        }
+    }
+
+    func fenceServices() {
+        // Not on the resource queue: a freeze must not wait behind a slow start or stop.
+        logger.warning("fencing services: lease about to lapse or gate closed", metadata: eventMetadata("services_fence"))
+        let (resources, logger, md) = (self.resources!, self.logger, eventMetadata("services_fenced"))
+        inFenceOrder {
+            let lines = await resources.freezeAll(true)
+            if !lines.isEmpty { logger.warning("services fenced: \(lines.joined(separator: "; "))", metadata: md) }
+        }
+    }
+
+    /// Freezes and thaws run one after another in the order the core asked (control queue only).
+    private func inFenceOrder(_ op: @escaping @Sendable () async -> Void) {
+        let previous = fenceChain
+        fenceChain = Task { await previous?.value; await op() }
+    }
+
+    func unfenceServices() {
+        logger.notice("unfencing services: fresh lease grant", metadata: eventMetadata("services_unfence"))
+        let resources = self.resources!
+        inFenceOrder { _ = await resources.freezeAll(false) }
+    }
+
+    func resumeServices(epoch: Epoch) {
+        logger.notice("switchover abandoned: restarting resources", metadata: eventMetadata("services_resumed"))
+        inResourceOrder { [weak self] in
+            guard let self else { return }
+            do { try await self.resources.startAll() } catch {
+                self.logger.error("restarting resources after an abandoned switchover: \(error)", metadata: self.eventMetadata("resource_start_failed"))
             }
         }
     }
 
     private func refusal(master: NodeID? = nil) -> String {
-        let m = master ?? core.status.master
+        let st = runtime.core.status
+        let m = master ?? st.master
         if let m, m != me.name, let node = try? config.node(named: m.name) {
             return "not primary; the master \(m) serves at \(node.serviceAddress)"
         }
-        return "not primary; no master is known" + (core.status.whyNotPromoted.map { " (\($0))" } ?? "")
-    }
-
-    /// The disk state the core may rely on: diskless after a failure in this run, outdated
-    /// while a failure of an earlier run is not yet verified away.
-    private func reportedDiskState(_ state: DiskState) -> DiskState {
-        if diskErrorStatus != nil { return .diskless }
-        if diskRepair != nil, state == .upToDate { return .outdated }
-        return state
-    }
-
-    /// Verify → resync mismatches → verify again, until a verify finds nothing (bounded).
-    /// `mismatches` is nil for "the link is in sync now". Control queue only.
-    private func advanceDiskRepair(mismatches: [Int]?) {
-        guard let phase = diskRepair, diskErrorStatus == nil else { return }
-        switch (phase, mismatches) {
-        case (.waitingForPeer, nil), (.resyncing, nil):
-            let round: Int
-            if case .resyncing(let r) = phase { round = r + 1 } else { round = 1 }
-            guard round <= 5 else {
-                return logger.error("disk repair: still mismatching after 4 resyncs; this node stays outdated", metadata: eventMetadata("disk_repair_failed"))
-            }
-            diskRepair = .verifying(round: round)
-            logger.notice("disk repair: full verify against the peer (round \(round))", metadata: eventMetadata("disk_repair_verify"))
-            volume.startVerify()
-        case (.verifying(let round), let found?):
-            if found.isEmpty {
-                diskRepair = nil
-                try? FileManager.default.removeItem(atPath: diskFailedMarker)
-                logger.notice("disk repair: verify found no mismatch; the store is trusted again", metadata: eventMetadata("disk_repaired"))
-                let v = volume.status
-                feed(.disk(LocalDisk(state: v.diskState, generations: v.generations)))
-            } else {
-                diskRepair = .resyncing(round: round)
-                logger.notice("disk repair: resyncing \(found.count) mismatched chunk(s) from the peer", metadata: eventMetadata("disk_repair_resync"))
-                volume.requestResync()
-                pollRepairResync(round: round, checks: 0)
-            }
-        default:
-            break
-        }
-    }
-
-    /// A requested resync of a few chunks may finish without the link ever leaving inSync;
-    /// poll for its end (bounded) and verify again.
-    private func pollRepairResync(round: Int, checks: Int) {
-        control.asyncAfter(deadline: .now() + .milliseconds(500)) {
-            guard case .resyncing(round)? = self.diskRepair else { return }
-            let v = self.volume.status
-            if v.peerState == .inSync && v.resyncDoneBytes >= v.resyncTotalBytes && checks >= 1 {
-                self.advanceDiskRepair(mismatches: nil)
-            } else if checks < 1200 {
-                self.pollRepairResync(round: round, checks: checks + 1)
-            }
-        }
+        return "not primary; no master is known" + (st.whyNotPromoted.map { " (\($0))" } ?? "")
     }
 
     private func hookContext(role: Role, epoch: Epoch, master: NodeID?) -> HookContext {
@@ -566,10 +497,10 @@ final class NodeDaemon: @unchecked Sendable {
     var resourcesStatus: [StatusDocument.Resource] { snapshotLock.withLock { resourceSnapshot } }
 
     func eventMetadata(_ event: String) -> Logger.Metadata {
-        ["event": .string(event), "epoch": .string(core.status.epoch.description)]
+        ["event": .string(event), "epoch": .string((runtime?.core.status.epoch ?? .zero).description)]
     }
 
-    var isHealthy: Bool { !stopping && volume.status.diskState != .diskless && diskErrorStatus == nil }
+    var isHealthy: Bool { !stopping && replicatedVolume.status.diskState != .diskless && diskErrorStatus == nil }
 
     /// The core's view as of its last event; any thread.
     var coreStatus: NodeQuorumStatus { snapshotLock.withLock { coreSnapshot } }
@@ -596,89 +527,18 @@ final class NodeDaemon: @unchecked Sendable {
 
     // MARK: admin
 
-    private func completeAdmin(_ command: Quorum.AdminCommand, _ result: Result<String, AdminRefusal>) {
-        guard let i = pendingAdmin.firstIndex(where: { $0.command == command }) else { return }
-        let pending = pendingAdmin.remove(at: i)
-        switch result {
-        case .success(let msg): pending.reply(.ok(msg))
-        case .failure(let refusal): pending.reply(.refused(refusal.reason))
-        }
-    }
-
-    /// Hands a command to the core; `reply` gets its answer, or a timeout after 30 s
-    /// (a switchover answers only after the drain). Control queue only.
-    private func submitAdmin(_ command: Quorum.AdminCommand, reply: @escaping (AdminResponse) -> Void) {
-        nextAdminID += 1
-        let id = nextAdminID
-        pendingAdmin.append((command, id, reply))
-        feed(.admin(command))
-        control.asyncAfter(deadline: .now() + 30) {
-            if let i = self.pendingAdmin.firstIndex(where: { $0.id == id }) {
-                self.pendingAdmin.remove(at: i).reply(.refused("\(command) did not complete within 30 s", status: 504))
-            }
-        }
-    }
-
-    /// Polls the core until this node is master (success) or `deadline` (refused, with the
-    /// core's reason). Control queue only.
-    private func awaitPromotion(until deadline: DispatchTime, reply: @escaping (AdminResponse) -> Void) {
-        let st = core.status.announced(at: MonotonicClock.now())
-        if st.role == .primary {
-            return reply(.ok("promoted: master in epoch \(st.epoch), serving at \(me.serviceAddress)"))
-        }
-        if DispatchTime.now() >= deadline {
-            return reply(.refused("not promoted: \(st.whyNotPromoted ?? "no quorum within the election timeout")"))
-        }
-        control.asyncAfter(deadline: .now() + .milliseconds(50)) { self.awaitPromotion(until: deadline, reply: reply) }
-    }
-
     /// An authenticated admin request (StatusServer already checked the token and params).
     func admin(_ request: AdminRequest, on callerLoop: EventLoop) -> EventLoopFuture<AdminResponse> {
         let promise = callerLoop.makePromise(of: AdminResponse.self)
         control.async {
             self.logger.notice("admin \(request.command) from \(request.remote)", metadata: self.eventMetadata("admin"))
-            switch request.command {
-            case .switchover: self.submitAdmin(.switchover, reply: promise.succeed)
-            case .promote(let force):
-                // Answer with the election's outcome, not just its start.
-                self.submitAdmin(.promote(force: force)) { started in
-                    guard started.status == 200 else { return promise.succeed(started) }
-                    self.awaitPromotion(until: .now() + .milliseconds(Int(self.config.timeouts.failureTimeout.milliseconds * 2 + 500)),
-                                        reply: promise.succeed)
-                }
-            case .demote: self.submitAdmin(.demote, reply: promise.succeed)
-            case .maintenance(let on): self.submitAdmin(.maintenance(on), reply: promise.succeed)
-            case .acceptArbitrator: self.submitAdmin(.acceptArbitrator, reply: promise.succeed)
-            case .verify(let repair):
-                self.volume.startVerify(repair: repair)
-                promise.succeed(.ok(repair ? "verify started; mismatched chunks are resynced when it ends; watch /status"
-                                           : "verify started; watch /status"))
-            case .bootstrap(let clean):
-                do {
-                    try self.volume.bootstrap(assumeClean: clean)
-                    self.logger.notice("bootstrap: this node's data is the pair's\(clean ? " (declared clean)" : "")",
-                                       metadata: self.eventMetadata("bootstrap"))
-                    promise.succeed(.ok(clean ? "bootstrapped as clean: a fresh peer adopts this generation without a sync"
-                                              : "bootstrapped: this node is up to date; the peer gets a full sync (watch /status)"))
-                } catch {
-                    promise.succeed(.refused("bootstrap refused: \(error)", status: 409))
-                }
-            case .invalidate:
-                do {
-                    try self.volume.invalidate()
-                    self.logger.warning("invalidate: local data discarded, full sync from the peer follows", metadata: self.eventMetadata("invalidate"))
-                    promise.succeed(.ok("invalidated: this node is inconsistent until the full sync from its peer completes (watch /status)"))
-                } catch {
-                    promise.succeed(.refused("invalidate refused: \(error)", status: 409))
-                }
-            case .resync:
-                self.volume.requestResync()
-                promise.succeed(.ok("resync requested; watch /status"))
-            case .resolve(let side):
-                self.volume.resolveSplitBrain(discardLocal: side == .local)
-                promise.succeed(.ok("split brain resolved by discarding the \(side.rawValue) side's changes; resync follows"))
+            self.runtime.admin(request.command) { outcome in
+                promise.succeed(outcome.ok ? .ok(outcome.message) : .refused(outcome.message, status: outcome.status))
             }
+            self.publish()
         }
         return promise.futureResult
     }
 }
+
+extension ReplicatedVolume: NodeVolume {}

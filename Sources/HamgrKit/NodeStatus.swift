@@ -27,7 +27,7 @@ extension NodeDaemon {
     /// ticker has fed the core the event that demotes it (`NodeQuorumStatus.announced`).
     func statusDocument() -> StatusDocument {
         let (q, now) = announcedCoreStatus()
-        let v = volume.status
+        let v = replicatedVolume.status
         let masterDoc: StatusDocument.Master? = q.master.flatMap { m in
             (try? config.node(named: m.name)).map { StatusDocument.Master(node: m.name, serviceAddress: $0.serviceAddress) }
         }
@@ -55,7 +55,7 @@ extension NodeDaemon {
     /// Refreshes the gauges from the cores and renders the exposition text.
     func metricsText() -> String {
         let (q, now) = announcedCoreStatus()
-        let v = volume.status
+        let v = replicatedVolume.status
         metrics.setRole(q.role)
         metrics.setDiskState(q.disk)
         metrics.epoch.set(q.epoch.value)

@@ -42,6 +42,13 @@ enum ResourceAction: String, Sendable {
 /// Something that can start, stop and monitor one resource.
 protocol ResourceDriver: Sendable {
     func run(_ action: ResourceAction) async -> AgentResult
+    /// Freeze (`on`) or thaw the service fast and without I/O; nil: this kind of resource
+    /// cannot be frozen (it is only stopped, with the demotion).
+    func freeze(_ on: Bool) async -> AgentResult?
+}
+
+extension ResourceDriver {
+    func freeze(_ on: Bool) async -> AgentResult? { nil }
 }
 
 /// `ocf:PROVIDER:AGENT` and `exec:PATH`: run the executable with the action as its only
@@ -110,6 +117,28 @@ struct SystemdUnitDriver: ResourceDriver {
         }
     }
 
+    /// The cgroup freezer (`systemctl freeze` / `thaw`): every process of the unit stops at
+    /// once, page-cache reads included; a later StopUnit thaws it first.
+    func freeze(_ on: Bool) async -> AgentResult? {
+        let unit = self.unit
+        return await withCheckedContinuation { cont in
+            let t = Thread {
+                var bus: OpaquePointer?
+                let rc = sd_bus_open_system(&bus)
+                guard rc >= 0, let bus else { return cont.resume(returning: .failure("no system D-Bus (sd_bus_open_system: \(String(cString: strerror(-rc))))")) }
+                defer { sd_bus_flush_close_unref(bus) }
+                do {
+                    _ = try Self.call(bus, on ? "FreezeUnit" : "ThawUnit", args: [unit], replyType: nil)
+                    cont.resume(returning: AgentResult(code: 0, detail: on ? "frozen" : "thawed"))
+                } catch {
+                    cont.resume(returning: .failure("systemd:\(unit): \(error)"))
+                }
+            }
+            t.name = "hamgr-sdbus"
+            t.start()
+        }
+    }
+
     private static let destination = "org.freedesktop.systemd1"
     private static let managerPath = "/org/freedesktop/systemd1"
     private static let managerInterface = "org.freedesktop.systemd1.Manager"
@@ -158,8 +187,9 @@ struct SystemdUnitDriver: ResourceDriver {
         return String(cString: value)
     }
 
-    /// Call a Manager method with string arguments; returns the reply's first value (type `o` or `s`).
-    private static func call(_ bus: OpaquePointer, _ member: String, args: [String], replyType: Character) throws -> String {
+    /// Call a Manager method with string arguments; returns the reply's first value (type `o`
+    /// or `s`), or "" when `replyType` is nil (a method without a return value).
+    private static func call(_ bus: OpaquePointer, _ member: String, args: [String], replyType: Character?) throws -> String {
         var message: OpaquePointer?
         var rc = sd_bus_message_new_method_call(bus, &message, destination, managerPath, managerInterface, member)
         guard rc >= 0, let message else { throw BusError(description: "\(member): \(String(cString: strerror(-rc)))") }
@@ -174,6 +204,7 @@ struct SystemdUnitDriver: ResourceDriver {
         rc = sd_bus_call(bus, message, 25_000_000, &error, &reply)
         guard rc >= 0, let reply else { throw BusError(description: "\(member) \(args.first ?? ""): \(describe(error, rc))") }
         defer { sd_bus_message_unref(reply) }
+        guard let replyType else { return "" }
         var out: UnsafePointer<CChar>?
         rc = sd_bus_message_read_basic(reply, CChar(replyType.asciiValue!), &out)
         guard rc > 0, let out else { throw BusError(description: "\(member): unexpected reply") }
@@ -262,6 +293,23 @@ actor ResourceManager {
             }
         }
         if let firstFailure { throw firstFailure }
+    }
+
+    /// Freeze (or thaw) every resource that can be frozen (systemd units: the cgroup
+    /// freezer), all at once rather than in order: this must be fast. Returns one line per
+    /// resource for the log, naming those that cannot be frozen.
+    func freezeAll(_ on: Bool) async -> [String] {
+        await withTaskGroup(of: String.self) { group in
+            for e in entries {
+                group.addTask {
+                    guard let r = await e.driver.freeze(on) else { return "\(e.config.name): cannot be frozen (stops with the demotion)" }
+                    return "\(e.config.name): \(r.ok ? (on ? "frozen" : "thawed") : r.detail)"
+                }
+            }
+            var lines: [String] = []
+            for await l in group { lines.append(l) }
+            return lines.sorted()
+        }
     }
 
     /// Hold restarts and give-ups (e.g. while an operator works on a service by hand):

@@ -20,12 +20,12 @@ final class DiskRepairProcessTests: XCTestCase {
         try "pwrite: Input/output error\n".write(toFile: h.dir.appendingPathComponent("\(backup).meta.disk-failed").path, atomically: true, encoding: .utf8)
 
         try h.startNode(backup)
-        XCTAssertTrue(waitUntil(10) { (h.status(backup)?["disk_state"] as? String) == "outdated" || h.tail(backup).contains("disk_repair") },
+        XCTAssertTrue(waitUntil(10) { (h.status(backup)?["disk_state"] as? String) == "outdated" || h.tail(backup).contains("diskRepair") },
                       "the node trusted its failed store")
         h.waitFor(backup, "repaired and upToDate", within: 60) { ($0["disk_state"] as? String) == "upToDate" }
         let log = h.tail(backup, lines: 500)
-        XCTAssertTrue(log.contains("event=disk_repair_resync"), "no mismatch was resynced:\n\(log)")
-        XCTAssertTrue(log.contains("event=disk_repaired"))
+        XCTAssertTrue(log.contains("event=diskRepairResync"), "no mismatch was resynced:\n\(log)")
+        XCTAssertTrue(log.contains("event=diskRepaired"))
         XCTAssertFalse(FileManager.default.fileExists(atPath: h.dir.appendingPathComponent("\(backup).meta.disk-failed").path))
         h.kill9(master); h.kill9(backup)
         XCTAssertEqual(try h.volumeDigest(master), try h.volumeDigest(backup), "stores differ after the repair")
