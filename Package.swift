@@ -10,6 +10,7 @@ let package = Package(
     products: [
         .executable(name: "hamgr", targets: ["hamgr"]),
         .executable(name: "hactl", targets: ["hactl"]),
+        .executable(name: "hamgr-sim", targets: ["hamgr-sim"]),
         .library(name: "HACore", targets: ["HACore"]),
         .library(name: "Quorum", targets: ["Quorum"]),
         .library(name: "Replication", targets: ["Replication"]),
@@ -46,6 +47,14 @@ let package = Package(
         // the NodeHost / ArbitratorHost protocols.
         .target(name: "NodeRuntime", dependencies: ["HACore", "Quorum", "Replication"],
                 swiftSettings: [.swiftLanguageMode(.v6)]),
+        // The whole-node simulator (issue 9): both data nodes (NodeRuntime + ReplicationCore)
+        // and the arbitrator on a simulated network, disks and clocks, from one seed. Pure.
+        .target(name: "Simulation", dependencies: [
+            "HACore", "Quorum", "Replication", "NodeRuntime",
+            .product(name: "NIOCore", package: "swift-nio"),
+        ], swiftSettings: [.swiftLanguageMode(.v6)]),
+        .executableTarget(name: "hamgr-sim", dependencies: ["Simulation"],
+                          swiftSettings: [.swiftLanguageMode(.v6)]),
         .executableTarget(name: "hamgr", dependencies: [
             "HACore", "Quorum", "Replication", "NodeRuntime",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -66,6 +75,7 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        .testTarget(name: "SimulationTests", dependencies: ["Simulation", "HACore", "Quorum", "Replication"]),
         .testTarget(name: "IntegrationTests", dependencies: ["HACore", "Replication", "hamgr"],
                     swiftSettings: [.define("HAMGR_TESTABLE")]),
     ],
