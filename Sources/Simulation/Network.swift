@@ -140,6 +140,7 @@ final class ReplicationLink {
         guard let s = session, s.id == id, s.alive else { return }
         s.alive = false
         session = nil
+        sim.noteLinkLoss()
         sim.trace("replication session \(id) closed by \(Simulator.names[side])")
         end(s, side: side, after: 0, "closed")
         let peerAt = max(sim.now + latency.0, s.lastDelivery[1 - side]) - sim.now
@@ -152,6 +153,7 @@ final class ReplicationLink {
         guard let s = session, s.alive else { return }
         s.alive = false
         session = nil
+        sim.noteLinkLoss()
         s.open[i] = false
         end(s, side: 1 - i, after: abrupt ? linkTimeout : latency.1, abrupt ? "link timeout" : "connection reset")
     }
@@ -161,6 +163,7 @@ final class ReplicationLink {
         guard let s = session, s.alive else { return }
         s.alive = false
         session = nil
+        sim.noteLinkLoss()
         sim.trace("replication session \(s.id) timed out at \(Simulator.names[side]) (\(why))")
         end(s, side: side, after: 0, "link timeout")
         end(s, side: 1 - side, after: latency.1, "connection reset")

@@ -377,6 +377,8 @@ final class Simulator {
     private var lastLinkLoss: Int64 = -1
     private var lastAck: (node: Int, epoch: Epoch)?
 
+    func noteLinkLoss() { lastLinkLoss = now }
+
     /// The newest acknowledged write of a chunk that the protocol promises to keep:
     /// durable ones always; plain ones unless a failure their protocol does not cover came
     /// after their acknowledgement — C: a power loss (the peer's write was in its page cache);
@@ -473,11 +475,16 @@ final class Simulator {
         case .flush(let submittedAt):
             stats.flushesAcked += 1
             trace("\(n.name) ACK flush (epoch \(epoch))")
+            // A flush makes durable what the flushing node holds: per chunk, the newest write
+            // acknowledged before the flush was submitted, if that (or a later write) is what
+            // this node's store holds (a write it never got stays as promised as it was).
             for c in 0..<chunkCount {
-                for k in history[c].indices where history[c][k].ackedAt >= 0 && history[c][k].ackedAt <= submittedAt {
+                let held = Pattern.tag(of: n.disk.current[c * chunkBytes..<(c + 1) * chunkBytes])
+                guard let k = history[c].lastIndex(where: { $0.ackedAt >= 0 && $0.ackedAt <= submittedAt }) else { continue }
+                if let h = held, let j = history[c].lastIndex(where: { $0.tag == h }), j >= k {
                     history[c][k].durable = true
+                    prune(c)
                 }
-                prune(c)
             }
         }
     }

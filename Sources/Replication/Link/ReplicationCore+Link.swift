@@ -92,6 +92,16 @@ extension ReplicationCore {
         case .handshake, .refuse: break
         default: if !l.ready { return refuse(l, "\(msg.kind) frame before the handshake") }
         }
+        if case .handshake = msg, role == .secondary, epoch > promisedEpoch {
+            // A secondary promises at least the epoch its peer speaks in: otherwise, as a sync
+            // source, its resync frames would be fenced by a target that promised a newer epoch
+            // (a failed candidacy) while no master exists to raise this node's promise — a
+            // resync that never starts. Refusing frames older than the peer's own epoch costs
+            // nothing: the peer is the only other data node. (Whole-node simulator seed 26.)
+            promisedEpoch = epoch
+            header.epoch = max(header.epoch, epoch)
+            persistHeader()
+        }
         switch msg {
         case .handshake(let hs): handshake(hs, l, now)
         case .refuse(let why):
