@@ -24,6 +24,7 @@ let package = Package(
     products: [
         .executable(name: "hamgr", targets: ["hamgr"]),
         .executable(name: "hactl", targets: ["hactl"]),
+        .executable(name: "hamgr-sim", targets: ["hamgr-sim"]),
         .library(name: "HACore", targets: ["HACore"]),
         .library(name: "HAShell", targets: ["HAShell"]),
         .library(name: "Quorum", targets: ["Quorum"]),
@@ -57,6 +58,10 @@ let package = Package(
         // the daemon and the whole-node simulator. Pure: it reaches the world only through
         // the NodeHost / ArbitratorHost protocols.
         .target(name: "NodeRuntime", dependencies: ["HACore", "Quorum", "Replication"], swiftSettings: pure),
+        // The whole-node simulator (issue 9): both data nodes (NodeRuntime + ReplicationCore)
+        // and the arbitrator on a simulated network, disks and clocks, from one seed. Pure.
+        .target(name: "Simulation", dependencies: ["HACore", "Quorum", "Replication", "NodeRuntime", nioCore], swiftSettings: pure),
+        .executableTarget(name: "hamgr-sim", dependencies: ["Simulation"], swiftSettings: pure),
         .target(name: "HamgrKit", dependencies: [
             "HAShell", "Quorum", "Replication", "ReplicationShell", "NodeRuntime", "CSystemd",
             nioCore, nioPosix, nioLocks, logging, crypto, argumentParser,
@@ -75,6 +80,7 @@ let package = Package(
         .testTarget(name: "IntegrationTests", dependencies: [
             "HamgrKit", "HAShell", "Quorum", "Replication", "ReplicationShell", nioCore, nioPosix, nioLocks, logging, crypto
         ]),
+        .testTarget(name: "SimulationTests", dependencies: ["Simulation", "HACore", "Quorum", "Replication"]),
     ],
     swiftLanguageModes: [.v5]
 )

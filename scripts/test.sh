@@ -17,6 +17,12 @@ bash scripts/check-purity.sh --self-test || fail=1
 bash scripts/check-purity.sh || fail=1
 swift test --skip-build 2>&1 | tee /tmp/hamgr-swift-test.log
 [ "${PIPESTATUS[0]}" -eq 0 ] || fail=1
+# Whole-node simulator: 10,000 seeds (about 1.5 min in release on one core), then each
+# planted bug must be caught (docs/reliability.md "Whole-node simulator").
+bash scripts/simulate.sh --seeds 10000 --quiet || fail=1
+for bug in skipLeaseWait skipOutdate votesNotPersisted freshMetadataTrusted resyncOverNewerWrite; do
+  bash scripts/simulate.sh --plant "$bug" --seeds 500 --quiet || fail=1
+done
 if [ "$(id -u)" -eq 0 ] && [ -x test-bed/run_matrix.sh ]; then
   export HAMGR_BIN="$PWD/.build/debug/hamgr" HACTL_BIN="$PWD/.build/debug/hactl"
   bash test-bed/selftest.sh || fail=1

@@ -362,6 +362,12 @@ struct DiskRepair: Sendable, Equatable {
             if found.isEmpty { return .repaired }
             phase = .resyncing(round: round)
             return .resync(chunks: found.count)
+        case (.verifying(let round), nil):
+            // The link came back in sync while a verify was running: that verify was aborted
+            // when the link dropped (no verifyFinished will come), so run this round again.
+            // (Found by the whole-node simulator, seed 7: without it the repair waited forever
+            // and the node stayed outdated.)
+            return .verify(round: round)
         default:
             return .none
         }

@@ -46,6 +46,7 @@ extension ReplicationCore {
         link = nil
         resync = nil
         targetRun = nil
+        plantedHeldResyncChunk = nil  // PLANTED BUG path only
         if verify != nil { log(.warning, "verify aborted: \(reason)"); verify = nil }
         let unconfirmed = writes.values.filter { !$0.peerLost && $0.confirmation < .written && !$0.failedLocally }.map(\.seq).sorted()
         // Written at the peer but not yet synced there: lost if the peer lost power.
@@ -91,6 +92,16 @@ extension ReplicationCore {
         case .handshake, .refuse: break
         default: if !l.ready { return refuse(l, "\(msg.kind) frame before the handshake") }
         }
+        if case .handshake = msg, role == .secondary, epoch > promisedEpoch {
+            // A secondary promises at least the epoch its peer speaks in: otherwise, as a sync
+            // source, its resync frames would be fenced by a target that promised a newer epoch
+            // (a failed candidacy) while no master exists to raise this node's promise — a
+            // resync that never starts. Refusing frames older than the peer's own epoch costs
+            // nothing: the peer is the only other data node. (Whole-node simulator seed 26.)
+            promisedEpoch = epoch
+            header.epoch = max(header.epoch, epoch)
+            persistHeader()
+        }
         switch msg {
         case .handshake(let hs): handshake(hs, l, now)
         case .refuse(let why):
@@ -113,6 +124,8 @@ extension ReplicationCore {
             }
             if flags.contains(.fua) { steps.append(.sync) }
             out.append(.io(IOBatch(steps: steps, then: nil, failure: nil, ack: (session, .write(seq: seq)))))
+            // PLANTED BUG `resyncOverNewerWrite` (test only): the held chunk lands after this write.
+            if let held = plantedHeldResyncChunk { plantedHeldResyncChunk = nil; out.append(.io(held)) }
         case let .writeAck(seq, stage, status):
             if status != 0 { return refuse(l, "peer failed to write (errno \(status))") }
             if var w = writes[seq] {
@@ -136,14 +149,22 @@ extension ReplicationCore {
             // durable first: a target that loses power mid-resync resumes from the bits left,
             // and a chunk acked from the page cache would never be sent again. (The I/O queue
             // merges the syncs of a burst of chunks into one.)
-            out.append(.io(IOBatch(steps: [.writeData(offset: UInt64(c) * UInt64(settings.chunkBytes), data: data), .sync],
-                                   then: .targetChunkWritten(bytes: data.readableBytes), failure: nil, ack: (session, .resync(chunk: chunk)))))
+            let batch = IOBatch(steps: [.writeData(offset: UInt64(c) * UInt64(settings.chunkBytes), data: data), .sync],
+                                then: .targetChunkWritten(bytes: data.readableBytes), failure: nil, ack: (session, .resync(chunk: chunk)))
+            if settings.plantedBugs.contains(.resyncOverNewerWrite) {
+                // PLANTED BUG (test only): hold each chunk back until the next frame.
+                if let held = plantedHeldResyncChunk { out.append(.io(held)) }
+                plantedHeldResyncChunk = batch
+            } else {
+                out.append(.io(batch))
+            }
         case let .resyncAck(chunk, status):
             if status != 0 { return refuse(l, "peer failed to write resync chunk \(chunk) (errno \(status))") }
             resyncAcked(Int(clamping: chunk), now)
         case .resyncDone(let gens):
             guard role == .secondary else { return refuse(l, "resync done while primary") }
             pendingTargetGenerations = gens
+            if let held = plantedHeldResyncChunk { plantedHeldResyncChunk = nil; out.append(.io(held)) }  // PLANTED BUG path only
             out.append(.io(IOBatch(steps: [.sync], then: .targetSynced(session), failure: nil, ack: nil)))
         case .resyncFinished: sourceFinish(now)
         case let .verifyRequest(chunk, hash):
@@ -178,6 +199,14 @@ extension ReplicationCore {
                             hasDirtyChunks: !peer.dirtyRuns.isEmpty, crashedPrimary: peer.crashedPrimary, discardLocal: peer.discardLocal,
                             sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes), fresh: peer.fresh, emptyFresh: peer.emptyFresh, assumeClean: peer.assumeClean)
         var d = SyncDecision.decide(me: me, peer: them)
+        if settings.plantedBugs.contains(.freshMetadataTrusted) {
+            // PLANTED BUG (test only): a fresh disk is taken for an up-to-date copy of the peer.
+            switch d {
+            case .becomeTarget where mine.fresh: d = .adoptClean(peer.generations.current)
+            case .becomeSource where peer.fresh: d = .adoptClean(mine.generations.current)
+            default: break
+            }
+        }
         counters.peerDiskState = peer.diskState
         log(.info, "sync decision with \(settings.peer): \(d) (mine \(mine.generations.current)/\(mine.generations.bitmap), peer \(peer.generations.current)/\(peer.generations.bitmap))")
         switch d {

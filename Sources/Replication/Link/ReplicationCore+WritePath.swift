@@ -201,7 +201,13 @@ extension ReplicationCore {
     // MARK: roles
 
     mutating func becomeSecondary(_ epoch: Epoch, _ now: Instant) {
-        unflushedAtPeer = [:]  // only a primary tracks what its peer has not synced
+        // Only a primary tracks what its peer has not synced. Those chunks stay marked: the
+        // link may already be dead without this node knowing (a paused primary steps down
+        // before it sees the link drop), and if the peer lost power they exist nowhere else.
+        // A stale bit costs one chunk of resync. (Whole-node simulator seed 40: the peer came
+        // back "in sync" without a write it had lost.)
+        if !unflushedAtPeer.isEmpty { persistPages(bitmap.mark(unflushedAtPeer.keys.sorted())) }
+        unflushedAtPeer = [:]
         roleEpoch = max(roleEpoch, epoch)
         promisedEpoch = max(promisedEpoch, epoch)
         header.epoch = max(header.epoch, epoch)

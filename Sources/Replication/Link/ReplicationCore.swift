@@ -23,6 +23,9 @@ public struct ReplicationSettings: Hashable, Sendable {
     public var windowChunks: Int
     public var resyncRateBytesPerSecond: Int
     public var maximumWriteBytes: Int
+    /// Deliberate replication bugs, for proving that the whole-node simulator catches them.
+    /// Empty in production (nothing but the simulator sets it).
+    public var plantedBugs: Set<ReplicationPlantedBug> = []
 
     public init(me: NodeID, peer: NodeID, sizeBytes: UInt64, chunkBytes: Int, replicationProtocol: ReplicationProtocol,
                 activityLogExtentBytes: Int, activityLogExtents: Int, windowChunks: Int, resyncRateBytesPerSecond: Int,
@@ -34,6 +37,17 @@ public struct ReplicationSettings: Hashable, Sendable {
     }
 
     public var chunkCount: Int { MetadataLayout.chunkCount(sizeBytes: sizeBytes, chunkBytes: chunkBytes) }
+}
+
+/// Test-only faults that break one replication rule each (the whole-node simulator must catch
+/// every one through its invariants). Never set outside the simulator.
+public enum ReplicationPlantedBug: String, Hashable, Sendable, CaseIterable {
+    /// A fresh (new, empty) disk joining an up-to-date peer adopts the peer's generation as if
+    /// it were up to date, instead of taking a full sync.
+    case freshMetadataTrusted
+    /// The sync target applies a resync chunk after the application write that followed it
+    /// in the stream (it holds each chunk back until the next frame).
+    case resyncOverNewerWrite
 }
 
 /// A bitmap page to persist.
@@ -183,6 +197,8 @@ public struct ReplicationCore: Sendable {
     var syncSourceDisk: DiskState = .upToDate
     /// The source's generations from `resyncDone`, taken once the target's data is synced.
     var pendingTargetGenerations: DataGenerations?
+    /// PLANTED BUG `resyncOverNewerWrite` only (test-only): the resync chunk held back.
+    var plantedHeldResyncChunk: IOBatch?
 
     struct DiskSnapshot: Hashable { var state: DiskState; var generations: DataGenerations }
 
