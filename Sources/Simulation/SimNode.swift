@@ -53,6 +53,7 @@ final class SimNode: NodeHost, @unchecked Sendable {
     var clock: SimClock
     var pausedUntil: Int64 = 0
     var servicesUp = false
+    var servicesFenced = false
     /// Work that arrived while the process was stopped or frozen, in arrival order.
     var deferred: [() -> Void] = []
 
@@ -188,6 +189,27 @@ final class SimNode: NodeHost, @unchecked Sendable {
         let delay = sim.serviceStopDelay(wasPrimary: wasPrimary && servicesUp)
         servicesUp = false
         sim.onNode(self, after: delay) { done() }
+    }
+
+    func suspendServices(then done: @escaping () -> Void) {
+        let delay = sim.serviceStopDelay(wasPrimary: servicesUp)
+        servicesUp = false
+        sim.onNode(self, after: delay) { done() }
+    }
+
+    func resumeServices(epoch: Epoch) {
+        servicesUp = true
+        sim.trace("\(name) services restarted (abandoned switchover, epoch \(epoch))")
+    }
+
+    func fenceServices() {
+        servicesFenced = true
+        sim.trace("\(name) services fenced")
+    }
+
+    func unfenceServices() {
+        servicesFenced = false
+        sim.trace("\(name) services unfenced")
     }
 
     func holdServiceRestarts(_ on: Bool) {}

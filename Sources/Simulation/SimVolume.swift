@@ -91,6 +91,7 @@ final class SimVolume: NodeVolume, ReplicationHost {
         run(.drain(id))
     }
 
+    func cancelDrain() { run(.cancelDrain) }
     func startVerify(repair: Bool) { run(.startVerify(repair: repair)) }
     func requestResync() { run(.requestResync) }
 
