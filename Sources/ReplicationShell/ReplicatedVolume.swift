@@ -14,7 +14,7 @@ import Replication
 /// one serial queue, in the order the core emitted it, and the data-stream frames are handed
 /// to the connection from that queue — so the peer applies writes, resync chunks and verify
 /// hashes in exactly the order this disk saw them. Client reads use a concurrent queue.
-public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
+public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Sendable {
     public let config: ReplicatedVolumeConfig
     public var sizeBytes: UInt64 { config.sizeBytes }
     public let capabilities: VolumeCapabilities
@@ -333,6 +333,9 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
 
     // MARK: running the core
 
+    /// Completions gathered while an action list runs (`didPerform` runs them; loop only).
+    private var finished: [() -> Void] = []
+
     private func run(_ event: CoreEvent, publishing: Bool = true) {
         guard !halted else { return }
         perform(core.handle(event, now: clock()))
@@ -340,41 +343,57 @@ public final class ReplicatedVolume: BlockVolume, @unchecked Sendable {
     }
 
     private func perform(_ actions: [CoreAction]) {
-        // Client completions run last: a completion callback may submit the next request
-        // (same loop, no hop), and that request's I/O must queue behind this batch's.
-        var finished: [() -> Void] = []
-        defer { for f in finished { f() } }
-        for a in actions {
-            switch a {
-            case .io(let batch):
-                let epoch = core.frameEpoch
-                let conns = sessions
-                queueIO(batch, epoch: epoch, conns: conns)
-            case let .send(s, m):
-                guard let c = sessions[s] else { continue }
-                c.send(kind: m.kind.rawValue, epoch: core.frameEpoch, payload: m.encode(allocator: c.channel.allocator))
-            case .close(let s):
-                sessions[s]?.close()
-            case let .complete(id, e):
-                guard let p = requests.removeValue(forKey: id) else { continue }
-                finished.append { if let e { p.fail(e) } else { p.succeed(()) } }
-            case let .drained(id, e):
-                guard let f = drains.removeValue(forKey: id) else { continue }
-                finished.append { if let e { f(.failure(e)) } else { f(.success(())) } }
-            case .emit(let ev):
-                onEvent?(ev)
-            case let .log(level, message):
-                switch level {
-                case .info: logger.info("\(message)")
-                case .notice: logger.notice("\(message)")
-                case .warning: logger.warning("\(message)")
-                case .error: logger.error("\(message)")
-                case .critical: logger.critical("\(message)")
-                }
-            case .wakeUp(let d):
-                loop.scheduleTask(in: .nanoseconds(max(0, d.nanosecondsClamped))) { self.run(.tick) }
-            }
+        Replication.perform(actions, on: self)
+    }
+
+    // MARK: ReplicationHost (the volume's loop only)
+
+    public var frameEpoch: Epoch { core.frameEpoch }
+
+    public func runIO(_ batch: IOBatch, epoch: Epoch) {
+        queueIO(batch, epoch: epoch, conns: sessions)
+    }
+
+    public func sendControl(_ message: LinkMessage, on session: SessionID, epoch: Epoch) {
+        guard let c = sessions[session] else { return }
+        c.send(kind: message.kind.rawValue, epoch: epoch, payload: message.encode(allocator: c.channel.allocator))
+    }
+
+    public func closeSession(_ session: SessionID) { sessions[session]?.close() }
+
+    public func complete(_ request: RequestID, _ error: VolumeError?) {
+        guard let p = requests.removeValue(forKey: request) else { return }
+        finished.append { if let error { p.fail(error) } else { p.succeed(()) } }
+    }
+
+    public func drained(_ request: RequestID, _ error: VolumeError?) {
+        guard let f = drains.removeValue(forKey: request) else { return }
+        finished.append { if let error { f(.failure(error)) } else { f(.success(())) } }
+    }
+
+    public func emit(_ event: ReplicationEvent) { onEvent?(event) }
+
+    public func log(_ level: CoreLogLevel, _ message: String) {
+        switch level {
+        case .info: logger.info("\(message)")
+        case .notice: logger.notice("\(message)")
+        case .warning: logger.warning("\(message)")
+        case .error: logger.error("\(message)")
+        case .critical: logger.critical("\(message)")
         }
+    }
+
+    public func wakeUp(after delay: Duration) {
+        loop.scheduleTask(in: .nanoseconds(max(0, delay.nanosecondsClamped))) { self.run(.tick) }
+    }
+
+    /// Client completions run last: a completion callback may submit the next request (same
+    /// loop, no hop), and that request's I/O must queue behind this action list's.
+    public func didPerform() {
+        guard !finished.isEmpty else { return }
+        let done = finished
+        finished = []
+        for f in done { f() }
     }
 
     /// Hands a batch to the I/O queue. Batches gather in a mailbox that one queue task runs
