@@ -13,6 +13,10 @@ struct SimClock {
 
     init(rate: Double, offset: Int64) { self.rate = rate; localBase = offset }
 
+    /// The guest's wall clock as synced after a resume: the same oscillator (rate), but it
+    /// does not stop during a freeze (the guest agent steps it forward on resume).
+    func wall(at real: Int64) -> Int64 { Int64(Double(real) * rate) }
+
     func local(at real: Int64) -> Int64 {
         frozen ? localBase : localBase + Int64(Double(real - realBase) * rate)
     }
@@ -78,6 +82,7 @@ final class SimNode: NodeHost, @unchecked Sendable {
     func start() {
         incarnation += 1
         starts += 1
+        clockJumps = ClockJumpDetector(threshold: .milliseconds(100))  // a new process samples afresh
         up = true
         servicesUp = false
         let v = SimVolume(node: self, settings: sim.replicationSettings(for: index), seed: sim.rng.next())
@@ -135,6 +140,11 @@ final class SimNode: NodeHost, @unchecked Sendable {
         let inc = incarnation
         sim.onNode(self, afterLocal: first ? Int64(sim.rng.next() % UInt64(period)) : period) { [self] in
             guard incarnation == inc, let rt = runtime else { return }
+            // The daemon's freeze detector (wall clock against monotonic clock): the guest's
+            // wall clock is synced on resume, as docs/quorum-protocol.md §2b requires.
+            if let gap = clockJumps.observe(monotonic: localNow(), reference: Instant(nanoseconds: clock.wall(at: sim.now))) {
+                rt.feed(.clockJump(gap))
+            }
             rt.feed(.tick)
             tickCount += 1
             if tickCount % 16 == 0 { rt.pollRepair() }
@@ -142,6 +152,7 @@ final class SimNode: NodeHost, @unchecked Sendable {
         }
     }
     private var tickCount = 0
+    private var clockJumps = ClockJumpDetector(threshold: .milliseconds(100))
 
     func admin(_ command: HACore.AdminCommand) {
         guard up, let rt = runtime else { return }
