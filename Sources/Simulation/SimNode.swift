@@ -58,6 +58,21 @@ final class SimNode: NodeHost, @unchecked Sendable {
     var pausedUntil: Int64 = 0
     var servicesUp = false
     var servicesFenced = false
+    /// After a VM freeze, the window docs/quorum-protocol.md §2b documents, in which the gate
+    /// may still look open on the stopped clock: with the guest's wall clock synced on resume,
+    /// until the first tick (its freeze detector closes the gate); without, until a voter's
+    /// reply reports an epoch above the gate's (the newer-epoch rule closes the gate there).
+    enum ResidualWindow: Equatable { case untilTick, untilVoterReply }
+    var residualWindow: ResidualWindow?
+
+    func thaw(synced: Bool) {
+        guard clock.frozen else { return }
+        clock.thaw(at: sim.now)
+        residualWindow = synced ? .untilTick : .untilVoterReply
+        // An unsynced wall clock stood still with the monotonic one: nothing to detect.
+        if !synced { clockJumps = ClockJumpDetector(threshold: .milliseconds(100)) }
+        sim.trace("\(name) thawed (wall clock \(synced ? "synced" : "not synced"))")
+    }
     /// Work that arrived while the process was stopped or frozen, in arrival order.
     var deferred: [() -> Void] = []
 
@@ -117,6 +132,7 @@ final class SimNode: NodeHost, @unchecked Sendable {
         pausedUntil = 0
         deferred = []
         clock.thaw(at: sim.now)
+        residualWindow = nil
         let r = disk.crash(powerLoss: powerLoss, keepPrimaryWrites: !sim.config.primaryPowerLoss, rng: &sim.rng)
         sim.trace("\(name) CRASH (\(why)\(powerLoss ? ", power loss: \(r.lost) unsynced writes lost, \(r.kept) kept" : ""))")
         sim.link.nodeDown(index, abrupt: powerLoss)
@@ -145,6 +161,7 @@ final class SimNode: NodeHost, @unchecked Sendable {
             if let gap = clockJumps.observe(monotonic: localNow(), reference: Instant(nanoseconds: clock.wall(at: sim.now))) {
                 rt.feed(.clockJump(gap))
             }
+            if residualWindow == .untilTick { residualWindow = nil }
             rt.feed(.tick)
             tickCount += 1
             if tickCount % 16 == 0 { rt.pollRepair() }
@@ -152,7 +169,7 @@ final class SimNode: NodeHost, @unchecked Sendable {
         }
     }
     private var tickCount = 0
-    private var clockJumps = ClockJumpDetector(threshold: .milliseconds(100))
+    fileprivate(set) var clockJumps = ClockJumpDetector(threshold: .milliseconds(100))
 
     func admin(_ command: HACore.AdminCommand) {
         guard up, let rt = runtime else { return }
@@ -310,5 +327,18 @@ final class SimArbitrator: ArbitratorHost, @unchecked Sendable {
     func fatal(_ reason: String) {
         sim.trace("w FATAL \(reason)")
         crash()
+    }
+}
+
+extension QuorumMessage {
+    /// The promised epoch a voter's answer reports (what the newer-epoch rule reads).
+    var reportedPromise: Epoch? {
+        switch self.unstamped {
+        case let .renewReply(_, _, _, promised): return promised
+        case let .voteReply(_, _, promised, _): return promised
+        case let .outdateReply(_, _, _, _, promised): return promised
+        case let .identifyReply(promised): return promised
+        default: return nil
+        }
     }
 }

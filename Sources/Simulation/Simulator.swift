@@ -310,6 +310,9 @@ final class Simulator {
             onNode(n, after: 0) { [self] in
                 trace("\(n.name) <- \(Self.names[from]) \(m)")
                 n.runtime?.feed(.received(from: Self.names[from], m))
+                if n.residualWindow == .untilVoterReply, let p = m.reportedPromise, let g = n.vol?.core.gate, p > g.epoch {
+                    n.residualWindow = nil
+                }
             }
         }
     }
@@ -356,7 +359,7 @@ final class Simulator {
                 guard let tag = Pattern.tag(of: bytes[...]) else {
                     violate(2, "\(n.name) read chunk \(chunk): bytes of no single write (torn or mixed)"); return
                 }
-                if policy == .prohibit, !allowed(chunk, tag) {
+                if policy == .prohibit, n.residualWindow == nil, !allowed(chunk, tag) {
                     violate(1, "\(n.name) (epoch \(v.core.gate.epoch)) answered a read of chunk \(chunk) with tag \(tag), older than the newest acknowledged write \(describeFloor(chunk)): a stale master served a read while another acknowledged writes")
                 }
             }
@@ -460,6 +463,12 @@ final class Simulator {
     /// go back in epoch, and two nodes never acknowledge in the same epoch.
     func completed(_ n: SimNode, _ op: ClientOp, error: VolumeError?, epoch: Epoch) {
         guard error == nil else { return }
+        if n.residualWindow != nil {
+            // Inside a VM freeze's documented residual window the product promises nothing
+            // for gate-only acknowledgements (protocol A) and reads: not counted as acknowledged.
+            trace("\(n.name) ack in the residual window of a freeze (not counted)")
+            return
+        }
         if policy == .prohibit {
             if let last = lastAck {
                 if epoch < last.epoch {
@@ -521,8 +530,23 @@ final class Simulator {
             if e < n.maxEpoch { violate(5, "\(n.name) epoch went back from \(n.maxEpoch) to \(e)") }
             n.maxEpoch = max(n.maxEpoch, e)
         }
+        checkOpenGates()
         checkSyncPoint()
         checkLiveness()
+    }
+
+    /// (1) on the gates themselves: never two nodes whose gates allow acknowledging at one real
+    /// instant (each judged on its own clock). The one allowance is the documented residual
+    /// window of a VM freeze (docs/quorum-protocol.md §2b, `SimNode.residualWindow`).
+    private func checkOpenGates() {
+        guard policy == .prohibit else { return }
+        let open = nodes.filter { n in
+            guard n.up, n.suspendedUntil == nil, n.residualWindow == nil, let v = n.vol else { return false }
+            return v.core.role == .primary && v.core.gate.allowsAck(at: n.localNow())
+        }
+        if open.count > 1, let a = open.first, let b = open.last, let ga = a.vol?.core.gate, let gb = b.vol?.core.gate {
+            violate(1, "two open gates at one real instant: \(a.name) epoch \(ga.epoch), \(b.name) epoch \(gb.epoch)")
+        }
     }
 
     /// (3) At a sync point — the link in sync on both sides, nothing in flight anywhere — a node
@@ -582,6 +606,10 @@ final class Simulator {
         case crash(Int, powerLoss: Bool, replaceDisk: Bool)
         case pause(Int)
         case freeze(Int)
+        /// A paused VM whose peer cannot reach it for a while after the thaw (a one-way cut
+        /// from the peer), with its wall clock not synced on resume: only the voters' replies
+        /// tell it about the newer epoch (the newer-epoch rule, §2b rule 2).
+        case freezeBehindCut(Int)
         case arbitratorCrash(loseState: Bool)
         case arbitratorRollback
         case diskError(Int, errno: Int32)
@@ -620,6 +648,7 @@ final class Simulator {
         case 35: return .invalidate
         case 36: return .verify
         case 37: return .maintenance
+        case 39: return .freezeBehindCut(i)
         default: return .pause(any)
         }
     }
@@ -665,6 +694,11 @@ final class Simulator {
             suspend(i, for: d, freeze: false)
         case .freeze(let i):
             suspend(i, for: d, freeze: true)
+        case .freezeBehindCut(let i):
+            let extra = uniform(Self.ms(200), Self.ms(1000))
+            quorum.cut[1 - i][i] = true
+            at(now + d + extra) { [self] in quorum.cut[1 - i][i] = false }
+            suspend(i, for: d, freeze: true, synced: false)
         case .arbitratorCrash(let lose):
             guard arbitrator.up else { return }
             arbitrator.crash()
@@ -718,7 +752,7 @@ final class Simulator {
     }
 
     /// Stops a process (its clock runs on) or freezes its VM (its clock stops too).
-    private func suspend(_ i: Int, for d: Int64, freeze: Bool) {
+    private func suspend(_ i: Int, for d: Int64, freeze: Bool, synced: Bool? = nil) {
         if i == 2 {
             let w = arbitrator!
             guard w.up else { return }
@@ -744,7 +778,7 @@ final class Simulator {
         }
         at(now + d) { [self] in
             guard n.incarnation == inc else { return }
-            if freeze { n.clock.thaw(at: now) }
+            if freeze { n.thaw(synced: synced ?? (rng.next() % 4 != 0)) }
             resume(n)
         }
     }
@@ -761,7 +795,7 @@ final class Simulator {
         for n in nodes {
             n.disk.failCount = 0
             n.pausedUntil = min(n.pausedUntil, now)
-            n.clock.thaw(at: now)
+            if n.clock.frozen { n.thaw(synced: true) }
             resume(n)
             if !n.up { n.start() }
         }
