@@ -20,7 +20,8 @@ swift test --skip-build 2>&1 | tee /tmp/hamgr-swift-test.log
 # Whole-node simulator: 10,000 seeds (about 1.5 min in release on one core), then each
 # planted bug must be caught (docs/reliability.md "Whole-node simulator").
 bash scripts/simulate.sh --seeds 10000 --quiet || fail=1
-for bug in skipLeaseWait skipOutdate votesNotPersisted freshMetadataTrusted resyncOverNewerWrite; do
+for bug in skipLeaseWait skipOutdate votesNotPersisted noDriftMargin leaseAnchoredAtReply gateOpenOnNewerEpoch \
+           freshMetadataTrusted resyncOverNewerWrite; do
   bash scripts/simulate.sh --plant "$bug" --seeds 500 --quiet || fail=1
 done
 if [ "$(id -u)" -eq 0 ] && [ -x test-bed/run_matrix.sh ]; then
