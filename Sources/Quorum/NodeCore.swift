@@ -70,6 +70,8 @@ public struct NodeCore: Sendable {
     private var promotionRequest: (force: Bool, until: Instant)?
     private var lastRefusedRenewEpoch: Epoch?
     private var lastNow: Instant
+    /// The promised epoch of the last `.persist` (or of the state loaded at start).
+    private var persistedPromise: Epoch
 
     struct Candidacy: Sendable {
         var epoch: Epoch
@@ -110,6 +112,7 @@ public struct NodeCore: Sendable {
         self.rng = SplitMix64(seed: settings.jitterSeed ^ fnv1a(cluster) ^ fnv1a(me.name) &* 31)
         self.gate = WriteGate(epoch: persisted.promisedEpoch, validUntil: .zero, peerRequired: true)
         self.highestSeenEpoch = persisted.promisedEpoch
+        self.persistedPromise = persisted.promisedEpoch
         self.fencedEpoch = persisted.fencedEpoch ?? persisted.promisedEpoch
         // Restart quarantine: before the crash this node may have granted a lease it no longer
         // remembers; it votes for nobody until such a lease would have run out.
@@ -188,6 +191,10 @@ public struct NodeCore: Sendable {
         }
         syncGate(&out)
         syncServices(now, &out)
+        precondition(role != .primary || masterEpoch <= state.promisedEpoch,
+                     "\(me): master of epoch \(masterEpoch) while promised only \(state.promisedEpoch)")
+        precondition(role == .primary || !gate.allowsAck(at: now),
+                     "\(me): secondary with an open gate \(gate) at \(now)")
         return out
     }
 
@@ -283,7 +290,13 @@ public struct NodeCore: Sendable {
         if g != gate { gate = g; out.append(.writeGate(g)) }
     }
 
-    private mutating func persist(_ out: inout [NodeAction]) { out.append(.persist(state)) }
+    private mutating func persist(_ out: inout [NodeAction]) {
+        // A promise is never taken back: that is what keeps a voter from voting twice.
+        precondition(state.promisedEpoch >= persistedPromise,
+                     "\(me): promised epoch would go back from \(persistedPromise) to \(state.promisedEpoch) (role \(role), state \(state))")
+        persistedPromise = state.promisedEpoch
+        out.append(.persist(state))
+    }
 
     /// Records `e` as the fencing token if it is newer; the caller persists `state` next and
     /// then emits `.fence(e)` (`emitFence`), so the token is durable before it is acted on.
@@ -576,6 +589,8 @@ public struct NodeCore: Sendable {
     }
 
     private mutating func win(_ c: Candidacy, leaseAnchor: Instant, via: NodeID, _ now: Instant, _ out: inout [NodeAction]) {
+        precondition(c.epoch == state.promisedEpoch,
+                     "\(me): won epoch \(c.epoch) but promised \(state.promisedEpoch) (candidacy \(c))")
         candidacy = nil
         whyNotPromoted = nil
         let wasPrimary = role == .primary
