@@ -155,4 +155,31 @@ final class NBDProtocolTests: XCTestCase {
         XCTAssertEqual(NBDError(VolumeError.invalid("x")), .invalid)
         XCTAssertEqual(NBDError(VolumeError.shuttingDown), .shutdown)
     }
+
+    /// The request rules are pure (no handler, no volume): each verdict of doc/proto.md.
+    func testRequestVerdicts() {
+        var caps = VolumeCapabilities()
+        func h(_ type: UInt16, _ off: UInt64, _ len: UInt32, _ flags: NBDCommandFlags = []) -> NBDRequestHeader {
+            NBDRequestHeader(flags: flags, type: type, cookie: 1, offset: off, length: len)
+        }
+        let size: UInt64 = 1 << 20
+        XCTAssertEqual(NBDRequestVerdict.check(h(NBDCommand.read, 0, 4096), capabilities: caps, exportSize: size), .serve)
+        XCTAssertEqual(NBDRequestVerdict.check(h(NBDCommand.read, 0, 0), capabilities: caps, exportSize: size), .nothingToDo)
+        XCTAssertEqual(NBDRequestVerdict.check(h(NBDCommand.read, size, 1), capabilities: caps, exportSize: size),
+                       .reject(.invalid, "read beyond the end of the export"))
+        XCTAssertEqual(NBDRequestVerdict.check(h(NBDCommand.write, size - 1, 2), capabilities: caps, exportSize: size),
+                       .reject(.noSpace, "write beyond the end of the export"))
+        XCTAssertEqual(NBDRequestVerdict.check(h(NBDCommand.write, UInt64.max, 2), capabilities: caps, exportSize: size),
+                       .reject(.noSpace, "write beyond the end of the export"), "offset + length overflows")
+        XCTAssertEqual(NBDRequestVerdict.check(h(NBDCommand.write, 0, 512, [.noHole]), capabilities: caps, exportSize: size),
+                       .reject(.invalid, "unsupported flags for NBD_CMD_WRITE"))
+        XCTAssertEqual(NBDRequestVerdict.check(h(NBDCommand.blockStatus, 0, 512), capabilities: caps, exportSize: size),
+                       .reject(.invalid, "unknown command 7"))
+        caps.readOnly = true
+        XCTAssertEqual(NBDRequestVerdict.check(h(NBDCommand.trim, 0, 512), capabilities: caps, exportSize: size),
+                       .reject(.perm, "the export is read-only"))
+        caps = VolumeCapabilities(); caps.trim = false
+        XCTAssertEqual(NBDRequestVerdict.check(h(NBDCommand.trim, 0, 512), capabilities: caps, exportSize: size),
+                       .reject(.invalid, "NBD_CMD_TRIM was not advertised"))
+    }
 }

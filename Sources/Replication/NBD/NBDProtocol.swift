@@ -493,3 +493,53 @@ public enum NBDReplyEncoder {
         out.writeString(text)
     }
 }
+
+/// The verdict on one transmission-phase request, before any I/O (pure: the connection
+/// handler only carries it out). The rules follow doc/proto.md: flags a command does not
+/// define are refused, commands that were not advertised are refused, a read or trim past the
+/// end gets EINVAL and a write past the end ENOSPC, a read larger than the advertised maximum
+/// payload is refused, zero-length reads/trims/zero-writes succeed without touching the volume.
+public enum NBDRequestVerdict: Equatable, Sendable {
+    case serve
+    /// Succeeds at once: nothing to do (a zero-length read, trim or write-zeroes).
+    case nothingToDo
+    case reject(NBDError, String)
+
+    public static func check(_ h: NBDRequestHeader, capabilities caps: VolumeCapabilities, exportSize: UInt64) -> NBDRequestVerdict {
+        let end = h.offset.addingReportingOverflow(UInt64(h.length))
+        let inBounds = !end.overflow && end.partialValue <= exportSize
+        switch h.type {
+        case NBDCommand.read:
+            guard h.flags.isSubset(of: [.fua]) else { return .reject(.invalid, "unsupported flags for NBD_CMD_READ") }
+            guard h.length <= caps.maximumBlockSize else {
+                return .reject(.invalid, "read of \(h.length) bytes exceeds the maximum payload of \(caps.maximumBlockSize)")
+            }
+            guard inBounds else { return .reject(.invalid, "read beyond the end of the export") }
+            return h.length == 0 ? .nothingToDo : .serve
+        case NBDCommand.write:
+            guard !caps.readOnly else { return .reject(.perm, "the export is read-only") }
+            guard h.flags.isSubset(of: [.fua]) else { return .reject(.invalid, "unsupported flags for NBD_CMD_WRITE") }
+            // Spec: a write beyond the end SHOULD get ENOSPC (reads and trims get EINVAL).
+            guard inBounds else { return .reject(.noSpace, "write beyond the end of the export") }
+            return .serve
+        case NBDCommand.flush:
+            guard caps.flush else { return .reject(.invalid, "NBD_CMD_FLUSH was not advertised") }
+            guard h.flags.isSubset(of: [.fua]) else { return .reject(.invalid, "unsupported flags for NBD_CMD_FLUSH") }
+            return .serve
+        case NBDCommand.trim:
+            guard !caps.readOnly else { return .reject(.perm, "the export is read-only") }
+            guard caps.trim else { return .reject(.invalid, "NBD_CMD_TRIM was not advertised") }
+            guard h.flags.isSubset(of: [.fua]) else { return .reject(.invalid, "unsupported flags for NBD_CMD_TRIM") }
+            guard inBounds else { return .reject(.invalid, "trim beyond the end of the export") }
+            return h.length == 0 ? .nothingToDo : .serve
+        case NBDCommand.writeZeroes:
+            guard !caps.readOnly else { return .reject(.perm, "the export is read-only") }
+            guard caps.writeZeroes else { return .reject(.invalid, "NBD_CMD_WRITE_ZEROES was not advertised") }
+            guard h.flags.isSubset(of: [.fua, .noHole]) else { return .reject(.invalid, "unsupported flags for NBD_CMD_WRITE_ZEROES") }
+            guard inBounds else { return .reject(.noSpace, "write beyond the end of the export") }
+            return h.length == 0 ? .nothingToDo : .serve
+        default:
+            return .reject(.invalid, "unknown command \(h.type)")
+        }
+    }
+}

@@ -292,27 +292,20 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         }
         inFlightRequests += 1
         guard let volume = volume else { return complete(h, kind, .failure(.shutdown, "the export is closed"), started: nil) }
-        let caps = capabilities
-        let end = h.offset.addingReportingOverflow(UInt64(h.length))
-        let inBounds = !end.overflow && end.partialValue <= exportSize
+        switch NBDRequestVerdict.check(h, capabilities: capabilities, exportSize: exportSize) {
+        case .reject(let e, let why): return complete(h, kind, .failure(e, why), started: nil)
+        case .nothingToDo: return complete(h, kind, .success(nil), started: nil)
+        case .serve: break
+        }
         let loop = context.eventLoop
         let fua = h.flags.contains(.fua)
-        func reject(_ e: NBDError, _ why: String) { complete(h, kind, .failure(e, why), started: nil) }
 
         switch kind {
         case .read:
-            guard h.flags.isSubset(of: [.fua]) else { return reject(.invalid, "unsupported flags for NBD_CMD_READ") }
-            guard h.length <= caps.maximumBlockSize else { return reject(.invalid, "read of \(h.length) bytes exceeds the maximum payload of \(caps.maximumBlockSize)") }
-            guard inBounds else { return reject(.invalid, "read beyond the end of the export") }
-            if h.length == 0 { return complete(h, kind, .success(nil), started: nil) }
             volume.read(offset: h.offset, length: Int(h.length), on: loop).whenComplete { [self] r in
                 completeResult(h, kind, r.map { .success($0) }, started: nil)
             }
         case .write:
-            guard !caps.readOnly else { return reject(.perm, "the export is read-only") }
-            guard h.flags.isSubset(of: [.fua]) else { return reject(.invalid, "unsupported flags for NBD_CMD_WRITE") }
-            // Spec: a write beyond the end SHOULD get ENOSPC (reads and trims get EINVAL).
-            guard inBounds else { return reject(.noSpace, "write beyond the end of the export") }
             let chunks = writeChunks ?? [payload ?? ByteBuffer()]
             let bytes = Int(h.length)
             inFlightBytes += bytes
@@ -332,28 +325,16 @@ final class NBDConnectionHandler: ChannelInboundHandler {
                 completeResult(h, kind, r.map { _ in .success(nil) }, started: started, bytes: bytes)
             }
         case .flush:
-            guard caps.flush else { return reject(.invalid, "NBD_CMD_FLUSH was not advertised") }
-            guard h.flags.isSubset(of: [.fua]) else { return reject(.invalid, "unsupported flags for NBD_CMD_FLUSH") }
             volume.flush(on: loop).whenComplete { [self] r in completeResult(h, kind, r.map { _ in .success(nil) }, started: nil) }
         case .trim:
-            guard !caps.readOnly else { return reject(.perm, "the export is read-only") }
-            guard caps.trim else { return reject(.invalid, "NBD_CMD_TRIM was not advertised") }
-            guard h.flags.isSubset(of: [.fua]) else { return reject(.invalid, "unsupported flags for NBD_CMD_TRIM") }
-            guard inBounds else { return reject(.invalid, "trim beyond the end of the export") }
-            if h.length == 0 { return complete(h, kind, .success(nil), started: nil) }
             volume.trim(offset: h.offset, length: Int(h.length), fua: fua, on: loop).whenComplete { [self] r in
                 completeResult(h, kind, r.map { _ in .success(nil) }, started: nil)
             }
         case .writeZeroes:
-            guard !caps.readOnly else { return reject(.perm, "the export is read-only") }
-            guard caps.writeZeroes else { return reject(.invalid, "NBD_CMD_WRITE_ZEROES was not advertised") }
-            guard h.flags.isSubset(of: [.fua, .noHole]) else { return reject(.invalid, "unsupported flags for NBD_CMD_WRITE_ZEROES") }
-            guard inBounds else { return reject(.noSpace, "write beyond the end of the export") }
-            if h.length == 0 { return complete(h, kind, .success(nil), started: nil) }
             volume.writeZeroes(offset: h.offset, length: Int(h.length), fua: fua, mayDeallocate: !h.flags.contains(.noHole), on: loop)
                 .whenComplete { [self] r in completeResult(h, kind, r.map { _ in .success(nil) }, started: nil) }
         case .disconnect, .unknown:
-            reject(.invalid, "unknown command \(h.type)")
+            complete(h, kind, .failure(.invalid, "unknown command \(h.type)"), started: nil)
         }
     }
 
