@@ -171,6 +171,11 @@ public struct ArbitratorCore: Sendable {
         case .renewReply, .voteReply, .outdateReply, .clearOutdateReply, .heartbeat, .stamped, .identifyReply:
             out.append(.log(QuorumEvent("messageIgnored", [.init("cluster", cluster), .init("from", from.name), .init("kind", NodeCore.kind(message))])))
         }
+        if let before = table[cluster]?.persisted {
+            // One vote per epoch rests on this: a promise is never taken back.
+            precondition(c.persisted.promisedEpoch >= before.promisedEpoch,
+                         "arbitrator, cluster \(cluster): promised epoch went back from \(before.promisedEpoch) to \(c.persisted.promisedEpoch) on \(message) from \(from)")
+        }
         table[cluster] = c
         // Every reply names the state it comes from, so a node can tell a lost or rolled-back
         // state (a new incarnation) from the one it knows (docs/quorum-protocol.md).
