@@ -426,6 +426,9 @@ public struct NodeCore: Sendable {
         if state.maintenance { return "maintenance mode is on" }
         if handover != nil { return "handed over to \(peer) (switchover)" }
         if disk.state != .upToDate { return "local disk is \(disk.state.rawValue)" }
+        if let g = state.masterGeneration, !g.isNone, disk.generations.current != g, !disk.generations.knows(g) {
+            return "local data is behind generation \(g), which the last master announced (its newer data is on no reachable disk: promote --force accepts the loss)"
+        }
         if !settings.has(.skipLeaseWait), now < grantedLeaseExpiry {
             let ms = Int((grantedLeaseExpiry - now).milliseconds)
             if let h = grantedLeaseHolder { return "waiting \(ms) ms for the lease granted to \(h) to expire" }
@@ -598,6 +601,7 @@ public struct NodeCore: Sendable {
         state.master = me
         state.lastMasterEpoch = c.epoch
         state.role = .primary
+        if !disk.generations.current.isNone { state.masterGeneration = disk.generations.current }
         let fenced = raiseFence(c.epoch)
         persist(&out)
         defer { if fenced { emitFence(&out) } }
@@ -623,6 +627,7 @@ public struct NodeCore: Sendable {
         state.master = me
         state.lastMasterEpoch = c.epoch
         state.role = .primary
+        if !disk.generations.current.isNone { state.masterGeneration = disk.generations.current }
         let fenced = raiseFence(c.epoch)
         persist(&out)
         becomeMaster(now)
@@ -631,6 +636,15 @@ public struct NodeCore: Sendable {
         out.append(.becomePrimary(epoch: c.epoch, newGeneration: true))
         if fenced { emitFence(&out) }
         log("promoted", [("via", "nobody answered for failure_timeout (split_brain=allow)")], &out)
+    }
+
+    /// A master's own generation is the newest its voters must find in a candidate's data
+    /// (it announces it in every renewal; recorded here for when this node votes later).
+    private mutating func noteOwnGeneration(_ out: inout [NodeAction]) {
+        let g = disk.generations.current
+        guard !g.isNone, state.masterGeneration != g else { return }
+        state.masterGeneration = g
+        persist(&out)
     }
 
     private mutating func becomeMaster(_ now: Instant) {
@@ -668,6 +682,12 @@ public struct NodeCore: Sendable {
             if disk.state != .diskless, !mine.current.isNone, mine.current != r.generations.current,
                !r.generations.knows(mine.current) {
                 return mine.knows(r.generations.current) ? .dataBehind : .diverged
+            }
+            // The arbitrator's rule, here too: the candidate must hold the last master's data,
+            // even when this voter's own copy is just as stale (the master wrote alone, then its
+            // disk was lost; the two stale copies must not elect each other).
+            if let g = state.masterGeneration, !g.isNone, r.generations.current != g, !r.generations.knows(g) {
+                return .dataBehind
             }
         }
         return nil
@@ -740,8 +760,8 @@ public struct NodeCore: Sendable {
         }
         if let p = reportedPromise(m) { onNewerEpochReported(p, by: from, &out) }
         switch m {
-        case let .renew(e, seq, _) where from == peer:
-            onRenew(epoch: e, seq: seq, now: now, &out)
+        case let .renew(e, seq, generation) where from == peer:
+            onRenew(epoch: e, seq: seq, generation: generation, now: now, &out)
         case let .renewReply(e, seq, granted, promised):
             onRenewReply(from: from, epoch: e, seq: seq, granted: granted, promised: promised, now: now, &out)
         case let .voteRequest(r) where from == peer:
@@ -793,7 +813,7 @@ public struct NodeCore: Sendable {
         }
     }
 
-    private mutating func onRenew(epoch e: Epoch, seq: UInt64, now: Instant, _ out: inout [NodeAction]) {
+    private mutating func onRenew(epoch e: Epoch, seq: UInt64, generation: GenerationID, now: Instant, _ out: inout [NodeAction]) {
         noteEpoch(e)
         if role == .primary {
             guard e > masterEpoch else {
@@ -833,7 +853,10 @@ public struct NodeCore: Sendable {
             staleMark = true
             log("staleMarkCleared", [("peer", peer.name), ("markEpoch", o.description)], &out)
         }
-        if newMaster || fenced || staleMark { persist(&out) }
+        // The master's data generation, as the arbitrator records it: a later candidate must know it.
+        let announced = !generation.isNone && state.masterGeneration != generation
+        if announced { state.masterGeneration = generation }
+        if newMaster || fenced || staleMark || announced { persist(&out) }
         if fenced { emitFence(&out) }
         if let h = handover, e > h.epoch { handover = nil }
         grantedLeaseHolder = peer
@@ -912,6 +935,7 @@ public struct NodeCore: Sendable {
     private mutating func onDisk(_ d: LocalDisk, now: Instant, _ out: inout [NodeAction]) {
         let old = disk
         disk = d
+        if role == .primary { noteOwnGeneration(&out) }
         if old.state != d.state {
             log("diskState", [("from", old.state.rawValue), ("to", d.state.rawValue)], &out)
             if d.state != .upToDate, let c = candidacy, !c.force, !c.bump { candidacy = nil }

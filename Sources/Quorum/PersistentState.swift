@@ -31,6 +31,12 @@ public struct NodePersistentState: Codable, Equatable, Sendable {
     /// never one it promised only to itself. nil (a file written before it existed): the
     /// promised epoch, the old, more conservative token.
     public var fencedEpoch: Epoch?
+    /// The newest data generation a master announced to this node in its renewals (or this
+    /// node's own, while master): the same rule the arbitrator applies, on this voter too — a
+    /// candidate whose data does not know it is behind the last master's data and gets no
+    /// vote, even when this node's own copy is as stale as the candidate's (the master wrote
+    /// alone, then its disk was lost). nil: none seen (or a file written before it existed).
+    public var masterGeneration: GenerationID?
 
     public init(promisedEpoch: Epoch = .zero, votedFor: NodeID? = nil, master: NodeID? = nil,
                 lastMasterEpoch: Epoch? = nil, role: Role = .secondary, maintenance: Bool = false,
@@ -43,7 +49,7 @@ public struct NodePersistentState: Codable, Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey {
         case promisedEpoch, votedFor, master, lastMasterEpoch, role, maintenance, peerOutdatedAt
-        case arbitratorIncarnation, fencedEpoch
+        case arbitratorIncarnation, fencedEpoch, masterGeneration
     }
 
     /// Files written before the arbitrator incarnation existed still load (none known).
@@ -58,6 +64,7 @@ public struct NodePersistentState: Codable, Equatable, Sendable {
         peerOutdatedAt = try c.decodeIfPresent(Epoch.self, forKey: .peerOutdatedAt)
         arbitratorIncarnation = try c.decodeIfPresent(UInt64.self, forKey: .arbitratorIncarnation)
         fencedEpoch = try c.decodeIfPresent(Epoch.self, forKey: .fencedEpoch)
+        masterGeneration = try c.decodeIfPresent(GenerationID.self, forKey: .masterGeneration)
     }
 
     public static let initial = NodePersistentState()

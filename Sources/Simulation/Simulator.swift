@@ -811,6 +811,8 @@ final class Simulator {
     /// What an operator does until the pair is healthy again: resolve a split brain on the
     /// secondary (discarding its changes), bootstrap when neither side has consistent data,
     /// accept a rebuilt arbitrator on a node that holds the newest data.
+    private var forcedAfterHeal = false
+
     private func operatorLoop() {
         at(now + Self.ms(400)) { [self] in
             guard !live else { return }
@@ -823,6 +825,15 @@ final class Simulator {
             }
             if nodes.allSatisfy({ $0.up && $0.vol?.status.diskState == .inconsistent }) {
                 nodes[0].admin(.bootstrap(assumeClean: false))
+            }
+            // The last master's newer data is on no disk any more (it wrote alone, then its disk
+            // was replaced): no stale copy is elected by itself; the operator accepts the loss.
+            if !forcedAfterHeal, now > healAt + Self.ms(3000), master == nil,
+               let n = nodes.first(where: { $0.up && $0.vol?.status.diskState == .upToDate
+                                            && ($0.runtime?.core.status.whyNotPromoted ?? "").contains("promote --force accepts the loss") }) {
+                forcedAfterHeal = true
+                trace("operator: the last master's data is lost; promote --force on \(n.name)")
+                n.admin(.promote(force: true))
             }
             for n in nodes where n.up {
                 guard let rt = n.runtime, let v = n.vol, rt.core.status.arbitratorRefused != nil else { continue }

@@ -27,6 +27,28 @@ final class ProtocolRuleTests: XCTestCase {
         XCTAssertTrue(refused.contains { if case .send(_, _, .voteReply(_, _, _, .leaseHeld?)) = $0 { return true }; return false })
     }
 
+    /// A data node voter applies the arbitrator's generation rule: a candidate must know the
+    /// generation the last master announced, even when the voter's own copy is as stale (the
+    /// master wrote alone in generation 2, then its disk was replaced and synced from b).
+    /// Found by the whole-node simulator (seed 113 before the fix: two stale copies elected
+    /// each other and acknowledged writes were gone without an operator).
+    func testVoterRefusesACandidateBehindTheLastMastersGeneration() {
+        let h = H()
+        h.electA()
+        _ = h.handle(H.b, .received(from: H.a, .renew(epoch: Epoch(1), seq: 7, generation: GenerationID(2))))
+        XCTAssertEqual(h.persisted[H.b]?.masterGeneration, GenerationID(2), "the announced generation is durable")
+        let stale = VoteRequest(epoch: Epoch(2), round: 1, disk: .upToDate, generations: gen1)
+        let later = h.now + h.t.lease + .milliseconds(1)
+        let refused = h.handle(H.b, .received(from: H.a, .voteRequest(stale)), at: later)
+        XCTAssertTrue(refused.sent.contains { if case .voteReply(_, _, _, .dataBehind?) = $0.message { return true }; return false })
+        let current = VoteRequest(epoch: Epoch(2), round: 2, disk: .upToDate,
+                                  generations: DataGenerations(current: GenerationID(3), bitmap: GenerationID(1), history: [GenerationID(2)]))
+        let granted = h.handle(H.b, .received(from: H.a, .voteRequest(current)), at: later)
+        XCTAssertTrue(granted.sent.contains { if case .voteReply(_, _, _, nil) = $0.message { return true }; return false })
+        // b itself does not stand on its stale copy either, and says why.
+        XCTAssertEqual(h.status(H.b).role, .secondary)
+    }
+
     /// "The master's lease is valid until sendTime + lease·(1−drift) of the newest renewal that got at least one grant."
     func testMasterLeaseIsSendTimePlusDiscountedLease() {
         let h = H()

@@ -428,6 +428,7 @@ final class Transcript {
             if p.maintenance { s += " maintenance" }
             if let o = p.peerOutdatedAt { s += " peerOutdatedAt=\(o)" }
             if let f = p.fencedEpoch { s += " fenced=\(f)" }
+            if let g = p.masterGeneration { s += " masterGen=\(g.raw)" }
             if let i = p.arbitratorIncarnation { s += " incarnation=\(String(i, radix: 16))" }
             return s
         case let .writeGate(g): return gate(g)
