@@ -49,4 +49,34 @@ final class CoreRaceTests: XCTestCase {
         XCTAssertEqual(a.status.diskState, .upToDate)
         XCTAssertTrue(acts.contains { if case .log(_, let m) = $0 { return m.contains("sync source") }; return false })
     }
+
+    /// Seed 693: a secondary verifying against a writing primary. The primary wrote chunk 1
+    /// (and sent it) after the secondary had read its hash of chunk 1, so the primary's
+    /// compare says "differs". That mismatch is checked again behind the write; it is not reported.
+    func testSecondaryVerifyRechecksAChunkWrittenWhileItsHashWasOut() throws {
+        var a = Self.core("a", "b")
+        let now = Instant(nanoseconds: 1_000_000_000)
+        _ = a.handle(.linkUp(1, "b"), now: now)
+        _ = a.handle(Self.frame(1, Self.handshake(role: .primary)), now: now)
+        XCTAssertEqual(a.status.peerState, .inSync)
+        let started = a.handle(.startVerify(repair: false), now: now)
+        XCTAssertEqual(Self.hashRequests(started), [0, 1, 2, 3])
+        // The primary's write of chunk 1 arrives while the hash of chunk 1 is out.
+        _ = a.handle(Self.frame(1, .write(seq: 1, offset: 4096, flags: [], length: 4096, data: ByteBuffer(bytes: [UInt8](repeating: 7, count: 4096)))), now: now)
+        _ = a.handle(Self.frame(1, .verifyReply(chunk: 0, match: true)), now: now)
+        let raced = a.handle(Self.frame(1, .verifyReply(chunk: 1, match: false)), now: now)
+        XCTAssertEqual(Self.hashRequests(raced), [1], "the raced chunk is hashed again")
+        _ = a.handle(Self.frame(1, .verifyReply(chunk: 2, match: true)), now: now)
+        _ = a.handle(Self.frame(1, .verifyReply(chunk: 3, match: true)), now: now)
+        XCTAssertTrue(a.status.verifyRunning, "the verify waits for the second hash of chunk 1")
+        let end = a.handle(Self.frame(1, .verifyReply(chunk: 1, match: true)), now: now)
+        XCTAssertFalse(a.status.verifyRunning)
+        XCTAssertEqual(a.status.lastVerifyMismatches, [])
+        XCTAssertTrue(end.contains { if case .emit(.verifyFinished(let mm)) = $0 { return mm.isEmpty }; return false })
+
+        // A mismatch of a chunk nobody wrote meanwhile is still reported.
+        _ = a.handle(.startVerify(repair: false), now: now)
+        for c in 0..<4 { _ = a.handle(Self.frame(1, .verifyReply(chunk: UInt64(c), match: c != 2)), now: now) }
+        XCTAssertEqual(a.status.lastVerifyMismatches, [2])
+    }
 }

@@ -288,6 +288,10 @@ public struct ReplicationCore: Sendable {
         var next = 0
         var inFlight = 0
         var mismatches: [Int] = []
+        /// Chunks whose hash request is out (sent, no reply yet).
+        var hashing: Set<Int> = []
+        /// Of those, chunks the peer wrote meanwhile: a mismatch is checked again.
+        var raced: Set<Int> = []
         /// `verify --repair`: resync exactly the mismatched chunks when the pass ends.
         var repair = false
     }
