@@ -12,8 +12,8 @@ args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seeds|--seed|--plant|--start) [ $# -ge 2 ] || { echo "$1 needs a value" >&2; exit 2; }; args+=("$1" "$2"); shift 2 ;;
-    --rollback|--primary-power-loss|--quiet) args+=("$1"); shift ;;
-    *) echo "usage: scripts/simulate.sh [--seeds N] [--start K] [--seed S] [--plant BUG] [--rollback] [--primary-power-loss] [--quiet]" >&2; exit 2 ;;
+    --rollback|--quiet) args+=("$1"); shift ;;
+    *) echo "usage: scripts/simulate.sh [--seeds N] [--start K] [--seed S] [--plant BUG] [--rollback] [--quiet]" >&2; exit 2 ;;
   esac
 done
 swift build -c release --product hamgr-sim >/tmp/hamgr-sim-build.log 2>&1 || { tail -30 /tmp/hamgr-sim-build.log; echo "build of hamgr-sim failed" >&2; exit 2; }

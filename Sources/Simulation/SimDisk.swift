@@ -16,7 +16,7 @@ final class SimDisk {
     let chunkBytes: Int
     private(set) var current: [UInt8]
     private var durable: [UInt8]
-    private var pending: [(offset: Int, bytes: [UInt8], asPrimary: Bool)] = []
+    private var pending: [(offset: Int, bytes: [UInt8])] = []
     /// Anything was ever written: a regular file with no allocated data is "provably zero".
     private(set) var everWritten = false
     /// Armed fault: the next `failCount` operations fail with `failErrno`.
@@ -54,11 +54,11 @@ final class SimDisk {
 
     // MARK: data
 
-    func write(offset: Int, bytes: [UInt8], asPrimary: Bool = false) throws {
+    func write(offset: Int, bytes: [UInt8]) throws {
         try fault("pwrite")
         precondition(offset >= 0 && offset + bytes.count <= sizeBytes, "write \(offset)+\(bytes.count) outside \(sizeBytes)")
         current.replaceSubrange(offset..<offset + bytes.count, with: bytes)
-        pending.append((offset, bytes, asPrimary))
+        pending.append((offset, bytes))
         everWritten = true
         version &+= 1
     }
@@ -73,11 +73,10 @@ final class SimDisk {
 
     /// The process died. `powerLoss`: the host lost power too, and each unsynced write is kept
     /// or lost at random (in order); otherwise the page cache survives.
-    /// `keepPrimaryWrites`: writes the node made as primary survive (see `SimulationConfig.primaryPowerLoss`).
-    func crash(powerLoss: Bool, keepPrimaryWrites: Bool, rng: inout SplitMix64) -> (kept: Int, lost: Int) {
+    func crash(powerLoss: Bool, rng: inout SplitMix64) -> (kept: Int, lost: Int) {
         var kept = 0, lost = 0
         for p in pending {
-            if !powerLoss || (keepPrimaryWrites && p.asPrimary) || rng.next() & 1 == 0 {
+            if !powerLoss || rng.next() & 1 == 0 {
                 durable.replaceSubrange(p.offset..<p.offset + p.bytes.count, with: p.bytes)
                 kept += 1
             } else {

@@ -133,7 +133,7 @@ final class SimNode: NodeHost, @unchecked Sendable {
         deferred = []
         clock.thaw(at: sim.now)
         residualWindow = nil
-        let r = disk.crash(powerLoss: powerLoss, keepPrimaryWrites: !sim.config.primaryPowerLoss, rng: &sim.rng)
+        let r = disk.crash(powerLoss: powerLoss, rng: &sim.rng)
         sim.trace("\(name) CRASH (\(why)\(powerLoss ? ", power loss: \(r.lost) unsynced writes lost, \(r.kept) kept" : ""))")
         sim.link.nodeDown(index, abrupt: powerLoss)
     }

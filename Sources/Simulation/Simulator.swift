@@ -16,13 +16,6 @@ public struct SimulationConfig: Sendable {
     /// gap docs/quorum-protocol.md §6b names as undetected. Off by default (it breaks the
     /// invariants by design).
     public var arbitratorRollback = false
-    /// Let a power loss also drop the unsynced writes a node made as primary. Off by default:
-    /// the activity log forgets an extent once the peer wrote it, not once the primary's own
-    /// write is durable, so a primary that loses power can come back with a chunk its peer
-    /// holds newer and a crash-recovery resync that does not cover it — the stores then
-    /// differ while both report upToDate (seeds 174 and 262 with this on; see
-    /// docs/reliability.md "Whole-node simulator", known gaps).
-    public var primaryPowerLoss = false
     public init(seed: UInt64) { self.seed = seed }
 }
 

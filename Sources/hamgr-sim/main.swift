@@ -2,7 +2,7 @@ import Foundation
 import Simulation
 
 // hamgr-sim: runs the whole-node simulator over a range of seeds (or one seed, traced).
-//   hamgr-sim [--seeds N] [--start K] [--seed S] [--plant BUG]... [--rollback] [--primary-power-loss] [--quiet]
+//   hamgr-sim [--seeds N] [--start K] [--seed S] [--plant BUG]... [--rollback] [--quiet]
 // Last line: "N seeds, V violations". Exit 1 on violations; with --plant, exit 0 when the
 // bug was caught ("caught at seed S") and 1 when it was not.
 var args = Array(CommandLine.arguments.dropFirst())
@@ -11,7 +11,6 @@ var start: UInt64 = 1
 var single: UInt64?
 var plants: [String] = []
 var rollback = false
-var primaryPowerLoss = false
 var verbose = true
 @MainActor func value(_ flag: String) -> String {
     guard !args.isEmpty else { FileHandle.standardError.write("\(flag) needs a value\n".data(using: .utf8)!); exit(2) }
@@ -25,7 +24,6 @@ while !args.isEmpty {
     case "--seed": single = UInt64(value(a))
     case "--plant": plants.append(value(a))
     case "--rollback": rollback = true
-    case "--primary-power-loss": primaryPowerLoss = true
     case "--quiet": verbose = false
     case "--list-bugs": print(WholeNodeSimulation.plantableBugs.joined(separator: "\n")); exit(0)
     default: FileHandle.standardError.write("unknown argument \(a)\n".data(using: .utf8)!); exit(2)
@@ -33,7 +31,6 @@ while !args.isEmpty {
 }
 var base = SimulationConfig(seed: 0)
 base.arbitratorRollback = rollback
-base.primaryPowerLoss = primaryPowerLoss
 for p in plants where !WholeNodeSimulation.plant(p, into: &base) {
     print("unknown planted bug \(p) (this build knows: \(WholeNodeSimulation.plantableBugs.joined(separator: ", ")))")
     exit(3)

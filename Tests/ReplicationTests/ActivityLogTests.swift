@@ -6,26 +6,47 @@ import XCTest
 final class ActivityLogTests: XCTestCase {
     func testColdExtentNeedsPersistHotDoesNot() {
         var al = ActivityLog(capacity: 3)
-        XCTAssertEqual(al.begin([1]), .persist([1]))
-        XCTAssertEqual(al.begin([1]), .hot)
-        XCTAssertEqual(al.begin([1, 2]), .persist([1, 2]))
+        XCTAssertEqual(al.begin([1], tag: 0), .persist([1]))
+        XCTAssertEqual(al.begin([1], tag: 0), .hot)
+        XCTAssertEqual(al.begin([1, 2], tag: 0), .persist([1, 2]))
         al.end([1]); al.end([1]); al.end([1, 2])
         XCTAssertEqual(al.busyWrites, 0)
     }
 
     func testEvictsOnlyIdleLeastRecentlyUsed() {
         var al = ActivityLog(capacity: 2)
-        XCTAssertEqual(al.begin([1]), .persist([1]))
-        XCTAssertEqual(al.begin([2]), .persist([1, 2]))
+        XCTAssertEqual(al.begin([1], tag: 0), .persist([1]))
+        XCTAssertEqual(al.begin([2], tag: 0), .persist([1, 2]))
         // Both busy: a third extent cannot come in.
-        XCTAssertEqual(al.begin([3]), .full)
+        XCTAssertEqual(al.begin([3], tag: 0), .full)
         XCTAssertEqual(al.hotExtents, [1, 2], "a refused admission changes nothing")
         al.end([1])
-        XCTAssertEqual(al.begin([3]), .persist([2, 3]), "idle extent 1 evicted")
+        XCTAssertEqual(al.begin([3], tag: 0), .needsBarrier(tag: 0), "idle extent 1 is not yet durable on both nodes")
+        al.durable(throughBarrier: 0)
+        XCTAssertEqual(al.begin([3], tag: 1), .persist([2, 3]), "idle extent 1 evicted")
         al.end([2]); al.end([3])
-        _ = al.begin([2]); al.end([2])  // 2 is now most recent
-        XCTAssertEqual(al.begin([4]), .persist([2, 4]), "LRU idle extent 3 evicted")
-        XCTAssertEqual(al.begin([5, 6, 7]), .full, "more extents than capacity")
+        _ = al.begin([2], tag: 1); al.end([2])  // 2 is now most recent
+        al.durable(throughBarrier: 1)
+        XCTAssertEqual(al.begin([4], tag: 0), .persist([2, 4]), "LRU idle extent 3 evicted")
+        XCTAssertEqual(al.begin([5, 6, 7], tag: 0), .full, "more extents than capacity")
+    }
+
+    /// Whole-node simulator, primary power loss (seeds 155, 1854 with the old
+    /// `--primary-power-loss`): an extent leaves the log only once a barrier after its newest
+    /// write completed on both nodes — written at the peer is not durable anywhere.
+    func testEvictsOnlyExtentsDurableOnBothNodes() {
+        var al = ActivityLog(capacity: 2)
+        XCTAssertEqual(al.begin([1], tag: 0), .persist([1]))
+        XCTAssertEqual(al.begin([2], tag: 1), .persist([1, 2]))
+        al.end([1]); al.end([2])
+        XCTAssertEqual(al.begin([3], tag: 1), .needsBarrier(tag: 0), "both idle, neither durable: the LRU one needs barrier 0")
+        al.durable(throughBarrier: 0)
+        XCTAssertEqual(al.begin([3], tag: 1), .persist([2, 3]), "extent 1 (tag 0) is durable; 2 (tag 1) stays")
+        al.end([3])
+        XCTAssertEqual(al.begin([4], tag: 2), .needsBarrier(tag: 1))
+        al.durable(throughBarrier: 1)
+        XCTAssertEqual(al.begin([4], tag: 2), .persist([3, 4]))
+        XCTAssertEqual(al.begin([2], tag: 2), .persist([2, 4]), "3 is idle and durable; busy 4 stays")
     }
 
     func testReopenedHotSetAndExtentMath() {
@@ -46,7 +67,7 @@ final class ActivityLogTests: XCTestCase {
             h.flags = [.wasPrimary]
             try s.writeHeader(h)
             var al = ActivityLog(capacity: 8)
-            if case .persist(let hot) = al.begin([0, 3]) { try s.writeAL(hot) } else { XCTFail("expected persist") }
+            if case .persist(let hot) = al.begin([0, 3], tag: 0) { try s.writeAL(hot) } else { XCTFail("expected persist") }
             // Crash: nothing else written.
         }
         let s = try MetadataStore(path: path, initial: h)

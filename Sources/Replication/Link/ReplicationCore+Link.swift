@@ -116,6 +116,10 @@ extension ReplicationCore {
                 return refuse(l, "write frame outside the volume: \(offset)+\(length)")
             }
             if settings.replicationProtocol == .b { out.append(.send(session, .writeAck(seq: seq, stage: .received, status: 0))) }
+            if verify != nil, length > 0 {
+                let cb = UInt64(settings.chunkBytes)
+                verifyRaced(Int(offset / cb)..<(Int((offset + UInt64(length) - 1) / cb) + 1))
+            }
             var steps: [IOStep] = []
             if flags.contains(.zeroes) {
                 steps.append(.writeZeroes(offset: offset, length: Int(length), mayDeallocate: flags.contains(.mayDeallocate)))
@@ -145,6 +149,7 @@ extension ReplicationCore {
                 return refuse(l, "bad resync chunk \(chunk) (\(data.readableBytes) bytes)")
             }
             if targetRun == nil { targetRun = TargetRun(totalBytes: 0) }  // an on-demand repair of an in-sync peer
+            verifyRaced(c..<c + 1)
             // The ack lets the source clear the chunk's bit for good, so the chunk must be
             // durable first: a target that loses power mid-resync resumes from the bits left,
             // and a chunk acked from the page cache would never be sent again. (The I/O queue

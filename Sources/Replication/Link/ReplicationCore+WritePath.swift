@@ -29,23 +29,23 @@ extension ReplicationCore {
         let session = following ? link?.session : nil
         switch req {
         case let .flush(id, drain):
-            nextSeq += 1
-            writes[seq] = Write(seq: seq, request: id, isDrain: drain, chunks: 0..<0, extents: [], bytes: 0, barrier: true, open: true,
-                                peerLost: !following, barrierTag: barriersIssued)
-            barriersIssued += 1
-            var steps: [IOStep] = []
-            if let s = session { steps.append(.send(s, .flush(id: seq))) }
-            steps.append(.sync)
-            out.append(.io(IOBatch(steps: steps, then: .localWrite(seq: seq, queued: session != nil), failure: .localWrite(seq: seq, queued: false))))
+            issueBarrier(request: id, drain: drain)
         case let .write(id, op, offset, length, fua):
             let extents = ActivityLog.extents(offset: offset, length: length, extentBytes: settings.activityLogExtentBytes)
             if !fromQueue && !alWaiting.isEmpty { alWaiting.append(req); return true }
             var steps: [IOStep] = []
-            switch al.begin(extents) {
+            switch al.begin(extents, tag: barriersIssued) {
             case .full:
                 if fromQueue { return false }
                 alWaiting.append(req)
                 return true
+            case .needsBarrier(let tag):
+                // The log is full of extents whose writes are not yet durable on both nodes
+                // (see `ActivityLog`): wait for a barrier that covers them, issuing one
+                // unless a client flush or FUA write after them is already on its way.
+                if !fromQueue { alWaiting.append(req) }
+                if barriersIssued <= tag { issueBarrier(request: nil, drain: false) }
+                return !fromQueue
             case .hot: break
             case .persist(let hot): steps.append(.writeAL(hot))
             }
@@ -73,6 +73,22 @@ extension ReplicationCore {
             out.append(.io(IOBatch(steps: steps, then: .localWrite(seq: seq, queued: session != nil), failure: .localWrite(seq: seq, queued: false))))
         }
         return true
+    }
+
+    /// A flush: the peer's sync (when it follows) and ours, behind every write before it. A
+    /// client's (`request`), a switchover drain's, or the activity log's own (request nil).
+    mutating func issueBarrier(request: RequestID?, drain: Bool) {
+        let following = link?.following ?? false
+        let session = following ? link?.session : nil
+        let seq = nextSeq
+        nextSeq += 1
+        writes[seq] = Write(seq: seq, request: request, isDrain: drain, chunks: 0..<0, extents: [], bytes: 0, barrier: true, open: true,
+                            peerLost: !following, barrierTag: barriersIssued)
+        barriersIssued += 1
+        var steps: [IOStep] = []
+        if let s = session { steps.append(.send(s, .flush(id: seq))) }
+        steps.append(.sync)
+        out.append(.io(IOBatch(steps: steps, then: .localWrite(seq: seq, queued: session != nil), failure: .localWrite(seq: seq, queued: false))))
     }
 
     /// Admits AL-queued writes in order while they fit (not while a handshake is open:
@@ -128,11 +144,17 @@ extension ReplicationCore {
         for s in writes.keys.sorted() { evaluate(s, now) }
     }
 
-    /// A write leaves the AL only when the peer has it or the bitmap durably records that it lacks it.
+    /// A write stops pinning its AL extents only when the peer has it or the bitmap durably
+    /// records that it lacks it; the extent itself leaves the log only once a settled barrier
+    /// made the write durable on both nodes (`ActivityLog`).
     mutating func retireIfDone(_ seq: UInt64) {
         guard let w = writes[seq], !w.open else { return }
         let settled = w.failedLocally || (w.localDone && (w.confirmation == .written || (w.peerLost && w.bitmapDurable)))
         guard settled else { return }
+        // A settled barrier is durable here (its sync ran behind every earlier write) and at
+        // the peer (its flush or FUA was confirmed), or the peer's lack of those writes is
+        // durably in the bitmap: their AL extents may leave the log now.
+        if w.barrier, !w.failedLocally { al.durable(throughBarrier: w.barrierTag) }
         if role == .primary, !w.peerLost, !w.failedLocally, w.confirmation == .written {
             if w.barrier {
                 unflushedAtPeer = unflushedAtPeer.filter { $0.value > w.barrierTag }

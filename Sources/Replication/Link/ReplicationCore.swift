@@ -288,6 +288,10 @@ public struct ReplicationCore: Sendable {
         var next = 0
         var inFlight = 0
         var mismatches: [Int] = []
+        /// Chunks whose hash request is out (sent, no reply yet).
+        var hashing: Set<Int> = []
+        /// Of those, chunks the peer wrote meanwhile: a mismatch is checked again.
+        var raced: Set<Int> = []
         /// `verify --repair`: resync exactly the mismatched chunks when the pass ends.
         var repair = false
     }
@@ -371,6 +375,16 @@ public struct ReplicationCore: Sendable {
         if newGeneration { header.generations.branch(to: freshGeneration()); header.flags.remove(.assumeClean) }
         log(.notice, "primary in epoch \(epoch)\(newGeneration ? ", new generation \(header.generations.current)" : "")")
         persistHeader()
+        if let l = link, !l.ready {
+            // Both sides decide on the handshakes as sent, and ours still says secondary: the
+            // decision could make this primary a sync target (its disk inconsistent while it
+            // serves, no resync source it accepts, refused on every redial). Start the
+            // handshake again with the role we have now. (Whole-node simulator seeds 782,
+            // 1477: promoted between sending the handshake and receiving the peer's, next to
+            // a crashed ex-primary with dirty AL extents.)
+            dropLink(l, reason: "promoted during the handshake")
+            out.append(.close(l.session))
+        }
         noteChanges()
         return .success(out)
     }
