@@ -370,6 +370,9 @@ final class Simulator {
         var ackedAt: Int64 = -1
         /// Acknowledged and made durable on both nodes (FUA, or a later acknowledged flush).
         var durable = false
+        /// The node that acknowledged it alone (its peer outdated at the arbitrator, not in
+        /// sync): by design its only copy is on that node's disk until a resync.
+        var soleHolder: Int? = nil
     }
 
     /// Per chunk, every write submitted to any master, in submission order.
@@ -443,6 +446,33 @@ final class Simulator {
         }
     }
 
+    /// `n` acknowledges without its peer: the arbitrator outdated the peer (the gate no longer
+    /// requires it) and the peer is not in sync.
+    private func acknowledgedAlone(_ n: SimNode) -> Bool {
+        guard let v = n.vol else { return false }
+        return !v.core.gate.peerRequired && v.status.peerState != .inSync
+    }
+
+    /// Node `i`'s store was destroyed (replaced by an empty one). With two replicas no product
+    /// keeps what existed only there, so the promise for such a chunk falls back to what the
+    /// surviving store holds — but only where losing it is by design: the surviving store is
+    /// itself a replacement that never received data (both copies gone), or the newest
+    /// promised write was acknowledged (or made durable by a flush) by `i` alone (peer outdated
+    /// at the arbitrator, docs/replication.md "Data path" step 5: one copy until the resync). A promised write
+    /// the survivor should hold and does not stays a violation. (Seeds 113, 370, 1518, 1671,
+    /// 1698, 1950: the master wrote alone, then lost its disk; seed 1288: both disks replaced.)
+    private func diskDestroyed(_ i: Int) {
+        let survivor = nodes[1 - i].disk
+        for c in 0..<chunkCount {
+            let tag = Pattern.tag(of: survivor.current[c * chunkBytes..<(c + 1) * chunkBytes]) ?? 0
+            let f = floor(c)
+            guard f >= 0, !allowed(c, tag), !survivor.everWritten || history[c][f].soleHolder == i else { continue }
+            trace("model: chunk \(c)'s promised content (\(describeFloor(c))) existed only on \(Self.names[i])'s destroyed store; the survivor's tag \(tag) is the reference")
+            historyBase[c] += history[c].count
+            history[c] = [WriteRecord(tag: tag, ackedAt: now, durable: false)]
+        }
+    }
+
     private func prune(_ c: Int) {
         guard history[c].count > 64 else { return }
         guard let d = history[c].lastIndex(where: { $0.durable }), d > 0 else { return }
@@ -480,18 +510,24 @@ final class Simulator {
             guard k >= 0, k < history[chunk].count else { return }
             history[chunk][k].ackedAt = now
             if fua { history[chunk][k].durable = true }
+            if acknowledgedAlone(n) { history[chunk][k].soleHolder = n.index }
             prune(chunk)
         case .flush(let submittedAt):
             stats.flushesAcked += 1
             trace("\(n.name) ACK flush (epoch \(epoch))")
             // A flush makes durable what the flushing node holds: per chunk, the newest write
             // acknowledged before the flush was submitted, if that (or a later write) is what
-            // this node's store holds (a write it never got stays as promised as it was).
+            // this node's store holds (a write it never got stays as promised as it was). A
+            // flush acknowledged alone makes it durable on this node only.
+            let alone = acknowledgedAlone(n)
             for c in 0..<chunkCount {
                 let held = Pattern.tag(of: n.disk.current[c * chunkBytes..<(c + 1) * chunkBytes])
                 guard let k = history[c].lastIndex(where: { $0.ackedAt >= 0 && $0.ackedAt <= submittedAt }) else { continue }
                 if let h = held, let j = history[c].lastIndex(where: { $0.tag == h }), j >= k {
-                    history[c][k].durable = true
+                    if !history[c][k].durable {
+                        history[c][k].durable = true
+                        if alone { history[c][k].soleHolder = n.index }
+                    }
                     prune(c)
                 }
             }
@@ -681,7 +717,11 @@ final class Simulator {
             lastCrash = now
             lastLinkLoss = now
             if powerLoss { lastPowerLoss = now }
-            if replaceDisk { n.disk = SimDisk(sizeBytes: chunkCount * chunkBytes, chunkBytes: chunkBytes); n.diskFailureRecord = nil }
+            if replaceDisk {
+                n.disk = SimDisk(sizeBytes: chunkCount * chunkBytes, chunkBytes: chunkBytes)
+                n.diskFailureRecord = nil
+                diskDestroyed(i)
+            }
             at(now + d) { [self] in if !n.up && now < healAt { n.start() } }
         case .pause(let i):
             suspend(i, for: d, freeze: false)

@@ -51,6 +51,17 @@ final class WholeNodeSimulationTests: XCTestCase {
         }
     }
 
+    /// Model regressions: the only copy of acknowledged data was on a store the fault replaced
+    /// (113: protocol C master wrote alone with its peer outdated, then lost its disk; 1288:
+    /// both disks replaced one after the other; 4068: a flush acknowledged alone made a write
+    /// durable on the master only). The promise falls back to the surviving store's bytes.
+    func testRegressionSeedsDestroyedSoleCopy() {
+        for seed: UInt64 in [113, 1288, 4068] {
+            let r = Self.run(seed)
+            XCTAssertNil(r.violation, Self.report(r))
+        }
+    }
+
     /// One seed replayed with its trace: the same run twice gives the same trace.
     func testReplayIsDeterministic() {
         let a = Self.run(40, trace: true), b = Self.run(40, trace: true)
