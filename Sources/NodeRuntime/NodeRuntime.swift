@@ -271,6 +271,7 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
             do {
                 try host.volume.invalidate()
                 host.log(event("invalidate"))
+                feed(.admin(.localDataDiscarded))
                 reply(.ok("invalidated: this node is inconsistent until the full sync from its peer completes (watch /status)"))
             } catch {
                 reply(.refused("invalidate refused: \(error)"))
@@ -280,6 +281,7 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
             reply(.ok("resync requested; watch /status"))
         case .resolve(let side):
             host.volume.resolveSplitBrain(discardLocal: side == .local)
+            if side == .local { feed(.admin(.localDataDiscarded)) }
             reply(.ok("split brain resolved by discarding the \(side.rawValue) side's changes; resync follows"))
         }
     }

@@ -679,7 +679,9 @@ public struct NodeCore: Sendable {
             if r.disk != .upToDate { return .notUpToDate(r.disk) }
             if let e = state.peerOutdatedAt { return .outdated(at: e) }
             let mine = disk.generations
-            if disk.state != .diskless, !mine.current.isNone, mine.current != r.generations.current,
+            // A voter whose own data nobody vouches for (inconsistent: mid-sync, fresh, just
+            // discarded) has no generation to hold against the candidate.
+            if disk.state != .diskless, disk.state != .inconsistent, !mine.current.isNone, mine.current != r.generations.current,
                !r.generations.knows(mine.current) {
                 return mine.knows(r.generations.current) ? .dataBehind : .diverged
             }
@@ -1003,6 +1005,13 @@ public struct NodeCore: Sendable {
             }
             out.append(.adminResult(command, .success("maintenance \(on ? "on" : "off")")))
             log("maintenance", [("on", String(on))], &out)
+        case .localDataDiscarded:
+            guard state.peerOutdatedAt != nil || state.masterGeneration != nil else { return }
+            let mark = state.peerOutdatedAt
+            state.peerOutdatedAt = nil
+            state.masterGeneration = nil
+            persist(&out)
+            log("localDataDiscarded", [("peerOutdatedAtCleared", mark?.description ?? "-")], &out)
         case .acceptArbitrator:
             guard let seen = foreignArbitratorIncarnation else {
                 return refuse("nothing to accept: the arbitrator has answered from no other incarnation than the one this node knows"

@@ -19,6 +19,10 @@ public enum AdminCommand: Equatable, Sendable {
     /// Trust the arbitrator incarnation this node has seen (after a rebuilt or rolled-back
     /// arbitrator state); until then its votes and grants are not counted.
     case acceptArbitrator
+    /// The operator discarded this node's data (`resolve` keeping the peer's side, or
+    /// `invalidate`): what this node recorded about its own former data — its outdate mark on
+    /// the peer, the generation it last knew a master in — no longer speaks for anything.
+    case localDataDiscarded
 }
 
 public enum NodeEvent: Sendable {

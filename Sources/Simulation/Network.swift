@@ -14,6 +14,8 @@ final class QuorumNet {
     var loss = 0.0
     var duplicate = 0.0
     var slow = 0.0
+    /// Per receiver: every message to it takes this long (a congested or distant inbound path).
+    var lagTo: [Int64?] = [nil, nil, nil]
     var sent = 0
 
     init(sim: Simulator) { self.sim = sim }
@@ -27,7 +29,8 @@ final class QuorumNet {
         let copies = sim.chance(duplicate) ? 2 : 1
         let bytes = m.encoded()
         for _ in 0..<copies {
-            let delay = sim.chance(slow) ? sim.uniform(50_000_000, 900_000_000) : sim.uniform(300_000, 8_000_000)
+            var delay = sim.chance(slow) ? sim.uniform(50_000_000, 900_000_000) : sim.uniform(300_000, 8_000_000)
+            if let lag = lagTo[to] { delay += lag }
             sim.at(sim.now + delay) { [sim] in sim.deliverQuorum(from: from, to: to, bytes) }
         }
     }

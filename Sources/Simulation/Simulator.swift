@@ -639,6 +639,11 @@ final class Simulator {
         /// from the peer), with its wall clock not synced on resume: only the voters' replies
         /// tell it about the newer epoch (the newer-epoch rule, §2b rule 2).
         case freezeBehindCut(Int)
+        /// A data node's inbound quorum path turns slow (every reply to it arrives late) and
+        /// then its outbound path fails: its last renewals are granted, but the grants arrive
+        /// long after they were sent — the case that tells a lease anchored at the request's
+        /// send time from one anchored at the reply's arrival.
+        case lateRepliesThenCut(Int)
         case arbitratorCrash(loseState: Bool)
         case arbitratorRollback
         case diskError(Int, errno: Int32)
@@ -677,6 +682,7 @@ final class Simulator {
         case 35: return .invalidate
         case 36: return .verify
         case 37: return .maintenance
+        case 38: return .lateRepliesThenCut(i)
         case 39: return .freezeBehindCut(i)
         default: return .pause(any)
         }
@@ -727,6 +733,14 @@ final class Simulator {
             suspend(i, for: d, freeze: false)
         case .freeze(let i):
             suspend(i, for: d, freeze: true)
+        case .lateRepliesThenCut(let i):
+            quorum.lagTo[i] = uniform(Self.ms(150), Self.ms(900))
+            let cutAt = uniform(Self.ms(50), Self.ms(400))
+            at(now + cutAt) { [self] in for j in 0..<3 where j != i { quorum.cut[i][j] = true } }
+            at(now + max(d, cutAt + Self.ms(100))) { [self] in
+                quorum.lagTo[i] = nil
+                for j in 0..<3 where j != i { quorum.cut[i][j] = false }
+            }
         case .freezeBehindCut(let i):
             let extra = uniform(Self.ms(200), Self.ms(1000))
             quorum.cut[1 - i][i] = true
@@ -821,7 +835,7 @@ final class Simulator {
     private func heal() {
         healAt = now
         trace("HEAL: faults stop; crashed processes restart; the operator repairs")
-        quorum.loss = 0; quorum.duplicate = 0; quorum.slow = 0
+        quorum.loss = 0; quorum.duplicate = 0; quorum.slow = 0; quorum.lagTo = [nil, nil, nil]
         link.spike = 0; link.garble = 0
         for i in 0..<3 { for j in 0..<3 { quorum.cut[i][j] = false } }
         for i in 0..<2 { for j in 0..<2 where i != j { link.setCut(from: i, to: j, false) } }
