@@ -45,6 +45,15 @@ final class WholeNodeSimulationTests: XCTestCase {
         }
     }
 
+    /// Regressions from the protocol A/B and sync-point triage: 146 (a node promoted while its
+    /// handshake, sent as secondary, was still open became the sync target of its outdated peer).
+    func testRegressionSeedsProtocolAB() {
+        for seed: UInt64 in [146] {
+            let r = Self.run(seed)
+            XCTAssertNil(r.violation, Self.report(r))
+        }
+    }
+
     /// One seed replayed with its trace: the same run twice gives the same trace.
     func testReplayIsDeterministic() {
         let a = Self.run(40, trace: true), b = Self.run(40, trace: true)

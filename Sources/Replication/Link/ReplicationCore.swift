@@ -370,6 +370,15 @@ public struct ReplicationCore: Sendable {
         header.flags.insert(.wasPrimary)
         if newGeneration { header.generations.branch(to: freshGeneration()); header.flags.remove(.assumeClean) }
         log(.notice, "primary in epoch \(epoch)\(newGeneration ? ", new generation \(header.generations.current)" : "")")
+        // A handshake sent before this promotion and not yet decided told the peer this node
+        // is a secondary (and, with a new generation, named the old one): the decision both
+        // sides take from it could make this primary a sync target — its disk inconsistent
+        // while it serves, then overwritten by an outdated peer (simulator seed 146). Start the
+        // session over; the redial's handshake says primary.
+        if let l = link, l.decision == nil {
+            dropLink(l, reason: "promoted while the handshake was open")
+            out.append(.close(l.session))
+        }
         persistHeader()
         noteChanges()
         return .success(out)
