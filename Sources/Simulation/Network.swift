@@ -61,7 +61,8 @@ final class ReplicationLink {
 
     enum Delivery {
         case up(NodeID)
-        case frame(kind: UInt8, epoch: Epoch, payload: ByteBuffer)
+        /// `message`: what the sender meant (the model's view; nil when garbled).
+        case frame(kind: UInt8, epoch: Epoch, payload: ByteBuffer, message: LinkMessage?)
     }
 
     var session: Session?
@@ -104,12 +105,14 @@ final class ReplicationLink {
         guard let s = session, s.id == id, s.alive, s.open[from] else { return }
         frames += 1
         var payload = m.encode()
+        var message: LinkMessage? = m
         if garble > 0, sim.chance(garble), payload.readableBytes > 2 {
+            message = nil
             // A frame that passed the transport but is not what the core expects (a peer bug).
             payload = payload.getSlice(at: payload.readerIndex, length: payload.readableBytes / 2) ?? payload
             sim.trace("\(Simulator.names[from]) -> \(Simulator.names[1 - from]) GARBLED \(m.kind) frame")
         }
-        let d = Delivery.frame(kind: m.kind.rawValue, epoch: epoch, payload: payload)
+        let d = Delivery.frame(kind: m.kind.rawValue, epoch: epoch, payload: payload, message: message)
         let to = 1 - from
         if cut[from][to] { s.held[to].append(d); return }
         enqueue(s, to: to, d)
@@ -133,7 +136,10 @@ final class ReplicationLink {
         guard s.alive, s.open[to], let v = sim.nodes[to].vol else { return }
         switch d {
         case .up(let peer): v.linkUp(s.id, peer: peer)
-        case let .frame(kind, epoch, payload): v.frame(s.id, kind: kind, epoch: epoch, payload: payload)
+        case let .frame(kind, epoch, payload, message):
+            v.frame(s.id, kind: kind, epoch: epoch, payload: payload)
+            // The receiver's core took the frame (it did not refuse it and close the session).
+            if let message, s.alive, s.open[to] { sim.peerReceived(to, message) }
         }
     }
 

@@ -194,7 +194,10 @@ final class SimNode: NodeHost, @unchecked Sendable {
         sim.quorum.send(from: index, to: Simulator.index(of: node), message)
     }
 
-    func log(_ event: QuorumEvent) { sim.trace("\(name) \(event)") }
+    func log(_ event: QuorumEvent) {
+        sim.trace("\(name) \(event)")
+        if event.name == "switchedOver" { sim.handedOver(from: index) }
+    }
 
     func fatal(_ reason: String) {
         sim.trace("\(name) FATAL \(reason)")

@@ -246,7 +246,9 @@ final class SimVolume: NodeVolume, ReplicationHost {
                 case .writeHeader(let h): try disk.writeHeader(h)
                 case .writeBitmapPages(let pages): try disk.writeBitmapPages(pages.map { ($0.index, $0.bytes) })
                 case .writeBitmap(let bm): try disk.writeBitmapPages((0..<bm.pageCount).map { ($0, bm.pageBytes($0)) })
-                case let .send(s, m): link.send(from: me, session: s, m, epoch: epoch)
+                case let .send(s, m):
+                    if case .write = m { sim.writeQueued(me, m) }
+                    link.send(from: me, session: s, m, epoch: epoch)
                 case let .writeData(offset, data): try disk.write(offset: Int(offset), bytes: Array(data.readableBytesView))
                 case let .writeZeroes(offset, length, _): try disk.write(offset: Int(offset), bytes: [UInt8](repeating: 0, count: length))
                 case .sync: try disk.sync()

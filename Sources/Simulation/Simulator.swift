@@ -339,7 +339,7 @@ final class Simulator {
                 let tag: UInt64 = rng.next() % 10 == 0 ? 0 : nextTag()
                 let fua = rng.next() % 7 == 0
                 let index = historyBase[chunk] + history[chunk].count
-                history[chunk].append(WriteRecord(tag: tag))
+                history[chunk].append(WriteRecord(tag: tag, by: n.index))
                 trace("\(n.name) client write chunk \(chunk) tag \(tag)\(fua ? " FUA" : "")")
                 v.submit(.write(chunk: chunk, tag: tag, index: index, fua: fua))
             } else if r < 77 {
@@ -366,6 +366,8 @@ final class Simulator {
 
     struct WriteRecord {
         var tag: UInt64
+        /// The node it was submitted to (-1: a rebaseline's reference content).
+        var by: Int = -1
         /// Real time of the acknowledgement; -1 while not acknowledged.
         var ackedAt: Int64 = -1
         /// Acknowledged and made durable on both nodes (FUA, or a later acknowledged flush).
@@ -373,6 +375,13 @@ final class Simulator {
         /// The node that acknowledged it alone (its peer outdated at the arbitrator, not in
         /// sync): by design its only copy is on that node's disk until a resync.
         var soleHolder: Int? = nil
+        /// Its write frame was queued to the peer (the submitter's I/O queue sent it).
+        var queued = false
+        /// The other node's core took it: its write frame, or a resync chunk holding it.
+        var peerGot = false
+        /// Protocol A: the other node took over without a handover while this write was only
+        /// queued to it — the loss protocol A allows (see `floor`).
+        var mayBeLost = false
     }
 
     /// Per chunk, every write submitted to any master, in submission order.
@@ -385,26 +394,79 @@ final class Simulator {
 
     func noteLinkLoss() { lastLinkLoss = now }
 
-    /// The newest acknowledged write of a chunk that the protocol promises to keep:
-    /// durable ones always; plain ones unless a failure their protocol does not cover came
-    /// after their acknowledgement — C: a power loss (the peer's write was in its page cache);
-    /// B: any crash (the peer had received it, not written it); A: any crash or link loss
-    /// (it was only queued to the peer). docs/replication.md "Data path" and design.md §3.
+    /// The newest acknowledged write of a chunk that the protocol promises to keep
+    /// (docs/replication.md "What an acknowledgement promises"):
+    /// - durable ones (FUA, or covered by an acknowledged flush: both disks synced) always;
+    /// - C (peer wrote it): unless a power loss came after the acknowledgement (the peer's
+    ///   copy was in its page cache);
+    /// - B (peer received it): unless a crash came after it (received, not yet written);
+    /// - A (local write + queued to the peer): as B once the peer took the frame; a write the
+    ///   peer had not taken may be lost exactly when the peer takes over without a handover
+    ///   (master crash, isolation or lease lapse, demote, disk failure): `mayBeLost`, set at
+    ///   that promotion. A planned switchover drains first, so it loses nothing; a link loss
+    ///   alone loses nothing (the master keeps the write and resyncs it).
     private func floor(_ c: Int) -> Int {
         let relaxAfter: Int64
         switch proto {
         case .c: relaxAfter = lastPowerLoss
-        case .b: relaxAfter = lastCrash
-        case .a: relaxAfter = max(lastCrash, lastLinkLoss)
+        case .b, .a: relaxAfter = lastCrash
         }
         let h = history[c]
         var k = h.count - 1
         while k >= 0 {
             let w = h[k]
-            if w.ackedAt >= 0 && (w.durable || w.ackedAt > relaxAfter) { return k }
+            if w.ackedAt >= 0 && (w.durable || (w.ackedAt > relaxAfter && !w.mayBeLost)) { return k }
             k -= 1
         }
         return -1
+    }
+
+    /// The last switchover handover: the node that handed over (its peer's next promotion is
+    /// planned, not a takeover).
+    private var handover: Int?
+
+    func handedOver(from i: Int) { handover = i }
+
+    /// Protocol A: `n` takes over from its peer without a handover; what the peer acknowledged
+    /// but had only queued to `n` may be lost from now on.
+    private func takeover(by n: SimNode) {
+        guard proto == .a, handover != 1 - n.index else { return }
+        var relaxed = 0
+        for c in 0..<chunkCount {
+            for k in history[c].indices {
+                let w = history[c][k]
+                if w.by == 1 - n.index, w.ackedAt >= 0, w.queued, !w.peerGot, !w.durable, !w.mayBeLost {
+                    history[c][k].mayBeLost = true
+                    relaxed += 1
+                }
+            }
+        }
+        if relaxed > 0 { trace("model: protocol A takeover by \(n.name): \(relaxed) acknowledged writes it never received may be lost") }
+    }
+
+    /// `from`'s I/O queue sent a write frame to its peer.
+    func writeQueued(_ from: Int, _ m: LinkMessage) {
+        guard case let .write(_, offset, _, _, data) = m else { return }
+        let c = Int(offset) / chunkBytes
+        guard c < chunkCount else { return }
+        let tag = data.flatMap { Pattern.tag(of: Array($0.readableBytesView)[...]) } ?? 0
+        if let k = history[c].firstIndex(where: { $0.by == from && $0.tag == tag && !$0.queued }) { history[c][k].queued = true }
+    }
+
+    /// Node `to`'s core took a write frame or a resync chunk.
+    func peerReceived(_ to: Int, _ m: LinkMessage) {
+        switch m {
+        case let .write(_, offset, _, _, data):
+            let c = Int(offset) / chunkBytes
+            guard c < chunkCount else { return }
+            let tag = data.flatMap { Pattern.tag(of: Array($0.readableBytesView)[...]) } ?? 0
+            if let k = history[c].firstIndex(where: { $0.by == 1 - to && $0.tag == tag && $0.queued && !$0.peerGot }) { history[c][k].peerGot = true }
+        case let .resyncData(chunk, data):
+            let c = Int(chunk)
+            guard c < chunkCount, let tag = Pattern.tag(of: Array(data.readableBytesView)[...]) else { return }
+            if let k = history[c].lastIndex(where: { $0.tag == tag }), history[c][k].by != to { history[c][k].peerGot = true }
+        default: break
+        }
     }
 
     private func allowed(_ c: Int, _ tag: UInt64) -> Bool {
@@ -538,7 +600,9 @@ final class Simulator {
     func promoted(_ n: SimNode, epoch: Epoch, newGeneration: Bool) {
         stats.promotions += 1
         trace("\(n.name) BECOMES PRIMARY epoch \(epoch)\(newGeneration ? " (new generation)" : "")")
+        defer { handover = nil }
         if newGeneration { return rebaseline(n, "promoted in a new generation") }
+        takeover(by: n)
         if let rt = n.runtime, let v = n.vol {
             let reported = rt.reportedDisk(v.status.diskState)
             if reported != .upToDate { violate(4, "\(n.name) promoted in epoch \(epoch) with its disk \(reported)") }

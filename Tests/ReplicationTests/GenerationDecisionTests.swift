@@ -47,6 +47,14 @@ final class GenerationDecisionTests: GenerationRowTestCase {
         check(side("a", X1), side("b", X1, dirty: true), .becomeTarget(.bitmap))
         // Both dirty, same standing: the name sorting first is source, from both ends.
         check(side("a", X1, dirty: true), side("b", X1, dirty: true), .becomeSource(.bitmap))
+        // Two secondaries, both dirty: the one that was primary since it started (demoted, no
+        // crash) holds the newest writes and is source, whatever the names (seed 1044).
+        var wasPrimary = side("b", X1, dirty: true)
+        wasPrimary.wasPrimary = true
+        check(side("a", X1, dirty: true), wasPrimary, .becomeTarget(.bitmap))
+        var cleanWasPrimary = side("b", X1)
+        cleanWasPrimary.wasPrimary = true
+        check(side("a", X1, dirty: true), cleanWasPrimary, .becomeTarget(.bitmap))
         // An interrupted resync: the inconsistent side is target.
         check(side("a", X1, disk: .inconsistent), side("b", X1), .becomeTarget(.bitmap))
         check(side("a", X1, role: .primary), side("b", X1, role: .primary), .refuse(""))

@@ -62,6 +62,19 @@ final class WholeNodeSimulationTests: XCTestCase {
         }
     }
 
+    /// Regressions from the protocol A/B and sync-point triage: 146 (a node promoted while its
+    /// handshake, sent as secondary, was still open became the sync target of its outdated peer),
+    /// 1044 (two secondaries with dirty chunks: the name, not the one that had been primary,
+    /// chose the sync source and a protocol-A write was overwritten); 304, 1266, 1683, 1929
+    /// (protocol A: the model now allows exactly the loss of queued writes the peer never took
+    /// when it takes over without a handover — isolation, demote, disk failure, lease lapse).
+    func testRegressionSeedsProtocolAB() {
+        for seed: UInt64 in [146, 1044, 304, 1266, 1683, 1929] {
+            let r = Self.run(seed)
+            XCTAssertNil(r.violation, Self.report(r))
+        }
+    }
+
     /// One seed replayed with its trace: the same run twice gives the same trace.
     func testReplayIsDeterministic() {
         let a = Self.run(40, trace: true), b = Self.run(40, trace: true)

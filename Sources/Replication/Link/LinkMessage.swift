@@ -21,8 +21,9 @@ public enum LinkFrameKind: UInt8, CaseIterable, Sendable {
 
 /// The handshake: everything the sync decision needs (docs/replication.md "Handshake").
 public struct LinkHandshake: Hashable, Sendable {
-    /// 2: fresh / assume-clean flags (disk identity and bootstrap).
-    public static let protocolVersion: UInt16 = 2
+    /// 2: fresh / assume-clean flags (disk identity and bootstrap). 3: the wasPrimary flag
+    /// (a version-2 decoder would refuse the unknown flag bit anyway).
+    public static let protocolVersion: UInt16 = 3
     public var sizeBytes: UInt64
     public var chunkBytes: UInt32
     public var generations: DataGenerations
@@ -38,12 +39,16 @@ public struct LinkHandshake: Hashable, Sendable {
     public var emptyFresh: Bool
     /// Bootstrapped with `--assume-clean`, not written alone since.
     public var assumeClean: Bool
+    /// Primary at some point since this process opened the store (the header's wasPrimary).
+    public var wasPrimary: Bool
 
     public init(sizeBytes: UInt64, chunkBytes: UInt32, generations: DataGenerations, diskState: DiskState, role: Role,
-                crashedPrimary: Bool, discardLocal: Bool, dirtyRuns: [ChunkRun], fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false) {
+                crashedPrimary: Bool, discardLocal: Bool, dirtyRuns: [ChunkRun], fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false,
+                wasPrimary: Bool = false) {
         self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.generations = generations
         self.diskState = diskState; self.role = role; self.crashedPrimary = crashedPrimary
         self.discardLocal = discardLocal; self.dirtyRuns = dirtyRuns; self.fresh = fresh || emptyFresh; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
+        self.wasPrimary = wasPrimary
     }
 }
 
@@ -119,7 +124,7 @@ public enum LinkMessage: Hashable, Sendable {
             Self.writeGenerations(h.generations, &b)
             b.writeInteger(MetadataLayout.diskCode(h.diskState))
             b.writeInteger(UInt8(h.role == .primary ? 1 : 0))
-            b.writeInteger(UInt8((h.crashedPrimary ? 1 : 0) | (h.discardLocal ? 2 : 0) | (h.emptyFresh ? 4 : 0) | (h.assumeClean ? 8 : 0) | (h.fresh ? 16 : 0)))
+            b.writeInteger(UInt8((h.crashedPrimary ? 1 : 0) | (h.discardLocal ? 2 : 0) | (h.emptyFresh ? 4 : 0) | (h.assumeClean ? 8 : 0) | (h.fresh ? 16 : 0) | (h.wasPrimary ? 32 : 0)))
             Self.writeRuns(h.dirtyRuns, &b)
         case let .write(seq, offset, flags, length, data):
             b.writeInteger(seq); b.writeInteger(offset); b.writeInteger(flags.rawValue); b.writeInteger(length)
@@ -164,11 +169,12 @@ public enum LinkMessage: Hashable, Sendable {
             guard v == LinkHandshake.protocolVersion else { return .failure(.version(v)) }
             guard let size: UInt64 = b.readInteger(), let chunk: UInt32 = b.readInteger(),
                   let gens = readGenerations(&b), let dc: UInt8 = b.readInteger(), let disk = MetadataLayout.disk(dc),
-                  let role: UInt8 = b.readInteger(), role <= 1, let fl: UInt8 = b.readInteger(), fl <= 31,
+                  let role: UInt8 = b.readInteger(), role <= 1, let fl: UInt8 = b.readInteger(), fl <= 63,
                   let runs = readRuns(&b) else { return fail("bad handshake fields") }
             msg = .handshake(LinkHandshake(sizeBytes: size, chunkBytes: chunk, generations: gens, diskState: disk,
                                            role: role == 1 ? .primary : .secondary, crashedPrimary: fl & 1 != 0,
-                                           discardLocal: fl & 2 != 0, dirtyRuns: runs, fresh: fl & 16 != 0, emptyFresh: fl & 4 != 0, assumeClean: fl & 8 != 0))
+                                           discardLocal: fl & 2 != 0, dirtyRuns: runs, fresh: fl & 16 != 0, emptyFresh: fl & 4 != 0, assumeClean: fl & 8 != 0,
+                                           wasPrimary: fl & 32 != 0))
         case .write:
             guard let seq: UInt64 = b.readInteger(), let off: UInt64 = b.readInteger(), let fl: UInt8 = b.readInteger(),
                   let len: UInt32 = b.readInteger() else { return fail("short header") }

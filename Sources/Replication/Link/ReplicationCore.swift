@@ -374,17 +374,17 @@ public struct ReplicationCore: Sendable {
         header.flags.insert(.wasPrimary)
         if newGeneration { header.generations.branch(to: freshGeneration()); header.flags.remove(.assumeClean) }
         log(.notice, "primary in epoch \(epoch)\(newGeneration ? ", new generation \(header.generations.current)" : "")")
-        persistHeader()
+        // A handshake sent before this promotion and not yet decided told the peer this node
+        // is a secondary (and, with a new generation, named the old one): the decision both
+        // sides take from it could make this primary a sync target — its disk inconsistent
+        // while it serves, then overwritten by an outdated peer, or refused on every redial
+        // (simulator seeds 146, 782, 1477). Start the session over; the redial's handshake
+        // says primary.
         if let l = link, !l.ready {
-            // Both sides decide on the handshakes as sent, and ours still says secondary: the
-            // decision could make this primary a sync target (its disk inconsistent while it
-            // serves, no resync source it accepts, refused on every redial). Start the
-            // handshake again with the role we have now. (Whole-node simulator seeds 782,
-            // 1477: promoted between sending the handshake and receiving the peer's, next to
-            // a crashed ex-primary with dirty AL extents.)
-            dropLink(l, reason: "promoted during the handshake")
+            dropLink(l, reason: "promoted while the handshake was open")
             out.append(.close(l.session))
         }
+        persistHeader()
         noteChanges()
         return .success(out)
     }

@@ -21,13 +21,19 @@ public struct SyncSide: Hashable, Sendable {
     /// Bootstrapped with `--assume-clean` and not written alone since: a fresh peer may adopt
     /// this generation without a sync.
     public var assumeClean: Bool
+    /// Primary since its process opened the store (demoted without a crash): with the same
+    /// generation its dirty chunks hold writes it acknowledged (protocol A: possibly only
+    /// queued to the peer), newer than anything the other side holds there.
+    public var wasPrimary: Bool
 
     public init(node: NodeID, generations: DataGenerations, diskState: DiskState, role: Role,
                 hasDirtyChunks: Bool = false, crashedPrimary: Bool = false, discardLocal: Bool = false,
-                sizeBytes: UInt64, chunkBytes: Int, fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false) {
+                sizeBytes: UInt64, chunkBytes: Int, fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false,
+                wasPrimary: Bool = false) {
         self.node = node; self.generations = generations; self.diskState = diskState; self.role = role
         self.hasDirtyChunks = hasDirtyChunks; self.crashedPrimary = crashedPrimary; self.discardLocal = discardLocal
         self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.fresh = fresh || emptyFresh; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
+        self.wasPrimary = wasPrimary
     }
 }
 
@@ -121,6 +127,10 @@ public enum SyncDecision: Hashable, Sendable, CustomStringConvertible {
             if !a.hasDirtyChunks && !b.hasDirtyChunks { return .inSync }
             else if a.role != b.role { result = a.role == .primary ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
             else if a.crashedPrimary != b.crashedPrimary { result = a.crashedPrimary ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
+            // Two secondaries: the one that was primary (and stepped down without a crash or
+            // a takeover that branched) holds the newest writes; the name would pick the
+            // other side and overwrite acknowledged writes (simulator seed 1044, protocol A).
+            else if a.wasPrimary != b.wasPrimary { result = a.wasPrimary ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
             else if a.hasDirtyChunks != b.hasDirtyChunks { result = a.hasDirtyChunks ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
             else { result = .becomeSource(.bitmap) }  // a sorts first
         } else if !ga.bitmap.isNone && ga.bitmap == gb.bitmap {
