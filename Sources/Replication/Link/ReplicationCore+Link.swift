@@ -17,10 +17,10 @@ extension ReplicationCore {
             out.append(.close(old.session))
         }
         let hs = LinkHandshake(sizeBytes: settings.sizeBytes, chunkBytes: UInt32(settings.chunkBytes), generations: header.generations,
-                               diskState: header.diskState, role: role, crashedPrimary: header.flags.contains(.crashRecoveryPending),
+                               diskState: header.diskState, role: role, crashedPrimary: header.flags.contains(.crashRecoveryPending) && !header.flags.contains(.steppedDown),
                                discardLocal: header.flags.contains(.discardLocal), dirtyRuns: bitmap.runs,
                                fresh: header.flags.contains(.fresh), emptyFresh: emptyFresh && header.flags.contains(.fresh),
-                               assumeClean: header.flags.contains(.assumeClean), wasPrimary: header.flags.contains(.wasPrimary))
+                               assumeClean: header.flags.contains(.assumeClean), wasPrimary: primarySinceOpen)
         link = Link(session: session, sent: hs)
         counters.linksEstablished += 1
         log(.info, "replication link up with \(node); handshake sent (generation \(hs.generations.current), \(hs.diskState), \(bitmap.setCount) dirty chunks)")

@@ -233,7 +233,14 @@ extension ReplicationCore {
         roleEpoch = max(roleEpoch, epoch)
         promisedEpoch = max(promisedEpoch, epoch)
         header.epoch = max(header.epoch, epoch)
-        if role == .primary { log(.notice, "secondary in epoch \(epoch)") }
+        if role == .primary {
+            log(.notice, "secondary in epoch \(epoch)")
+            // A crash from here on is a secondary's crash: its activity log is still recovered,
+            // but it must not make this node the sync source as a "crashed primary" (simulator
+            // seed 229: a node that had handed over, then lost power, overwrote its successor's
+            // newer write).
+            header.flags.insert(.steppedDown)
+        }
         role = .secondary
         suspended = false
         failAllOpen(.notPrimary(master: nil))

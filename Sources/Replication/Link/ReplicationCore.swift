@@ -192,6 +192,9 @@ public struct ReplicationCore: Sendable {
     var out: [CoreAction] = []
     /// Fresh metadata on a store that provably reads as zeroes (the shell checked at open).
     var emptyFresh: Bool
+    /// Primary at some point since this process opened the store (the handshake's
+    /// `wasPrimary`).
+    var primarySinceOpen = false
     /// The source's disk state when this node became a sync target: the target ends no more
     /// up to date than its source.
     var syncSourceDisk: DiskState = .upToDate
@@ -372,6 +375,8 @@ public struct ReplicationCore: Sendable {
         promisedEpoch = max(promisedEpoch, epoch)
         header.epoch = max(header.epoch, epoch)
         header.flags.insert(.wasPrimary)
+        header.flags.remove(.steppedDown)
+        primarySinceOpen = true
         if newGeneration { header.generations.branch(to: freshGeneration()); header.flags.remove(.assumeClean) }
         log(.notice, "primary in epoch \(epoch)\(newGeneration ? ", new generation \(header.generations.current)" : "")")
         // A handshake sent before this promotion and not yet decided told the peer this node

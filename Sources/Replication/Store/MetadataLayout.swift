@@ -20,6 +20,11 @@ public struct MetadataFlags: OptionSet, Hashable, Sendable {
     /// Bootstrapped with `--assume-clean`: a fresh peer adopts this generation without a
     /// full sync. Cleared once adopted and whenever the primary writes without its peer.
     public static let assumeClean = MetadataFlags(rawValue: 1 << 5)
+    /// This node stepped down from primary and has not been primary since: a crash now is a
+    /// secondary's crash. Its activity log is still recovered (its chunks are resynced), but
+    /// it does not make this node the sync source as a crashed primary — whoever was master
+    /// after it holds newer data.
+    public static let steppedDown = MetadataFlags(rawValue: 1 << 6)
 }
 
 /// The durable header of a replicated volume's metadata file.
