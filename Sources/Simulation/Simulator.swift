@@ -497,8 +497,8 @@ final class Simulator {
         }
     }
 
-    /// A forced promotion, a lone promotion under `allow` or a bootstrap makes this node's
-    /// bytes the truth from now on (acknowledged writes elsewhere may be discarded by design).
+    /// A forced promotion, a lone promotion under `allow`, a bootstrap or the side an operator
+    /// keeps when resolving a split brain makes this node's bytes the truth from now on (acknowledged writes elsewhere may be discarded by design).
     private func rebaseline(_ n: SimNode, _ why: String) {
         trace("model: \(n.name)'s data is the reference from now on (\(why))")
         for c in 0..<chunkCount {
@@ -929,8 +929,11 @@ final class Simulator {
             guard !live else { return }
             for n in nodes where n.up {
                 guard let v = n.vol, let rt = n.runtime else { continue }
-                if v.status.splitBrain != nil, rt.core.status.role == .secondary, !(nodes[1 - n.index].vol?.status.splitBrain == nil && false) {
+                if v.status.splitBrain != nil, rt.core.status.role == .secondary {
+                    // The operator keeps the peer's side: acknowledged writes of this side are
+                    // discarded by that decision, and the kept side's bytes are the reference.
                     n.admin(.resolve(discard: .local))
+                    rebaseline(nodes[1 - n.index], "the operator resolved the split brain keeping \(nodes[1 - n.index].name)'s side")
                     break
                 }
             }
