@@ -55,6 +55,14 @@ final class GenerationDecisionTests: GenerationRowTestCase {
         var cleanWasPrimary = side("b", X1)
         cleanWasPrimary.wasPrimary = true
         check(side("a", X1, dirty: true), cleanWasPrimary, .becomeTarget(.bitmap))
+        // Two secondaries: the later primary is source, even against a crashed primary of an
+        // older epoch (seed 2618: the crashed master of epoch 2 would overwrite what its
+        // successor of epoch 3 acknowledged before it was demoted).
+        var crashedOld = side("a", X1, dirty: true, crashed: true)
+        crashedOld.primaryEpoch = Epoch(2)
+        var demotedNew = side("b", X1, dirty: true)
+        demotedNew.primaryEpoch = Epoch(3)
+        check(crashedOld, demotedNew, .becomeTarget(.bitmap))
         // An interrupted resync: the inconsistent side is target.
         check(side("a", X1, disk: .inconsistent), side("b", X1), .becomeTarget(.bitmap))
         check(side("a", X1, role: .primary), side("b", X1, role: .primary), .refuse(""))

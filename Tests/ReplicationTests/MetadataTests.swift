@@ -18,6 +18,24 @@ final class MetadataTests: XCTestCase {
         XCTAssertEqual(MetadataLayout.decodeHeader(bytes), h)
     }
 
+    /// Format 3 carries the newest epoch the node was primary in; a format-2 header (written
+    /// by the previous release) still decodes, with none.
+    func testHeaderFormat3PrimaryEpochAndFormat2StillDecodes() {
+        var h = header(6)
+        h.primaryEpoch = Epoch(9)
+        h.flags.insert(.steppedDown)
+        XCTAssertEqual(MetadataLayout.decodeHeader(MetadataLayout.encode(h)), h)
+        // The same header as format 2 wrote it: version 2, nothing after the disk id.
+        var body = Array(MetadataLayout.encode(h)[0..<MetadataLayout.checksumOffset])
+        body.replaceSubrange(8..<12, with: [0, 0, 0, 2])
+        let end = body.count - body.reversed().prefix { $0 == 0 }.count  // the primary epoch is the last field
+        body.replaceSubrange(end - 8..<end, with: [UInt8](repeating: 0, count: 8))
+        let v2 = MetadataLayout.decodeHeader(MetadataLayout.seal(body))
+        XCTAssertNotNil(v2)
+        XCTAssertEqual(v2?.primaryEpoch, .zero)
+        XCTAssertEqual(v2?.generations, h.generations)
+    }
+
     func testHeaderRefusesEveryFlippedByte() {
         let bytes = MetadataLayout.encode(header(1))
         for i in stride(from: 0, to: bytes.count, by: 97) {

@@ -22,7 +22,8 @@ public enum LinkFrameKind: UInt8, CaseIterable, Sendable {
 /// The handshake: everything the sync decision needs (docs/replication.md "Handshake").
 public struct LinkHandshake: Hashable, Sendable {
     /// 2: fresh / assume-clean flags (disk identity and bootstrap). 3: the wasPrimary flag
-    /// (a version-2 decoder would refuse the unknown flag bit anyway).
+    /// (a version-2 decoder would refuse the unknown flag bit anyway) and the newest epoch the
+    /// side was primary in.
     public static let protocolVersion: UInt16 = 3
     public var sizeBytes: UInt64
     public var chunkBytes: UInt32
@@ -41,14 +42,17 @@ public struct LinkHandshake: Hashable, Sendable {
     public var assumeClean: Bool
     /// Primary at some point since this process opened the store (the header's wasPrimary).
     public var wasPrimary: Bool
+    /// The newest epoch in which this side was primary (zero: never).
+    public var primaryEpoch: Epoch
 
     public init(sizeBytes: UInt64, chunkBytes: UInt32, generations: DataGenerations, diskState: DiskState, role: Role,
                 crashedPrimary: Bool, discardLocal: Bool, dirtyRuns: [ChunkRun], fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false,
-                wasPrimary: Bool = false) {
+                wasPrimary: Bool = false, primaryEpoch: Epoch = .zero) {
         self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.generations = generations
         self.diskState = diskState; self.role = role; self.crashedPrimary = crashedPrimary
         self.discardLocal = discardLocal; self.dirtyRuns = dirtyRuns; self.fresh = fresh || emptyFresh; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
         self.wasPrimary = wasPrimary
+        self.primaryEpoch = primaryEpoch
     }
 }
 
@@ -126,6 +130,7 @@ public enum LinkMessage: Hashable, Sendable {
             b.writeInteger(UInt8(h.role == .primary ? 1 : 0))
             b.writeInteger(UInt8((h.crashedPrimary ? 1 : 0) | (h.discardLocal ? 2 : 0) | (h.emptyFresh ? 4 : 0) | (h.assumeClean ? 8 : 0) | (h.fresh ? 16 : 0) | (h.wasPrimary ? 32 : 0)))
             Self.writeRuns(h.dirtyRuns, &b)
+            b.writeInteger(h.primaryEpoch.value)
         case let .write(seq, offset, flags, length, data):
             b.writeInteger(seq); b.writeInteger(offset); b.writeInteger(flags.rawValue); b.writeInteger(length)
             if var d = data { b.writeBuffer(&d) }
@@ -170,11 +175,11 @@ public enum LinkMessage: Hashable, Sendable {
             guard let size: UInt64 = b.readInteger(), let chunk: UInt32 = b.readInteger(),
                   let gens = readGenerations(&b), let dc: UInt8 = b.readInteger(), let disk = MetadataLayout.disk(dc),
                   let role: UInt8 = b.readInteger(), role <= 1, let fl: UInt8 = b.readInteger(), fl <= 63,
-                  let runs = readRuns(&b) else { return fail("bad handshake fields") }
+                  let runs = readRuns(&b), let pe: UInt64 = b.readInteger() else { return fail("bad handshake fields") }
             msg = .handshake(LinkHandshake(sizeBytes: size, chunkBytes: chunk, generations: gens, diskState: disk,
                                            role: role == 1 ? .primary : .secondary, crashedPrimary: fl & 1 != 0,
                                            discardLocal: fl & 2 != 0, dirtyRuns: runs, fresh: fl & 16 != 0, emptyFresh: fl & 4 != 0, assumeClean: fl & 8 != 0,
-                                           wasPrimary: fl & 32 != 0))
+                                           wasPrimary: fl & 32 != 0, primaryEpoch: Epoch(pe)))
         case .write:
             guard let seq: UInt64 = b.readInteger(), let off: UInt64 = b.readInteger(), let fl: UInt8 = b.readInteger(),
                   let len: UInt32 = b.readInteger() else { return fail("short header") }

@@ -20,7 +20,8 @@ extension ReplicationCore {
                                diskState: header.diskState, role: role, crashedPrimary: header.flags.contains(.crashRecoveryPending) && !header.flags.contains(.steppedDown),
                                discardLocal: header.flags.contains(.discardLocal), dirtyRuns: bitmap.runs,
                                fresh: header.flags.contains(.fresh), emptyFresh: emptyFresh && header.flags.contains(.fresh),
-                               assumeClean: header.flags.contains(.assumeClean), wasPrimary: primarySinceOpen)
+                               assumeClean: header.flags.contains(.assumeClean), wasPrimary: primarySinceOpen,
+                               primaryEpoch: header.primaryEpoch)
         link = Link(session: session, sent: hs)
         counters.linksEstablished += 1
         log(.info, "replication link up with \(node); handshake sent (generation \(hs.generations.current), \(hs.diskState), \(bitmap.setCount) dirty chunks)")
@@ -199,10 +200,10 @@ extension ReplicationCore {
         let mine = l.sent
         let me = SyncSide(node: settings.me, generations: mine.generations, diskState: mine.diskState, role: mine.role,
                           hasDirtyChunks: !mine.dirtyRuns.isEmpty, crashedPrimary: mine.crashedPrimary, discardLocal: mine.discardLocal,
-                          sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes), fresh: mine.fresh, emptyFresh: mine.emptyFresh, assumeClean: mine.assumeClean, wasPrimary: mine.wasPrimary)
+                          sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes), fresh: mine.fresh, emptyFresh: mine.emptyFresh, assumeClean: mine.assumeClean, wasPrimary: mine.wasPrimary, primaryEpoch: mine.primaryEpoch)
         let them = SyncSide(node: settings.peer, generations: peer.generations, diskState: peer.diskState, role: peer.role,
                             hasDirtyChunks: !peer.dirtyRuns.isEmpty, crashedPrimary: peer.crashedPrimary, discardLocal: peer.discardLocal,
-                            sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes), fresh: peer.fresh, emptyFresh: peer.emptyFresh, assumeClean: peer.assumeClean, wasPrimary: peer.wasPrimary)
+                            sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes), fresh: peer.fresh, emptyFresh: peer.emptyFresh, assumeClean: peer.assumeClean, wasPrimary: peer.wasPrimary, primaryEpoch: peer.primaryEpoch)
         var d = SyncDecision.decide(me: me, peer: them)
         if settings.plantedBugs.contains(.freshMetadataTrusted) {
             // PLANTED BUG (test only): a fresh disk is taken for an up-to-date copy of the peer.

@@ -330,6 +330,7 @@ public struct ReplicationCore: Sendable {
                 roleEpoch = g.epoch
                 promisedEpoch = max(promisedEpoch, g.epoch)
                 header.epoch = max(header.epoch, g.epoch)
+                header.primaryEpoch = max(header.primaryEpoch, g.epoch)
                 persistHeader()
             }
             if role == .primary && !g.peerRequired && header.generations.bitmap.isNone && !bitmap.isEmpty {
@@ -376,6 +377,7 @@ public struct ReplicationCore: Sendable {
         header.epoch = max(header.epoch, epoch)
         header.flags.insert(.wasPrimary)
         header.flags.remove(.steppedDown)
+        header.primaryEpoch = max(header.primaryEpoch, roleEpoch)
         primarySinceOpen = true
         if newGeneration { header.generations.branch(to: freshGeneration()); header.flags.remove(.assumeClean) }
         log(.notice, "primary in epoch \(epoch)\(newGeneration ? ", new generation \(header.generations.current)" : "")")

@@ -25,15 +25,18 @@ public struct SyncSide: Hashable, Sendable {
     /// generation its dirty chunks hold writes it acknowledged (protocol A: possibly only
     /// queued to the peer), newer than anything the other side holds there.
     public var wasPrimary: Bool
+    /// The newest epoch this side was primary in (zero: never, or unknown).
+    public var primaryEpoch: Epoch
 
     public init(node: NodeID, generations: DataGenerations, diskState: DiskState, role: Role,
                 hasDirtyChunks: Bool = false, crashedPrimary: Bool = false, discardLocal: Bool = false,
                 sizeBytes: UInt64, chunkBytes: Int, fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false,
-                wasPrimary: Bool = false) {
+                wasPrimary: Bool = false, primaryEpoch: Epoch = .zero) {
         self.node = node; self.generations = generations; self.diskState = diskState; self.role = role
         self.hasDirtyChunks = hasDirtyChunks; self.crashedPrimary = crashedPrimary; self.discardLocal = discardLocal
         self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.fresh = fresh || emptyFresh; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
         self.wasPrimary = wasPrimary
+        self.primaryEpoch = primaryEpoch
     }
 }
 
@@ -126,6 +129,11 @@ public enum SyncDecision: Hashable, Sendable, CustomStringConvertible {
             if a.role == .primary && b.role == .primary { return .refuse("both sides are primary") }
             if !a.hasDirtyChunks && !b.hasDirtyChunks { return .inSync }
             else if a.role != b.role { result = a.role == .primary ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
+            // Two secondaries: the later primary wrote after the earlier one (epochs order the
+            // masters), so its copy of any chunk both touched is the newer (simulator seed 2618:
+            // a crashed primary of epoch 2 overwrote the writes its successor of epoch 3
+            // acknowledged before an operator demoted it).
+            else if a.primaryEpoch != b.primaryEpoch { result = a.primaryEpoch > b.primaryEpoch ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
             else if a.crashedPrimary != b.crashedPrimary { result = a.crashedPrimary ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
             // Two secondaries: the one that was primary (and stepped down without a crash or
             // a takeover that branched) holds the newest writes; the name would pick the

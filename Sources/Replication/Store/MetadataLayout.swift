@@ -42,12 +42,17 @@ public struct MetadataHeader: Hashable, Sendable {
     /// The identity of the backing store this metadata describes (its `DiskLabel`); 0 in
     /// metadata written before disk identities existed (format 1).
     public var diskID: UInt64
+    /// The newest epoch in which this node was primary (zero: never, or format < 3). Between
+    /// two secondaries in one generation, the later primary holds the newer writes.
+    public var primaryEpoch: Epoch
 
     public init(sequence: UInt64 = 0, sizeBytes: UInt64, chunkBytes: UInt32, alExtentBytes: UInt32, alSlots: UInt32,
-                diskState: DiskState, flags: MetadataFlags, epoch: Epoch, generations: DataGenerations, diskID: UInt64 = 0) {
+                diskState: DiskState, flags: MetadataFlags, epoch: Epoch, generations: DataGenerations, diskID: UInt64 = 0,
+                primaryEpoch: Epoch = .zero) {
         self.sequence = sequence; self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes
         self.alExtentBytes = alExtentBytes; self.alSlots = alSlots; self.diskState = diskState
         self.flags = flags; self.epoch = epoch; self.generations = generations; self.diskID = diskID
+        self.primaryEpoch = primaryEpoch
     }
 }
 
@@ -74,7 +79,7 @@ public enum MetadataLayout {
     public static let alMagic: [UInt8] = Array("HAMGRAL1".utf8)
     /// Format 2 adds the disk identity after the history; format 1 headers still decode
     /// (with diskID 0) so an upgraded node keeps its state and stamps its store once.
-    public static let version: UInt32 = 2
+    public static let version: UInt32 = 3
     /// AL slot: magic(8) seq(8) count(4) then u32 extents, bounded by the checksum.
     public static let maxALSlots = (checksumOffset - 20) / 4
 
@@ -119,6 +124,7 @@ public enum MetadataLayout {
             w.u64(i < h.generations.history.count ? h.generations.history[i].raw : 0)
         }
         w.u64(h.diskID)
+        w.u64(h.primaryEpoch.value)
         return seal(w.out)
     }
 
@@ -126,7 +132,7 @@ public enum MetadataLayout {
     public static func decodeHeader(_ slot: [UInt8]) -> MetadataHeader? {
         guard isSealed(slot) else { return nil }
         var r = ByteReader(slot)
-        guard r.bytes(8) == headerMagic, let v = r.u32(), v == 1 || v == version,
+        guard r.bytes(8) == headerMagic, let v = r.u32(), (1...version).contains(v),
               let seq = r.u64(), let size = r.u64(), let chunk = r.u32(), let ext = r.u32(), let alSlots = r.u32(),
               let dc = r.u8(), let disk = disk(dc), r.bytes(3) != nil, let flags = r.u32(), let epoch = r.u64(),
               let cur = r.u64(), let bm = r.u64(), let hc = r.u32(), hc <= UInt32(DataGenerations.historyLimit)
@@ -138,11 +144,13 @@ public enum MetadataLayout {
         }
         var diskID: UInt64 = 0
         if v >= 2 { guard let d = r.u64() else { return nil }; diskID = d }
+        var primaryEpoch: UInt64 = 0
+        if v >= 3 { guard let p = r.u64() else { return nil }; primaryEpoch = p }
         guard chunk > 0, ext > 0 else { return nil }
         return MetadataHeader(sequence: seq, sizeBytes: size, chunkBytes: chunk, alExtentBytes: ext, alSlots: alSlots,
                               diskState: disk, flags: MetadataFlags(rawValue: flags), epoch: Epoch(epoch),
                               generations: DataGenerations(current: GenerationID(cur), bitmap: GenerationID(bm), history: hist),
-                              diskID: diskID)
+                              diskID: diskID, primaryEpoch: Epoch(primaryEpoch))
     }
 
     /// The newer of two slots that verify; nil if neither does.
