@@ -228,7 +228,12 @@ extension ReplicationCore {
         // before it sees the link drop), and if the peer lost power they exist nowhere else.
         // A stale bit costs one chunk of resync. (Whole-node simulator seed 40: the peer came
         // back "in sync" without a write it had lost.)
-        if !unflushedAtPeer.isEmpty { persistPages(bitmap.mark(unflushedAtPeer.keys.sorted())) }
+        // Writes still in flight may reach this disk (the I/O queue runs on) without ever
+        // reaching the peer's: their chunks may differ too (simulator seed 5366: a write the
+        // demotion failed was on the old primary's disk, never on the new one's).
+        var marks = Set(unflushedAtPeer.keys)
+        for w in writes.values where !w.isDrain && w.confirmation < .written { marks.formUnion(w.chunks) }
+        if !marks.isEmpty { persistPages(bitmap.mark(marks.sorted())) }
         unflushedAtPeer = [:]
         roleEpoch = max(roleEpoch, epoch)
         promisedEpoch = max(promisedEpoch, epoch)
