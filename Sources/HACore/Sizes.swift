@@ -37,3 +37,9 @@ public enum ByteSize {
         return "\(bytes) B"
     }
 }
+
+/// A path where block devices live: hamgr never creates a backing store there. `/dev/shm` is
+/// the exception: a tmpfs of plain files (benchmarks and tests keep their stores there).
+public func isDevicePath(_ path: String) -> Bool {
+    path.hasPrefix("/dev/") && !path.hasPrefix("/dev/shm/")
+}

@@ -401,7 +401,7 @@ public struct ClusterConfig: Sendable, Equatable {
             if n.backing == n.metadata {
                 throw ConfigError(key: "node[\(i)].metadata", message: "must differ from backing (\(n.backing))")
             }
-            if n.create && n.backing.hasPrefix("/dev/") {
+            if n.create && isDevicePath(n.backing) {
                 throw ConfigError(key: "node[\(i)].create", message: "\(n.backing) is a device path: hamgr never creates devices")
             }
         }
@@ -465,7 +465,7 @@ public struct ClusterConfig: Sendable, Equatable {
         let me = try node(named: name)
         let i = nodes.firstIndex(of: me) ?? 0
         if !FileManager.default.fileExists(atPath: me.backing) {
-            if me.backing.hasPrefix("/dev/") {
+            if isDevicePath(me.backing) {
                 throw ConfigError(key: "node[\(i)].backing", message: "\(me.backing) does not exist (a device is never created: attach or activate it first)")
             }
             if !me.create {

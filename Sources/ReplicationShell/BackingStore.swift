@@ -52,7 +52,7 @@ public final class BackingStore: @unchecked Sendable {
     }
 
     /// True for paths a device node lives at, which hamgr never creates.
-    public static func isDevicePath(_ path: String) -> Bool { path.hasPrefix("/dev/") }
+    public static func isDevicePath(_ path: String) -> Bool { HACore.isDevicePath(path) }
 
     /// True if `[0, length)` provably reads as zeroes without reading it: a regular file with
     /// no allocated data there (SEEK_DATA finds none). Block devices and file systems without
