@@ -101,8 +101,9 @@ final class SimMaster: @unchecked Sendable {  // all state on `loop`
     }
 
     func frame(_ f: Frame) {
-        guard f.kind == quorumKind, let m = try? QuorumMessage.decode(Array(f.payload.readableBytesView)) else { return }
-        switch m {
+        guard f.kind == quorumKind, let stamped = try? QuorumMessage.decode(Array(f.payload.readableBytesView)) else { return }
+        // The arbitrator stamps every reply with its state incarnation (arbitrator continuity).
+        switch stamped.unstamped {
         case let .voteReply(_, r, _, refusal):
             guard r == round, !elected else { return }
             if let refusal {
