@@ -22,8 +22,12 @@ public enum DurableFile {
         let dfd = open(dir.isEmpty ? "." : dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard dfd >= 0 else { throw DurableFileError(op: "open directory", path: dir, errno: errno) }
         defer { close(dfd) }
-        guard fsync(dfd) == 0 else { throw DurableFileError(op: "fsync directory", path: dir, errno: errno) }
+        guard syncDirectory(dfd) == 0 else { throw DurableFileError(op: "fsync directory", path: dir, errno: errno) }
     }
+
+    /// The directory fsync; a test replaces it to prove its failure fails the write (no
+    /// filesystem here can be made to fail only that call).
+    nonisolated(unsafe) static var syncDirectory: (Int32) -> Int32 = { fsync($0) }
 
     /// nil when the file does not exist.
     public static func read(_ path: String) throws -> [UInt8]? {
