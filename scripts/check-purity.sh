@@ -122,15 +122,19 @@ def self_test():
         write("Sources/HACore/Good.swift", "// import Foundation (a comment, not an import)\nimport NIOCore\n@preconcurrency import Crypto\n")
         write("Sources/Quorum/Core.swift", "import HACore\n")
         write("Sources/Replication/Codec.swift", "import HACore\nimport NIOCore\n")
+        write("Sources/NodeRuntime/Runtime.swift", "import HACore\nimport Quorum\nimport Replication\n")
+        write("Sources/Simulation/World.swift", "import NodeRuntime\nimport NIOCore\n")
         write("Sources/Shell/IO.swift", "import Foundation\nimport NIOPosix\n")  # not pure: may import anything
         good = {"targets": [
             {"name": "HACore", "path": "Sources/HACore", "product_dependencies": ["NIOCore", "Crypto"]},
             {"name": "Quorum", "path": "Sources/Quorum", "target_dependencies": ["HACore"]},
             {"name": "Replication", "path": "Sources/Replication", "target_dependencies": ["HACore"], "product_dependencies": ["NIOCore"]},
+            {"name": "NodeRuntime", "path": "Sources/NodeRuntime", "target_dependencies": ["HACore", "Quorum", "Replication"]},
+            {"name": "Simulation", "path": "Sources/Simulation", "target_dependencies": ["NodeRuntime"], "product_dependencies": ["NIOCore"]},
             {"name": "Shell", "path": "Sources/Shell", "target_dependencies": ["HACore"], "product_dependencies": ["NIOPosix", "TOMLKit"]},
         ]}
         v, _, files = run(good, tmp)
-        expect(v == [] and files == 3, f"a clean synthetic package passes ({len(v)} violations, {files} pure files)")
+        expect(v == [] and files == 5, f"a clean synthetic package passes ({len(v)} violations, {files} pure files)")
 
         # A bad graph: Quorum reaches the shell target (and through it NIOPosix); HACore a product.
         bad = json.loads(json.dumps(good))
