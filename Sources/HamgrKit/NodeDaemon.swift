@@ -413,8 +413,7 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
 
     func stopServices(epoch: Epoch, master: NodeID?, wasPrimary: Bool, then done: @escaping () -> Void) {
         nbd.setVolume(nil, refusal: refusal(master: master))
-        _ = notifier.status(runtime.core.status.role == .primary ? "primary, epoch \(epoch), switching over"
-                                                                  : "secondary, epoch \(epoch), master \(master?.name ?? "unknown")")
+        _ = notifier.status("secondary, epoch \(epoch), master \(master?.name ?? "unknown")")
         guard wasPrimary else { return done() }
         logger.notice("export closed; stopping resources", metadata: eventMetadata("services_stopping"))
         let context = hookContext(role: .secondary, epoch: epoch, master: master)

@@ -26,8 +26,9 @@ public protocol NodeHost: AnyObject, Sendable {
     /// Services above the block layer, started after the volume became primary: export the
     /// volume, start resources in order, announce (hooks). `kind` is for metrics.
     func startServices(epoch: Epoch, kind: PromotionKind)
-    /// Close the export and stop resources (demotion, or before a switchover's drain). `done`
-    /// runs on the runtime's context when the stop finished (or failed: it is logged).
+    /// Close the export and stop resources (a demotion; a switchover's drain uses
+    /// `suspendServices`). `done` runs on the runtime's context when the stop finished (or
+    /// failed: it is logged).
     func stopServices(epoch: Epoch, master: NodeID?, wasPrimary: Bool, then done: @escaping () -> Void)
     /// Before a switchover's drain: stop resources (a filesystem flushes through the export);
     /// the export stays, the volume suspends writes. `done` runs on the runtime's context.

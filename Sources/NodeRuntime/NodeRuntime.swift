@@ -44,7 +44,6 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
     private var drainsCancelled: UInt64 = 0
 
     private struct Pending {
-        var id: UInt64
         var command: Quorum.AdminCommand
         var deadline: Instant
         /// A promotion answers when this node is master (or at the deadline), not when the
@@ -53,7 +52,6 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
         var reply: (NodeAdminOutcome) -> Void
     }
     private var pending: [Pending] = []
-    private var nextAdminID: UInt64 = 0
     /// Admin requests answer within this (a switchover answers after its drain).
     public var adminTimeout: Duration = .seconds(30)
 
@@ -73,8 +71,6 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
         if repair != nil, state == .upToDate { return .outdated }
         return state
     }
-
-    public var diskFailureDetail: String? { diskFailure }
 
     /// The core's start entry: the persisted fencing token and the closed gate reach the
     /// volume before anything else runs (before any replication session can be routed to it).
@@ -287,10 +283,9 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
     }
 
     private func submit(_ command: Quorum.AdminCommand, awaitPromotion: Bool = false, _ reply: @escaping (NodeAdminOutcome) -> Void) {
-        nextAdminID += 1
         let now = host.now()
         let deadline = awaitPromotion ? now + core.settings.timings.failureTimeout * 2 + .milliseconds(500) : now + adminTimeout
-        pending.append(Pending(id: nextAdminID, command: command, deadline: deadline, awaitingPromotion: false, reply: reply))
+        pending.append(Pending(command: command, deadline: deadline, awaitingPromotion: false, reply: reply))
         feed(.admin(command))
     }
 
