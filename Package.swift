@@ -72,7 +72,8 @@ let package = Package(
             "HAShell", "Replication", "ReplicationShell", crypto, argumentParser,
         ]),
 
-        .testTarget(name: "HACoreTests", dependencies: ["HACore", "HAShell", nioCore, nioPosix, nioLocks, crypto]),
+        .testTarget(name: "HACoreTests", dependencies: ["HACore", "HAShell", nioCore, nioPosix, nioLocks, crypto,
+                                                       .product(name: "NIOEmbedded", package: "swift-nio")]),
         .testTarget(name: "QuorumTests", dependencies: ["Quorum", "HACore"]),
         .testTarget(name: "ReplicationTests", dependencies: [
             "Replication", "ReplicationShell", "HACore", "HAShell", nioCore, nioPosix, nioLocks, logging, crypto,

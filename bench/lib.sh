@@ -68,12 +68,13 @@ EOF
 
 declare -A CPID=()   # role → pid (a, b, w)
 
-cluster_start() {  # cluster_start a|b|w
-    local who=$1
+cluster_start() {  # cluster_start a|b|w  (HAMGR_PIN=cpu-list: run it under taskset -c)
+    local who=$1 pin=()
+    if [ -n "${HAMGR_PIN:-}" ]; then pin=(taskset -c "$HAMGR_PIN"); fi
     if [ "$who" = w ]; then
-        "$HAMGR_BIN" arbitrator --config "$CLUSTER_CONF" --init >>"$CLUSTER_DIR/w.log" 2>&1 &
+        "${pin[@]}" "$HAMGR_BIN" arbitrator --config "$CLUSTER_CONF" --init >>"$CLUSTER_DIR/w.log" 2>&1 &
     else
-        "$HAMGR_BIN" run --config "$CLUSTER_CONF" --node "$who" >>"$CLUSTER_DIR/$who.log" 2>&1 &
+        "${pin[@]}" "$HAMGR_BIN" run --config "$CLUSTER_CONF" --node "$who" >>"$CLUSTER_DIR/$who.log" 2>&1 &
     fi
     CPID[$who]=$!
 }

@@ -4,14 +4,20 @@
 @preconcurrency import Crypto
 import NIOCore
 
-/// One authenticated frame on a peer or arbitrator link (design.md §3 "Frames").
+/// One frame on a peer or arbitrator link (design.md §3 "Frames").
 ///
 /// Wire layout, big-endian:
 /// `u32 length` (bytes after this field) · `u8 version` · `u8 kind` · `u64 sequence` ·
-/// `u64 epoch` · payload · 32-byte HMAC-SHA256 over version…payload.
-/// `kind` belongs to the module that owns the channel (quorum or replication);
-/// the sequence starts at 1 after the hello and rises by one per frame, so a replayed or
-/// reordered frame fails the check.
+/// `u64 epoch` · payload · trailer.
+/// Session frames (version 2) carry the payload encrypted with AES-256-GCM under the
+/// session key of their direction; the trailer is the 16-byte GCM tag, the header (version…
+/// epoch) is authenticated with it, and the nonce is the sequence number. The hello that
+/// opens a session (kind 255, sequence 0) is not secret — the receiver must read the claimed
+/// cluster to pick the key — so it is authenticated only, with HMAC-SHA256 under the cluster
+/// key (32-byte trailer).
+/// `kind` belongs to the module that owns the channel (quorum or replication); the sequence
+/// starts at 1 after the hello and rises by one per frame, so a replayed or reordered frame
+/// fails the check, and a frame of another session fails authentication.
 public struct Frame: Sendable {
     public var kind: UInt8
     public var sequence: UInt64
@@ -25,12 +31,57 @@ public struct Frame: Sendable {
         self.payload = payload
     }
 
-    public static let version: UInt8 = 1
+    public static let version: UInt8 = 2
     public static let headerBytes = 1 + 1 + 8 + 8
-    public static let macBytes = 32
+    /// The GCM tag of a session frame.
+    public static let tagBytes = AESGCMKey.tagBytes
+    /// The HMAC of a hello frame.
+    public static let helloMACBytes = 32
+    public static let helloKind: UInt8 = 255
     /// Largest payload accepted: a 32 MiB NBD write plus its replication header.
     public static let maxPayloadBytes = 32 * 1024 * 1024 + 4096
-    public static let maxBodyBytes = headerBytes + maxPayloadBytes + macBytes
+    public static let minBodyBytes = headerBytes + tagBytes
+    public static let maxBodyBytes = headerBytes + maxPayloadBytes + helloMACBytes
+
+    /// Append a hello frame (length prefix included), authenticated with `key`.
+    public static func sealHello(payload: ByteBuffer, key: SymmetricKey, into out: inout ByteBuffer) {
+        out.writeInteger(UInt32(headerBytes + payload.readableBytes + helloMACBytes))
+        let start = out.writerIndex
+        writeHeader(kind: helloKind, sequence: 0, epoch: .zero, into: &out)
+        var p = payload
+        out.writeBuffer(&p)
+        let tag = out.withUnsafeReadableBytes { all in
+            FrameMAC(key: key).tag(UnsafeRawBufferPointer(rebasing: all[(start - out.readerIndex)...]))
+        }
+        _ = tag.withUnsafeBytes { out.writeBytes($0) }
+    }
+
+    /// Check a hello frame body (without its length prefix) against `key`; its payload.
+    public static func openHello(_ body: ByteBuffer, key: SymmetricKey) -> Result<ByteBuffer, FrameError> {
+        let n = body.readableBytes
+        guard n >= headerBytes + helloMACBytes else { return .failure(.tooSmall(UInt32(n))) }
+        let signed = n - helloMACBytes
+        let ok: Bool = body.withUnsafeReadableBytes { raw in
+            FrameMAC(key: key).isValid(tag: UnsafeRawBufferPointer(rebasing: raw[signed...]),
+                                       for: UnsafeRawBufferPointer(rebasing: raw[0..<signed]))
+        }
+        guard ok else { return .failure(.badMAC) }
+        var b = body
+        let version: UInt8 = b.readInteger()!
+        guard version == Frame.version else { return .failure(.badVersion(version)) }
+        let kind: UInt8 = b.readInteger()!
+        let seq: UInt64 = b.readInteger()!
+        guard kind == helloKind, seq == 0 else { return .failure(.malformed("not a hello (kind \(kind), sequence \(seq))")) }
+        b.moveReaderIndex(forwardBy: 8)
+        return .success(b.readSlice(length: b.readableBytes - helloMACBytes)!)
+    }
+
+    static func writeHeader(kind: UInt8, sequence: UInt64, epoch: Epoch, into out: inout ByteBuffer) {
+        out.writeInteger(version)
+        out.writeInteger(kind)
+        out.writeInteger(sequence)
+        out.writeInteger(epoch.value)
+    }
 }
 
 /// Why a frame was refused. Refusal closes the link with this reason logged.
@@ -45,9 +96,9 @@ public enum FrameError: Error, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .tooLarge(let n): return "frame of \(n) bytes exceeds the maximum \(Frame.maxBodyBytes)"
-        case .tooSmall(let n): return "frame of \(n) bytes is shorter than a header and MAC"
-        case .badVersion(let v): return "unsupported frame version \(v)"
-        case .badMAC: return "frame authentication failed (wrong cluster key or tampered frame)"
+        case .tooSmall(let n): return "frame of \(n) bytes is shorter than a header and tag"
+        case .badVersion(let v): return "unsupported frame version \(v) (this node speaks \(Frame.version); upgrade both nodes)"
+        case .badMAC: return "frame authentication failed (wrong cluster key, tampered frame, or a frame of another session)"
         case .replayed(let e, let g): return "frame sequence \(g) where \(e) was expected (replayed or reordered)"
         case .malformed(let why): return "malformed frame: \(why)"
         }
@@ -55,9 +106,7 @@ public enum FrameError: Error, Equatable, CustomStringConvertible {
 }
 
 /// HMAC-SHA256 (RFC 2104) with the key's inner and outer pad blocks hashed once, when the
-/// session key is made. Each frame then costs its own blocks plus one outer block, not a
-/// fresh key schedule: with a new `HMAC<SHA256>(key:)` per frame, key setup alone was 6 % of
-/// a replicating master's CPU under 4 KiB writes.
+/// key is made. Authenticates hellos, which are rare; session frames use AES-GCM.
 public struct FrameMAC: Sendable {
     private let inner: SHA256
     private let outer: SHA256
@@ -87,66 +136,60 @@ public struct FrameMAC: Sendable {
 
     /// Whether `tag` authenticates `data`, compared in constant time.
     public func isValid(tag: UnsafeRawBufferPointer, for data: UnsafeRawBufferPointer) -> Bool {
-        guard tag.count == Frame.macBytes else { return false }
+        guard tag.count == Frame.helloMACBytes else { return false }
         return self.tag(data).withUnsafeBytes { mine in
             var diff: UInt8 = 0
-            for i in 0..<Frame.macBytes { diff |= mine[i] ^ tag[i] }
+            for i in 0..<Frame.helloMACBytes { diff |= mine[i] ^ tag[i] }
             return diff == 0
         }
     }
 }
 
-/// Seals outgoing and opens incoming frames for one direction of one session.
+/// Seals outgoing and opens incoming session frames for one direction of one session
+/// (AES-256-GCM under that direction's session key, nonce = sequence number).
 /// Pure: no I/O, so it is fuzzable and testable byte for byte.
 public struct FrameSealer: Sendable {
-    private let mac: FrameMAC
+    private let aead: AESGCMKey
     public private(set) var nextSequence: UInt64
 
     public init(key: SymmetricKey, firstSequence: UInt64 = 1) {
-        self.mac = FrameMAC(key: key)
+        self.aead = AESGCMKey(key: key)
         self.nextSequence = firstSequence
     }
 
-    /// Append the sealed frame (length prefix included) to `out`.
-    public mutating func seal(kind: UInt8, epoch: Epoch, payload: ByteBuffer, into out: inout ByteBuffer) {
-        out.reserveCapacity(minimumWritableBytes: 4 + Frame.headerBytes + payload.readableBytes + Frame.macBytes)
-        var trailer = ByteBuffer()
-        seal(kind: kind, epoch: epoch, payload: payload, header: &out, trailer: &trailer)
-        var p = payload
-        out.writeBuffer(&p)
-        out.writeBuffer(&trailer)
-    }
-
-    /// Seal without copying the payload: the frame on the wire is `header` (length prefix
-    /// and frame header, appended here), the payload unchanged, then `trailer` (the MAC).
-    /// Large replication writes go out this way as three buffers in one writev.
-    public mutating func seal(kind: UInt8, epoch: Epoch, payload: ByteBuffer, header: inout ByteBuffer, trailer: inout ByteBuffer) {
-        header.writeInteger(UInt32(Frame.headerBytes + payload.readableBytes + Frame.macBytes))
-        let start = header.writerIndex
-        header.writeInteger(Frame.version)
-        header.writeInteger(kind)
-        header.writeInteger(nextSequence)
-        header.writeInteger(epoch.value)
-        let tag = header.withUnsafeReadableBytes { h in
-            payload.withUnsafeReadableBytes { p in
-                mac.tag(UnsafeRawBufferPointer(rebasing: h[(start - header.readerIndex)...]), p)
+    /// Append the sealed frame (length prefix included) to `out`. The plaintext is `payload`
+    /// followed by `more` (when given): a message header and its data are encrypted straight
+    /// from where they are, never joined.
+    public mutating func seal(kind: UInt8, epoch: Epoch, payload: ByteBuffer, more: ByteBuffer? = nil, into out: inout ByteBuffer) {
+        let n1 = payload.readableBytes, n2 = more?.readableBytes ?? 0
+        out.reserveCapacity(minimumWritableBytes: 4 + Frame.headerBytes + n1 + n2 + Frame.tagBytes)
+        out.writeInteger(UInt32(Frame.headerBytes + n1 + n2 + Frame.tagBytes))
+        Frame.writeHeader(kind: kind, sequence: nextSequence, epoch: epoch, into: &out)
+        let nonce = Self.nonce(nextSequence)
+        let sealedBytes = n1 + n2 + Frame.tagBytes
+        out.writeWithUnsafeMutableBytes(minimumWritableBytes: sealedBytes) { dst in
+            // The header just written sits right before `dst`; it is the associated data.
+            let aad = UnsafeRawBufferPointer(start: dst.baseAddress! - Frame.headerBytes, count: Frame.headerBytes)
+            nonce.withUnsafeBytes { nb in
+                payload.withUnsafeReadableBytes { p in
+                    if let more {
+                        more.withUnsafeReadableBytes { m in aead.seal(nonce: nb, aad: aad, p, m, into: dst.baseAddress!) }
+                    } else {
+                        aead.seal(nonce: nb, aad: aad, p, UnsafeRawBufferPointer(start: nil, count: 0), into: dst.baseAddress!)
+                    }
+                }
             }
+            return sealedBytes
         }
-        _ = tag.withUnsafeBytes { trailer.writeBytes($0) }
         nextSequence &+= 1
     }
 
-    /// Check and decode one frame body (without its length prefix).
-    public mutating func open(_ body: ByteBuffer) -> Result<Frame, FrameError> {
+    /// Check and decrypt one frame body (without its length prefix). The payload is
+    /// decrypted into a new buffer from `allocator`.
+    public mutating func open(_ body: ByteBuffer, allocator: ByteBufferAllocator = ByteBufferAllocator()) -> Result<Frame, FrameError> {
         let n = body.readableBytes
-        guard n >= Frame.headerBytes + Frame.macBytes else { return .failure(.tooSmall(UInt32(n))) }
+        guard n >= Frame.minBodyBytes else { return .failure(.tooSmall(UInt32(n))) }
         guard n <= Frame.maxBodyBytes else { return .failure(.tooLarge(UInt32(n))) }
-        let signedBytes = n - Frame.macBytes
-        let ok: Bool = body.withUnsafeReadableBytes { raw in
-            mac.isValid(tag: UnsafeRawBufferPointer(rebasing: raw[signedBytes...]),
-                        for: UnsafeRawBufferPointer(rebasing: raw[0..<signedBytes]))
-        }
-        guard ok else { return .failure(.badMAC) }
         var b = body
         let version: UInt8 = b.readInteger()!
         guard version == Frame.version else { return .failure(.badVersion(version)) }
@@ -154,30 +197,47 @@ public struct FrameSealer: Sendable {
         let seq: UInt64 = b.readInteger()!
         let epoch: UInt64 = b.readInteger()!
         guard seq == nextSequence else { return .failure(.replayed(expected: nextSequence, got: seq)) }
+        let plainBytes = n - Frame.headerBytes - Frame.tagBytes
+        var payload = allocator.buffer(capacity: plainBytes)
+        let nonce = Self.nonce(seq)
+        let ok: Bool = body.withUnsafeReadableBytes { raw in
+            let aad = UnsafeRawBufferPointer(rebasing: raw[0..<Frame.headerBytes])
+            let sealed = UnsafeRawBufferPointer(rebasing: raw[Frame.headerBytes...])
+            var ok = false
+            payload.writeWithUnsafeMutableBytes(minimumWritableBytes: max(plainBytes, 1)) { dst in
+                ok = nonce.withUnsafeBytes { aead.open(nonce: $0, aad: aad, sealed, into: dst.baseAddress!) }
+                return ok ? plainBytes : 0
+            }
+            return ok
+        }
+        guard ok else { return .failure(.badMAC) }
         nextSequence &+= 1
-        let payload = b.readSlice(length: b.readableBytes - Frame.macBytes)!
         return .success(Frame(kind: kind, sequence: seq, epoch: Epoch(epoch), payload: payload))
+    }
+
+    /// The 96-bit GCM nonce of a sequence number: four zero bytes, then the number. Each
+    /// direction of each session has its own key, so no (key, nonce) pair ever repeats.
+    static func nonce(_ sequence: UInt64) -> [UInt8] {
+        var n = [UInt8](repeating: 0, count: AESGCMKey.nonceBytes)
+        for i in 0..<8 { n[4 + i] = UInt8(truncatingIfNeeded: sequence >> (56 - 8 * UInt64(i))) }
+        return n
     }
 }
 
-/// Splits a byte stream into frame bodies, bounding the length field before trusting it.
-public struct FrameBodyDecoder: ByteToMessageDecoder {
-    public typealias InboundOut = ByteBuffer
-    public init() {}
-    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
-        guard let body = try Self.nextBody(&buffer) else { return .needMoreData }
-        context.fireChannelRead(wrapInboundOut(body))
-        return .continue
-    }
-    public mutating func decodeLast(context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool) throws -> DecodingState {
-        try decode(context: context, buffer: &buffer)
+/// The framing rule: a body of `length` bytes follows its length prefix, and the length is
+/// bounded before it is trusted. (The transport's `FrameSplitter` applies it to a socket.)
+public enum FrameBodyDecoder {
+    /// The length prefix, if it may be trusted.
+    public static func checkedLength(_ length: UInt32) throws -> UInt32 {
+        guard length <= Frame.maxBodyBytes else { throw FrameError.tooLarge(length) }
+        guard length >= Frame.minBodyBytes else { throw FrameError.tooSmall(length) }
+        return length
     }
 
-    /// Single-step, channel-free: the next complete body, nil if more bytes are needed.
+    /// The next complete body in `buffer`, nil if more bytes are needed.
     public static func nextBody(_ buffer: inout ByteBuffer) throws -> ByteBuffer? {
         guard let length: UInt32 = buffer.getInteger(at: buffer.readerIndex) else { return nil }
-        guard length <= Frame.maxBodyBytes else { throw FrameError.tooLarge(length) }
-        guard length >= Frame.headerBytes + Frame.macBytes else { throw FrameError.tooSmall(length) }
+        _ = try checkedLength(length)
         guard buffer.readableBytes >= 4 + Int(length) else { return nil }
         buffer.moveReaderIndex(forwardBy: 4)
         return buffer.readSlice(length: Int(length))

@@ -27,12 +27,12 @@ public struct PeerSessionCallbacks {
     }
 }
 
-/// An authenticated, replay-protected session over TCP (design.md §3 "Frames").
+/// An encrypted, authenticated, replay-protected session over TCP (design.md §3 "Frames").
 ///
-/// Handshake: each side sends a hello frame (sequence 0, MAC with the cluster key) with a
-/// fresh 16-byte nonce. Each direction then uses its own key,
-/// HMAC(clusterKey, "hamgr/1" ‖ sender ‖ senderNonce ‖ receiverNonce), with sequences from 1,
-/// so frames from an earlier session, or echoed back, fail authentication.
+/// Handshake: each side sends a hello frame (sequence 0, HMAC-SHA256 with the cluster key)
+/// with a fresh 16-byte nonce. Each direction then encrypts with its own AES-256-GCM key,
+/// HMAC(clusterKey, "hamgr/2" ‖ sender ‖ senderNonce ‖ receiverNonce), with sequences from 1
+/// as nonces, so frames from an earlier session, or echoed back, fail authentication.
 public final class PeerConnection: @unchecked Sendable, CustomStringConvertible {
     public let channel: Channel
     public let local: PeerHello
@@ -45,6 +45,8 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
     private var sealer: FrameSealer
     private var outbox: [ByteBuffer] = []
     private var outboxDrainScheduled = false
+    /// A flush is queued for the end of this loop turn (event loop only).
+    private var flushQueued = false
     /// When the last frame went out (event loop only): keepalives fill only silences.
     var lastSent = NIODeadline.now()
     /// Set by the owner to tag the connection (e.g. the epoch it was opened for).
@@ -59,35 +61,28 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
 
     /// Seal and write a frame; flush unless the caller batches. Safe from any thread.
     ///
-    /// The frame is sealed (numbered and MAC'd) on the calling thread, so a replication I/O
-    /// thread sending a frame per write takes the HMAC work off the event loop. From another
-    /// thread the sealed frame joins an outbox that one loop task writes with a single flush:
-    /// a burst costs the loop one wake-up and one writev, not one per frame.
-    public func send(kind: UInt8, epoch: Epoch, payload: ByteBuffer, flush: Bool = true) {
+    /// The frame is sealed (numbered and MAC'd) on the calling thread. From another thread
+    /// the sealed frame joins an outbox that one loop task writes with a single flush: a burst
+    /// costs the loop one wake-up and one writev, not one per frame. On the loop, the flush
+    /// waits for the end of the loop turn, so the frames of one turn (a burst of pipelined
+    /// writes, or their acks) share one writev too.
+    public func send(kind: UInt8, epoch: Epoch, payload: ByteBuffer, more: ByteBuffer? = nil, flush: Bool = true) {
         let onLoop = eventLoop.inEventLoop
+        // Encrypted straight into the frame buffer: the cipher's output is the only copy.
+        var out = Self.allocator.buffer(capacity: 4 + Frame.headerBytes + payload.readableBytes + (more?.readableBytes ?? 0) + Frame.tagBytes)
         outboxLock.lock()
-        if payload.readableBytes >= Self.copyLimitBytes {
-            // Big payloads (replicated writes, resync chunks) are not copied into a frame
-            // buffer: header, payload and MAC go out as one writev.
-            var header = Self.allocator.buffer(capacity: 4 + Frame.headerBytes)
-            var trailer = Self.allocator.buffer(capacity: Frame.macBytes)
-            sealer.seal(kind: kind, epoch: epoch, payload: payload, header: &header, trailer: &trailer)
-            outbox += [header, payload, trailer]
-        } else {
-            var out = Self.allocator.buffer(capacity: payload.readableBytes + 4 + Frame.headerBytes + Frame.macBytes)
-            sealer.seal(kind: kind, epoch: epoch, payload: payload, into: &out)
-            outbox.append(out)
-        }
+        sealer.seal(kind: kind, epoch: epoch, payload: payload, more: more, into: &out)
+        outbox.append(out)
         let schedule = !onLoop && !outboxDrainScheduled
         if schedule { outboxDrainScheduled = true }
         outboxLock.unlock()
         if onLoop {
-            drainOutbox(flush: flush)
+            drainOutbox(flush: false)
+            if flush { flushAtEndOfTurn() }
         } else if schedule {
             eventLoop.execute { self.drainOutbox(flush: true) }
         }
     }
-    static let copyLimitBytes = 16 * 1024
     /// Any thread may seal; the channel's own allocator is for its loop.
     private static let allocator = ByteBufferAllocator()
 
@@ -103,6 +98,15 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
         if flush { channel.flush() }
     }
 
+    private func flushAtEndOfTurn() {
+        guard !flushQueued else { return }
+        flushQueued = true
+        eventLoop.execute {
+            self.flushQueued = false
+            self.channel.flush()
+        }
+    }
+
     public func flush() {
         if eventLoop.inEventLoop { channel.flush() } else { eventLoop.execute { self.channel.flush() } }
     }
@@ -110,7 +114,15 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
     /// Bytes queued in the socket's outbound buffer are above the high-water mark.
     public var isWritable: Bool { channel.isWritable }
 
-    public func close() { channel.close(promise: nil) }
+    /// Closes after writing every frame sent before (an unflushed write would fail instead).
+    public func close() {
+        if eventLoop.inEventLoop {
+            channel.flush()
+            channel.close(promise: nil)
+        } else {
+            eventLoop.execute { self.channel.flush(); self.channel.close(promise: nil) }
+        }
+    }
 }
 
 /// Frame kind 0 is the transport's keepalive on every channel; owners never see it.
@@ -196,9 +208,8 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
         Self.writeString(me.node.name, to: &p)
         Self.writeString(me.channel, to: &p)
         p.writeBytes(myNonce)
-        var s = FrameSealer(key: key, firstSequence: 0)
         var out = context.channel.allocator.buffer(capacity: 256)
-        s.seal(kind: 255, epoch: .zero, payload: p, into: &out)
+        Frame.sealHello(payload: p, key: key, into: &out)
         context.writeAndFlush(NIOAny(out), promise: nil)
     }
 
@@ -208,7 +219,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let body = unwrapInboundIn(data)
         if var opener = openSealer, let conn = connection {
-            switch opener.open(body) {
+            switch opener.open(body, allocator: context.channel.allocator) {
             case .success(let frame):
                 openSealer = opener
                 if frame.kind != keepaliveFrameKind { callbacks?.frame(conn, frame) }
@@ -229,8 +240,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
             return fail(context, "malformed hello")
         }
         guard let key = clusterKey ?? keyForCluster(cluster) else { return fail(context, "hello for unknown cluster \(cluster)") }
-        var helloOpener = FrameSealer(key: key, firstSequence: 0)
-        guard case .success(let f) = helloOpener.open(body), f.kind == 255 else {
+        guard case .success = Frame.openHello(body, key: key) else {
             return fail(context, "hello failed authentication (wrong cluster key?)")
         }
         let remote = PeerHello(cluster: cluster, node: NodeID(node), channel: chan)
@@ -257,7 +267,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
 
     static func sessionKey(_ key: SymmetricKey, sender: String, senderNonce: [UInt8], receiverNonce: [UInt8]) -> SymmetricKey {
         var mac = HMAC<SHA256>(key: key)
-        mac.update(data: Array("hamgr/1".utf8))
+        mac.update(data: Array("hamgr/2".utf8))
         mac.update(data: Array(sender.utf8))
         mac.update(data: senderNonce)
         mac.update(data: receiverNonce)
@@ -400,11 +410,91 @@ final class LinkActivityHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 }
 
+/// Splits the byte stream into frame bodies (`FrameBodyDecoder.nextBody` rules) with at most
+/// one copy of any byte: bodies that arrived whole are passed on as slices of the read
+/// buffer; a body still arriving is gathered into one buffer of exactly its size. (NIO's
+/// `ByteToMessageHandler` appends every read to a growing buffer: a 1 MiB replicated write
+/// was copied about twice over on the backup.)
+final class FrameSplitter: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    typealias InboundOut = ByteBuffer
+
+    /// The start of a frame too short to know its length, or a small frame's first bytes.
+    private var head: ByteBuffer?
+    /// A body being gathered, and how many of its bytes are still to come.
+    private var gathering: (body: ByteBuffer, missing: Int)?
+    private var failed = false
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !failed else { return }
+        var input = unwrapInboundIn(data)
+        do {
+            while input.readableBytes > 0, !failed {
+                if var g = gathering {
+                    gathering = nil  // `g` must own the body alone, or the append copies it
+                    let n = min(g.missing, input.readableBytes)
+                    var part = input.readSlice(length: n)!
+                    g.body.writeBuffer(&part)
+                    g.missing -= n
+                    if g.missing > 0 { gathering = g; return }
+                    context.fireChannelRead(wrapInboundOut(g.body))
+                } else if var h = head {
+                    head = nil
+                    // Complete the length prefix, then the body, from the new bytes.
+                    if h.readableBytes < 4 {
+                        var part = input.readSlice(length: min(4 - h.readableBytes, input.readableBytes))!
+                        h.writeBuffer(&part)
+                        if h.readableBytes < 4 { head = h; return }
+                    }
+                    let length = try Self.checkedLength(h.getInteger(at: h.readerIndex)!)
+                    h.moveReaderIndex(forwardBy: 4)
+                    startBody(length: length, have: &h, context)
+                } else if let length = input.getInteger(at: input.readerIndex, as: UInt32.self) {
+                    let body = Int(try Self.checkedLength(length))
+                    guard input.readableBytes >= 4 + body else {
+                        input.moveReaderIndex(forwardBy: 4)
+                        startBody(length: UInt32(body), have: &input, context)
+                        continue
+                    }
+                    input.moveReaderIndex(forwardBy: 4)
+                    context.fireChannelRead(wrapInboundOut(input.readSlice(length: body)!))
+                } else {
+                    // Fewer than 4 bytes: keep them (a copy of at most 3 bytes).
+                    var h = context.channel.allocator.buffer(capacity: 4)
+                    h.writeBuffer(&input)
+                    head = h
+                }
+            }
+        } catch {
+            failed = true
+            context.fireErrorCaught(error)
+        }
+    }
+
+    /// Begins gathering a body of `length` bytes from the ones in `have` (all of them are
+    /// consumed; a complete body is passed on at once).
+    private func startBody(length: UInt32, have: inout ByteBuffer, _ context: ChannelHandlerContext) {
+        let length = Int(length)
+        if have.readableBytes >= length {
+            context.fireChannelRead(wrapInboundOut(have.readSlice(length: length)!))
+            return
+        }
+        var body = context.channel.allocator.buffer(capacity: length)
+        body.writeBuffer(&have)
+        gathering = (body, length - body.readableBytes)
+    }
+
+    private static func checkedLength(_ length: UInt32) throws -> UInt32 { try FrameBodyDecoder.checkedLength(length) }
+}
+
 private func sessionPipeline(_ channel: Channel, _ handler: PeerSessionHandler, userTimeout: TimeAmount) -> EventLoopFuture<Void> {
     configureTCP(channel, userTimeout: userTimeout).flatMap {
         channel.pipeline.eventLoop.makeCompletedFuture {
+            // Reads of up to 1 MiB: a replicated 1 MiB write arrives in a few reads, not 16+.
+            try channel.syncOptions?.setOption(ChannelOptions.recvAllocator,
+                                               value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 * 1024, maximum: 1024 * 1024))
             try channel.pipeline.syncOperations.addHandler(LinkActivityHandler(handler))
-            try channel.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameBodyDecoder()))
+            try channel.pipeline.syncOperations.addHandler(FrameSplitter())
             try channel.pipeline.syncOperations.addHandler(handler)
         }
     }

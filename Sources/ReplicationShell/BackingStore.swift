@@ -18,7 +18,17 @@ public final class BackingStore: @unchecked Sendable {
     public let path: String
     public let sizeBytes: UInt64
     public let isBlockDevice: Bool
+    /// Buffered writes land in the page cache and take microseconds: they may run on the
+    /// caller's thread (an event loop) instead of costing two thread hand-offs. Not with
+    /// O_DIRECT, where every write waits for the device.
+    public let writesInline: Bool
+    private let inlineReads: InlineReads
     private let fd: Int32
+
+    /// How a read may run on the caller's thread: `preadv2(RWF_NOWAIT)`, which fails with
+    /// EAGAIN instead of waiting for the device; plainly, on a memory file system (tmpfs
+    /// refuses RWF_NOWAIT, and its reads never wait for a device); or not at all.
+    private enum InlineReads { case noWait, memory, never }
 
     /// Opens `path`. With `createSize`, a missing regular file is created sparse with that many
     /// bytes and a smaller existing one is extended; without it a missing path is an error.
@@ -49,6 +59,43 @@ public final class BackingStore: @unchecked Sendable {
             self.isBlockDevice = false
         }
         self.fd = fd
+        self.writesInline = !directIO
+        var probe: UInt8 = 0
+        var iov = iovec(iov_base: &probe, iov_len: 1)
+        if directIO {
+            self.inlineReads = .never
+        } else if linuxPreadv2(fd, &iov, 1, 0, Self.RWF_NOWAIT) >= 0 || errno == EAGAIN {
+            self.inlineReads = .noWait
+        } else {
+            self.inlineReads = [0x0102_1994 /* TMPFS_MAGIC */, 0x8584_58f6 /* RAMFS_MAGIC */].contains(fileSystemType(fd)) ? .memory : .never
+        }
+    }
+
+    static let RWF_NOWAIT: Int32 = 0x08
+
+    /// Reads `length` bytes now if that cannot wait for the device (the data is in the page
+    /// cache, or the store is memory); nil if the read must go to an I/O thread.
+    public func readIfCached(offset: UInt64, length: Int, allocator: ByteBufferAllocator) throws -> ByteBuffer? {
+        switch inlineReads {
+        case .never: return nil
+        case .memory: return try read(offset: offset, length: length, allocator: allocator)
+        case .noWait: break
+        }
+        var buf = allocator.buffer(capacity: length)
+        var wouldBlock = false
+        let done = try buf.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { ptr -> Int in
+            var iov = iovec(iov_base: ptr.baseAddress, iov_len: length)
+            while true {
+                let n = linuxPreadv2(fd, &iov, 1, off_t(offset), Self.RWF_NOWAIT)
+                if n >= 0 { return n }
+                if errno == EINTR { continue }
+                if errno == EAGAIN { wouldBlock = true; return 0 }
+                throw StoreError(op: "preadv2", path: path, errno: errno)
+            }
+        }
+        if wouldBlock { return nil }
+        // A short read is EOF (zeroes) or a partly cached range: the I/O thread finishes it.
+        return done == length ? buf : nil
     }
 
     /// True for paths a device node lives at, which hamgr never creates.
@@ -100,6 +147,47 @@ public final class BackingStore: @unchecked Sendable {
         }
     }
 
+    /// Writes the buffers back to back from `offset`, with one pwritev per 64 buffers.
+    public func write(offset: UInt64, buffers: [ByteBuffer]) throws {
+        if buffers.count == 1 { return try write(offset: offset, buffer: buffers[0]) }
+        var at = offset
+        var i = 0
+        while i < buffers.count {
+            let group = buffers[i..<min(i + 64, buffers.count)]
+            at += UInt64(try writev(offset: at, group))
+            i += group.count
+        }
+    }
+
+    /// One pwritev of `group` (finishing a short write piecewise); returns the bytes written.
+    private func writev(offset: UInt64, _ group: ArraySlice<ByteBuffer>) throws -> Int {
+        var vecs: [iovec] = []
+        vecs.reserveCapacity(group.count)
+        var total = 0
+        var keep: [ByteBuffer] = []  // the pointers below stay valid while these are held
+        keep.reserveCapacity(group.count)
+        for b in group {
+            keep.append(b)
+            let n = b.readableBytes
+            guard n > 0 else { continue }
+            b.withUnsafeReadableBytes { vecs.append(iovec(iov_base: UnsafeMutableRawPointer(mutating: $0.baseAddress), iov_len: n)) }
+            total += n
+        }
+        let n = withExtendedLifetime(keep) { pwritev(fd, vecs, Int32(vecs.count), off_t(offset)) }
+        if n == total { return total }
+        if n < 0 && errno != EINTR { throw StoreError(op: "pwritev", path: path, errno: errno) }
+        // Interrupted or short: write the rest one buffer at a time.
+        var done = max(n, 0), at = offset + UInt64(max(n, 0))
+        for b in group {
+            let len = b.readableBytes
+            if done >= len { done -= len; continue }
+            try write(offset: at, buffer: b.getSlice(at: b.readerIndex + done, length: len - done)!)
+            at += UInt64(len - done)
+            done = 0
+        }
+        return total
+    }
+
     public func write(offset: UInt64, array: [UInt8]) throws {
         try array.withUnsafeBytes { try write(offset: offset, bytes: $0) }
     }
@@ -134,6 +222,19 @@ public final class BackingStore: @unchecked Sendable {
         _ = zero.count
     }
 }
+
+/// The file system's magic number (`statfs.f_type`, the struct's first word on Linux), or 0.
+private func fileSystemType(_ fd: Int32) -> Int {
+    var raw = [Int](repeating: 0, count: 32)  // struct statfs is 120 bytes on 64-bit Linux
+    return raw.withUnsafeMutableBytes { linuxFstatfs(fd, $0.baseAddress!) } == 0 ? raw[0] : 0
+}
+
+@_silgen_name("fstatfs")
+private func linuxFstatfs(_ fd: Int32, _ buf: UnsafeMutableRawPointer) -> Int32
+
+/// preadv2(2), likewise (glibc ≥ 2.26).
+@_silgen_name("preadv2")
+private func linuxPreadv2(_ fd: Int32, _ iov: UnsafePointer<iovec>, _ iovcnt: Int32, _ offset: off_t, _ flags: Int32) -> Int
 
 /// fallocate(2) is declared only under _GNU_SOURCE; bind the symbol directly (off_t is 64-bit).
 @_silgen_name("fallocate")

@@ -2,10 +2,14 @@ import HAShell
 import NIOCore
 import NIOPosix
 import Replication
+import Synchronization
 
 /// An unreplicated volume over one local `BackingStore` ("hamgr unreplicated", `hamgr export`).
-/// Every system call runs on a small thread pool, never on an event loop. FUA writes and
-/// flushes end with fdatasync; trim and write-zeroes use the store's hole punching.
+/// Small buffered writes and cached reads run on the connection's event loop (they cost
+/// microseconds and cannot wait for the device); everything that can wait — fdatasync, a
+/// read that misses the page cache, large requests, hole punching — runs on a small thread
+/// pool. FUA writes and flushes end with fdatasync; trim and write-zeroes use the store's
+/// hole punching.
 /// Capabilities are honest: one store and one page cache serve every connection, and a
 /// flush syncs all of it, so CAN_MULTI_CONN holds.
 public final class LocalVolume: BlockVolume, ScatterWriteVolume, @unchecked Sendable {
@@ -13,6 +17,8 @@ public final class LocalVolume: BlockVolume, ScatterWriteVolume, @unchecked Send
     public let capabilities: VolumeCapabilities
     public var sizeBytes: UInt64 { store.sizeBytes }
     private let pool: NIOThreadPool
+    /// Set by `shutdown()`: the loop's own fast paths refuse from then on, as the pool does.
+    private let stopped = Atomic<Bool>(false)
 
     /// - Parameters:
     ///   - ioThreads: threads doing pread/pwrite/fdatasync; a few suffice for a page-cache
@@ -29,36 +35,41 @@ public final class LocalVolume: BlockVolume, ScatterWriteVolume, @unchecked Send
 
     /// Stops the I/O threads after queued work finished; later calls fail with `.shuttingDown`.
     public func shutdown() {
+        stopped.store(true, ordering: .releasing)
         try? pool.syncShutdownGracefully()
     }
 
     public func read(offset: UInt64, length: Int, on loop: EventLoop) -> EventLoopFuture<ByteBuffer> {
         if let e = check(offset: offset, length: length, write: false) { return loop.makeFailedFuture(e) }
         let store = self.store
+        if length < Self.unbatchedBytes, !stopped.load(ordering: .acquiring) {
+            do {
+                if let data = try store.readIfCached(offset: offset, length: length, allocator: Self.allocator) {
+                    return loop.makeSucceededFuture(data)
+                }
+            } catch { return loop.makeFailedFuture(Self.volumeError(error)) }
+        }
         return run(on: loop, bytes: length) { try store.read(offset: offset, length: length) }
     }
 
     public func write(offset: UInt64, data: ByteBuffer, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
-        if let e = check(offset: offset, length: data.readableBytes, write: true) { return loop.makeFailedFuture(e) }
-        let store = self.store
-        return run(on: loop, bytes: data.readableBytes) {
-            try store.write(offset: offset, buffer: data)
-            if fua { try store.sync() }
-        }
+        write(offset: offset, chunks: [data], fua: fua, on: loop)
     }
 
-    /// The write's payload in pieces as it came off the network; written piece by piece, so
-    /// no thread joins them.
+    /// The write's payload in pieces as it came off the network: one pwritev, no join.
+    /// A small write without FUA goes to the page cache on the caller's loop (run to
+    /// completion: at queue depth 1 the two thread hand-offs cost several times the write).
     public func write(offset: UInt64, chunks: [ByteBuffer], fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
-        let total = chunks.reduce(0) { $0 + $1.readableBytes }
+        var total = 0
+        for c in chunks { total += c.readableBytes }
         if let e = check(offset: offset, length: total, write: true) { return loop.makeFailedFuture(e) }
         let store = self.store
+        if !fua, total < Self.unbatchedBytes, store.writesInline, !stopped.load(ordering: .acquiring) {
+            do { try store.write(offset: offset, buffers: chunks) } catch { return loop.makeFailedFuture(Self.volumeError(error)) }
+            return loop.makeSucceededVoidFuture()
+        }
         return run(on: loop, bytes: total) {
-            var at = offset
-            for c in chunks {
-                try store.write(offset: at, buffer: c)
-                at += UInt64(c.readableBytes)
-            }
+            try store.write(offset: offset, buffers: chunks)
             if fua { try store.sync() }
         }
     }
@@ -91,6 +102,13 @@ public final class LocalVolume: BlockVolume, ScatterWriteVolume, @unchecked Send
         return nil
     }
 
+    private static func volumeError(_ error: Error) -> Error {
+        guard let e = error as? StoreError else { return error }
+        return e.errno == ENOSPC || e.errno == EDQUOT || e.errno == EFBIG ? VolumeError.noSpace : VolumeError.io(errno: e.errno)
+    }
+
+    private static let allocator = ByteBufferAllocator()
+
     // MARK: batched submission
 
     /// One queued operation: runs on an I/O thread (or, with `false`, is refused without
@@ -112,11 +130,7 @@ public final class LocalVolume: BlockVolume, ScatterWriteVolume, @unchecked Send
         let job: Job = { active in
             guard active else { return { promise.fail(VolumeError.shuttingDown) } }
             let result: Result<T, Error>
-            do { result = .success(try work()) } catch let e as StoreError {
-                result = .failure(e.errno == ENOSPC || e.errno == EDQUOT || e.errno == EFBIG ? VolumeError.noSpace : VolumeError.io(errno: e.errno))
-            } catch {
-                result = .failure(error)
-            }
+            do { result = .success(try work()) } catch { result = .failure(Self.volumeError(error)) }
             return { promise.completeWith(result) }
         }
         if bytes >= Self.unbatchedBytes {

@@ -10,10 +10,14 @@ import Replication
 ///
 /// This is the shell around `ReplicationCore` (the decisions, pure): it owns the files, the
 /// sessions and the queues, feeds the core events and carries out its actions.
-/// Threads: the core lives on `loop` (one event loop of the group). Disk work runs on `io`,
-/// one serial queue, in the order the core emitted it, and the data-stream frames are handed
-/// to the connection from that queue — so the peer applies writes, resync chunks and verify
-/// hashes in exactly the order this disk saw them. Client reads use a concurrent queue.
+/// Threads: the core lives on `loop` (one event loop of the group). Disk work runs in the
+/// order the core emitted it, and the data-stream frames go to the connection in that same
+/// order — so the peer applies writes, resync chunks and verify hashes in exactly the order
+/// this disk saw them. A batch that cannot wait for the device (small buffered writes and
+/// the frames that carry them: a replicated write on the master, its apply and ack on the
+/// backup) runs to completion on the loop when nothing is queued before it; anything else
+/// (syncs, metadata, resync reads, large writes), and everything behind it, goes to `io`,
+/// one serial queue. Client reads run on the loop when cached, else on a concurrent queue.
 public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Sendable {
     public let config: ReplicatedVolumeConfig
     public var sizeBytes: UInt64 { config.sizeBytes }
@@ -49,7 +53,17 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
     private var ticksWithoutLink = 0
 
     private let toIO = HandOff<(IOBatch, Epoch, [SessionID: PeerConnection])>()  // loop → I/O queue
-    private let fromIO = HandOff<CoreEvent>()  // I/O queue → loop
+    private let fromIO = HandOff<[CoreEvent]>()  // I/O queue → loop: each batch's outcome
+    /// Batches handed to `io` whose outcome the loop has not yet taken in: while any is,
+    /// a new batch queues behind it rather than running on the loop (loop only).
+    private var ioQueued = 0
+    /// Outcomes of batches run on the loop, fed to the core after the action list that
+    /// queued them (as an I/O thread's report would be), in order (loop only).
+    private var inlineOutcomes: [CoreEvent] = []
+    private var feedingInline = false
+    /// Batches at most this large run on the loop: beyond it the copy and the MAC cost more
+    /// than a hand-off, and the I/O thread lets the loop keep serving meanwhile.
+    static let inlineBatchBytes = 128 * 1024
 
     private let statusLock = NSLock()
     private var snapshot = ReplicationStatus()
@@ -344,6 +358,20 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
 
     private func perform(_ actions: [CoreAction]) {
         Replication.perform(actions, on: self)
+        feedInlineOutcomes()
+    }
+
+    /// Feeds the outcomes of batches run on the loop to the core, oldest first. Re-entry
+    /// (a completion callback submitting the next request) appends to the same queue.
+    private func feedInlineOutcomes() {
+        guard !feedingInline else { return }
+        feedingInline = true
+        defer { feedingInline = false }
+        while !inlineOutcomes.isEmpty, !halted {
+            let e = inlineOutcomes.removeFirst()
+            Replication.perform(core.handle(e, now: clock()), on: self)
+        }
+        inlineOutcomes = []
     }
 
     // MARK: ReplicationHost (the volume's loop only)
@@ -351,12 +379,32 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
     public var frameEpoch: Epoch { core.frameEpoch }
 
     public func runIO(_ batch: IOBatch, epoch: Epoch) {
-        queueIO(batch, epoch: epoch, conns: sessions)
+        if ioQueued == 0, runsInline(batch) {
+            inlineOutcomes += execute(batch, epoch: epoch, conns: sessions)
+        } else {
+            ioQueued += 1
+            queueIO(batch, epoch: epoch, conns: sessions)
+        }
+    }
+
+    /// Whether `batch` cannot wait for the device: buffered data writes below
+    /// `inlineBatchBytes` and the frames that go with them, nothing else.
+    private func runsInline(_ batch: IOBatch) -> Bool {
+        guard backing.writesInline else { return false }
+        var bytes = 0
+        for step in batch.steps {
+            switch step {
+            case .writeData(_, let data): bytes += data.readableBytes
+            case .send(_, let m): if case .write(_, _, _, _, let data?) = m { bytes += data.readableBytes }
+            default: return false
+            }
+        }
+        return bytes <= Self.inlineBatchBytes
     }
 
     public func sendControl(_ message: LinkMessage, on session: SessionID, epoch: Epoch) {
         guard let c = sessions[session] else { return }
-        c.send(kind: message.kind.rawValue, epoch: epoch, payload: message.encode(allocator: c.channel.allocator))
+        c.send(message, epoch: epoch)
     }
 
     public func closeSession(_ session: SessionID) { sessions[session]?.close() }
@@ -406,7 +454,9 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
             // sync covers the earlier ones, whose acks wait for it (in order).
             var lastSync = -1
             for (i, w) in burst.enumerated() where w.0.steps.contains(where: { if case .sync = $0 { return true }; return false }) { lastSync = i }
-            for (i, w) in burst.enumerated() { self.execute(w.0, epoch: w.1, conns: w.2, deferSync: i < lastSync && w.0.isResyncChunk) }
+            for (i, w) in burst.enumerated() {
+                self.report(self.execute(w.0, epoch: w.1, conns: w.2, deferSync: i < lastSync && w.0.isResyncChunk))
+            }
         }
     }
 
@@ -414,9 +464,10 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
     /// acks and completions go out once that sync succeeded (io queue only).
     private var syncDeferred: [(batch: IOBatch, epoch: Epoch, conns: [SessionID: PeerConnection])] = []
 
-    /// Runs one batch on the I/O queue; reports its outcome to the core.
-    private func execute(_ b: IOBatch, epoch: Epoch, conns: [SessionID: PeerConnection], deferSync: Bool = false) {
-        guard !dead.value else { return }
+    /// Runs one batch (on the I/O queue, or on the loop when `runsInline`); returns the
+    /// outcome for the core.
+    private func execute(_ b: IOBatch, epoch: Epoch, conns: [SessionID: PeerConnection], deferSync: Bool = false) -> [CoreEvent] {
+        guard !dead.value else { return [] }
         if deferSync {
             // Only the data write; the sync, the ack and the completion wait for a later sync.
             do {
@@ -424,15 +475,16 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
                 syncDeferred.append((b, epoch, conns))
             } catch {
                 let errno = (error as? StoreError)?.errno ?? EIO
-                if let (s, ack) = b.ack { let m = ack.message(status: errno); conns[s]?.send(kind: m.kind.rawValue, epoch: epoch, payload: m.encode()) }
-                report([.ioFailed(b.failure, "\(error)", errno: errno)])
+                if let (s, ack) = b.ack { conns[s]?.send(ack.message(status: errno), epoch: epoch) }
+                return [.ioFailed(b.failure, "\(error)", errno: errno)]
             }
-            return
+            return []
         }
+        var released: [CoreEvent] = []
         var failure: (String, Int32)?
         var extra: [IOCompletion] = []
         func send(_ s: SessionID, _ m: LinkMessage) {
-            conns[s]?.send(kind: m.kind.rawValue, epoch: epoch, payload: m.encode())
+            conns[s]?.send(m, epoch: epoch)
         }
         for step in b.steps {
             do {
@@ -448,7 +500,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
                 case let .writeZeroes(offset, length, dealloc): try backing.writeZeroes(offset: offset, length: length, mayDeallocate: dealloc)
                 case .sync:
                     try backing.sync()
-                    releaseSyncDeferred(status: 0)
+                    released += releaseSyncDeferred(status: 0)
                 case let .sendChunk(s, chunk, offset, length):
                     send(s, .resyncData(chunk: UInt64(chunk), data: try backing.read(offset: offset, length: length)))
                 case let .sendChunkHash(s, chunk, offset, length):
@@ -465,27 +517,26 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
                 break
             }
         }
-        if let (_, errno) = failure { releaseSyncDeferred(status: errno) }
+        if let (_, errno) = failure { released += releaseSyncDeferred(status: errno) }
         if let (s, ack) = b.ack { send(s, ack.message(status: failure?.1 ?? 0)) }
         if let (why, errno) = failure {
-            report([.ioFailed(b.failure, why, errno: errno)])
-        } else {
-            report((b.then.map { [CoreEvent.io($0)] } ?? []) + extra.map { .io($0) })
+            return released + [.ioFailed(b.failure, why, errno: errno)]
         }
+        return released + (b.then.map { [CoreEvent.io($0)] } ?? []) + extra.map { .io($0) }
     }
 
     /// Acks and completes the resync chunks whose sync was merged into the one just done
-    /// (status 0), or fails them with the errno that sync got.
-    private func releaseSyncDeferred(status: Int32) {
-        guard !syncDeferred.isEmpty else { return }
+    /// (status 0), or fails them with the errno that sync got; returns their outcomes.
+    private func releaseSyncDeferred(status: Int32) -> [CoreEvent] {
+        guard !syncDeferred.isEmpty else { return [] }
         let done = syncDeferred
         syncDeferred = []
         var events: [CoreEvent] = []
         for d in done {
-            if let (s, ack) = d.batch.ack { let m = ack.message(status: status); d.conns[s]?.send(kind: m.kind.rawValue, epoch: d.epoch, payload: m.encode()) }
+            if let (s, ack) = d.batch.ack { d.conns[s]?.send(ack.message(status: status), epoch: d.epoch) }
             if status == 0 { events += d.batch.then.map { [CoreEvent.io($0)] } ?? [] } else { events.append(.ioFailed(d.batch.failure, "sync failed", errno: status)) }
         }
-        report(events)
+        return events
     }
 
     /// Rewrites the store's identity label for the header about to be written (io queue).
@@ -497,13 +548,16 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         labelGeneration = h.generations.current
     }
 
-    /// Hands I/O outcomes to the core in the order the I/O queue produced them. One loop task
-    /// drains everything reported meanwhile: under load a burst of completed writes costs the
-    /// loop one wake-up, not one per write.
+    /// Hands one batch's outcome to the core, in the order the I/O queue produced them. One
+    /// loop task drains everything reported meanwhile: under load a burst of completed writes
+    /// costs the loop one wake-up, not one per write.
     private func report(_ events: [CoreEvent]) {
-        guard !events.isEmpty, fromIO.post(events) else { return }
+        guard fromIO.post([events]) else { return }
         loop.execute {
-            for e in self.fromIO.take() { self.run(e, publishing: false) }
+            for batch in self.fromIO.take() {
+                self.ioQueued -= 1
+                for e in batch { self.run(e, publishing: false) }
+            }
             self.publish()
         }
     }
@@ -606,6 +660,14 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
     private func onLoopThrowing(_ f: @escaping () throws -> Void) throws {
         if loop.inEventLoop { return try f() }
         try loop.submit(f).wait()
+    }
+}
+
+extension PeerConnection {
+    /// Sends a link message as one frame; a block it carries is encrypted from where it is.
+    func send(_ m: LinkMessage, epoch: Epoch) {
+        let (head, data) = m.encodeParts()
+        send(kind: m.kind.rawValue, epoch: epoch, payload: head, more: data)
     }
 }
 

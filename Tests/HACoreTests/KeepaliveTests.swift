@@ -46,7 +46,7 @@ final class KeepaliveTests: XCTestCase {
         let channel = try ClientBootstrap(group: group)
             .channelInitializer { ch in
                 ch.eventLoop.makeCompletedFuture {
-                    try ch.pipeline.syncOperations.addHandler(ByteToMessageHandler(FrameBodyDecoder()))
+                    try ch.pipeline.syncOperations.addHandler(FrameSplitter())
                     try ch.pipeline.syncOperations.addHandler(raw)
                 }
             }
@@ -135,9 +135,8 @@ final class RawPeer: ChannelInboundHandler, @unchecked Sendable {
         PeerSessionHandler.writeString(hello.node.name, to: &p)
         PeerSessionHandler.writeString(hello.channel, to: &p)
         p.writeBytes(nonce)
-        var s = FrameSealer(key: key, firstSequence: 0)
         var out = ByteBuffer()
-        s.seal(kind: 255, epoch: .zero, payload: p, into: &out)
+        Frame.sealHello(payload: p, key: key, into: &out)
         context.writeAndFlush(NIOAny(out), promise: nil)
     }
 

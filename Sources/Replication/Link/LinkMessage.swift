@@ -118,6 +118,22 @@ public enum LinkMessage: Hashable, Sendable {
     /// Bytes of framing a data-carrying message adds to its payload (for resync accounting).
     public static let resyncDataOverhead = 8
 
+    /// The encoding as a head and, for messages that carry a block (writes, resync chunks),
+    /// the block itself, untouched: `head + data == encode()`. A sender that can send two
+    /// buffers as one message (the link's frame sealer) avoids copying the block.
+    public func encodeParts(allocator: ByteBufferAllocator = ByteBufferAllocator()) -> (head: ByteBuffer, data: ByteBuffer?) {
+        switch self {
+        case let .write(seq, offset, flags, length, data?):
+            return (LinkMessage.write(seq: seq, offset: offset, flags: flags, length: length, data: nil).encode(allocator: allocator), data)
+        case let .resyncData(chunk, data):
+            var b = allocator.buffer(capacity: 8)
+            b.writeInteger(chunk)
+            return (b, data)
+        default:
+            return (encode(allocator: allocator), nil)
+        }
+    }
+
     public func encode(allocator: ByteBufferAllocator = ByteBufferAllocator()) -> ByteBuffer {
         var b = allocator.buffer(capacity: 64)
         switch self {
