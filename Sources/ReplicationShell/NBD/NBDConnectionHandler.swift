@@ -90,10 +90,22 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
         guard phase != .closed else { return }
+        if var head = pending, head.readableBytes > 0, head.readableBytes < NBDLimits.requestHeaderBytes,
+           phase == .transmission, partialWrite == nil {
+            // A request header split between two reads: complete it from the new bytes (at
+            // most 27 copied) and decode it first. Appending the whole read instead copied
+            // every byte of the next megabyte write (perf: 18 % of a master's CPU at 1 MiB).
+            pending = nil
+            var part = incoming.readSlice(length: min(NBDLimits.requestHeaderBytes - head.readableBytes, incoming.readableBytes))!
+            head.writeBuffer(&part)
+            pending = head
+            process(context)
+            guard phase != .closed, incoming.readableBytes > 0 else { return }
+        }
         if pending == nil || pending!.readableBytes == 0 {
             pending = incoming
         } else {
-            pending!.writeBuffer(&incoming)
+            pending!.writeBuffer(&incoming)  // only while reading is paused, or in the handshake
         }
         process(context)
     }
