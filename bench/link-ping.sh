@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Link ping-pong: the round trip of one authenticated frame between two processes over loopback,
-# through the product's own peer transport (bench/linkping: PeerListener echoing from its frame
-# callback, PeerDialer sending from the event loop, per-session HMAC-SHA256 as on the replication
-# link). Strictly one frame outstanding. It is the floor of what a protocol-C write costs: one
-# round trip on the replication link, before any disk or NBD work.
+# Link ping-pong: the round trip of one frame between two processes over loopback, through the
+# product's own peer transport (bench/linkping: PeerListener echoing from its frame callback,
+# PeerDialer sending from the event loop, per-session AES-256-GCM as on the replication link).
+# Strictly one frame outstanding. It is the floor of what a protocol-C write costs: one round
+# trip on the replication link, before any disk or NBD work. Then `linkping cost`: the CPU of
+# sealing and opening one frame (AES-256-GCM) against HMAC-SHA256 of the same bytes.
 #
 #   bench/link-ping.sh                          # PAYLOADS="0 4096" COUNT=20000 WARMUP=1000
 #   PAYLOADS="0 4096 65536" COUNT=50000 bench/link-ping.sh
@@ -67,4 +68,15 @@ print(f"{'payload B':>10} {'mean µs':>9} {'p50 µs':>9} {'p99 µs':>9} {'min µ
 for line in open(sys.argv[1]):
     r = json.loads(line)
     print(f"{r['payload']:>10} {r['mean_us']:>9.1f} {r['p50_us']:>9.1f} {r['p99_us']:>9.1f} {r['min_us']:>9.1f}")
+PY
+
+echo
+echo "frame protection, one core, in process (linkping cost):"
+"$LINKPING_BIN" cost >"$WORK/cost.jsonl"
+python3 - "$WORK/cost.jsonl" <<'PY'
+import json, sys
+print(f"{'case':<18} {'payload B':>10} {'us/frame':>9} {'GB/s':>7}")
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(f"{r['case']:<18} {r['payload']:>10} {r['us']:>9.2f} {r['GB_per_s']:>7.2f}")
 PY

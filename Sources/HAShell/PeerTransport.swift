@@ -490,9 +490,11 @@ final class FrameSplitter: ChannelInboundHandler {
 private func sessionPipeline(_ channel: Channel, _ handler: PeerSessionHandler, userTimeout: TimeAmount) -> EventLoopFuture<Void> {
     configureTCP(channel, userTimeout: userTimeout).flatMap {
         channel.pipeline.eventLoop.makeCompletedFuture {
-            // Reads of up to 1 MiB: a replicated 1 MiB write arrives in a few reads, not 16+.
+            // Reads grow up to 1 MiB while they fill their buffer (a replicated 1 MiB write then
+            // arrives in a few reads, not 16+) and start at NIO's 2 KiB: an arbitrator's
+            // thousands of sessions carry small frames only.
             try channel.syncOptions?.setOption(ChannelOptions.recvAllocator,
-                                               value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 * 1024, maximum: 1024 * 1024))
+                                               value: AdaptiveRecvByteBufferAllocator(minimum: 64, initial: 2048, maximum: 1024 * 1024))
             try channel.pipeline.syncOperations.addHandler(LinkActivityHandler(handler))
             try channel.pipeline.syncOperations.addHandler(FrameSplitter())
             try channel.pipeline.syncOperations.addHandler(handler)

@@ -1,10 +1,11 @@
-// linkping — round trip of one authenticated frame between two processes, through the product's
-// own peer transport: PeerListener / PeerDialer, hello with nonces, per-direction HMAC-SHA256
-// session keys, PeerConnection.send from the event loop, the frame callback on the receiver.
+// linkping — round trip of one frame between two processes, through the product's own peer
+// transport: PeerListener / PeerDialer, hello with nonces, per-direction AES-256-GCM session
+// keys, PeerConnection.send from the event loop, the frame callback on the receiver.
 // One round trip on the replication link is what every protocol-C write pays at least.
 //
 //   linkping serve  --listen 127.0.0.1:7799 --key-file K
 //   linkping client --connect 127.0.0.1:7799 --key-file K [--count 20000] [--payload 0] [--warmup 1000]
+//   linkping cost                      # CPU of frame protection, in process (see costs())
 //
 // serve echoes every frame at once (same kind, epoch and payload) on the session it came from.
 // client keeps exactly one frame outstanding: WARMUP round trips untimed, then COUNT timed, and
@@ -205,9 +206,52 @@ func client() -> Never {
     exit(0)
 }
 
+/// What protecting one frame costs on this CPU, in this process: sealing and opening a session
+/// frame (`FrameSealer`, AES-256-GCM) against the HMAC-SHA256 of the same bytes (`FrameMAC`,
+/// what frames used before), for 4 KiB and 1 MiB payloads. One JSON line per case.
+func costs() -> Never {
+    let key = SymmetricKey(size: .bits256)
+    for size in [4096, 1 << 20] {
+        let iterations = size == 4096 ? 100_000 : 1_000
+        let payload = ByteBuffer(bytes: (0..<size).map { UInt8(truncatingIfNeeded: $0 &* 131) })
+        func report(_ name: String, _ nanos: UInt64) {
+            let us = Double(nanos) / Double(iterations) / 1000
+            print(String(format: "{\"case\":\"%@\",\"payload\":%d,\"us\":%.2f,\"GB_per_s\":%.2f}", name, size, us, Double(size) / us / 1000))
+        }
+        var tx = FrameSealer(key: key)
+        var frames: [ByteBuffer] = []
+        frames.reserveCapacity(iterations)
+        var t0 = DispatchTime.now().uptimeNanoseconds
+        for _ in 0..<iterations {
+            var out = ByteBuffer()
+            tx.seal(kind: 1, epoch: Epoch(1), payload: payload, into: &out)
+            if frames.count < 64 { frames.append(out) } else { frames[frames.count - 1] = out }
+        }
+        report("aes-256-gcm seal", DispatchTime.now().uptimeNanoseconds - t0)
+        // Open the same frame again and again (a fresh opener per pass: sequences must match).
+        var first = frames[0]
+        guard let body = try? FrameBodyDecoder.nextBody(&first) else { die("cost: no frame") }
+        t0 = DispatchTime.now().uptimeNanoseconds
+        for _ in 0..<iterations {
+            var rx = FrameSealer(key: key)
+            guard case .success(let f) = rx.open(body), f.payload.readableBytes == size else { die("cost: open failed") }
+        }
+        report("aes-256-gcm open", DispatchTime.now().uptimeNanoseconds - t0)
+        let mac = FrameMAC(key: key)
+        var sink: UInt8 = 0
+        t0 = DispatchTime.now().uptimeNanoseconds
+        for _ in 0..<iterations { sink ^= payload.withUnsafeReadableBytes { mac.tag($0) }.withUnsafeBytes { $0[0] } }
+        report("hmac-sha256 tag", DispatchTime.now().uptimeNanoseconds - t0)
+        if sink == 42 { log("") }  // keep the tags observable
+    }
+    exit(0)
+}
+
 switch CommandLine.arguments.dropFirst().first {
 case "serve": serve()
 case "client": client()
+case "cost": costs()
 default: die("usage: linkping serve --listen HOST:PORT --key-file F\n"
-             + "       linkping client --connect HOST:PORT --key-file F [--count N] [--payload BYTES] [--warmup W]", code: 64)
+             + "       linkping client --connect HOST:PORT --key-file F [--count N] [--payload BYTES] [--warmup W]\n"
+             + "       linkping cost", code: 64)
 }
