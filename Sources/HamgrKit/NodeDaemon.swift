@@ -156,7 +156,7 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         let repl = try parseHostPort(me.replicationAddress, key: "node.replication_address")
         let idle = TimeAmount.nanoseconds(config.timeouts.failureTimeout.nanosecondsClamped)
         listener = try PeerListener.bind(
-            host: repl.host, port: repl.port, group: group, childGroup: replicatedVolume.eventLoop, idleTimeout: idle,
+            host: repl.host, port: repl.port, group: group, childGroup: replicatedVolume.eventLoop, idleTimeout: idle, reads: .bulk,
             keyForCluster: { [key, config] in $0 == config.cluster.name ? key : nil },
             refused: { [logger] why in logger.warning("\(why)", metadata: ["event": "link_refused"]) },
             route: { [weak self] hello in self?.route(hello) }).wait()

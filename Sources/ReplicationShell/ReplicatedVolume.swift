@@ -597,7 +597,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         let d = PeerDialer(group: loop, host: config.peerReplicationAddress.host, port: config.peerReplicationAddress.port,
                            local: PeerHello(cluster: config.cluster, node: config.me, channel: ReplicatedVolumeConfig.channel),
                            key: config.clusterKey, idleTimeout: .nanoseconds(config.linkTimeout.nanosecondsClamped),
-                           retryDelay: .nanoseconds(config.redialDelay.nanosecondsClamped), callbacks: inboundSession())
+                           retryDelay: .nanoseconds(config.redialDelay.nanosecondsClamped), reads: .bulk, callbacks: inboundSession())
         dialer = d
         d.start()
     }
