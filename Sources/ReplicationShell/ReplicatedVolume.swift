@@ -64,6 +64,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
     /// Batches at most this large run on the loop: beyond it the copy and the MAC cost more
     /// than a hand-off, and the I/O thread lets the loop keep serving meanwhile.
     static let inlineBatchBytes = 128 * 1024
+    private static let readAllocator = ByteBufferAllocator()
 
     private let statusLock = NSLock()
     private var snapshot = ReplicationStatus()
@@ -289,6 +290,15 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
                 return p.fail(VolumeError.notPrimary(master: nil))
             }
             let epoch = self.core.gate.epoch
+            if length <= Self.inlineBatchBytes {
+                do {
+                    if let data = try self.backing.readIfCached(offset: offset, length: length, allocator: Self.readAllocator) {
+                        // As below: the read counts only if the lease still held after the pread.
+                        guard self.core.gate.allowsAck(at: self.clock()) else { return p.fail(VolumeError.notPrimary(master: nil)) }
+                        return p.succeed(data)
+                    }
+                } catch { return p.fail(Self.volumeError(error)) }
+            }
             self.readQueue.async {
                 do {
                     let data = try self.backing.read(offset: offset, length: length)
