@@ -14,4 +14,13 @@ public protocol BlockVolume: AnyObject, Sendable {
     func flush(on loop: EventLoop) -> EventLoopFuture<Void>
     func trim(offset: UInt64, length: Int, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void>
     func writeZeroes(offset: UInt64, length: Int, fua: Bool, mayDeallocate: Bool, on loop: EventLoop) -> EventLoopFuture<Void>
+    /// Whether replies may go out now. A reply is an acknowledgement only when it reaches
+    /// the client: one decided while the lease held but written after it lapsed (the process
+    /// was paused in between) would be a deposed master answering. Checked right before
+    /// replies are written; false closes the connection with them unsent.
+    func mayAnswer() -> Bool
+}
+
+extension BlockVolume {
+    public func mayAnswer() -> Bool { true }
 }

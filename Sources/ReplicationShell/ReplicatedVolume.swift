@@ -574,9 +574,22 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
 
     private func publish() {
         let s = core.status
+        let until = core.role == .primary && !halted ? core.gate.validUntil : nil
         statusLock.lock()
         snapshot = s
+        answersUntil = until
         statusLock.unlock()
+    }
+
+    /// The write gate's lease end while primary (statusLock): replies go out only before it.
+    private var answersUntil: Instant?
+
+    public func mayAnswer() -> Bool {
+        statusLock.lock()
+        let until = answersUntil
+        statusLock.unlock()
+        guard let until else { return false }
+        return clock() < until
     }
 
     // MARK: sessions

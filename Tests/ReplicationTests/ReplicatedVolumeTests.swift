@@ -74,7 +74,11 @@ final class ReplicatedVolumeTests: XCTestCase {
         let pair = try connectedPair()
         let a = pair.a!
         let loop = pair.group.next()
+        XCTAssertTrue(a.mayAnswer(), "a primary inside its lease answers")
+        XCTAssertFalse(pair.b!.mayAnswer(), "a secondary never answers")
         a.setWriteGate(WriteGate(epoch: Epoch(1), validUntil: MonotonicClock.now() - .seconds(1), peerRequired: true))
+        // Replies decided earlier are not sent either (NBDConnectionHandler checks before writing).
+        XCTAssertFalse(a.mayAnswer(), "no reply leaves after the lease lapsed")
         XCTAssertThrowsError(try a.write(offset: 0, data: ByteBuffer(bytes: [9, 9]), fua: false, on: loop).wait()) {
             XCTAssertEqual($0 as? VolumeError, .notPrimary(master: nil))
         }

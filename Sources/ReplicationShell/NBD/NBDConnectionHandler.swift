@@ -418,6 +418,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         context.eventLoop.execute { [self] in
             flushScheduled = false
             guard let context = self.context else { return }
+            guard volume?.mayAnswer() ?? true else { return refuseToAnswer(context) }
             if let out = outbound {
                 outbound = nil
                 context.write(wrapOutboundOut(out), promise: nil)
@@ -438,8 +439,19 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         process(context)  // requests already buffered
     }
 
+    /// The volume may no longer answer (its lease lapsed since these replies were decided):
+    /// nothing pending is sent, the connection closes, and the client treats the requests
+    /// as failed — never as acknowledged by a deposed master.
+    private func refuseToAnswer(_ context: ChannelHandlerContext) {
+        logger.notice("NBD replies pending after this node's lease lapsed: closing the connection unanswered",
+                      metadata: ["event": "nbd_replies_dropped", "inFlight": "\(inFlightRequests)"])
+        outbound = nil
+        close(context)
+    }
+
     private func closeIfDrained(_ context: ChannelHandlerContext) {
         guard disconnectRequested, inFlightRequests == 0, phase == .transmission else { return }
+        guard volume?.mayAnswer() ?? true else { return refuseToAnswer(context) }
         phase = .closed
         // Flush the last replies first: NBD_CMD_DISC means "finish what is outstanding".
         let last = outbound ?? context.channel.allocator.buffer(capacity: 0)
