@@ -446,11 +446,11 @@ final class FrameSplitter: ChannelInboundHandler {
                         h.writeBuffer(&part)
                         if h.readableBytes < 4 { head = h; return }
                     }
-                    let length = try Self.checkedLength(h.getInteger(at: h.readerIndex)!)
+                    let length = try FrameBodyDecoder.checkedLength(h.getInteger(at: h.readerIndex)!)
                     h.moveReaderIndex(forwardBy: 4)
                     startBody(length: length, have: &h, context)
                 } else if let length = input.getInteger(at: input.readerIndex, as: UInt32.self) {
-                    let body = Int(try Self.checkedLength(length))
+                    let body = Int(try FrameBodyDecoder.checkedLength(length))
                     guard input.readableBytes >= 4 + body else {
                         input.moveReaderIndex(forwardBy: 4)
                         startBody(length: UInt32(body), have: &input, context)
@@ -483,8 +483,6 @@ final class FrameSplitter: ChannelInboundHandler {
         body.writeBuffer(&have)
         gathering = (body, length - body.readableBytes)
     }
-
-    private static func checkedLength(_ length: UInt32) throws -> UInt32 { try FrameBodyDecoder.checkedLength(length) }
 }
 
 /// How a session reads. `bulk`: the replication link, which carries blocks — reads start at
