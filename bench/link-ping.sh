@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Link ping-pong: the round trip of one frame between two processes over loopback, through the
-# product's own peer transport (bench/linkping: PeerListener echoing from its frame callback,
+# product's own peer transport (bench/arbload, product linkping: PeerListener echoing from its frame callback,
 # PeerDialer sending from the event loop, per-session AES-256-GCM as on the replication link).
 # Strictly one frame outstanding. It is the floor of what a protocol-C write costs: one round
 # trip on the replication link, before any disk or NBD work. Then `linkping cost`: the CPU of
@@ -20,8 +20,8 @@ COUNT=${COUNT:-20000}
 WARMUP=${WARMUP:-1000}
 command -v python3 >/dev/null || { echo "link-ping.sh: python3 missing" >&2; exit 2; }
 if [ -z "${LINKPING_BIN:-}" ]; then
-    swift build -c release --package-path "$HERE/linkping" >&2
-    LINKPING_BIN=$HERE/linkping/.build/release/linkping
+    swift build -c release --package-path "$HERE/arbload" --product linkping >&2
+    LINKPING_BIN=$HERE/arbload/.build/release/linkping
 fi
 [ -x "$LINKPING_BIN" ] || { echo "link-ping.sh: no linkping at $LINKPING_BIN" >&2; exit 2; }
 
