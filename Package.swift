@@ -14,6 +14,7 @@ let nioCore = Target.Dependency.product(name: "NIOCore", package: "swift-nio")
 let nioPosix = Target.Dependency.product(name: "NIOPosix", package: "swift-nio")
 let nioLocks = Target.Dependency.product(name: "NIOConcurrencyHelpers", package: "swift-nio")
 let crypto = Target.Dependency.product(name: "Crypto", package: "swift-crypto")
+let nioSSL = Target.Dependency.product(name: "NIOSSL", package: "swift-nio-ssl")
 let logging = Target.Dependency.product(name: "Logging", package: "swift-log")
 let argumentParser = Target.Dependency.product(name: "ArgumentParser", package: "swift-argument-parser")
 let pure: [SwiftSetting] = [.swiftLanguageMode(.v6)]
@@ -37,6 +38,7 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
         .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
     ],
     targets: [
@@ -48,11 +50,11 @@ let package = Package(
         // Shells: I/O.
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
         .target(name: "HAShell", dependencies: [
-            "HACore", "CSystemd", nioCore, nioPosix, nioLocks, logging, crypto,
+            "HACore", "CSystemd", nioCore, nioPosix, nioLocks, logging, crypto, nioSSL,
             .product(name: "TOMLKit", package: "TOMLKit"),
         ]),
         .target(name: "ReplicationShell", dependencies: [
-            "Replication", "HAShell", nioCore, nioPosix, nioLocks, logging, crypto,
+            "Replication", "HAShell", nioCore, nioPosix, nioLocks, logging, crypto, nioSSL,
         ]),
         // The one runtime of a node (quorum core + replicated volume + policies), shared by
         // the daemon and the whole-node simulator. Pure: it reaches the world only through
@@ -64,12 +66,12 @@ let package = Package(
         .executableTarget(name: "hamgr-sim", dependencies: ["Simulation"], swiftSettings: pure),
         .target(name: "HamgrKit", dependencies: [
             "HAShell", "Quorum", "Replication", "ReplicationShell", "NodeRuntime", "CSystemd",
-            nioCore, nioPosix, nioLocks, logging, crypto, argumentParser,
+            nioCore, nioPosix, nioLocks, logging, crypto, nioSSL, argumentParser,
             .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
         .executableTarget(name: "hamgr", dependencies: ["HamgrKit"]),
         .executableTarget(name: "hactl", dependencies: [
-            "HAShell", "Replication", "ReplicationShell", crypto, argumentParser,
+            "HAShell", "Replication", "ReplicationShell", crypto, nioSSL, argumentParser,
         ]),
 
         .testTarget(name: "HACoreTests", dependencies: ["HACore", "HAShell", nioCore, nioPosix, nioLocks, crypto,

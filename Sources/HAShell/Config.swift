@@ -1,5 +1,6 @@
 @preconcurrency import Crypto
 import Foundation
+import NIOSSL
 import TOMLKit
 
 /// One cluster's configuration: the TOML file of design.md §5, the same on every host.
@@ -11,18 +12,20 @@ import TOMLKit
 public struct ClusterConfig: Sendable, Equatable {
     public struct Cluster: Sendable, Equatable {
         public var name: String
-        /// Absolute path of the cluster key (≥ 32 bytes, mode 0600).
+        /// Absolute path of the cluster key (≥ 32 bytes, mode 0600): links are opened with it.
         public var keyFile: String
+        /// Keys also accepted from peers (a key rollover: docs/operator-guide.md, "Security").
+        public var acceptKeyFiles: [String]
         /// Absolute path of the admin bearer token (mode 0600); nil refuses all admin actions.
         public var adminTokenFile: String?
         public var replicationProtocol: ReplicationProtocol
         public var splitBrain: SplitBrainPolicy
         public var afterSplitBrain: AfterSplitBrain
 
-        public init(name: String, keyFile: String, adminTokenFile: String? = nil,
+        public init(name: String, keyFile: String, acceptKeyFiles: [String] = [], adminTokenFile: String? = nil,
                     replicationProtocol: ReplicationProtocol = .c, splitBrain: SplitBrainPolicy = .prohibit,
                     afterSplitBrain: AfterSplitBrain = .disconnect) {
-            self.name = name; self.keyFile = keyFile; self.adminTokenFile = adminTokenFile
+            self.name = name; self.keyFile = keyFile; self.acceptKeyFiles = acceptKeyFiles; self.adminTokenFile = adminTokenFile
             self.replicationProtocol = replicationProtocol; self.splitBrain = splitBrain
             self.afterSplitBrain = afterSplitBrain
         }
@@ -62,9 +65,6 @@ public struct ClusterConfig: Sendable, Equatable {
         /// A missing backing *file* may be created (sparse). Off by default: a path that does
         /// not exist is an error naming it, and nothing under /dev is ever created.
         public var create: Bool
-
-        /// `http://` + `status_address`: what `/status` reports as the peer's `status_url`.
-        public var statusURL: String { "http://\(statusAddress)" }
 
         public init(name: NodeID, replicationAddress: String, serviceAddress: String, statusAddress: String,
                     backing: String, metadata: String, exportName: String, create: Bool = false) {
@@ -165,14 +165,24 @@ public struct ClusterConfig: Sendable, Equatable {
     /// Started in this order on promotion, stopped in reverse on demotion.
     public var resources: [Resource]
     public var hooks: Hooks
+    /// Certificates (nil: no TLS anywhere).
+    public var tls: TLSSettings?
+    public var export: ExportSettings
+    public var status: StatusSettings
     /// The file this was loaded from (nil when built in code).
     public var sourcePath: String?
 
     public init(cluster: Cluster, timeouts: LeaseTimings = .defaults, volume: Volume, nodes: [Node],
-                arbitrator: Arbitrator, resources: [Resource] = [], hooks: Hooks = Hooks(), sourcePath: String? = nil) {
+                arbitrator: Arbitrator, resources: [Resource] = [], hooks: Hooks = Hooks(),
+                tls: TLSSettings? = nil, export: ExportSettings = ExportSettings(), status: StatusSettings = StatusSettings(),
+                sourcePath: String? = nil) {
         self.cluster = cluster; self.timeouts = timeouts; self.volume = volume; self.nodes = nodes
-        self.arbitrator = arbitrator; self.resources = resources; self.hooks = hooks; self.sourcePath = sourcePath
+        self.arbitrator = arbitrator; self.resources = resources; self.hooks = hooks
+        self.tls = tls; self.export = export; self.status = status; self.sourcePath = sourcePath
     }
+
+    /// The URL of a status listener at `address` (`https://` when `status.tls` is on).
+    public func statusURL(_ address: String) -> String { "\(status.tls ? "https" : "http")://\(address)" }
 
     // MARK: Lookup
 
@@ -195,7 +205,35 @@ public struct ClusterConfig: Sendable, Equatable {
 
     /// The cluster key (checked: exists, ≥ 32 bytes, mode 0600).
     public func loadClusterKey() throws -> SymmetricKey {
-        try SymmetricKey.load(clusterKeyFile: cluster.keyFile)
+        try SymmetricKey.load(clusterKeyFile: cluster.keyFile, key: "cluster.key_file")
+    }
+
+    /// The keys a peer may open a session with: `key_file` first (the one this host
+    /// dials with), then `accept_key_files`.
+    public func loadClusterKeys() throws -> [SymmetricKey] {
+        var keys = [try loadClusterKey()]
+        for (i, path) in cluster.acceptKeyFiles.enumerated() {
+            keys.append(try SymmetricKey.load(clusterKeyFile: path, key: "cluster.accept_key_files[\(i)]"))
+        }
+        return keys
+    }
+
+    /// The read-only bearer token, or nil when `status.read_token_file` is not set.
+    public func loadReadToken() throws -> String? {
+        guard let path = status.readTokenFile else { return nil }
+        return try Self.readSecretFile(path, key: "status.read_token_file")
+    }
+
+    /// Host `host`'s TLS identity (a node's name, or `arbitrator`), or nil without `[tls]`.
+    public func loadTLSIdentity(host: String) throws -> TLSIdentity? {
+        guard let tls else { return nil }
+        return try TLSFiles.identity(tls, host: host)
+    }
+
+    /// The CA NBD clients' certificates must chain to, or nil when not required.
+    public func loadExportClientCA() throws -> [NIOSSLCertificate]? {
+        guard let path = export.clientCAFile else { return nil }
+        return try TLSFiles.certificates(path, key: "export.client_ca_file")
     }
 
     /// The admin bearer token, or nil when `cluster.admin_token_file` is not set.
@@ -253,14 +291,14 @@ public struct ClusterConfig: Sendable, Equatable {
             throw ConfigError(key: "config", message: "TOML syntax error at line \(e.source.begin.line), column \(e.source.begin.column): \(e.description)")
         }
         let top = TableReader(root, path: "")
-        try top.allow(["cluster", "timeouts", "volume", "node", "arbitrator", "resource", "hooks"])
+        try top.allow(["cluster", "timeouts", "volume", "node", "arbitrator", "resource", "hooks", "tls", "export", "status"])
         let resolve = { (p: String) -> String in
             p.hasPrefix("/") ? p : URL(fileURLWithPath: dir).appendingPathComponent(p).standardizedFileURL.path
         }
 
         // [cluster]
         let c = try top.requiredTable("cluster")
-        try c.allow(["name", "key_file", "admin_token_file", "protocol", "split_brain", "after_split_brain"])
+        try c.allow(["name", "key_file", "accept_key_files", "admin_token_file", "protocol", "split_brain", "after_split_brain"])
         let name = try c.requiredString("name")
         guard !name.isEmpty, name.allSatisfy({ $0.isASCII && ($0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" || $0 == ".") }) else {
             throw ConfigError(key: "cluster.name", message: "'\(name)' must be non-empty and use only letters, digits, '-', '_' and '.'")
@@ -268,6 +306,7 @@ public struct ClusterConfig: Sendable, Equatable {
         let cluster = Cluster(
             name: name,
             keyFile: resolve(try c.requiredString("key_file")),
+            acceptKeyFiles: (try c.stringArray("accept_key_files") ?? []).map(resolve),
             adminTokenFile: try c.string("admin_token_file").map(resolve),
             replicationProtocol: try c.enumValue("protocol", default: .c),
             splitBrain: try c.enumValue("split_brain", default: .prohibit),
@@ -354,8 +393,41 @@ public struct ClusterConfig: Sendable, Equatable {
             if let ms = try h.positiveInt("timeout_ms") { hooks.timeout = .milliseconds(ms) }
         }
 
+        // [tls]
+        var tls: TLSSettings?
+        if let t = try top.table("tls") {
+            try t.allow(["ca_file", "cert_file", "key_file"])
+            tls = TLSSettings(caFile: resolve(try t.requiredString("ca_file")),
+                              certFile: resolve(try t.requiredString("cert_file")),
+                              keyFile: resolve(try t.requiredString("key_file")))
+        }
+
+        // [export]: TLS required by default once certificates are configured.
+        var export = ExportSettings(tls: tls == nil ? .off : .require)
+        if let e = try top.table("export") {
+            try e.allow(["tls", "client_ca_file", "allow", "unix_socket"])
+            export.tls = try e.enumValue("tls", default: export.tls)
+            export.clientCAFile = try e.string("client_ca_file").map(resolve)
+            for (i, text) in (try e.stringArray("allow") ?? []).enumerated() {
+                guard let net = ClientNetwork(text) else {
+                    throw ConfigError(key: "export.allow[\(i)]", message: "'\(text)' is not an address or a network (e.g. 10.1.0.0/16, 2001:db8::/32, 192.0.2.7)")
+                }
+                export.allow.append(net)
+            }
+            export.unixSocket = try e.string("unix_socket").map(resolve)
+        }
+
+        // [status]: HTTPS by default once certificates are configured.
+        var status = StatusSettings(tls: tls != nil)
+        if let st = try top.table("status") {
+            try st.allow(["tls", "read_token_file"])
+            status.tls = try st.bool("tls") ?? status.tls
+            status.readTokenFile = try st.string("read_token_file").map(resolve)
+        }
+
         return ClusterConfig(cluster: cluster, timeouts: timeouts, volume: volume, nodes: nodes,
-                             arbitrator: arbitrator, resources: resources, hooks: hooks)
+                             arbitrator: arbitrator, resources: resources, hooks: hooks,
+                             tls: tls, export: export, status: status)
     }
 
     // MARK: Validation
@@ -441,12 +513,28 @@ public struct ClusterConfig: Sendable, Equatable {
             }
         }
 
-        _ = try loadClusterKey()
-        _ = try loadAdminToken()
+        // TLS modes need certificates; a client CA only means something with TLS.
+        if tls == nil {
+            if export.tls != .off {
+                throw ConfigError(key: "export.tls", message: "\"\(export.tls.rawValue)\" needs a [tls] section (ca_file, cert_file, key_file); hamgr certs makes them")
+            }
+            if status.tls {
+                throw ConfigError(key: "status.tls", message: "needs a [tls] section (ca_file, cert_file, key_file); hamgr certs makes them")
+            }
+        }
+        if export.clientCAFile != nil && export.tls == .off {
+            throw ConfigError(key: "export.client_ca_file", message: "client certificates need export.tls = \"allow\" or \"require\"")
+        }
+        if let sock = export.unixSocket, !sock.hasPrefix("/") || sock.utf8.count > 107 {
+            throw ConfigError(key: "export.unix_socket", message: "\(sock): must be an absolute path of at most 107 bytes")
+        }
+        _ = try loadClusterKeys()
     }
 
-    /// Checks only a data node needs (its hooks and exec: resources are executable).
+    /// Checks only a data node needs: its admin and read tokens, its TLS identity, its
+    /// backing store, and that its hooks and exec: resources are executable.
     public func validateNodeHost(_ name: String) throws {
+        try validateNodeCredentials(name)
         try validateBacking(name)
         for (key, path) in [("hooks.on_promote", hooks.onPromote), ("hooks.on_demote", hooks.onDemote)] {
             if let path, access(path, X_OK) != 0 {
@@ -457,6 +545,23 @@ public struct ClusterConfig: Sendable, Equatable {
             if case .exec(let path) = r.agent, access(path, X_OK) != 0 {
                 throw ConfigError(key: "resource[\(i)].agent", message: "\(path) is not an executable file")
             }
+        }
+    }
+
+    /// The secrets and certificates node `name` serves with: admin and read tokens, its TLS
+    /// identity (when the export or the status listener uses TLS), the export's client CA.
+    public func validateNodeCredentials(_ name: String) throws {
+        _ = try node(named: name)
+        _ = try loadAdminToken()
+        _ = try loadReadToken()
+        if export.tls != .off || status.tls { _ = try loadTLSIdentity(host: name) }
+        _ = try loadExportClientCA()
+    }
+
+    /// Checks only the arbitrator host needs: its TLS identity when it serves status over HTTPS.
+    public func validateArbitratorHost() throws {
+        if status.tls && arbitrator.statusAddress != nil {
+            _ = try loadTLSIdentity(host: Self.reservedArbitratorName)
         }
     }
 
@@ -506,6 +611,19 @@ private final class TableReader {
         guard let v = value(k) else { return nil }
         guard let b = v.bool else { throw typeError(k, "true or false", v) }
         return b
+    }
+
+    func stringArray(_ k: String) throws -> [String]? {
+        guard let v = value(k) else { return nil }
+        guard let a = v.array else { throw typeError(k, "an array of strings", v) }
+        var out: [String] = []
+        for (i, e) in a.enumerated() {
+            guard let s = e.string else {
+                throw ConfigError(key: "\(key(k))[\(i)]", message: "expected a string, found \(e.type)")
+            }
+            out.append(s)
+        }
+        return out
     }
 
     func requiredString(_ k: String) throws -> String {

@@ -29,7 +29,8 @@ public struct PeerSessionCallbacks {
 
 /// An encrypted, authenticated, replay-protected session over TCP (design.md §3 "Frames").
 ///
-/// Handshake: each side sends a hello frame (sequence 0, HMAC-SHA256 with the cluster key)
+/// Handshake: each side sends a hello frame (sequence 0, HMAC-SHA256 with the cluster key;
+/// a listener accepts any of the cluster's keys and answers under the one used)
 /// with a fresh 16-byte nonce. Each direction then encrypts with its own AES-256-GCM key,
 /// HMAC(clusterKey, "hamgr/2" ‖ sender ‖ senderNonce ‖ receiverNonce), with sequences from 1
 /// as nonces, so frames from an earlier session, or echoed back, fail authentication.
@@ -51,9 +52,12 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
     var lastSent = NIODeadline.now()
     /// Set by the owner to tag the connection (e.g. the epoch it was opened for).
     public var userInfo: Any?
+    /// Which of the cluster's keys opened the session: 0 is `key_file`, i > 0 is
+    /// `accept_key_files[i - 1]` (a peer not yet moved to the new key in a rollover).
+    public let keyIndex: Int
 
-    init(channel: Channel, local: PeerHello, remote: PeerHello, sendKey: SymmetricKey) {
-        self.channel = channel; self.local = local; self.remote = remote
+    init(channel: Channel, local: PeerHello, remote: PeerHello, sendKey: SymmetricKey, keyIndex: Int = 0) {
+        self.channel = channel; self.local = local; self.remote = remote; self.keyIndex = keyIndex
         self.sealer = FrameSealer(key: sendKey)
     }
 
@@ -135,7 +139,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     enum Side { case dialer, listener }
     private let side: Side
     private let local: PeerHello?  // nil on a listener until the route names it
-    private let keyForCluster: (String) -> SymmetricKey?
+    private let keysForCluster: (String) -> [SymmetricKey]
     private let route: (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?
     private let idleTimeout: TimeAmount
     private let refused: ((String) -> Void)?
@@ -150,10 +154,10 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     private var closeReason = "connection closed by peer"
     static let handshakeTimeout = TimeAmount.seconds(5)
 
-    init(side: Side, local: PeerHello?, keyForCluster: @escaping (String) -> SymmetricKey?,
+    init(side: Side, local: PeerHello?, keysForCluster: @escaping (String) -> [SymmetricKey],
          route: @escaping (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?,
          idleTimeout: TimeAmount, dialerCallbacks: PeerSessionCallbacks? = nil, refused: ((String) -> Void)? = nil) {
-        self.side = side; self.local = local; self.keyForCluster = keyForCluster
+        self.side = side; self.local = local; self.keysForCluster = keysForCluster
         self.route = route; self.idleTimeout = idleTimeout
         self.callbacks = dialerCallbacks
         self.refused = refused
@@ -163,7 +167,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
 
     func channelActive(context: ChannelHandlerContext) {
         if side == .dialer, let local {
-            guard let key = keyForCluster(local.cluster) else { return fail(context, "no key for cluster \(local.cluster)") }
+            guard let key = keysForCluster(local.cluster).first else { return fail(context, "no key for cluster \(local.cluster)") }
             clusterKey = key
             sendHello(context, local, key: key)
         }
@@ -239,10 +243,14 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
               let chan = Self.readString(&peek), let nonce = peek.readBytes(length: 16) else {
             return fail(context, "malformed hello")
         }
-        guard let key = clusterKey ?? keyForCluster(cluster) else { return fail(context, "hello for unknown cluster \(cluster)") }
-        guard case .success = Frame.openHello(body, key: key) else {
+        // A dialer knows its key; a listener accepts any of the cluster's keys (a rollover
+        // has two) and answers under the one the dialer used.
+        let candidates = clusterKey.map { [$0] } ?? keysForCluster(cluster)
+        guard !candidates.isEmpty else { return fail(context, "hello for unknown cluster \(cluster)") }
+        guard let keyIndex = candidates.firstIndex(where: { if case .success = Frame.openHello(body, key: $0) { return true }; return false }) else {
             return fail(context, "hello failed authentication (wrong cluster key?)")
         }
+        let key = candidates[keyIndex]
         let remote = PeerHello(cluster: cluster, node: NodeID(node), channel: chan)
         let me: PeerHello
         switch side {
@@ -260,7 +268,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
         let sendKey = Self.sessionKey(key, sender: me.node.name, senderNonce: myNonce, receiverNonce: nonce)
         let recvKey = Self.sessionKey(key, sender: remote.node.name, senderNonce: nonce, receiverNonce: myNonce)
         openSealer = FrameSealer(key: recvKey)
-        let conn = PeerConnection(channel: context.channel, local: me, remote: remote, sendKey: sendKey)
+        let conn = PeerConnection(channel: context.channel, local: me, remote: remote, sendKey: sendKey, keyIndex: keyIndex)
         connection = conn
         callbacks?.established(conn)
     }
@@ -517,13 +525,13 @@ public final class PeerListener: @unchecked Sendable {
     /// - Parameter childGroup: where accepted sessions live (default: `group`).
     public static func bind(host: String, port: Int, group: EventLoopGroup, childGroup: EventLoopGroup? = nil, idleTimeout: TimeAmount,
                             reads: PeerReads = .small,
-                            keyForCluster: @escaping (String) -> SymmetricKey?,
+                            keysForCluster: @escaping (String) -> [SymmetricKey],
                             refused: ((String) -> Void)? = nil,
                             route: @escaping (PeerHello) -> (local: PeerHello, callbacks: PeerSessionCallbacks)?) -> EventLoopFuture<PeerListener> {
         ServerBootstrap(group: group, childGroup: childGroup ?? group)
             .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
             .childChannelInitializer { ch in
-                let h = PeerSessionHandler(side: .listener, local: nil, keyForCluster: keyForCluster, route: route,
+                let h = PeerSessionHandler(side: .listener, local: nil, keysForCluster: keysForCluster, route: route,
                                            idleTimeout: idleTimeout, refused: refused)
                 return sessionPipeline(ch, h, userTimeout: idleTimeout, reads: reads)
             }
@@ -581,7 +589,7 @@ public final class PeerDialer: @unchecked Sendable {
                 self?.callbacks.closed(c, why)
                 self?.scheduleReconnect()
             })
-        let h = PeerSessionHandler(side: .dialer, local: local, keyForCluster: { [key] _ in key },
+        let h = PeerSessionHandler(side: .dialer, local: local, keysForCluster: { [key] _ in [key] },
                                    route: { [local] _ in (local, wrapped) }, idleTimeout: idleTimeout, dialerCallbacks: wrapped)
         var bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(idleTimeout)

@@ -14,7 +14,8 @@ import Quorum
 final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
     struct ClusterEntry {
         let config: ClusterConfig
-        let key: SymmetricKey
+        /// `key_file` first, then `accept_key_files` (the arbitrator only listens).
+        let keys: [SymmetricKey]
         var connections: [NodeID: PeerConnection] = [:]
     }
 
@@ -44,7 +45,7 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
             guard clusters[c.cluster.name] == nil else {
                 throw ConfigError(key: "cluster.name", message: "cluster \(c.cluster.name) is configured twice")
             }
-            clusters[c.cluster.name] = ClusterEntry(config: c, key: try c.loadClusterKey())
+            clusters[c.cluster.name] = ClusterEntry(config: c, keys: try c.loadClusterKeys())
             try FileManager.default.createDirectory(atPath: c.arbitrator.stateDir, withIntermediateDirectories: true,
                                                     attributes: [.posixPermissions: 0o700])
             let path = Self.statePath(c)
@@ -100,7 +101,7 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
             let idle = TimeAmount.nanoseconds(entry.config.timeouts.failureTimeout.nanosecondsClamped)
             listeners.append(try PeerListener.bind(
                 host: hp.host, port: hp.port, group: group, idleTimeout: idle,
-                keyForCluster: { [clusters] name in clusters[name]?.key },
+                keysForCluster: { [clusters] name in clusters[name]?.keys ?? [] },
                 refused: { [logger] why in logger.warning("\(why)", metadata: ["event": "link_refused"]) },
                 route: { [weak self] hello in self?.route(hello) }).wait())
         }

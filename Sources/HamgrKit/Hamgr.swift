@@ -6,5 +6,5 @@ public struct Hamgr: ParsableCommand {
     public static let configuration = CommandConfiguration(
         commandName: "hamgr",
         abstract: "High-availability cluster manager for replicated block storage.",
-        subcommands: [RunCommand.self, ArbitratorCommand.self, CheckCommand.self, ExportCommand.self])
+        subcommands: [RunCommand.self, ArbitratorCommand.self, CheckCommand.self, ExportCommand.self, CertsCommand.self])
 }

@@ -29,7 +29,9 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
     private let snapshotLock = NIOLock()
     private var coreSnapshot: NodeQuorumStatus
     var logger: Logger
-    private let key: SymmetricKey
+    /// `key_file` (dialled with) first, then `accept_key_files` (also accepted).
+    private let keys: [SymmetricKey]
+    private var key: SymmetricKey { keys[0] }
     private let statePath: String
     /// The runtime (control queue only). Set at the end of `init` (it needs `self` as host).
     private var runtime: NodeRuntime<NodeDaemon>!
@@ -79,7 +81,7 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         logger[metadataKey: "cluster"] = .string(config.cluster.name)
         logger[metadataKey: "node"] = .string(node)
         self.logger = logger
-        self.key = try config.loadClusterKey()
+        self.keys = try config.loadClusterKeys()
         self.statePath = me.metadata + ".quorum"
 
         let persisted: NodePersistentState
@@ -96,7 +98,7 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
                 backingPath: me.backing, metadataPath: me.metadata,
                 sizeBytes: config.volume.sizeBytes, chunkBytes: Int(config.volume.chunkSizeBytes),
                 replicationProtocol: config.cluster.replicationProtocol,
-                peerReplicationAddress: peerRepl, clusterKey: key,
+                peerReplicationAddress: peerRepl, clusterKey: keys[0],
                 linkTimeout: config.timeouts.failureTimeout,
                 resyncRateBytesPerSecond: Int(config.volume.resyncRateBytesPerSecond),
                 createBacking: me.create),
@@ -157,7 +159,7 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         let idle = TimeAmount.nanoseconds(config.timeouts.failureTimeout.nanosecondsClamped)
         listener = try PeerListener.bind(
             host: repl.host, port: repl.port, group: group, childGroup: replicatedVolume.eventLoop, idleTimeout: idle, reads: .bulk,
-            keyForCluster: { [key, config] in $0 == config.cluster.name ? key : nil },
+            keysForCluster: { [keys, config] in $0 == config.cluster.name ? keys : [] },
             refused: { [logger] why in logger.warning("\(why)", metadata: ["event": "link_refused"]) },
             route: { [weak self] hello in self?.route(hello) }).wait()
         replicatedVolume.start()

@@ -40,7 +40,7 @@ extension NodeDaemon {
         return StatusDocument(
             cluster: config.cluster.name, node: me.name.name, role: q.role, epoch: q.epoch.value, master: masterDoc,
             diskState: q.disk,
-            peer: StatusDocument.Peer(node: peer.name.name, statusURL: "http://\(peer.statusAddress)/status",
+            peer: StatusDocument.Peer(node: peer.name.name, statusURL: config.statusURL(peer.statusAddress) + "/status",
                                       reachable: q.peerReachable, replication: v.peerState, diskState: v.peerDiskState),
             arbitrator: StatusDocument.Arbitrator(reachable: q.arbitratorReachable ?? arbitratorLinkUp, refused: q.arbitratorRefused),
             quorum: q.hasQuorum, leaseValidMs: leaseMs, outOfSyncBytes: v.outOfSyncBytes, resync: resync,

@@ -26,6 +26,7 @@ struct RunCommand: ParsableCommand {
         do {
             // A store that is missing or not this node's stops the start with one line naming
             // the key and the path (nothing is created, nothing is touched).
+            try cfg.validateNodeCredentials(node)
             try cfg.validateBacking(node)
             daemon = try NodeDaemon(config: cfg, node: node, group: group, logger: Logger(label: "hamgr.node"))
         } catch let e as ConfigError {
@@ -64,6 +65,7 @@ struct ArbitratorCommand: ParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops)
         let daemon: ArbitratorDaemon
         do {
+            for c in configs { try c.validateArbitratorHost() }
             daemon = try ArbitratorDaemon(configs: configs, group: group, logger: Logger(label: "hamgr.arbitrator"), initialize: `init`)
         } catch let e as ConfigError {
             FileHandle.standardError.write(Data("hamgr arbitrator: \(e)\n".utf8))

@@ -237,7 +237,7 @@ final class FrameTests: XCTestCase {
         let listenerHello = PeerHello(cluster: "t", node: "b", channel: "test")
         let listener = try PeerListener.bind(
             host: "127.0.0.1", port: 0, group: group, idleTimeout: .seconds(2),
-            keyForCluster: { $0 == "t" ? self.key : nil },
+            keysForCluster: { $0 == "t" ? [self.key] : [] },
             refused: { why in closed.withLockedValue { $0.append(why) } },
             route: { remote in
                 guard remote.channel == "test" else { return nil }

@@ -34,7 +34,7 @@ final class KeepaliveTests: XCTestCase {
         let closed = NIOLockedValueBox<[String]>([])
         let listener = try PeerListener.bind(
             host: "127.0.0.1", port: 0, group: group, idleTimeout: idle,
-            keyForCluster: { $0 == "t" ? self.key : nil },
+            keysForCluster: { $0 == "t" ? [self.key] : [] },
             route: { _ in
                 (PeerHello(cluster: "t", node: "b", channel: "test"), PeerSessionCallbacks(
                     established: { _ in },
@@ -84,7 +84,7 @@ final class KeepaliveTests: XCTestCase {
         let established = NIOLockedValueBox(0)
         let listener = try PeerListener.bind(
             host: "127.0.0.1", port: 0, group: group, idleTimeout: idle,
-            keyForCluster: { _ in self.key },
+            keysForCluster: { _ in [self.key] },
             route: { r in
                 (PeerHello(cluster: r.cluster, node: "arb", channel: "test"),
                  PeerSessionCallbacks(established: { _ in }, frame: { _, _ in }, closed: { _, _ in }))

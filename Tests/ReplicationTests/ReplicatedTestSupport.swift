@@ -84,7 +84,7 @@ final class VolumePair: @unchecked Sendable {
         self.listenerKey = listenerKey ?? key
         let lk = self.listenerKey
         listener = try PeerListener.bind(host: "127.0.0.1", port: 0, group: group, idleTimeout: .seconds(2),
-                                         keyForCluster: { $0 == "test" ? lk : nil },
+                                         keysForCluster: { $0 == "test" ? [lk] : [] },
                                          route: { [weak self] hello in
                                              guard hello.channel == ReplicatedVolumeConfig.channel, hello.node == "a",
                                                    let b = self?.b else { return nil }

@@ -77,7 +77,7 @@ func serve() -> Never {
     do {
         listener = try PeerListener.bind(
             host: listen.host, port: listen.port, group: group, idleTimeout: idleTimeout,
-            keyForCluster: { $0 == cluster ? key : nil },
+            keysForCluster: { $0 == cluster ? [key] : [] },
             refused: { log($0) },
             route: { $0.cluster == cluster && $0.channel == channelName ? (me, echo) : nil }).wait()
     } catch { die("cannot listen on \(listen.host):\(listen.port): \(error)") }
