@@ -277,6 +277,58 @@ final class FrameTests: XCTestCase {
         XCTAssertTrue(closed.withLockedValue { $0 }.contains { $0.contains("authentication") }, "\(closed.withLockedValue { $0 })")
     }
 
+    /// A key rollover (operator guide, "Security"): a listener holding the new key and the
+    /// old one accepts dialers on either and says which opened the session; a dialer on a key
+    /// it does not hold is refused.
+    func testListenerAcceptsEveryKeyOfARollover() throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        defer { try? group.syncShutdownGracefully() }
+        let newKey = SymmetricKey(data: [UInt8](repeating: 0x4E, count: 32))
+        let opened = NIOLockedValueBox<[Int]>([])
+        let refused = NIOLockedValueBox<[String]>([])
+        let listener = try PeerListener.bind(
+            host: "127.0.0.1", port: 0, group: group, idleTimeout: .seconds(2),
+            keysForCluster: { $0 == "t" ? [newKey, self.key] : [] },
+            refused: { why in refused.withLockedValue { $0.append(why) } },
+            route: { _ in
+                (PeerHello(cluster: "t", node: "b", channel: "test"), PeerSessionCallbacks(
+                    established: { c in opened.withLockedValue { $0.append(c.keyIndex) } },
+                    frame: { c, f in c.send(kind: 2, epoch: f.epoch, payload: f.payload) },
+                    closed: { _, _ in }))
+            }).wait()
+        defer { _ = try? listener.close().wait() }
+        let port = try XCTUnwrap(listener.localPort)
+
+        func dial(_ key: SymmetricKey) throws -> (echoed: Bool, dialerKeyIndex: Int?) {
+            let echoed = NIOLockedValueBox(false), ended = NIOLockedValueBox(false)
+            let index = NIOLockedValueBox<Int?>(nil)
+            let d = PeerDialer(group: group, host: "127.0.0.1", port: port,
+                               local: PeerHello(cluster: "t", node: "a", channel: "test"), key: key,
+                               idleTimeout: .seconds(2), retryDelay: .seconds(10),
+                               callbacks: PeerSessionCallbacks(
+                                established: { c in
+                                    index.withLockedValue { $0 = c.keyIndex }
+                                    c.send(kind: 1, epoch: Epoch(1), payload: ByteBuffer(string: "x"))
+                                },
+                                frame: { _, f in echoed.withLockedValue { $0 = String(buffer: f.payload) == "x" } },
+                                closed: { _, _ in ended.withLockedValue { $0 = true } }))
+            d.start()
+            defer { d.stop() }
+            try waitUntil { echoed.withLockedValue { $0 } || ended.withLockedValue { $0 } }
+            return (echoed.withLockedValue { $0 }, index.withLockedValue { $0 })
+        }
+
+        let old = try dial(key)
+        XCTAssertTrue(old.echoed, "a peer still on the old key is served during the rollover")
+        XCTAssertEqual(old.dialerKeyIndex, 0, "the dialer always uses its own key_file")
+        XCTAssertTrue(try dial(newKey).echoed, "a peer on the new key is served")
+        try waitUntil { opened.withLockedValue { $0.count } == 2 }
+        XCTAssertEqual(opened.withLockedValue { $0 }, [1, 0], "the listener says which key opened each session")
+        XCTAssertFalse(try dial(SymmetricKey(data: [UInt8](repeating: 0x77, count: 32))).echoed, "a key outside the rollover is refused")
+        try waitUntil { !refused.withLockedValue { $0 }.isEmpty }
+        XCTAssertTrue(refused.withLockedValue { $0 }.contains { $0.contains("authentication") }, "\(refused.withLockedValue { $0 })")
+    }
+
     private func waitUntil(_ cond: () -> Bool, seconds: Double = 5) throws {
         let end = Date().addingTimeInterval(seconds)
         while !cond() {

@@ -64,6 +64,8 @@ final class VolumePair: @unchecked Sendable {
     var sizeBytes: UInt64 = 16 << 20
     var chunkBytes = 64 << 10
     var resyncRate = 256 << 20
+    /// Where "a" dials its peer; nil: b's listener. A test sets it to put a relay in between.
+    var dialPort: Int?
     var events = EventLog()
 
     final class EventLog: @unchecked Sendable {
@@ -113,7 +115,7 @@ final class VolumePair: @unchecked Sendable {
         var c = ReplicatedVolumeConfig(cluster: "test", me: node, peer: other,
                                        backingPath: path(node.name, "img"), metadataPath: path(node.name, "meta"),
                                        sizeBytes: sizeBytes, chunkBytes: chunkBytes, replicationProtocol: proto,
-                                       peerReplicationAddress: (host: "127.0.0.1", port: node == "a" ? listener.localPort! : 1),
+                                       peerReplicationAddress: (host: "127.0.0.1", port: node == "a" ? (dialPort ?? listener.localPort!) : 1),
                                        clusterKey: key, linkTimeout: .seconds(2), resyncRateBytesPerSecond: resyncRate)
         c.activityLogExtentBytes = 1 << 20
         c.activityLogExtents = 8

@@ -68,6 +68,19 @@ extension ReplicationCore {
         counters.resyncTotalBytes = r.totalBytes
         persistHeader(withBitmap: true)
         log(.notice, "resync finished: \(r.doneBytes) bytes; \(settings.peer) is up to date")
+        // Writes that lost the peer were all issued before this resync began (while the link
+        // follows, writes are replicated): their chunks were in the bitmap, the resync read
+        // them after the writes (the I/O queue runs in order) and the target synced them
+        // before saying it finished. The peer has them durably, as protocol C would: without
+        // this, a write caught by a short link drop waited for an outdate mark that a peer
+        // back in sync never gets (found by LinkSecurityTests' tampered-frame cases).
+        for seq in writes.keys.sorted() {
+            guard var w = writes[seq], w.peerLost, !w.failedLocally else { continue }
+            w.peerLost = false
+            w.confirmation = .written
+            writes[seq] = w
+        }
+        evaluateAll(now)
     }
 
     mutating func targetSynced(_ session: SessionID) {
