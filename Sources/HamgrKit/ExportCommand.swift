@@ -77,6 +77,8 @@ struct ExportCommand: ParsableCommand {
     }
 
     func run() throws {
+        let tlsServer: NBDServer.TLS?
+        do { tlsServer = try exportTLS() } catch { throw ValidationError("\(error)") }
         var logger = Logger(label: "hamgr.export")
         logger.logLevel = .info
         let createSize = size.flatMap(ByteSize.parse)
@@ -88,8 +90,6 @@ struct ExportCommand: ParsableCommand {
         let (host, port) = HostPort.parse(listen)!
         let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops ?? System.coreCount)
         let volume = LocalVolume(store: store, ioThreads: ioThreads, readOnly: readOnly)
-        let tlsServer: NBDServer.TLS?
-        do { tlsServer = try exportTLS() } catch { throw ValidationError("\(error)") }
         let server = NBDServer(group: group, exportName: name, exportDescription: "hamgr unreplicated export of \(backing)",
                                tls: tlsServer, allow: allow.compactMap(ClientNetwork.init), logger: logger)
         server.setVolume(volume, refusal: "")
