@@ -130,17 +130,25 @@ public enum TLSFiles {
     /// Host `host`'s identity under `settings`: certificate, matching key, cluster CA.
     public static func identity(_ settings: TLSSettings, host: String, now: Date = Date()) throws -> TLSIdentity {
         let roots = try certificates(settings.caFile, key: "tls.ca_file", now: now)
-        let chain = try certificates(settings.certFile(for: host), key: "tls.cert_file", now: now)
-        let key = try privateKey(settings.keyFile(for: host), key: "tls.key_file")
+        return try identity(certFile: settings.certFile(for: host), certKey: "tls.cert_file",
+                            keyFile: settings.keyFile(for: host), keyKey: "tls.key_file", trustRoots: roots, now: now)
+    }
+
+    /// A certificate and its matching key from named files (`hamgr export --tls-cert
+    /// --tls-key`); errors name `certKey` or `keyKey`.
+    public static func identity(certFile: String, certKey: String, keyFile: String, keyKey: String,
+                                trustRoots: [NIOSSLCertificate] = [], now: Date = Date()) throws -> TLSIdentity {
+        let chain = try certificates(certFile, key: certKey, now: now)
+        let key = try privateKey(keyFile, key: keyKey)
         // BoringSSL refuses a key that does not match the leaf certificate when both are set
         // on a context: that is the check.
         do {
             _ = try NIOSSLContext(configuration: .makeServerConfiguration(certificateChain: chain.map { .certificate($0) },
                                                                        privateKey: .privateKey(key)))
         } catch {
-            throw ConfigError(key: "tls.key_file", message: "\(settings.keyFile(for: host)) does not match the certificate \(settings.certFile(for: host)) (\(error))")
+            throw ConfigError(key: keyKey, message: "\(keyFile) does not match the certificate \(certFile) (\(error))")
         }
-        return TLSIdentity(chain: chain, privateKey: key, trustRoots: roots,
+        return TLSIdentity(chain: chain, privateKey: key, trustRoots: trustRoots,
                            notValidAfter: Date(timeIntervalSince1970: TimeInterval(chain[0].notValidAfter)))
     }
 

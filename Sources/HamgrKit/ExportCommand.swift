@@ -36,13 +36,49 @@ struct ExportCommand: ParsableCommand {
     @Option(name: .long, help: "I/O threads doing pread/pwrite/fdatasync.")
     var ioThreads: Int = 8
 
+    @Option(name: .long, help: "Server certificate (PEM) for NBD_OPT_STARTTLS on the TCP listener.")
+    var tlsCert: String?
+
+    @Option(name: .long, help: "Private key (PEM, mode 0600) of --tls-cert.")
+    var tlsKey: String?
+
+    @Option(name: .long, help: "CA (PEM) that TLS clients' certificates must chain to; without it no client certificate is asked for.")
+    var tlsCaClients: String?
+
+    @Option(name: .long, help: "off, allow or require (default: require with --tls-cert, else off).")
+    var tls: String?
+
+    @Option(name: .long, help: "Only TCP clients from this network may connect (repeatable), e.g. 10.1.0.0/16, ::1.")
+    var allow: [String] = []
+
+    @Option(name: .long, help: "Also serve on this Unix socket (mode 0660; no TLS, no --allow).")
+    var unix: String?
+
     func validate() throws {
         if let s = size, ByteSize.parse(s) == nil { throw ValidationError("--size: cannot read \"\(s)\" as a size (e.g. 256MiB, 1GiB, 4096)") }
         if HostPort.parse(listen) == nil { throw ValidationError("--listen: expected HOST:PORT, got \"\(listen)\"") }
         if ioThreads < 1 { throw ValidationError("--io-threads: must be at least 1") }
+        if let t = tls, ExportTLSMode(rawValue: t) == nil { throw ValidationError("--tls: expected off, allow or require, got \"\(t)\"") }
+        if tlsMode != .off && (tlsCert == nil || tlsKey == nil) { throw ValidationError("--tls \(tlsMode.rawValue): needs --tls-cert and --tls-key") }
+        if tlsCaClients != nil && tlsMode == .off { throw ValidationError("--tls-ca-clients: needs --tls allow or require") }
+        for a in allow where ClientNetwork(a) == nil { throw ValidationError("--allow: '\(a)' is not an address or a network (e.g. 10.1.0.0/16)") }
+    }
+
+    private var tlsMode: ExportTLSMode {
+        tls.flatMap(ExportTLSMode.init(rawValue:)) ?? (tlsCert == nil ? .off : .require)
+    }
+
+    /// The STARTTLS configuration from --tls-cert/--tls-key/--tls-ca-clients, nil with TLS off.
+    private func exportTLS() throws -> NBDServer.TLS? {
+        guard tlsMode != .off, let cert = tlsCert, let key = tlsKey else { return nil }
+        let identity = try TLSFiles.identity(certFile: cert, certKey: "--tls-cert", keyFile: key, keyKey: "--tls-key")
+        let clientCA = try tlsCaClients.map { try TLSFiles.certificates($0, key: "--tls-ca-clients") }
+        return try NBDServer.TLS(mode: tlsMode, configuration: identity.serverConfiguration(clientCA: clientCA))
     }
 
     func run() throws {
+        let tlsServer: NBDServer.TLS?
+        do { tlsServer = try exportTLS() } catch { throw ValidationError("\(error)") }
         var logger = Logger(label: "hamgr.export")
         logger.logLevel = .info
         let createSize = size.flatMap(ByteSize.parse)
@@ -54,9 +90,11 @@ struct ExportCommand: ParsableCommand {
         let (host, port) = HostPort.parse(listen)!
         let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops ?? System.coreCount)
         let volume = LocalVolume(store: store, ioThreads: ioThreads, readOnly: readOnly)
-        let server = NBDServer(group: group, exportName: name, exportDescription: "hamgr unreplicated export of \(backing)", logger: logger)
+        let server = NBDServer(group: group, exportName: name, exportDescription: "hamgr unreplicated export of \(backing)",
+                               tls: tlsServer, allow: allow.compactMap(ClientNetwork.init), logger: logger)
         server.setVolume(volume, refusal: "")
         try server.start(host: host, port: port).wait()
+        if let path = unix { try server.start(unixSocket: path).wait() }
         // One line on stdout that scripts can wait for and parse.
         print("hamgr export: serving \(backing) (\(store.sizeBytes) bytes) as \"\(name)\" on \(host):\(server.boundPort ?? port)")
         fflush(stdout)

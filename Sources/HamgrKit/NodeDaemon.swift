@@ -112,7 +112,8 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
                         disk: LocalDisk(state: repairPending ? .outdated : st.diskState, generations: st.generations),
                         now: MonotonicClock.now())
         coreSnapshot = core.status
-        nbd = NBDServer(group: group, childGroup: replicatedVolume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)", logger: logger)
+        nbd = NBDServer(group: group, childGroup: replicatedVolume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)",
+                        tls: try Self.exportTLS(config, host: me.name.name), allow: config.export.allow, logger: logger)
         hooks = HookRunner(hooks: config.hooks, logger: logger, metrics: metrics)
         resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics) { [weak self] resource, reason in
             // A resource that keeps failing here may run on the peer: hand over (design.md §4).
@@ -128,6 +129,21 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
     }
 
     static let arbitratorID = NodeID(ClusterConfig.reservedArbitratorName)
+
+    /// STARTTLS on the NBD export (`export.tls`): this host's certificate, and the CA client
+    /// certificates must chain to if `export.client_ca_file` is set. nil when TLS is off.
+    static func exportTLS(_ config: ClusterConfig, host: String) throws -> NBDServer.TLS? {
+        guard config.export.tls != .off else { return nil }
+        guard let identity = try config.loadTLSIdentity(host: host) else {
+            throw ConfigError(key: "export.tls", message: "\"\(config.export.tls.rawValue)\" needs a [tls] section")
+        }
+        let configuration = identity.serverConfiguration(clientCA: try config.loadExportClientCA())
+        do {
+            return try NBDServer.TLS(mode: config.export.tls, configuration: configuration)
+        } catch {
+            throw ConfigError(key: "export.tls", message: "cannot make a TLS context from this host's certificate (\(error))")
+        }
+    }
 
     /// Planted bugs exist only in test builds (`-D HAMGR_PLANTED_BUGS`), so a production
     /// binary ignores the variable entirely (issue 5, "the checker can fail").
@@ -148,6 +164,7 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         replicatedVolume.onEvent = { [weak self] ev in self?.control.async { self?.volumeEvent(ev) } }
         let svc = try parseHostPort(me.serviceAddress, key: "node.service_address")
         try nbd.start(host: svc.host, port: svc.port).wait()
+        if let path = config.export.unixSocket { try nbd.start(unixSocket: path).wait() }
         nbd.setVolume(nil, refusal: refusal())
         // The persisted fencing token reaches the volume before any replication session can
         // be routed to it (the listener binds below; the volume runs events in order).

@@ -19,6 +19,7 @@ final class TestExport {
     private var stopped = false
 
     init(size: UInt64 = 64 << 20, exportName: String = "test", readOnly: Bool = false, open: Bool = true,
+         tls: NBDServer.TLS? = nil, allow: [ClientNetwork] = [], unixSocket: Bool = false, logger: Logger? = nil,
          serve: (LocalVolume) -> BlockVolume = { $0 }) throws {
         directory = NSTemporaryDirectory() + "nbdtest-" + UUID().uuidString.prefix(8)
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -27,14 +28,18 @@ final class TestExport {
         store = try BackingStore(path: backingPath, createSize: size)
         volume = LocalVolume(store: store, ioThreads: 4, readOnly: readOnly)
         group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        var logger = Logger(label: "nbd-test")
-        logger.logLevel = ProcessInfo.processInfo.environment["NBD_TEST_DEBUG"] != nil ? .debug : .warning
-        server = NBDServer(group: group, exportName: exportName, exportDescription: "test export", logger: logger)
+        var defaultLogger = Logger(label: "nbd-test")
+        defaultLogger.logLevel = ProcessInfo.processInfo.environment["NBD_TEST_DEBUG"] != nil ? .debug : .warning
+        server = NBDServer(group: group, exportName: exportName, exportDescription: "test export", tls: tls, allow: allow,
+                           logger: logger ?? defaultLogger)
         if open { server.setVolume(serve(volume), refusal: "") }
         try server.start(host: "127.0.0.1", port: 0).wait()
+        if unixSocket { try server.start(unixSocket: socketPath).wait() }
     }
 
     var port: Int { server.boundPort! }
+    /// Where `unixSocket: true` listens.
+    var socketPath: String { directory + "/nbd.sock" }
     var uri: String { "nbd://127.0.0.1:\(port)/\(exportName)" }
 
     func stop() {

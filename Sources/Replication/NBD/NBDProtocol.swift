@@ -195,12 +195,15 @@ public enum NBDProtocolError: Error, Equatable, CustomStringConvertible {
     case badMagic(UInt64)
     case unknownClientFlags(UInt32)
     case optionTooLong(UInt32)
+    /// The client sent more before the reply to its NBD_OPT_STARTTLS.
+    case bytesAfterStartTLS(Int)
 
     public var description: String {
         switch self {
         case .badMagic(let m): return "bad magic 0x\(String(m, radix: 16))"
         case .unknownClientFlags(let f): return "unknown client flags 0x\(String(f, radix: 16))"
         case .optionTooLong(let n): return "option data of \(n) bytes exceeds the \(NBDLimits.maxOptionBytes)-byte limit"
+        case .bytesAfterStartTLS(let n): return "\(n) bytes after NBD_OPT_STARTTLS, before its reply"
         }
     }
 }

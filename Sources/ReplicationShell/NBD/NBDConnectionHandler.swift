@@ -1,10 +1,14 @@
+import HAShell
 import Logging
 import NIOCore
+import NIOSSL
 import Replication
 
 /// One NBD connection: the handshake, then pipelined requests. Confined to the channel's
 /// event loop. Requests go to the volume as soon as they are decoded; replies are written
 /// as each completes (in any order, as the spec allows) and flushed once per loop turn.
+/// With `tls`, NBD_OPT_STARTTLS puts a TLS handler in front of this one, and everything
+/// after its reply (options, then transmission) is encrypted.
 final class NBDConnectionHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -16,6 +20,10 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     private enum Phase { case clientFlags, options, transmission, closed }
 
     private let server: NBDServer
+    /// nil: STARTTLS is unsupported on this connection (TLS off, or the Unix socket).
+    private let tls: NBDServer.TLS?
+    /// NBD_OPT_STARTTLS was acknowledged and the TLS handler added.
+    private var tlsStarted = false
     private var logger: Logger
     private var phase = Phase.clientFlags
     private var pending: ByteBuffer?
@@ -42,8 +50,9 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     private var context: ChannelHandlerContext?
     private var handshakeDeadline: Scheduled<Void>?
 
-    init(server: NBDServer) {
+    init(server: NBDServer, tls: NBDServer.TLS?) {
         self.server = server
+        self.tls = tls
         self.logger = server.logger
     }
 
@@ -83,7 +92,11 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        logger.debug("NBD connection error", metadata: ["error": "\(error)"])
+        if case NIOSSLError.handshakeFailed(let why) = error {
+            logger.notice("NBD TLS handshake failed; closing", metadata: ["event": "nbd_tls_handshake_failed", "error": "\(why)"])
+        } else {
+            logger.debug("NBD connection error", metadata: ["error": "\(error)"])
+        }
         close(context)
     }
 
@@ -125,7 +138,11 @@ final class NBDConnectionHandler: ChannelInboundHandler {
                     phase = .options
                 case .options:
                     guard let option = try NBDHandshakeDecoder.nextOption(&buffer) else { break loop }
-                    handleOption(option, context)
+                    if option.code == NBDOption.startTLS {
+                        if try answerStartTLS(option, bytesAfter: buffer.readableBytes, context) { break loop }
+                    } else {
+                        handleOption(option, context)
+                    }
                 case .transmission:
                     if disconnectRequested {  // the client MUST NOT send after NBD_CMD_DISC
                         buffer.moveReaderIndex(to: buffer.writerIndex)
@@ -195,6 +212,17 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     private func handleOption(_ option: NBDOptionRequest, _ context: ChannelHandlerContext) {
         var out = context.channel.allocator.buffer(capacity: 256)
         let code = option.code
+        if tls?.mode == .require, !tlsStarted, code != NBDOption.abort {
+            // Nothing about the export is said in plaintext.
+            guard code != NBDOption.exportName else {
+                logger.notice("NBD_OPT_EXPORT_NAME before TLS on a TLS-only export; closing", metadata: ["event": "nbd_tls_required"])
+                return close(context)
+            }
+            NBDHandshakeEncoder.writeOptionError(option: code, type: NBDOptionReply.errTLSRequired,
+                                                 message: "this server requires TLS: send NBD_OPT_STARTTLS first", into: &out)
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+            return
+        }
         switch code {
         case NBDOption.exportName:
             // No way to send an error here: the spec says close.
@@ -237,6 +265,31 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             NBDHandshakeEncoder.writeOptionError(option: code, type: NBDOptionReply.errUnsupported, message: "option \(code) is not supported by hamgr", into: &out)
             context.writeAndFlush(wrapOutboundOut(out), promise: nil)
         }
+    }
+
+    /// NBD_OPT_STARTTLS: refused with an error reply, or acknowledged in plaintext with the
+    /// TLS handler then put in front of this one (the client's next bytes are its
+    /// ClientHello; the handshake deadline still runs). True if TLS started.
+    private func answerStartTLS(_ option: NBDOptionRequest, bytesAfter: Int, _ context: ChannelHandlerContext) throws -> Bool {
+        var out = context.channel.allocator.buffer(capacity: 128)
+        func refuse(_ type: UInt32, _ message: String) -> Bool {
+            NBDHandshakeEncoder.writeOptionError(option: option.code, type: type, message: message, into: &out)
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+            return false
+        }
+        guard let tls, tls.mode != .off else { return refuse(NBDOptionReply.errUnsupported, "TLS is not enabled on this export") }
+        guard !tlsStarted else { return refuse(NBDOptionReply.errInvalid, "TLS is already running") }
+        guard option.data.readableBytes == 0 else { return refuse(NBDOptionReply.errInvalid, "NBD_OPT_STARTTLS takes no data") }
+        // What follows is neither options (the client must wait for the reply) nor TLS
+        // (that starts after the reply).
+        guard bytesAfter == 0 else { throw NBDProtocolError.bytesAfterStartTLS(bytesAfter) }
+        NBDHandshakeEncoder.writeOptionReply(option: option.code, type: NBDOptionReply.ack, into: &out)
+        // Written through to the socket before the TLS handler exists: the ACK is plaintext.
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+        try context.pipeline.syncOperations.addHandler(NIOSSLServerHandler(context: tls.context), position: .first)
+        tlsStarted = true
+        logger.debug("NBD STARTTLS acknowledged", metadata: ["event": "nbd_starttls"])
+        return true
     }
 
     private func answerInfo(_ option: NBDOptionRequest, _ context: ChannelHandlerContext, _ out: inout ByteBuffer) {

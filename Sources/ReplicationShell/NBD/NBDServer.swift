@@ -1,15 +1,26 @@
+import Foundation
+import HAShell
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import NIOSSL
 import Replication
 
 /// The NBD export of one volume (design.md §3, docs/nbd.md): fixed newstyle handshake,
 /// pipelined transmission, any number of connections. The volume can be swapped or
 /// withdrawn at any time (promotion, demotion); connections to a withdrawn volume close.
+///
+/// It listens on TCP (`start(host:port:)`), where `tls` and `allow` apply, and optionally on
+/// a Unix socket (`start(unixSocket:)`) for consumers on the same host, where neither does:
+/// the socket file's mode decides who connects. Both serve the same volume.
 public final class NBDServer: @unchecked Sendable {
     public let exportName: String
     public let exportDescription: String?
+    /// NBD_OPT_STARTTLS on TCP connections; nil: refused as unsupported.
+    public let tls: TLS?
+    /// Networks a TCP client must come from; empty: any.
+    public let allow: [ClientNetwork]
     /// A connection that has not entered the transmission phase by then is closed, so that
     /// clients stuck in (or abandoning) the handshake hold no connection for ever. Applies
     /// to connections accepted after it is set. Default 30 s.
@@ -25,7 +36,8 @@ public final class NBDServer: @unchecked Sendable {
     private struct State {
         var volume: BlockVolume?
         var refusal = "the export is not open yet"
-        var listener: Channel?
+        var listeners: [Channel] = []
+        var unixSocket: String?
         var stopped = false
         var handshakeTimeout: TimeAmount = .seconds(30)
         /// Every accepted connection, with the volume it is serving (nil during the handshake).
@@ -38,36 +50,91 @@ public final class NBDServer: @unchecked Sendable {
 
     /// - Parameter childGroup: where accepted connections live (default: `group`). A node
     ///   passes its volume's loop, so requests reach the replication core without a thread hop.
-    public init(group: EventLoopGroup, childGroup: EventLoopGroup? = nil, exportName: String, exportDescription: String? = nil, logger: Logger) {
+    public init(group: EventLoopGroup, childGroup: EventLoopGroup? = nil, exportName: String, exportDescription: String? = nil,
+                tls: TLS? = nil, allow: [ClientNetwork] = [], logger: Logger) {
         self.group = group
         self.childGroup = childGroup ?? group
         self.exportName = exportName
         self.exportDescription = exportDescription
+        self.tls = tls
+        self.allow = allow
         self.logger = logger
     }
 
-    /// Binds the listener. With port 0 the kernel picks one: see `boundPort`.
-    public func start(host: String, port: Int) -> EventLoopFuture<Void> {
-        let bootstrap = ServerBootstrap(group: group, childGroup: childGroup)
-            .serverChannelOption(ChannelOptions.backlog, value: 256)
-            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
-            .childChannelOption(ChannelOptions.recvAllocator,
-                                value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 64 * 1024, maximum: 1024 * 1024))
-            .childChannelInitializer { [self] channel in
-                guard register(channel) else { return channel.close() }
-                channel.closeFuture.whenComplete { [self] _ in unregister(channel) }
-                return channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(NBDConnectionHandler(server: self))
-                }
-            }
-        return bootstrap.bind(host: host, port: port).map { [self] channel in
-            lock.withLockVoid { state.listener = channel }
-            logger.info("NBD export listening", metadata: ["export": "\(exportName)", "address": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
+    /// How TCP connections treat NBD_OPT_STARTTLS (`export.tls`), with the server's TLS
+    /// context (certificate, key and, if clients must present certificates, their CA).
+    public struct TLS: @unchecked Sendable {
+        public let mode: ExportTLSMode
+        let context: NIOSSLContext
+
+        public init(mode: ExportTLSMode, configuration: TLSConfiguration) throws {
+            self.mode = mode
+            self.context = try NIOSSLContext(configuration: configuration)
         }
     }
 
-    public var boundPort: Int? { lock.withLock { state.listener?.localAddress?.port } }
+    /// Binds the TCP listener. With port 0 the kernel picks one: see `boundPort`.
+    public func start(host: String, port: Int) -> EventLoopFuture<Void> {
+        bootstrap(tcp: true)
+            .serverChannelOption(ChannelOptions.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+            .bind(host: host, port: port)
+            .map { [self] channel in listening(channel, tls: tls?.mode ?? .off) }
+    }
+
+    /// Binds a Unix-socket listener at `path` (an existing socket file there is replaced),
+    /// mode 0660. No TLS and no allow-list: the file mode decides who may connect. `stop()`
+    /// removes the file.
+    public func start(unixSocket path: String) -> EventLoopFuture<Void> {
+        bootstrap(tcp: false)
+            .bind(unixDomainSocketPath: path, cleanupExistingSocketFile: true)
+            .flatMapThrowing { [self] channel in
+                // Until this chmod the file has the umask's mode; connecting needs write
+                // permission, which the usual umask (022) gives only the owner.
+                guard chmod(path, 0o660) == 0 else {
+                    let code = errno
+                    channel.close(promise: nil)
+                    throw IOError(errnoCode: code, reason: "chmod 0660 \(path)")
+                }
+                lock.withLockVoid { state.unixSocket = path }
+                listening(channel, tls: .off)
+            }
+    }
+
+    private func bootstrap(tcp: Bool) -> ServerBootstrap {
+        ServerBootstrap(group: group, childGroup: childGroup)
+            .serverChannelOption(ChannelOptions.backlog, value: 256)
+            .childChannelOption(ChannelOptions.recvAllocator,
+                                value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 64 * 1024, maximum: 1024 * 1024))
+            .childChannelInitializer { [self] channel in
+                if tcp, !allows(channel.remoteAddress) {
+                    logger.notice("NBD client not in export.allow; closing before the greeting",
+                                  metadata: ["event": "nbd_client_refused", "peer": "\(channel.remoteAddress.map { "\($0)" } ?? "?")"])
+                    return channel.close()
+                }
+                guard register(channel) else { return channel.close() }
+                channel.closeFuture.whenComplete { [self] _ in unregister(channel) }
+                return channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NBDConnectionHandler(server: self, tls: tcp ? tls : nil))
+                }
+            }
+    }
+
+    /// Whether a TCP client at `peer` may connect (`allow` empty, or a network holds it).
+    private func allows(_ peer: SocketAddress?) -> Bool {
+        guard !allow.isEmpty else { return true }
+        guard let peer else { return false }
+        return allow.contains { $0.contains(peer) }
+    }
+
+    private func listening(_ channel: Channel, tls: ExportTLSMode) {
+        lock.withLockVoid { state.listeners.append(channel) }
+        logger.info("NBD export listening", metadata: ["event": "nbd_listening", "export": "\(exportName)", "tls": "\(tls.rawValue)",
+                                                       "address": "\(channel.localAddress.map { "\($0)" } ?? "?")"])
+    }
+
+    /// The TCP listener's port.
+    public var boundPort: Int? { lock.withLock { state.listeners.lazy.compactMap { $0.localAddress?.port }.first } }
 
     /// Opens the export with `volume`, or refuses it with `refusal` as the message clients
     /// get (NBD_REP_ERR_UNKNOWN to GO/INFO; a close after EXPORT_NAME). Connections serving
@@ -94,17 +161,16 @@ public final class NBDServer: @unchecked Sendable {
     /// Closes the listener and every connection. In-flight requests finish in the volume but
     /// their replies are dropped.
     public func stop() -> EventLoopFuture<Void> {
-        let (listener, channels): (Channel?, [Channel]) = lock.withLock {
+        let (listeners, unixSocket, channels): ([Channel], String?, [Channel]) = lock.withLock {
             state.stopped = true
-            let l = state.listener
-            state.listener = nil
-            return (l, state.connections.values.map { $0.channel })
+            defer { state.listeners = []; state.unixSocket = nil }
+            return (state.listeners, state.unixSocket, state.connections.values.map { $0.channel })
         }
         let loop = group.next()
-        var futures: [EventLoopFuture<Void>] = []
-        if let l = listener { futures.append(l.close().recover { _ in }) }
-        for c in channels { futures.append(c.close().recover { _ in }) }
-        return EventLoopFuture.andAllComplete(futures, on: loop)
+        let closedListeners = EventLoopFuture.andAllComplete(listeners.map { $0.close().recover { _ in } }, on: loop)
+            .map { if let path = unixSocket { unlink(path) } }
+        let closedConnections = channels.map { $0.close().recover { _ in } }
+        return EventLoopFuture.andAllComplete([closedListeners] + closedConnections, on: loop)
     }
 
     public var statistics: NBDStatistics { recorder.snapshot() }
