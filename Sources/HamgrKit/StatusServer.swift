@@ -253,7 +253,9 @@ private final class TLSHandshakeLog: ChannelInboundHandler, RemovableChannelHand
     func errorCaught(context: ChannelHandlerContext, error: Error) {
         if !reported {
             reported = true
-            logger.warning("status connection refused: TLS handshake failed", metadata: [
+            let plaintext = "\(error)".contains("HTTP_REQUEST")  // BoringSSL's name for a plaintext request
+            logger.warning(plaintext ? "status connection refused: plaintext HTTP on the HTTPS listener"
+                                     : "status connection refused: TLS handshake failed", metadata: [
                 "event": "status_tls_refused", "remote": "\(context.remoteAddress.map { "\($0)" } ?? "?")",
                 "error": "\(error)",
             ])
