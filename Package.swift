@@ -15,6 +15,7 @@ let nioPosix = Target.Dependency.product(name: "NIOPosix", package: "swift-nio")
 let nioLocks = Target.Dependency.product(name: "NIOConcurrencyHelpers", package: "swift-nio")
 let crypto = Target.Dependency.product(name: "Crypto", package: "swift-crypto")
 let nioSSL = Target.Dependency.product(name: "NIOSSL", package: "swift-nio-ssl")
+let nioTLS = Target.Dependency.product(name: "NIOTLS", package: "swift-nio")
 let logging = Target.Dependency.product(name: "Logging", package: "swift-log")
 let argumentParser = Target.Dependency.product(name: "ArgumentParser", package: "swift-argument-parser")
 let pure: [SwiftSetting] = [.swiftLanguageMode(.v6)]
@@ -50,7 +51,7 @@ let package = Package(
         // Shells: I/O.
         .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
         .target(name: "HAShell", dependencies: [
-            "HACore", "CSystemd", nioCore, nioPosix, nioLocks, logging, crypto, nioSSL,
+            "HACore", "CSystemd", nioCore, nioPosix, nioLocks, logging, crypto, nioSSL, nioTLS,
             .product(name: "TOMLKit", package: "TOMLKit"),
         ]),
         .target(name: "ReplicationShell", dependencies: [
@@ -66,7 +67,7 @@ let package = Package(
         .executableTarget(name: "hamgr-sim", dependencies: ["Simulation"], swiftSettings: pure),
         .target(name: "HamgrKit", dependencies: [
             "HAShell", "Quorum", "Replication", "ReplicationShell", "NodeRuntime", "CSystemd",
-            nioCore, nioPosix, nioLocks, logging, crypto, nioSSL, argumentParser,
+            nioCore, nioPosix, nioLocks, logging, crypto, nioSSL, nioTLS, argumentParser,
             .product(name: "NIOHTTP1", package: "swift-nio"),
         ]),
         .executableTarget(name: "hamgr", dependencies: ["HamgrKit"]),

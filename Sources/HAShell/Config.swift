@@ -558,11 +558,12 @@ public struct ClusterConfig: Sendable, Equatable {
         _ = try loadExportClientCA()
     }
 
-    /// Checks only the arbitrator host needs: its TLS identity when it serves status over HTTPS.
+    /// Checks only the arbitrator host needs: its TLS identity when it serves status over
+    /// HTTPS, and the read token its status listener checks.
     public func validateArbitratorHost() throws {
-        if status.tls && arbitrator.statusAddress != nil {
-            _ = try loadTLSIdentity(host: Self.reservedArbitratorName)
-        }
+        guard arbitrator.statusAddress != nil else { return }
+        if status.tls { _ = try loadTLSIdentity(host: Self.reservedArbitratorName) }
+        _ = try loadReadToken()
     }
 
     /// Node `name`'s backing store exists, or may be created (a file, with `create = true`).

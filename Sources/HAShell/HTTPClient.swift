@@ -1,10 +1,15 @@
 import Foundation
+import NIOCore
+import NIOPosix
+import NIOSSL
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// A tiny blocking HTTP/1.1 client over POSIX sockets, for hactl and tests: one request
-/// per connection (`Connection: close`), a deadline over the whole exchange, bearer token.
+/// A tiny blocking HTTP/1.1 client for hactl and tests: one request per connection
+/// (`Connection: close`), a deadline over the whole exchange, bearer token. `http://` runs
+/// over a POSIX socket; `https://` verifies the server's certificate against a CA (and the
+/// URL's host name or IP address) and runs the TLS exchange on NIO's shared event loops.
 public struct HTTPClient: Sendable {
     public struct Response: Sendable {
         public var status: Int
@@ -23,26 +28,54 @@ public struct HTTPClient: Sendable {
         case timeout(String)
         case io(String)
         case badResponse(String)
+        /// An `https://` URL without a CA to verify the server with.
+        case needsCA(String)
+        case tls(String, String)
+        /// An `https://` URL answered by a plaintext HTTP server.
+        case plaintextServer(String)
+        /// The connection closed before a byte came back (an `http://` URL of a TLS listener does that).
+        case noAnswer(String)
 
         public var description: String {
             switch self {
-            case .badURL(let u): return "'\(u)' is not an http://HOST:PORT[/PATH] URL"
+            case .badURL(let u): return "'\(u)' is not an http(s)://HOST:PORT[/PATH] URL"
             case .resolve(let h, let why): return "cannot resolve \(h): \(why)"
             case .connect(let a, let why): return "cannot connect to \(a): \(why)"
             case .timeout(let a): return "no answer from \(a) in time"
             case .io(let why): return "connection failed: \(why)"
             case .badResponse(let why): return "malformed HTTP response: \(why)"
+            case .needsCA(let u): return "\(u): an https:// endpoint needs a CA file to verify the server (hactl --ca-file or HACTL_CA_FILE)"
+            case .tls(let a, let why): return "TLS handshake with \(a) failed: \(why)"
+            case .plaintextServer(let a): return "\(a): the server speaks plaintext HTTP, not TLS (use http://, or turn on [status] tls)"
+            case .noAnswer(let a): return "\(a) closed the connection without answering (a TLS listener? then use https:// and a CA file)"
             }
         }
     }
 
-    /// `http://HOST:PORT` (a path, if any, is a prefix for requests).
+    /// The CA (PEM) an `https://` server's certificate must chain to, loaded once.
+    public struct TrustedCA: Sendable {
+        public let path: String
+        let context: NIOSSLContext
+
+        /// Errors name `key` (the option or config key the path came from).
+        public init(file path: String, key: String) throws {
+            var c = TLSConfiguration.makeClientConfiguration()
+            c.trustRoots = .certificates(try TLSFiles.certificates(path, key: key))
+            c.minimumTLSVersion = .tlsv12
+            self.path = path
+            self.context = try NIOSSLContext(configuration: c)
+        }
+    }
+
+    /// `http://HOST:PORT` or `https://HOST:PORT` (a path, if any, is a prefix for requests).
     public var endpoint: String
     public var bearerToken: String?
     public var timeout: Duration
+    /// Needed for `https://` endpoints.
+    public var trust: TrustedCA?
 
-    public init(endpoint: String, bearerToken: String? = nil, timeout: Duration = .seconds(5)) {
-        self.endpoint = endpoint; self.bearerToken = bearerToken; self.timeout = timeout
+    public init(endpoint: String, bearerToken: String? = nil, timeout: Duration = .seconds(5), trust: TrustedCA? = nil) {
+        self.endpoint = endpoint; self.bearerToken = bearerToken; self.timeout = timeout; self.trust = trust
     }
 
     public func get(_ path: String) throws -> Response {
@@ -55,10 +88,11 @@ public struct HTTPClient: Sendable {
 
     public func request(method: String, path: String, body: Data?, contentType: String? = nil,
                         extraHeaders: [(String, String)] = []) throws -> Response {
-        let (host, port, prefix) = try Self.split(endpoint)
+        let (host, port, prefix, secure) = try Self.split(endpoint)
+        if secure && trust == nil { throw Failure.needsCA(endpoint) }
         let deadline = ContinuousClock.now + timeout
+        let what = "\(host.contains(":") ? "[\(host)]" : host):\(port)"
         let fd = try Self.connect(host: host, port: port, deadline: deadline)
-        defer { close(fd) }
 
         var head = "\(method) \(prefix)\(path) HTTP/1.1\r\nHost: \(host.contains(":") ? "[\(host)]" : host):\(port)\r\nConnection: close\r\nUser-Agent: hamgr/\(hamgrVersion)\r\n"
         if let t = bearerToken { head += "Authorization: Bearer \(t)\r\n" }
@@ -68,21 +102,33 @@ public struct HTTPClient: Sendable {
         head += "\r\n"
         var out = Data(head.utf8)
         if let body { out.append(body) }
-        try Self.sendAll(fd, out, deadline: deadline, what: "\(host):\(port)")
-        let raw = try Self.readAll(fd, deadline: deadline, what: "\(host):\(port)")
+        if let trust, secure {
+            let raw = try TLSExchange.run(fd: fd, host: host, what: what, trust: trust, request: out, deadline: deadline)
+            return try Self.parse(raw)
+        }
+        defer { close(fd) }
+        try Self.sendAll(fd, out, deadline: deadline, what: what)
+        let raw = try Self.readAll(fd, deadline: deadline, what: what)
+        if raw.isEmpty { throw Failure.noAnswer(what) }
         return try Self.parse(raw)
     }
 
     // MARK: Internals
 
-    static func split(_ url: String) throws -> (String, Int, String) {
-        guard url.hasPrefix("http://") else { throw Failure.badURL(url) }
-        let rest = url.dropFirst("http://".count)
+    /// Host, port, path prefix, and whether the URL is `https://`.
+    static func split(_ url: String) throws -> (String, Int, String, Bool) {
+        let secure = url.hasPrefix("https://")
+        guard secure || url.hasPrefix("http://") else { throw Failure.badURL(url) }
+        let rest = url.dropFirst(secure ? "https://".count : "http://".count)
         let authority = rest.prefix { $0 != "/" }
         var prefix = String(rest.dropFirst(authority.count))
         while prefix.hasSuffix("/") { prefix.removeLast() }
         guard let (host, port) = try? parseHostPort(String(authority)) else { throw Failure.badURL(url) }
-        return (host, port, prefix)
+        return (host, port, prefix, secure)
+    }
+
+    static func isIPAddress(_ host: String) -> Bool {
+        (try? SocketAddress(ipAddress: host, port: 0)) != nil
     }
 
     private static func remainingMs(_ deadline: ContinuousClock.Instant) -> Int32 {

@@ -88,6 +88,13 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
         runtime = ArbitratorRuntime(core: core, host: self)
     }
 
+    /// Each status address with the clusters that name it, in cluster-name order (the first
+    /// one's [tls] section gives the listener its certificate).
+    static func statusListeners(_ configs: [ClusterConfig]) -> [(String, [ClusterConfig])] {
+        let byAddress = Dictionary(grouping: configs.filter { $0.arbitrator.statusAddress != nil }) { $0.arbitrator.statusAddress! }
+        return byAddress.keys.sorted().map { addr in (addr, byAddress[addr]!.sorted { $0.cluster.name < $1.cluster.name }) }
+    }
+
     static func statePath(_ c: ClusterConfig) -> String {
         (c.arbitrator.stateDir as NSString).appendingPathComponent("\(c.cluster.name).state")
     }
@@ -105,11 +112,16 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
                 refused: { [logger] why in logger.warning("\(why)", metadata: ["event": "link_refused"]) },
                 route: { [weak self] hello in self?.route(hello) }).wait())
         }
-        var statusBound = Set<String>()
-        for entry in clusters.values {
-            guard let addr = entry.config.arbitrator.statusAddress, statusBound.insert(addr).inserted else { continue }
+        for (addr, configs) in Self.statusListeners(clusters.values.map(\.config)) {
             let hp = try parseHostPort(addr, key: "arbitrator.status_address")
+            let first = configs[0]
+            if let odd = configs.first(where: { $0.status != first.status }) {
+                throw ConfigError(key: "status", message: "clusters \(first.cluster.name) and \(odd.cluster.name) share arbitrator.status_address \(addr) but not their [status] settings; give them the same tls and read_token_file, or separate status addresses")
+            }
+            let tls = first.status.tls
+                ? try first.loadTLSIdentity(host: ClusterConfig.reservedArbitratorName)?.serverConfiguration() : nil
             let server = StatusServer(group: group, host: hp.host, port: hp.port, adminToken: nil,
+                                      readToken: try first.loadReadToken(), tls: tls,
                                       handlers: statusHandlers(), logger: logger)
             try server.start().wait()
             statusServers.append(server)

@@ -191,8 +191,10 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         dialers.forEach { $0.start() }
 
         let statusAddr = try parseHostPort(me.statusAddress, key: "node.status_address")
+        let statusTLS = config.status.tls ? try config.loadTLSIdentity(host: me.name.name)?.serverConfiguration() : nil
         let server = StatusServer(group: group, host: statusAddr.host, port: statusAddr.port,
-                                  adminToken: try config.loadAdminToken(), handlers: statusHandlers(), logger: logger)
+                                  adminToken: try config.loadAdminToken(), readToken: try config.loadReadToken(),
+                                  tls: statusTLS, handlers: statusHandlers(), logger: logger)
         try server.start().wait()
         statusServer = server
 

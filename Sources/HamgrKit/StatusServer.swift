@@ -4,6 +4,8 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import NIOPosix
+import NIOSSL
+import NIOTLS
 
 /// One admin request after authentication and parameter parsing.
 struct AdminRequest: Sendable {
@@ -97,7 +99,8 @@ enum StatusRoute: Equatable {
     }
 }
 
-/// Bearer-token check for the admin API.
+/// Bearer-token checks: the admin API needs the admin token; with a read token
+/// configured, `GET /metrics` and `/status` need it or the admin token.
 enum AdminAuth: Equatable {
     case allowed
     /// No token file configured: admin actions are refused outright (403).
@@ -107,10 +110,25 @@ enum AdminAuth: Equatable {
 
     static func check(authorization: String?, token: String?) -> AdminAuth {
         guard let token, !token.isEmpty else { return .disabled }
-        guard let header = authorization else { return .unauthorized }
-        let parts = header.split(separator: " ", maxSplits: 1)
-        guard parts.count == 2, parts[0].lowercased() == "bearer" else { return .unauthorized }
-        return constantTimeEquals(parts[1].trimmingCharacters(in: .whitespaces), token) ? .allowed : .unauthorized
+        guard let given = bearer(authorization) else { return .unauthorized }
+        return constantTimeEquals(given, token) ? .allowed : .unauthorized
+    }
+
+    /// Reads are open without a read token; with one, the read or the admin token opens them.
+    /// Both comparisons always run, so the time taken does not tell which token was close.
+    static func checkRead(authorization: String?, readToken: String?, adminToken: String?) -> AdminAuth {
+        guard let readToken, !readToken.isEmpty else { return .allowed }
+        guard let given = bearer(authorization) else { return .unauthorized }
+        let isRead = constantTimeEquals(given, readToken)
+        let isAdmin = adminToken.map { !$0.isEmpty && constantTimeEquals(given, $0) } ?? false
+        return isRead || isAdmin ? .allowed : .unauthorized
+    }
+
+    /// The token of an `Authorization: Bearer TOKEN` header.
+    private static func bearer(_ header: String?) -> String? {
+        guard let parts = header?.split(separator: " ", maxSplits: 1),
+              parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
+        return parts[1].trimmingCharacters(in: .whitespaces)
     }
 
     /// Compares every byte of the expected token whatever the input, so the time taken
@@ -128,6 +146,8 @@ enum AdminAuth: Equatable {
 /// The HTTP server on `status_address`: `/metrics`, `/status`, `/healthz` and the admin API
 /// (design.md §4). Malformed requests get 400 and lose their connection; oversized headers
 /// (over 16 KiB) and bodies (over 64 KiB) are refused; idle connections close after 60 s.
+/// With `tls`, every connection starts with a TLS handshake (`status.tls`): a plaintext
+/// request fails it and loses its connection, with one log line.
 final class StatusServer: @unchecked Sendable {
     static let maxBodyBytes = 64 * 1024
     static let maxHeaderBytes = 16 * 1024
@@ -136,21 +156,31 @@ final class StatusServer: @unchecked Sendable {
     private let group: EventLoopGroup
     private let host: String
     private let port: Int
-    private let adminToken: String?
+    private let tokens: StatusTokens
+    private let tls: TLSConfiguration?
     private let handlers: StatusHandlers
     private let logger: Logger
     private let lock = NSLock()
     private var channel: Channel?
 
-    /// `adminToken` nil refuses every admin action with 403.
-    init(group: EventLoopGroup, host: String, port: Int, adminToken: String?, handlers: StatusHandlers, logger: Logger) {
+    /// `adminToken` nil refuses every admin action with 403; `readToken` nil leaves
+    /// `/metrics` and `/status` open; `tls` nil serves plaintext HTTP.
+    init(group: EventLoopGroup, host: String, port: Int, adminToken: String?, readToken: String? = nil,
+         tls: TLSConfiguration? = nil, handlers: StatusHandlers, logger: Logger) {
         self.group = group; self.host = host; self.port = port
-        self.adminToken = adminToken; self.handlers = handlers; self.logger = logger
+        self.tokens = StatusTokens(admin: adminToken, read: readToken)
+        self.tls = tls; self.handlers = handlers; self.logger = logger
     }
 
     /// Bind and serve. Port 0 picks a free port (see `boundPort`).
     func start() -> EventLoopFuture<Void> {
-        let handlers = self.handlers, token = self.adminToken, logger = self.logger
+        let handlers = self.handlers, tokens = self.tokens, logger = self.logger
+        let sslContext: NIOSSLContext?
+        do {
+            sslContext = try tls.map { try NIOSSLContext(configuration: $0) }
+        } catch {
+            return group.next().makeFailedFuture(error)
+        }
         var limits = NIOHTTPDecoderLimitConfiguration()
         limits.maxHeaderListSize = Self.maxHeaderBytes
         limits.maxHeaderFieldSize = Self.maxHeaderBytes
@@ -162,16 +192,23 @@ final class StatusServer: @unchecked Sendable {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     let sync = channel.pipeline.syncOperations
+                    if let sslContext {
+                        try sync.addHandler(NIOSSLServerHandler(context: sslContext))
+                        try sync.addHandler(TLSHandshakeLog(logger: logger))
+                    }
                     try sync.configureHTTPServerPipeline(
                         withPipeliningAssistance: true, withErrorHandling: true,
                         withEncoderConfiguration: .init(), withDecoderLimitConfiguration: limits)
                     try sync.addHandler(IdleStateHandler(allTimeout: Self.idleTimeout))
-                    try sync.addHandler(StatusHTTPHandler(handlers: handlers, adminToken: token, logger: logger))
+                    try sync.addHandler(StatusHTTPHandler(handlers: handlers, tokens: tokens, logger: logger))
                 }
             }
         return bootstrap.bind(host: host, port: port).map { ch in
             self.lock.lock(); self.channel = ch; self.lock.unlock()
-            logger.info("status server listening", metadata: ["event": "status_listen", "address": "\(ch.localAddress.map { "\($0)" } ?? "?")"])
+            logger.info("status server listening", metadata: [
+                "event": "status_listen", "address": "\(ch.localAddress.map { "\($0)" } ?? "?")",
+                "tls": "\(sslContext != nil)", "read_token": "\(tokens.read != nil)",
+            ])
         }
     }
 
@@ -189,6 +226,44 @@ final class StatusServer: @unchecked Sendable {
     }
 }
 
+/// The bearer tokens a status server checks.
+private struct StatusTokens: Sendable {
+    var admin: String?
+    var read: String?
+}
+
+/// Logs a connection whose TLS handshake failed (a plaintext request, an untrusted or
+/// misconfigured client), once, and closes it; it leaves the pipeline once the handshake
+/// is done, so later errors take the usual path.
+private final class TLSHandshakeLog: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = ByteBuffer
+
+    private let logger: Logger
+    private var reported = false
+
+    init(logger: Logger) { self.logger = logger }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if case .handshakeCompleted? = event as? TLSUserEvent {
+            context.pipeline.syncOperations.removeHandler(context: context, promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        if !reported {
+            reported = true
+            let plaintext = "\(error)".contains("HTTP_REQUEST")  // BoringSSL's name for a plaintext request
+            logger.warning(plaintext ? "status connection refused: plaintext HTTP on the HTTPS listener"
+                                     : "status connection refused: TLS handshake failed", metadata: [
+                "event": "status_tls_refused", "remote": "\(context.remoteAddress.map { "\($0)" } ?? "?")",
+                "error": "\(error)",
+            ])
+        }
+        context.close(promise: nil)
+    }
+}
+
 /// One connection. Requests arrive whole (head, body ≤ 64 KiB, end) thanks to the
 /// pipelining handler, which also holds back the next request until this one is answered.
 private final class StatusHTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
@@ -196,14 +271,14 @@ private final class StatusHTTPHandler: ChannelInboundHandler, RemovableChannelHa
     typealias OutboundOut = HTTPServerResponsePart
 
     private let handlers: StatusHandlers
-    private let adminToken: String?
+    private let tokens: StatusTokens
     private let logger: Logger
     private var head: HTTPRequestHead?
     private var body = ByteBuffer()
     private var tooLarge = false
 
-    init(handlers: StatusHandlers, adminToken: String?, logger: Logger) {
-        self.handlers = handlers; self.adminToken = adminToken; self.logger = logger
+    init(handlers: StatusHandlers, tokens: StatusTokens, logger: Logger) {
+        self.handlers = handlers; self.tokens = tokens; self.logger = logger
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -247,7 +322,20 @@ private final class StatusHTTPHandler: ChannelInboundHandler, RemovableChannelHa
 
     private func handle(context: ChannelHandlerContext, head: HTTPRequestHead, body: ByteBuffer) {
         let loop = context.eventLoop
-        switch StatusRoute.route(method: head.method, uri: head.uri) {
+        let route = StatusRoute.route(method: head.method, uri: head.uri)
+        if route == .metrics || route == .status,
+           AdminAuth.checkRead(authorization: head.headers.first(name: "authorization"), readToken: tokens.read,
+                               adminToken: tokens.admin) != .allowed {
+            logger.warning("read refused: bad or missing bearer token", metadata: [
+                "event": "read_unauthorized", "path": "\(head.uri.prefix(100))",
+                "remote": "\(context.remoteAddress.map { "\($0)" } ?? "?")",
+            ])
+            respond(context: context, head: head, status: .unauthorized, contentType: "text/plain; charset=utf-8",
+                    body: "this endpoint needs the read token (or the admin token) as a bearer token\n",
+                    extraHeaders: [("WWW-Authenticate", "Bearer realm=\"hamgr\"")])
+            return
+        }
+        switch route {
         case .metrics:
             handlers.metrics(loop).hop(to: loop).whenComplete { result in
                 switch result {
@@ -290,7 +378,7 @@ private final class StatusHTTPHandler: ChannelInboundHandler, RemovableChannelHa
             let data = (try? JSONEncoder.hamgr.encode(r)) ?? Data("{}".utf8)
             respond(context: context, head: head, status: status, contentType: "application/json", bodyBytes: ByteBuffer(bytes: data))
         }
-        switch AdminAuth.check(authorization: head.headers.first(name: "authorization"), token: adminToken) {
+        switch AdminAuth.check(authorization: head.headers.first(name: "authorization"), token: tokens.admin) {
         case .disabled:
             logger.warning("admin request refused: no admin token configured", metadata: ["event": "admin_refused", "action": "\(action)", "remote": "\(remote)"])
             reply(.forbidden, AdminReply(ok: false, message: "admin actions are disabled: set cluster.admin_token_file (a mode 0600 file) and restart"))

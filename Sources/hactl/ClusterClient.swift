@@ -15,20 +15,29 @@ struct NodeView {
     var name: String { document?.node ?? (arbitrator != nil ? "arbitrator" : nil) ?? expectedName ?? endpoint }
 }
 
-/// Reads `/status` and posts admin requests over the blocking HTTP client.
+/// Reads `/status` and posts admin requests over the blocking HTTP client. Reads carry the
+/// read token if given, else the admin token (nodes accept either; an arbitrator only the
+/// read token); admin requests carry the admin token. `https://` endpoints, given or
+/// found as a peer's status URL, are verified with `trust`.
 struct ClusterClient {
     var endpoints: [String]
-    var token: String?
+    var adminToken: String?
+    var readToken: String?
+    var trust: HTTPClient.TrustedCA?
     var timeout: Duration
 
-    func http(_ endpoint: String) -> HTTPClient {
-        HTTPClient(endpoint: endpoint, bearerToken: token, timeout: timeout)
+    func http(_ endpoint: String, token: String?) -> HTTPClient {
+        HTTPClient(endpoint: endpoint, bearerToken: token, timeout: timeout, trust: trust)
     }
 
     /// The document at `endpoint`, or the reason it could not be read.
     func fetch(_ endpoint: String) -> NodeView {
         do {
-            let r = try http(endpoint).get("/status")
+            let r = try http(endpoint, token: readToken ?? adminToken).get("/status")
+            if r.status == 401 {
+                return NodeView(endpoint: endpoint, error: "HTTP 401: /status needs the read token (--read-token-file) or the admin token (--token-file); "
+                                + ((readToken ?? adminToken) == nil ? "none was given" : "the one given was refused"))
+            }
             guard r.status == 200 else { return NodeView(endpoint: endpoint, error: "HTTP \(r.status): \(r.text.prefix(200))") }
             if let w = try? JSONDecoder().decode(ArbitratorStatusDocument.self, from: r.body), w.role == "arbitrator" {
                 return NodeView(endpoint: endpoint, arbitrator: w, raw: r.body)
@@ -72,7 +81,7 @@ struct ClusterClient {
     /// POST an admin command; returns the HTTP status and the reply.
     func admin(_ command: AdminCommand, at endpoint: String) throws -> (Int, AdminReply) {
         let body = try JSONEncoder().encode(command.params)
-        let r = try http(endpoint).post("/admin/\(command.action)", json: body)
+        let r = try http(endpoint, token: adminToken).post("/admin/\(command.action)", json: body)
         let reply = (try? JSONDecoder().decode(AdminReply.self, from: r.body))
             ?? AdminReply(ok: r.status == 200, message: r.text.trimmingCharacters(in: .whitespacesAndNewlines))
         return (r.status, reply)

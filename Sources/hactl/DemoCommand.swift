@@ -35,7 +35,7 @@ struct DemoCommand: ParsableCommand {
     private func step(_ s: String) { print("\n==> \(s)"); fflush(stdout) }
 
     private func table(_ c: LocalCluster) {
-        let client = ClusterClient(endpoints: c.statusEndpoints, token: nil, timeout: .seconds(2))
+        let client = ClusterClient(endpoints: c.statusEndpoints, timeout: .seconds(2))
         let views = client.discover(followPeers: false)
         print(StatusTable.render(views.filter { $0.arbitrator == nil }), terminator: "")
         for w in views.compactMap(\.arbitrator) { print(StatusTable.render(arbitrator: w), terminator: "") }

@@ -2,7 +2,7 @@ import ArgumentParser
 import Foundation
 import HAShell
 
-/// `hactl --endpoint http://HOST:PORT [--token-file F] COMMAND` (design.md §5).
+/// `hactl --endpoint http(s)://HOST:PORT [--ca-file F] [--token-file F] COMMAND` (design.md §5).
 /// Talks only to the nodes' status servers: `/status` to read, `/admin/*` to act.
 @main
 struct Hactl: AsyncParsableCommand {
@@ -10,10 +10,13 @@ struct Hactl: AsyncParsableCommand {
         commandName: "hactl",
         abstract: "Operate a hamgr cluster: status, switchover, drills, recovery.",
         discussion: """
-        ENDPOINT is a node's status_address as a URL (http://10.1.0.1:9650). Give one and \
-        hactl finds the peer through it; give both to reach each node directly. \
-        HACTL_ENDPOINT and HACTL_TOKEN_FILE set the defaults. Admin commands need the \
-        cluster's admin token file (mode 0600).
+        ENDPOINT is a node's status_address as a URL (http://10.1.0.1:9650, or https:// \
+        when the cluster serves status over TLS). Give one and hactl finds the peer through \
+        it; give both to reach each node directly. https:// needs --ca-file (the cluster CA, \
+        tls.ca_file); with a CA file, a bare HOST:PORT means https://. Admin commands need \
+        the cluster's admin token file (mode 0600); it also opens /status when the cluster \
+        sets status.read_token_file, as does --read-token-file. HACTL_ENDPOINT, \
+        HACTL_CA_FILE, HACTL_TOKEN_FILE and HACTL_READ_TOKEN_FILE set the defaults.
 
         Shell completions: hactl --generate-completion-script bash|zsh|fish
         """,
@@ -23,43 +26,72 @@ struct Hactl: AsyncParsableCommand {
                       BootstrapCommand.self, InvalidateCommand.self, ArbitratorAcceptCommand.self,
                       DrillCommand.self, DemoCommand.self])
 
-    @Option(name: .long, help: ArgumentHelp("A node's status endpoint, http://HOST:PORT (repeatable).", valueName: "url"))
+    @Option(name: .long, help: ArgumentHelp("A node's status endpoint, http(s)://HOST:PORT (repeatable).", valueName: "url"))
     var endpoint: [String] = []
 
-    @Option(name: .long, help: ArgumentHelp("The cluster's admin token file (mode 0600).", valueName: "file"))
+    @Option(name: .long, help: ArgumentHelp("The cluster CA (PEM) that https:// endpoints' certificates must chain to.", valueName: "file"))
+    var caFile: String?
+
+    @Option(name: .long, help: ArgumentHelp("The cluster's admin token file (mode 0600); it also opens reads.", valueName: "file"))
     var tokenFile: String?
+
+    @Option(name: .long, help: ArgumentHelp("The read-only token file (status.read_token_file, mode 0600), for /status.", valueName: "file"))
+    var readTokenFile: String?
 
     @Option(name: .long, help: "Seconds to wait for each HTTP answer.")
     var timeout: Double = 5
 
-    /// The endpoints to use: the options, else $HACTL_ENDPOINT (comma separated), else the local default.
-    var endpoints: [String] {
-        if !endpoint.isEmpty { return endpoint.map(Self.normalize) }
-        if let env = ProcessInfo.processInfo.environment["HACTL_ENDPOINT"], !env.isEmpty {
-            return env.split(separator: ",").map { Self.normalize(String($0)) }
+    /// The endpoints to use: the options, else $HACTL_ENDPOINT (comma separated), else the
+    /// local default; a bare HOST:PORT is https:// when a CA file is given.
+    func endpoints(secure: Bool) -> [String] {
+        if !endpoint.isEmpty { return endpoint.map { Self.normalize($0, secure: secure) } }
+        if let env = Self.environment("HACTL_ENDPOINT") {
+            return env.split(separator: ",").map { Self.normalize(String($0), secure: secure) }
         }
-        return ["http://127.0.0.1:9650"]
+        return [Self.normalize("127.0.0.1:9650", secure: secure)]
     }
 
-    /// `HOST:PORT` is accepted for `http://HOST:PORT`.
-    static func normalize(_ s: String) -> String {
+    /// `HOST:PORT` is accepted for `http://HOST:PORT` (`https://` with `secure`).
+    static func normalize(_ s: String, secure: Bool) -> String {
         let t = s.trimmingCharacters(in: .whitespaces)
-        return t.hasPrefix("http://") || t.hasPrefix("https://") ? t : "http://" + t
+        return t.hasPrefix("http://") || t.hasPrefix("https://") ? t : (secure ? "https://" : "http://") + t
+    }
+
+    /// A non-empty environment variable.
+    static func environment(_ name: String) -> String? {
+        ProcessInfo.processInfo.environment[name].flatMap { $0.isEmpty ? nil : $0 }
     }
 
     func client(needsToken: Bool) throws -> ClusterClient {
-        var token: String?
-        let path = tokenFile ?? ProcessInfo.processInfo.environment["HACTL_TOKEN_FILE"].flatMap { $0.isEmpty ? nil : $0 }
-        if let path {
-            do {
-                token = try ClusterConfig.readSecretFile(path, key: "--token-file")
-            } catch let e as ConfigError {
-                throw HactlError("\(e.message)")
-            }
-        } else if needsToken {
+        let adminToken = try secret(tokenFile ?? Self.environment("HACTL_TOKEN_FILE"), option: "--token-file")
+        if needsToken && adminToken == nil {
             throw HactlError("this command needs --token-file FILE (the cluster's admin_token_file)")
         }
-        return ClusterClient(endpoints: endpoints, token: token, timeout: .milliseconds(Int64(max(0.1, timeout) * 1000)))
+        let readToken = try secret(readTokenFile ?? Self.environment("HACTL_READ_TOKEN_FILE"), option: "--read-token-file")
+        var trust: HTTPClient.TrustedCA?
+        if let ca = caFile ?? Self.environment("HACTL_CA_FILE") {
+            do {
+                trust = try HTTPClient.TrustedCA(file: ca, key: "--ca-file")
+            } catch let e as ConfigError {
+                throw HactlError("--ca-file: \(e.message)")
+            }
+        }
+        let endpoints = endpoints(secure: trust != nil)
+        if trust == nil, let ep = endpoints.first(where: { $0.hasPrefix("https://") }) {
+            throw HactlError("\(ep): an https:// endpoint needs --ca-file FILE (the cluster CA, tls.ca_file) or HACTL_CA_FILE")
+        }
+        return ClusterClient(endpoints: endpoints, adminToken: adminToken, readToken: readToken,
+                             trust: trust, timeout: .milliseconds(Int64(max(0.1, timeout) * 1000)))
+    }
+
+    /// The token in the secret file at `path` (mode 0600), if a path is given.
+    private func secret(_ path: String?, option: String) throws -> String? {
+        guard let path else { return nil }
+        do {
+            return try ClusterConfig.readSecretFile(path, key: option)
+        } catch let e as ConfigError {
+            throw HactlError("\(option): \(e.message)")
+        }
     }
 }
 

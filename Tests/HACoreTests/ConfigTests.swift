@@ -141,16 +141,57 @@ final class ConfigTests: XCTestCase {
     }
 
     func testTokenFileRules() throws {
+        // The admin token is read on the data nodes only (the arbitrator host need not hold it).
         let open = try ConfigFixture()
         chmod(open.dir + "/web1.token", 0o640)
-        XCTAssertThrowsError(try ClusterConfig.load(path: open.write(ConfigFixture.validTOML))) { error in
+        let openConfig = try ClusterConfig.load(path: open.write(ConfigFixture.validTOML))
+        XCTAssertNoThrow(try openConfig.validateArbitratorHost())
+        XCTAssertThrowsError(try openConfig.validateNodeCredentials("a")) { error in
             XCTAssertEqual((error as? ConfigError)?.key, "cluster.admin_token_file")
         }
         let empty = try ConfigFixture()
         try empty.writeSecret("web1.token", Data("\n".utf8))
-        XCTAssertThrowsError(try ClusterConfig.load(path: empty.write(ConfigFixture.validTOML))) { error in
+        XCTAssertThrowsError(try ClusterConfig.load(path: empty.write(ConfigFixture.validTOML)).validateNodeCredentials("b")) { error in
             XCTAssertEqual((error as? ConfigError)?.key, "cluster.admin_token_file")
         }
+    }
+
+    func testStatusSectionTLSAndReadToken() throws {
+        // HTTPS on the status listener needs certificates.
+        let bare = try ConfigFixture()
+        XCTAssertThrowsError(try ClusterConfig.load(path: bare.write(ConfigFixture.validTOML + "\n[status]\ntls = true\n"))) { error in
+            guard let e = error as? ConfigError else { return XCTFail("not a ConfigError: \(error)") }
+            XCTAssertEqual(e.key, "status.tls")
+            XCTAssertTrue(e.message.contains("[tls]"), e.message)
+        }
+        let plain = try ClusterConfig.load(path: bare.write(ConfigFixture.validTOML + "\n[status]\ntls = false\n"))
+        XCTAssertFalse(plain.status.tls)
+        XCTAssertEqual(plain.statusURL("10.2.0.1:9650"), "http://10.2.0.1:9650")
+
+        // With [tls], HTTPS is the default; the read token file resolves next to the config.
+        let tls = try ConfigFixture()
+        let withTLS = ConfigFixture.validTOML + """
+
+        [tls]
+        ca_file = "tls/ca.crt"
+        cert_file = "tls/{name}.crt"
+        key_file = "tls/{name}.key"
+
+        [status]
+        read_token_file = "read.token"
+
+        """
+        let c = try ClusterConfig.load(path: tls.write(withTLS))
+        XCTAssertTrue(c.status.tls)
+        XCTAssertEqual(c.statusURL("10.2.0.1:9650"), "https://10.2.0.1:9650")
+        XCTAssertEqual(c.status.readTokenFile, tls.dir + "/read.token")
+        // The arbitrator host checks the read token its status listener needs.
+        let noHTTPS = try ClusterConfig.load(path: tls.write(withTLS.replacingOccurrences(of: "[status]\n", with: "[status]\ntls = false\n")))
+        XCTAssertThrowsError(try noHTTPS.validateArbitratorHost()) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "status.read_token_file", "\(error)")
+        }
+        try tls.writeSecret("read.token", Data("read-token-0123456789\n".utf8))
+        XCTAssertNoThrow(try noHTTPS.validateArbitratorHost())
     }
 
     func testUnknownNodeName() throws {

@@ -17,7 +17,10 @@ final class HTTPClientTests: XCTestCase {
     }
 
     func testBadURLAndRefusedConnection() throws {
-        XCTAssertThrowsError(try HTTPClient(endpoint: "https://x:1").get("/"))
+        XCTAssertThrowsError(try HTTPClient(endpoint: "https://x:1").get("/")) { error in
+            XCTAssertTrue("\(error)".contains("https:// endpoint needs a CA file"), "\(error)")
+        }
+        XCTAssertThrowsError(try HTTPClient(endpoint: "ftp://x:1").get("/"))
         XCTAssertThrowsError(try HTTPClient(endpoint: "http://nohostport").get("/"))
         // A port nobody listens on: a bound but not listening socket reserves it.
         let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
