@@ -525,8 +525,10 @@ public struct ClusterConfig: Sendable, Equatable {
         if export.clientCAFile != nil && export.tls == .off {
             throw ConfigError(key: "export.client_ca_file", message: "client certificates need export.tls = \"allow\" or \"require\"")
         }
-        if let sock = export.unixSocket, !sock.hasPrefix("/") || sock.utf8.count > 107 {
-            throw ConfigError(key: "export.unix_socket", message: "\(sock): must be an absolute path of at most 107 bytes")
+        for n in nodes {
+            if let sock = export.unixSocket(for: n.name.name), !sock.hasPrefix("/") || sock.utf8.count > 107 {
+                throw ConfigError(key: "export.unix_socket", message: "\(sock): must be an absolute path of at most 107 bytes")
+            }
         }
         _ = try loadClusterKeys()
     }

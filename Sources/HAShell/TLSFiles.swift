@@ -41,8 +41,13 @@ public struct ExportSettings: Sendable, Equatable {
     /// before a byte of the handshake is sent.
     public var allow: [ClientNetwork]
     /// A Unix-socket export for consumers on the node itself (no TLS, no allow-list:
-    /// the socket's file mode decides).
+    /// the socket's file mode decides). May name the node with `{name}`.
     public var unixSocket: String?
+
+    /// Node `host`'s socket path.
+    public func unixSocket(for host: String) -> String? {
+        unixSocket?.replacingOccurrences(of: TLSSettings.hostPlaceholder, with: host)
+    }
 
     public init(tls: ExportTLSMode = .off, clientCAFile: String? = nil, allow: [ClientNetwork] = [], unixSocket: String? = nil) {
         self.tls = tls; self.clientCAFile = clientCAFile; self.allow = allow; self.unixSocket = unixSocket

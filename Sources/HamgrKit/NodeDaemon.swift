@@ -164,7 +164,7 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         replicatedVolume.onEvent = { [weak self] ev in self?.control.async { self?.volumeEvent(ev) } }
         let svc = try parseHostPort(me.serviceAddress, key: "node.service_address")
         try nbd.start(host: svc.host, port: svc.port).wait()
-        if let path = config.export.unixSocket { try nbd.start(unixSocket: path).wait() }
+        if let path = config.export.unixSocket(for: me.name.name) { try nbd.start(unixSocket: path).wait() }
         nbd.setVolume(nil, refusal: refusal())
         // The persisted fencing token reaches the volume before any replication session can
         // be routed to it (the listener binds below; the volume runs events in order).
