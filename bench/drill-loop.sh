@@ -27,13 +27,13 @@ trap 'exit 130' INT TERM
 cluster_init "$WORK" "bench-$MODE" C 256MiB
 cluster_start w; cluster_start a; cluster_start b
 master=$(wait_master_in_sync 120) || { echo "drill-loop: no master in sync within 120 s; logs in $WORK" >&2; KEEP=1; exit 1; }
-echo "cluster up: master $master; arbitrator $ARB_IP, nodes $NODE_IP_a $NODE_IP_b; $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "cluster up: master $master; arbitrator $ARB_IP, nodes $NODE_IP_a $NODE_IP_b; TLS everywhere: $([ "${BENCH_TLS:-0}" = 1 ] && echo yes || echo "no (links encrypted)"); $(nproc) cores; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 
 RTOS=(); LOST=0; FAILED=0
 printf '%-5s %-8s %-8s %9s %6s %6s %s\n' round old new rto_ms acked lost notes
 for ((r = 1; r <= ROUNDS; r++)); do
     pid=${CPID[$master]}
-    args=(--endpoint "http://$STATUS_a" --endpoint "http://$STATUS_b" --token-file "$TOKEN" drill --json)
+    args=(--endpoint "$STATUS_SCHEME://$STATUS_a" --endpoint "$STATUS_SCHEME://$STATUS_b" "${HACTL_TLS[@]}" --token-file "$TOKEN" drill --json)
     if [ "$MODE" = crash ]; then args+=(--mode crash --kill-command "kill -9 $pid"); else args+=(--mode switchover); fi
     out=$(timeout "$ROUND_TIMEOUT" "$HACTL_BIN" "${args[@]}" 2>"$WORK/drill.$r.err") || true
     echo "$out" >"$WORK/drill.$r.json"

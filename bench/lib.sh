@@ -5,6 +5,10 @@
 # A loopback cluster: nodes a and b and the arbitrator, each on its own 127.x.y.z address
 # (x.y random per run, so parallel runs by other engineers do not collide), key file of
 # 48 random bytes mode 0600, admin token mode 0600, backing files under $DIR.
+# BENCH_TLS=1: TLS everywhere — a [tls] section and `hamgr certs`, so the NBD export
+# requires STARTTLS and status/admin are HTTPS (the links are always encrypted). Then
+# STATUS_SCHEME=https, CURL_TLS/HACTL_TLS carry the CA, NBD_SCHEME=nbds and NBD_QUERY names
+# a libnbd certificate directory.
 
 BENCH_ROOT=${BENCH_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 HAMGR_BIN=${HAMGR_BIN:-$BENCH_ROOT/.build-release/release/hamgr}
@@ -18,7 +22,8 @@ bench_require() {
 }
 
 # cluster_init DIR NAME PROTOCOL SIZE — writes DIR/cluster.toml, key, token; sets NODE_IP_a,
-# NODE_IP_b, ARB_IP, STATUS_a, STATUS_b, SERVICE_a, SERVICE_b, ARB_STATUS, CLUSTER_CONF, TOKEN.
+# NODE_IP_b, ARB_IP, STATUS_a, STATUS_b, SERVICE_a, SERVICE_b, ARB_STATUS, CLUSTER_CONF, TOKEN,
+# and STATUS_SCHEME, CURL_TLS, HACTL_TLS, NBD_SCHEME, NBD_QUERY (see BENCH_TLS above).
 cluster_init() {
     local dir=$1 name=$2 proto=${3:-C} size=${4:-256MiB}
     local o2=$((200 + RANDOM % 50)) o3=$((RANDOM % 250 + 1))
@@ -64,6 +69,21 @@ status_address = "$ARB_STATUS"
 state_dir = "$dir/arbitrator"
 EOF
     CLUSTER_DIR=$dir
+    STATUS_SCHEME=http; CURL_TLS=(); HACTL_TLS=(); NBD_SCHEME=nbd; NBD_QUERY=
+    if [ "${BENCH_TLS:-0}" = 1 ]; then
+        cat >>"$CLUSTER_CONF" <<EOF
+
+[tls]
+ca_file = "$dir/tls/ca.crt"
+cert_file = "$dir/tls/{name}.crt"
+key_file = "$dir/tls/{name}.key"
+EOF
+        "$HAMGR_BIN" certs --config "$CLUSTER_CONF" >/dev/null
+        mkdir -p "$dir/nbd-client"; cp "$dir/tls/ca.crt" "$dir/nbd-client/ca-cert.pem"
+        STATUS_SCHEME=https; CURL_TLS=(--cacert "$dir/tls/ca.crt")
+        HACTL_TLS=(--ca-file "$dir/tls/ca.crt")
+        NBD_SCHEME=nbds; NBD_QUERY="?tls-certificates=$dir/nbd-client"
+    fi
 }
 
 declare -A CPID=()   # role → pid (a, b, w)
@@ -90,7 +110,7 @@ cluster_stop_all() {
     CPID=()
 }
 
-status_json() { curl -sf --max-time 2 "http://$1/status" 2>/dev/null; }
+status_json() { curl -sf --max-time 2 "${CURL_TLS[@]}" "$STATUS_SCHEME://$1/status" 2>/dev/null; }
 
 # master_node → prints a or b (the node whose own /status says primary with a valid lease), or nothing.
 master_node() {

@@ -17,6 +17,9 @@
 # BENCH_REPLICATED=1 adds a third target: a two-node hamgr cluster + arbitrator on loopback,
 # protocol C (hamgr run / hamgr arbitrator, needs hactl too: HACTL_BIN), fio against the
 # master's service address; also prints replicated-C / unreplicated.
+# BENCH_TLS=1 runs every target over NBD TLS (STARTTLS required, X.509, ECDSA P-256):
+# nbdkit --tls=require, hamgr export --tls-cert, and the cluster with [tls] (bench/lib.sh);
+# fio connects with nbds:// URIs.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -48,13 +51,33 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-wait_nbd() {  # wait until an NBD server answers on port $1 (host $2, default 127.0.0.1)
+wait_nbd() {  # wait until the NBD server at URI $1 answers
     for _ in $(seq 1 100); do
-        timeout 5 nbdinfo --size "nbd://${2:-127.0.0.1}:$1" >/dev/null 2>&1 && return 0
+        timeout 5 nbdinfo --size "$1" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
-    echo "nbd-bench: no NBD server on port $1" >&2; return 1
+    echo "nbd-bench: no NBD server at $1" >&2; return 1
 }
+
+# With BENCH_TLS=1: a CA and a server certificate for 127.0.0.1 in the layout nbdkit reads
+# ($WORK/pki), and a client directory with the CA only ($WORK/pki-client) for libnbd.
+SCHEME=nbd; QUERY=; NBDKIT_TLS=(); EXPORT_TLS=()
+if [ "${BENCH_TLS:-0}" = 1 ]; then
+    mkdir -p "$WORK/pki" "$WORK/pki-client"
+    openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$WORK/pki/ca-key.pem" \
+        -out "$WORK/pki/ca-cert.pem" -days 2 -subj /CN=bench-ca -addext basicConstraints=critical,CA:TRUE \
+        -addext keyUsage=critical,keyCertSign 2>/dev/null
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$WORK/pki/server-key.pem" \
+        -out "$WORK/pki/server.csr" -subj /CN=127.0.0.1 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >"$WORK/pki/ext.cnf"
+    openssl x509 -req -in "$WORK/pki/server.csr" -CA "$WORK/pki/ca-cert.pem" -CAkey "$WORK/pki/ca-key.pem" -set_serial 1 \
+        -days 2 -extfile "$WORK/pki/ext.cnf" -out "$WORK/pki/server-cert.pem" 2>/dev/null
+    chmod 600 "$WORK/pki/server-key.pem"
+    cp "$WORK/pki/ca-cert.pem" "$WORK/pki-client/ca-cert.pem"
+    SCHEME=nbds; QUERY="?tls-certificates=$WORK/pki-client"
+    NBDKIT_TLS=(--tls=require --tls-certificates="$WORK/pki")
+    EXPORT_TLS=(--tls-cert "$WORK/pki/server-cert.pem" --tls-key "$WORK/pki/server-key.pem")
+fi
 
 # Targets, as "label|uri|pid[,pid]" (the server processes whose CPU is counted). Each
 # start_* function appends one.
@@ -63,19 +86,19 @@ TARGETS=()
 start_nbdkit() {
     local port; port=$(free_port)
     truncate -s "$SIZE" "$WORK/nbdkit.img"
-    "${PIN[@]}" nbdkit -f -i 127.0.0.1 -p "$port" file "$WORK/nbdkit.img" 2>"$WORK/nbdkit.log" &
+    "${PIN[@]}" nbdkit -f -i 127.0.0.1 -p "$port" "${NBDKIT_TLS[@]}" file "$WORK/nbdkit.img" 2>"$WORK/nbdkit.log" &
     PIDS+=($!)
-    wait_nbd "$port"
-    TARGETS+=("nbdkit-file|nbd://127.0.0.1:$port|$!")
+    wait_nbd "$SCHEME://127.0.0.1:$port/$QUERY"
+    TARGETS+=("nbdkit-file|$SCHEME://127.0.0.1:$port/$QUERY|$!")
 }
 
 start_hamgr_unreplicated() {
     local port; port=$(free_port)
     "${PIN[@]}" "$HAMGR_BIN" export --backing "$WORK/hamgr.img" --size "$SIZE" --listen "127.0.0.1:$port" --name bench \
-        >"$WORK/hamgr.log" 2>&1 &
+        "${EXPORT_TLS[@]}" >"$WORK/hamgr.log" 2>&1 &
     PIDS+=($!)
-    wait_nbd "$port"
-    TARGETS+=("hamgr-unreplicated|nbd://127.0.0.1:$port/bench|$!")
+    wait_nbd "$SCHEME://127.0.0.1:$port/bench$QUERY"
+    TARGETS+=("hamgr-unreplicated|$SCHEME://127.0.0.1:$port/bench$QUERY|$!")
 }
 
 # utime+stime (clock ticks) of the comma-separated pids, summed.
@@ -98,9 +121,9 @@ start_hamgr_replicated() {
     local m
     m=$(wait_master_in_sync 180) || { echo "nbd-bench: replicated cluster not in sync within 180 s" >&2; tail -5 "$WORK/repl/"*.log >&2; exit 1; }
     local svc=SERVICE_$m
-    wait_nbd "${!svc##*:}" "${!svc%:*}"
+    wait_nbd "$NBD_SCHEME://${!svc}/bench-repl$NBD_QUERY"
     echo "nbd-bench: replicated cluster up, master $m at ${!svc} (protocol C)" >&2
-    TARGETS+=("hamgr-replicated-C|nbd://${!svc}/bench-repl|${CPID[a]},${CPID[b]}")
+    TARGETS+=("hamgr-replicated-C|$NBD_SCHEME://${!svc}/bench-repl$NBD_QUERY|${CPID[a]},${CPID[b]}")
 }
 
 start_nbdkit
