@@ -75,6 +75,10 @@ public struct TLSIdentity: @unchecked Sendable {
     /// When the leaf certificate expires.
     public let notValidAfter: Date
 
+    /// The gauge a daemon serving with this identity exports (alert well before it).
+    public static let expiryMetric = "hamgr_tls_certificate_expiry_timestamp_seconds"
+    public static let expiryHelp = "When this host's TLS certificate (tls.cert_file) expires, in Unix seconds."
+
     /// A server configuration: this identity; with `clientCA`, clients must present a
     /// certificate it signed.
     public func serverConfiguration(clientCA: [NIOSSLCertificate]? = nil) -> TLSConfiguration {

@@ -118,8 +118,11 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
             if let odd = configs.first(where: { $0.status != first.status }) {
                 throw ConfigError(key: "status", message: "clusters \(first.cluster.name) and \(odd.cluster.name) share arbitrator.status_address \(addr) but not their [status] settings; give them the same tls and read_token_file, or separate status addresses")
             }
-            let tls = first.status.tls
-                ? try first.loadTLSIdentity(host: ClusterConfig.reservedArbitratorName)?.serverConfiguration() : nil
+            let identity = first.status.tls ? try first.loadTLSIdentity(host: ClusterConfig.reservedArbitratorName) : nil
+            if let identity {
+                registry.gauge(TLSIdentity.expiryMetric, help: TLSIdentity.expiryHelp).set(identity.notValidAfter.timeIntervalSince1970)
+            }
+            let tls = identity?.serverConfiguration()
             let server = StatusServer(group: group, host: hp.host, port: hp.port, adminToken: nil,
                                       readToken: try first.loadReadToken(), tls: tls,
                                       handlers: statusHandlers(), logger: logger)

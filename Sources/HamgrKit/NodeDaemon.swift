@@ -192,6 +192,9 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
 
         let statusAddr = try parseHostPort(me.statusAddress, key: "node.status_address")
         let statusTLS = config.status.tls ? try config.loadTLSIdentity(host: me.name.name)?.serverConfiguration() : nil
+        if config.export.tls != .off || config.status.tls, let identity = try config.loadTLSIdentity(host: me.name.name) {
+            metrics.registry.gauge(TLSIdentity.expiryMetric, help: TLSIdentity.expiryHelp).set(identity.notValidAfter.timeIntervalSince1970)
+        }
         let server = StatusServer(group: group, host: statusAddr.host, port: statusAddr.port,
                                   adminToken: try config.loadAdminToken(), readToken: try config.loadReadToken(),
                                   tls: statusTLS, handlers: statusHandlers(), logger: logger)

@@ -72,6 +72,14 @@ final class StatusTLSProcessTests: XCTestCase {
             let metrics = try shell(["curl", "-sS", "--max-time", "5", "--cacert", ca, "-o", "/dev/null", "-w", "%{http_code}",
                                      "https://\(addr)/metrics"], timeout: 10)
             XCTAssertEqual(metrics.stdout, "401", "\(name): /metrics without the read token")
+            // With it, the certificate's expiry is there to alert on (hamgr certs: 825 days).
+            let token = try String(contentsOfFile: readToken, encoding: .utf8)
+            let text = try shell(["curl", "-sS", "--max-time", "5", "--cacert", ca, "-H", "Authorization: Bearer \(token)",
+                                  "https://\(addr)/metrics"], timeout: 10).stdout
+            let line = text.split(separator: "\n").first { $0.hasPrefix("hamgr_tls_certificate_expiry_timestamp_seconds ") }
+            let expiry = line.flatMap { Double($0.split(separator: " ")[1]) } ?? 0
+            let days = (expiry - Date().timeIntervalSince1970) / 86400
+            XCTAssertTrue(days > 824 && days <= 825, "\(name): certificate expiry gauge \(String(describing: line))")
         }
     }
 }
