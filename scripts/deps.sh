@@ -3,7 +3,7 @@
 # Called by scripts/demo.sh and scripts/test.sh; safe to run by hand.
 set -euo pipefail
 PKGS=(libsystemd-dev libnbd-bin qemu-utils nbdkit fio prometheus resource-agents
-      python3-libnbd iproute2 nftables iputils-ping faketime fuse3 e2fsprogs curl util-linux procps)
+      python3-libnbd iproute2 nftables iputils-ping faketime fuse3 e2fsprogs curl util-linux procps openssl)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
