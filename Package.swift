@@ -55,7 +55,7 @@ let package = Package(
             .product(name: "TOMLKit", package: "TOMLKit"),
         ]),
         .target(name: "ReplicationShell", dependencies: [
-            "Replication", "HAShell", nioCore, nioPosix, nioLocks, logging, crypto, nioSSL,
+            "Replication", "HAShell", nioCore, nioPosix, nioLocks, logging, crypto, nioSSL, nioTLS,
         ]),
         // The one runtime of a node (quorum core + replicated volume + policies), shared by
         // the daemon and the whole-node simulator. Pure: it reaches the world only through

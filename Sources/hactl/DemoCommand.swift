@@ -5,7 +5,9 @@ import Replication
 import ReplicationShell
 
 /// `hactl demo`: a local cluster — arbitrator and two data nodes, each on its own loopback
-/// address — in a temporary directory with file-backed volumes. It shows the status table,
+/// address — in a temporary directory with file-backed volumes, TLS on everywhere (`hamgr
+/// certs` makes the CA and the hosts' certificates; NBD, status and admin run over TLS,
+/// verified against that CA). It shows the status table,
 /// writes data through the master's NBD export, kills the master, shows the backup promoted
 /// on its own address with the data intact, brings the old master back as backup, and
 /// removes every process and file it made (also on Ctrl-C or failure).
@@ -35,13 +37,17 @@ struct DemoCommand: ParsableCommand {
     private func step(_ s: String) { print("\n==> \(s)"); fflush(stdout) }
 
     private func table(_ c: LocalCluster) {
-        let client = ClusterClient(endpoints: c.statusEndpoints, timeout: .seconds(2))
+        let client = ClusterClient(endpoints: c.statusEndpoints, trust: c.trust, timeout: .seconds(2))
         let views = client.discover(followPeers: false)
         print(StatusTable.render(views.filter { $0.arbitrator == nil }), terminator: "")
         for w in views.compactMap(\.arbitrator) { print(StatusTable.render(arbitrator: w), terminator: "") }
     }
 
     private func runDemo(_ c: LocalCluster) throws {
+        step("Making certificates in \(c.dir.path) with hamgr certs: a cluster CA, and one for each node and the arbitrator (naming its addresses)")
+        try c.makeCertificates()
+        print("    NBD, status and admin all run over TLS, verified against \(c.caFile);")
+        print("    the replication and quorum links are encrypted and authenticated with the cluster key")
         step("Starting an arbitrator and two nodes on loopback in \(c.dir.path)")
         try c.start("w"); try c.start("a"); try c.start("b")
         guard let master = c.waitForMaster(within: 30), c.waitInSync(master, within: 30) else {
@@ -50,10 +56,10 @@ struct DemoCommand: ParsableCommand {
         let backup = master == "a" ? "b" : "a"
         table(c)
 
-        step("Writing 4 MiB through \(master)'s NBD export at \(c.serviceAddress(master)) (protocol C: acknowledged only when both disks have it)")
+        step("Writing 4 MiB through \(master)'s NBD export at \(c.serviceAddress(master)) over TLS (NBD_OPT_STARTTLS; protocol C: acknowledged only when both disks have it)")
         let data = (0..<(4 << 20)).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ $0 >> 12) }
         let hp = try parseHostPort(c.serviceAddress(master))
-        let writer = try NBDClient(host: hp.host, port: hp.port, timeoutSeconds: 10)
+        let writer = try NBDClient(host: hp.host, port: hp.port, timeoutSeconds: 10, tls: c.nbdTLS)
         for off in stride(from: 0, to: data.count, by: 1 << 20) {
             try writer.write(offset: UInt64(off), bytes: Array(data[off..<(off + (1 << 20))]))
         }
@@ -70,9 +76,9 @@ struct DemoCommand: ParsableCommand {
         print(String(format: "    %@ was promoted and acknowledged a write %.2f s after the kill", backup, rto))
         table(c)
 
-        step("Reading the 4 MiB back from the new master \(backup) at \(c.serviceAddress(backup))")
+        step("Reading the 4 MiB back from the new master \(backup) at \(c.serviceAddress(backup)) over TLS (its own certificate, same CA)")
         let hp2 = try parseHostPort(c.serviceAddress(backup))
-        let reader = try NBDClient(host: hp2.host, port: hp2.port, timeoutSeconds: 10)
+        let reader = try NBDClient(host: hp2.host, port: hp2.port, timeoutSeconds: 10, tls: c.nbdTLS)
         var back: [UInt8] = []
         for off in stride(from: 0, to: data.count, by: 1 << 20) {
             back += try reader.read(offset: UInt64(off), length: 1 << 20)
@@ -101,6 +107,11 @@ final class LocalCluster: @unchecked Sendable {
     let port: Int
     private var pids: [String: pid_t] = [:]
     private let volumeBytes = 64 << 20
+    /// The cluster CA `hamgr certs` makes (tls.ca_file), and the clients that trust it (set
+    /// by `makeCertificates`).
+    var caFile: String { dir.appendingPathComponent("tls/ca.crt").path }
+    private(set) var trust: HTTPClient.TrustedCA?
+    private(set) var nbdTLS: NBDClientTLS?
 
     init(dir: URL, config: String, hamgr: String, port: Int) {
         self.dir = dir; self.config = config; self.hamgr = hamgr; self.port = port
@@ -115,6 +126,7 @@ final class LocalCluster: @unchecked Sendable {
     }
 
     static func make() throws -> LocalCluster {
+        let hamgr = try hamgrBinary()
         let dir = FileManager.default.temporaryDirectory.appendingPathComponent("hamgr-demo-\(getpid())")
         try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
         let port = 17000 + Int(getpid() % 500) * 4
@@ -152,13 +164,44 @@ final class LocalCluster: @unchecked Sendable {
         status_address = "127.0.77.3:\(port + 2)"
         state_dir = "\(dir.appendingPathComponent("arbitrator").path)"
 
+        [tls]
+        ca_file = "\(dir.appendingPathComponent("tls/ca.crt").path)"
+        cert_file = "\(dir.appendingPathComponent("tls/{name}.crt").path)"
+        key_file = "\(dir.appendingPathComponent("tls/{name}.key").path)"
+
         """
         let config = dir.appendingPathComponent("demo.toml").path
         try toml.write(toFile: config, atomically: true, encoding: .utf8)
-        return LocalCluster(dir: dir, config: config, hamgr: try hamgrBinary(), port: port)
+        return LocalCluster(dir: dir, config: config, hamgr: hamgr, port: port)
     }
 
-    var statusEndpoints: [String] { ["a", "b", "w"].map { "http://\(ips[$0]!):\(port + 2)" } }
+    /// `hamgr certs --config` (output in certs.log), then load the CA for the clients.
+    func makeCertificates() throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: hamgr)
+        p.arguments = ["certs", "--config", config]
+        let logPath = dir.appendingPathComponent("certs.log").path
+        FileManager.default.createFile(atPath: logPath, contents: nil)
+        let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
+        defer { try? fh.close() }
+        p.standardOutput = fh
+        p.standardError = fh
+        p.standardInput = FileHandle.nullDevice
+        try p.run()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0 else {
+            let out = (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? ""
+            throw HactlError("hamgr certs failed (exit \(p.terminationStatus)):\n\(out)")
+        }
+        do {
+            trust = try HTTPClient.TrustedCA(file: caFile, key: "tls.ca_file")
+            nbdTLS = try NBDClientTLS(caFile: caFile, caOption: "tls.ca_file")
+        } catch {
+            throw HactlError("the demo's CA \(caFile): \(error)")
+        }
+    }
+
+    var statusEndpoints: [String] { ["a", "b", "w"].map { "https://\(ips[$0]!):\(port + 2)" } }
     func serviceAddress(_ n: String) -> String { "\(ips[n]!):\(port + 1)" }
     func log(_ n: String) -> String { dir.appendingPathComponent("\(n).log").path }
 
@@ -185,7 +228,7 @@ final class LocalCluster: @unchecked Sendable {
     }
 
     func status(_ n: String) -> StatusDocument? {
-        guard let r = try? HTTPClient(endpoint: "http://\(ips[n]!):\(port + 2)", bearerToken: nil, timeout: .seconds(1)).get("/status"),
+        guard let r = try? HTTPClient(endpoint: "https://\(ips[n]!):\(port + 2)", bearerToken: nil, timeout: .seconds(1), trust: trust).get("/status"),
               r.status == 200 else { return nil }
         return try? JSONDecoder().decode(StatusDocument.self, from: r.body)
     }
@@ -213,7 +256,7 @@ final class LocalCluster: @unchecked Sendable {
         let end = Date().addingTimeInterval(seconds)
         while Date() < end {
             if let hp = try? parseHostPort(serviceAddress(n)),
-               let c = try? NBDClient(host: hp.host, port: hp.port, timeoutSeconds: 2) {
+               let c = try? NBDClient(host: hp.host, port: hp.port, timeoutSeconds: 2, tls: nbdTLS) {
                 defer { c.disconnect() }
                 if (try? c.write(offset: UInt64(volumeBytes - 4096), bytes: [UInt8](repeating: 0xEE, count: 4096))) != nil {
                     return Date().timeIntervalSince(since)

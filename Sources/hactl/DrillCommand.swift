@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import HAShell
+import ReplicationShell
 
 /// `hactl drill`: a planned (switchover) or crash drill against a running cluster. It
 /// writes a verifiable pattern through the master's export, fails over, and reports RTO
@@ -16,6 +17,12 @@ struct DrillCommand: ParsableCommand {
         master vanish. The drill writes into the volume: run it on a test volume or in \
         a maintenance window. Exit status 0 only if no acknowledged write was lost and \
         every block reads back as written.
+
+        With --ca-file the drill's NBD connections run over TLS too (NBD_OPT_STARTTLS, the \
+        server's certificate verified against the CA and the service address); an export \
+        with export.client_ca_file also needs --nbd-client-cert and --nbd-client-key \
+        (hamgr certs --client NAME --out DIR makes them). --nbd-plaintext connects to an \
+        export with export.tls = "off" while status still runs over HTTPS.
         """)
 
     enum Mode: String, ExpressibleByArgument, CaseIterable, Codable { case switchover, crash }
@@ -34,16 +41,45 @@ struct DrillCommand: ParsableCommand {
     @Flag(name: .long, help: "Print the report as JSON.")
     var json = false
 
+    @Option(name: .long, help: ArgumentHelp("Client certificate (PEM) for an NBD export that requires one (needs --ca-file).", valueName: "file"))
+    var nbdClientCert: String?
+
+    @Option(name: .long, help: ArgumentHelp("The client certificate's private key (PEM, mode 0600).", valueName: "file"))
+    var nbdClientKey: String?
+
+    @Flag(name: .long, help: "Connect to the NBD export without TLS even with --ca-file (for export.tls = \"off\").")
+    var nbdPlaintext = false
+
     func validate() throws {
         if mode == .crash && killCommand == nil { throw ValidationError("--mode crash needs --kill-command CMD") }
         if mode == .switchover && killCommand != nil { throw ValidationError("--kill-command applies only to --mode crash") }
         if blocks < 1 { throw ValidationError("--blocks must be at least 1") }
+        if (nbdClientCert == nil) != (nbdClientKey == nil) { throw ValidationError("--nbd-client-cert and --nbd-client-key go together") }
+        if nbdPlaintext && nbdClientCert != nil { throw ValidationError("--nbd-client-cert is for TLS; it cannot go with --nbd-plaintext") }
+    }
+
+    /// TLS for the drill's NBD connections: with a CA file, unless --nbd-plaintext.
+    func nbdTLS() throws -> NBDClientTLS? {
+        guard !nbdPlaintext, let ca = hactl.caFilePath else {
+            if nbdClientCert != nil { throw HactlError("--nbd-client-cert needs --ca-file (the cluster CA) to verify the export with") }
+            return nil
+        }
+        do {
+            return try NBDClientTLS(caFile: ca, clientCertificateFile: nbdClientCert, clientKeyFile: nbdClientKey,
+                                    caOption: "--ca-file", certOption: "--nbd-client-cert", keyOption: "--nbd-client-key")
+        } catch let e as NBDClientError {
+            throw HactlError("\(e)")
+        } catch {
+            throw HactlError("\(error)")
+        }
     }
 
     func run() throws {
         try reporting {
+            let tls = try nbdTLS()
             let client = try hactl.client(needsToken: mode == .switchover)
-            let report = try DrillRunner(client: client, plan: DrillPlan(mode: mode, killCommand: killCommand, blocks: blocks)).run()
+            let report = try DrillRunner(client: client, plan: DrillPlan(mode: mode, killCommand: killCommand, blocks: blocks),
+                                         nbdTLS: tls).run()
             print(json ? report.jsonText() : report.humanText(), terminator: "")
             if !report.passed { throw ExitCode(1) }
         }

@@ -17,6 +17,8 @@ import ReplicationShell
 struct DrillRunner {
     var client: ClusterClient
     var plan: DrillPlan
+    /// TLS for the NBD connections (hactl --ca-file), or plaintext.
+    var nbdTLS: NBDClientTLS? = nil
     var log: (String) -> Void = { _ in }
 
     static let blockBytes = 4096
@@ -42,7 +44,15 @@ struct DrillRunner {
         let start = Date()
 
         // Phase 1: write through the current master for a moment.
-        var conn: NBDClient? = try connect(master.serviceAddress)
+        var conn: NBDClient?
+        do {
+            conn = try connect(master.serviceAddress)
+        } catch let e as NBDClientError {
+            var hint = ""
+            if case .tlsRequired = e { hint = " (give hactl --ca-file FILE, the cluster CA, without --nbd-plaintext)" }
+            if case .tls(let why) = e, why.contains("STARTTLS") { hint = " (for an export with export.tls = \"off\": --nbd-plaintext)" }
+            throw HactlError("cannot connect to \(master.node)'s NBD export at \(master.serviceAddress): \(e)\(hint)")
+        }
         log("writing a pattern through \(master.node) at \(master.serviceAddress)")
         while Date().timeIntervalSince(start) < 1.0 || attempts.filter(\.acknowledged).count < 50 {
             sequence += 1
@@ -126,7 +136,7 @@ struct DrillRunner {
 
     private func connect(_ serviceAddress: String) throws -> NBDClient {
         let hp = try parseHostPort(serviceAddress, key: "service_address")
-        return try NBDClient(host: hp.host, port: hp.port, timeoutSeconds: 5)
+        return try NBDClient(host: hp.host, port: hp.port, timeoutSeconds: 5, tls: nbdTLS)
     }
 
     /// One acknowledged-or-not write of block `block`'s record.

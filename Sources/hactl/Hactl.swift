@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import HAShell
+import ReplicationShell
 
 /// `hactl --endpoint http(s)://HOST:PORT [--ca-file F] [--token-file F] COMMAND` (design.md §5).
 /// Talks only to the nodes' status servers: `/status` to read, `/admin/*` to act.
@@ -62,6 +63,9 @@ struct Hactl: AsyncParsableCommand {
         ProcessInfo.processInfo.environment[name].flatMap { $0.isEmpty ? nil : $0 }
     }
 
+    /// The CA file given (--ca-file, else $HACTL_CA_FILE), if any.
+    var caFilePath: String? { caFile ?? Self.environment("HACTL_CA_FILE") }
+
     func client(needsToken: Bool) throws -> ClusterClient {
         let adminToken = try secret(tokenFile ?? Self.environment("HACTL_TOKEN_FILE"), option: "--token-file")
         if needsToken && adminToken == nil {
@@ -69,7 +73,7 @@ struct Hactl: AsyncParsableCommand {
         }
         let readToken = try secret(readTokenFile ?? Self.environment("HACTL_READ_TOKEN_FILE"), option: "--read-token-file")
         var trust: HTTPClient.TrustedCA?
-        if let ca = caFile ?? Self.environment("HACTL_CA_FILE") {
+        if let ca = caFilePath {
             do {
                 trust = try HTTPClient.TrustedCA(file: ca, key: "--ca-file")
             } catch let e as ConfigError {
@@ -114,6 +118,9 @@ func reporting(_ body: () throws -> Void) throws {
         warn("hactl: \(e)")
         throw ExitCode(1)
     } catch let e as HTTPClient.Failure {
+        warn("hactl: \(e)")
+        throw ExitCode(1)
+    } catch let e as NBDClientError {
         warn("hactl: \(e)")
         throw ExitCode(1)
     }

@@ -93,6 +93,9 @@ final class OperationsProcessTests: XCTestCase {
         XCTAssertEqual(r.status, 0, r.stdout + r.stderr)
         XCTAssertTrue(r.stdout.contains("data intact"), r.stdout)
         XCTAssertTrue(r.stdout.contains("was promoted"), r.stdout)
+        // TLS everywhere: hamgr certs made the certificates; NBD and status ran over TLS.
+        XCTAssertTrue(r.stdout.contains("NBD, status and admin all run over TLS"), r.stdout)
+        XCTAssertTrue(r.stdout.contains("over TLS (NBD_OPT_STARTTLS"), r.stdout)
         sleep(1)
         let ps = try shell(["pgrep", "-fa", "hamgr-demo-"]).stdout
         XCTAssertEqual(ps.trimmingCharacters(in: .whitespacesAndNewlines), "", "demo processes left behind")

@@ -16,6 +16,10 @@ public enum NBDClientError: Error, Equatable, CustomStringConvertible {
     case refused(String)
     /// The server answered a request with an error.
     case server(NBDError, message: String?)
+    /// The server refuses plaintext (NBD_REP_ERR_TLS_REQD) and no TLS was asked for.
+    case tlsRequired
+    /// TLS could not be set up: STARTTLS refused, the handshake or certificate verification failed.
+    case tls(String)
 
     public var description: String {
         switch self {
@@ -23,6 +27,8 @@ public enum NBDClientError: Error, Equatable, CustomStringConvertible {
         case .protocolViolation(let s): return "NBD protocol violation by the server: \(s)"
         case .refused(let s): return "NBD export refused: \(s)"
         case .server(let e, let m): return "NBD server error \(e.name)" + (m.map { ": \($0)" } ?? "")
+        case .tlsRequired: return "NBD export refused: the server requires TLS (NBD_REP_ERR_TLS_REQD): give a CA file (the cluster CA, tls.ca_file) to connect over TLS"
+        case .tls(let s): return "NBD TLS: \(s)"
         }
     }
 }
@@ -30,20 +36,31 @@ public enum NBDClientError: Error, Equatable, CustomStringConvertible {
 /// A small blocking NBD client: fixed newstyle, NBD_OPT_GO (structured replies if asked),
 /// READ / WRITE / FLUSH / DISC, FUA. One request at a time. Used by `hactl drill` to write a
 /// verifiable pattern and read it back, and by tests. Not thread-safe: one caller at a time.
+///
+/// With `tls`, NBD_OPT_STARTTLS is the first option; once acknowledged, the TLS handshake
+/// runs over the same socket (the server's certificate verified against the CA and the host
+/// name or address) and every later option and request goes through TLS.
 public final class NBDClient {
     public let sizeBytes: UInt64
     public let transmissionFlags: NBDTransmissionFlags
     public let structuredReplies: Bool
     /// The server's maximum payload (NBD_INFO_BLOCK_SIZE), or the spec's default 32 MiB.
     public let maximumPayloadBytes: UInt32
-    private var fd: Int32
+    /// Whether the connection runs over TLS.
+    public let isTLS: Bool
+    private var transport: NBDTransport?
     private var nextCookie: UInt64 = 1
 
-    /// Connects and negotiates. `timeoutSeconds` bounds every send and receive.
-    public init(host: String, port: Int, exportName: String = "", structuredReplies: Bool = true, timeoutSeconds: Int = 30) throws {
-        fd = try Self.connect(host: host, port: port, timeoutSeconds: timeoutSeconds)
+    /// Connects and negotiates. `timeoutSeconds` bounds every send and receive (and the TLS
+    /// handshake). With `tls`, the connection is upgraded with NBD_OPT_STARTTLS before any
+    /// other option; a server that does not offer TLS is an error, never a plaintext fallback.
+    public init(host: String, port: Int, exportName: String = "", structuredReplies: Bool = true, timeoutSeconds: Int = 30,
+                tls: NBDClientTLS? = nil) throws {
+        let plain = PlainNBDTransport(fd: try Self.connect(host: host, port: port, timeoutSeconds: timeoutSeconds),
+                                      timeoutSeconds: timeoutSeconds)
+        var link: NBDTransport = plain
         do {
-            var greeting = try Self.receive(fd, 18)
+            var greeting = try link.receive(18)
             guard greeting.readInteger(as: UInt64.self) == NBDMagic.initial,
                   greeting.readInteger(as: UInt64.self) == NBDMagic.option else {
                 throw NBDClientError.protocolViolation("not an NBD newstyle server")
@@ -56,12 +73,24 @@ public final class NBDClient {
             if serverFlags & NBDHandshakeFlags.noZeroes != 0 { clientFlags |= NBDHandshakeFlags.clientNoZeroes }
             var out = ByteBuffer()
             out.writeInteger(clientFlags)
-            try Self.send(fd, out)
+            try link.send(out)
+
+            if let tls {
+                try Self.sendOption(link, NBDOption.startTLS, ByteBuffer())
+                var (type, data) = try Self.receiveOptionReply(link, option: NBDOption.startTLS)
+                guard type == NBDOptionReply.ack else {
+                    let text = data.readString(length: data.readableBytes) ?? ""
+                    let why = type == NBDOptionReply.errUnsupported ? "NBD_REP_ERR_UNSUPPORTED: the export does not offer TLS (export.tls = off?)"
+                        : "option reply 0x\(String(type, radix: 16))"
+                    throw NBDClientError.tls("\(host):\(port) refused NBD_OPT_STARTTLS (\(why))" + (text.isEmpty ? "" : ": \(text)"))
+                }
+                link = try TLSNBDTransport(connectedSocket: plain.release(), host: host, port: port, tls: tls, timeoutSeconds: timeoutSeconds)
+            }
 
             var structured = false
             if structuredReplies {
-                try Self.sendOption(fd, NBDOption.structuredReply, ByteBuffer())
-                let (type, _) = try Self.receiveOptionReply(fd, option: NBDOption.structuredReply)
+                try Self.sendOption(link, NBDOption.structuredReply, ByteBuffer())
+                let (type, _) = try Self.receiveOptionReply(link, option: NBDOption.structuredReply)
                 structured = type == NBDOptionReply.ack
             }
             var go = ByteBuffer()
@@ -69,12 +98,12 @@ public final class NBDClient {
             go.writeString(exportName)
             go.writeInteger(UInt16(1))
             go.writeInteger(NBDInfo.blockSize)
-            try Self.sendOption(fd, NBDOption.go, go)
+            try Self.sendOption(link, NBDOption.go, go)
             var size: UInt64?
             var flags = NBDTransmissionFlags()
             var maxPayload: UInt32 = 32 * 1024 * 1024
             while true {
-                var (type, data) = try Self.receiveOptionReply(fd, option: NBDOption.go)
+                var (type, data) = try Self.receiveOptionReply(link, option: NBDOption.go)
                 if type == NBDOptionReply.ack { break }
                 if NBDOptionReply.isError(type) {
                     let text = data.readString(length: data.readableBytes) ?? ""
@@ -95,13 +124,15 @@ public final class NBDClient {
             self.transmissionFlags = flags
             self.structuredReplies = structured
             self.maximumPayloadBytes = maxPayload
+            self.isTLS = tls != nil
+            self.transport = link
         } catch {
-            close(fd)
+            link.close(wait: false)
             throw error
         }
     }
 
-    deinit { if fd >= 0 { close(fd) } }
+    deinit { transport?.close(wait: false) }
 
     public func read(offset: UInt64, length: Int) throws -> [UInt8] {
         let cookie = try request(NBDCommand.read, offset: offset, length: length)
@@ -118,18 +149,19 @@ public final class NBDClient {
         _ = try receiveReply(cookie: cookie, readOffset: nil, readLength: 0)
     }
 
-    /// Sends NBD_CMD_DISC and closes the socket. Further calls fail.
+    /// Sends NBD_CMD_DISC and closes the connection (TLS: close_notify, waited for at most a
+    /// couple of seconds; the socket is closed on return). Further calls fail.
     public func disconnect() {
-        guard fd >= 0 else { return }
+        guard let t = transport else { return }
         _ = try? request(NBDCommand.disconnect, offset: 0, length: 0)
-        close(fd)
-        fd = -1
+        t.close(wait: true)
+        transport = nil
     }
 
     // MARK: requests
 
     private func request(_ type: UInt16, flags: NBDCommandFlags = [], offset: UInt64, length: Int, payload: [UInt8]? = nil) throws -> UInt64 {
-        guard fd >= 0 else { throw NBDClientError.transport("disconnected") }
+        guard let link = transport else { throw NBDClientError.transport("disconnected") }
         guard length >= 0, length <= Int(UInt32.max) else { throw NBDClientError.transport("length \(length) out of range") }
         let cookie = nextCookie
         nextCookie &+= 1
@@ -137,21 +169,22 @@ public final class NBDClient {
         out.reserveCapacity(28 + (payload?.count ?? 0))
         NBDRequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: UInt32(length)).write(into: &out)
         if let p = payload { out.writeBytes(p) }
-        try Self.send(fd, out)
+        try link.send(out)
         return cookie
     }
 
     private func receiveReply(cookie: UInt64, readOffset: UInt64?, readLength: Int) throws -> [UInt8] {
-        var head = try Self.receive(fd, 4)
+        guard let link = transport else { throw NBDClientError.transport("disconnected") }
+        var head = try link.receive(4)
         let magic: UInt32 = head.readInteger()!
         if magic == NBDMagic.simpleReply {
-            var rest = try Self.receive(fd, 12)
+            var rest = try link.receive(12)
             let error: UInt32 = rest.readInteger()!
             let got: UInt64 = rest.readInteger()!
             guard got == cookie else { throw NBDClientError.protocolViolation("reply for cookie \(got), expected \(cookie)") }
             guard error == 0 else { throw NBDClientError.server(NBDError(rawValue: error) ?? .invalid, message: nil) }
             guard readOffset != nil, readLength > 0 else { return [] }
-            var data = try Self.receive(fd, readLength)
+            var data = try link.receive(readLength)
             return data.readBytes(length: readLength)!
         }
         guard magic == NBDMagic.structuredReply else { throw NBDClientError.protocolViolation("reply magic 0x\(String(magic, radix: 16))") }
@@ -161,18 +194,18 @@ public final class NBDClient {
         var first = true
         while true {
             if !first {
-                var m = try Self.receive(fd, 4)
+                var m = try link.receive(4)
                 guard m.readInteger(as: UInt32.self) == NBDMagic.structuredReply else { throw NBDClientError.protocolViolation("bad chunk magic") }
             }
             first = false
-            var h = try Self.receive(fd, 16)
+            var h = try link.receive(16)
             let flags: UInt16 = h.readInteger()!
             let type: UInt16 = h.readInteger()!
             let got: UInt64 = h.readInteger()!
             let length: UInt32 = h.readInteger()!
             guard got == cookie else { throw NBDClientError.protocolViolation("chunk for cookie \(got), expected \(cookie)") }
             guard Int(length) <= readLength + 4096 + 64 else { throw NBDClientError.protocolViolation("chunk of \(length) bytes") }
-            var payload = try Self.receive(fd, Int(length))
+            var payload = try link.receive(Int(length))
             switch type {
             case NBDReplyType.none:
                 break
@@ -207,25 +240,28 @@ public final class NBDClient {
 
     // MARK: socket plumbing
 
-    private static func sendOption(_ fd: Int32, _ code: UInt32, _ data: ByteBuffer) throws {
+    private static func sendOption(_ link: NBDTransport, _ code: UInt32, _ data: ByteBuffer) throws {
         var out = ByteBuffer()
         out.writeInteger(NBDMagic.option)
         out.writeInteger(code)
         out.writeInteger(UInt32(data.readableBytes))
         var d = data
         out.writeBuffer(&d)
-        try send(fd, out)
+        try link.send(out)
     }
 
-    private static func receiveOptionReply(_ fd: Int32, option: UInt32) throws -> (UInt32, ByteBuffer) {
-        var h = try receive(fd, 20)
+    /// The next reply to `option`; NBD_REP_ERR_TLS_REQD is thrown as `.tlsRequired`.
+    private static func receiveOptionReply(_ link: NBDTransport, option: UInt32) throws -> (UInt32, ByteBuffer) {
+        var h = try link.receive(20)
         guard h.readInteger(as: UInt64.self) == NBDMagic.optionReply, h.readInteger(as: UInt32.self) == option else {
             throw NBDClientError.protocolViolation("bad option reply")
         }
         let type: UInt32 = h.readInteger()!
         let length: UInt32 = h.readInteger()!
         guard length <= 64 * 1024 else { throw NBDClientError.protocolViolation("option reply of \(length) bytes") }
-        return (type, try receive(fd, Int(length)))
+        let data = try link.receive(Int(length))
+        if type == NBDOptionReply.errTLSRequired { throw NBDClientError.tlsRequired }
+        return (type, data)
     }
 
     private static func connect(host: String, port: Int, timeoutSeconds: Int) throws -> Int32 {
@@ -256,38 +292,5 @@ public final class NBDClient {
             close(fd)
         }
         throw NBDClientError.transport("connect \(host):\(port): \(lastError)")
-    }
-
-    private static func send(_ fd: Int32, _ buffer: ByteBuffer) throws {
-        try buffer.withUnsafeReadableBytes { raw in
-            var done = 0
-            while done < raw.count {
-                let n = Glibc.send(fd, raw.baseAddress! + done, raw.count - done, Int32(MSG_NOSIGNAL))
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw NBDClientError.transport("send: \(String(cString: strerror(errno)))")
-                }
-                done += n
-            }
-        }
-    }
-
-    private static func receive(_ fd: Int32, _ count: Int) throws -> ByteBuffer {
-        var buffer = ByteBuffer()
-        guard count > 0 else { return buffer }
-        try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in
-            var done = 0
-            while done < count {
-                let n = recv(fd, raw.baseAddress! + done, count - done, 0)
-                if n < 0 {
-                    if errno == EINTR { continue }
-                    throw NBDClientError.transport("receive: \(String(cString: strerror(errno)))")
-                }
-                if n == 0 { throw NBDClientError.transport("the server closed the connection") }
-                done += n
-            }
-            return count
-        }
-        return buffer
     }
 }

@@ -25,6 +25,9 @@ final class ClusterHarness {
     let configPath: String
     let tokenPath: String
     private(set) var processes: [String: Process] = [:]
+    /// Set for a cluster with `[tls]` (status over HTTPS): status reads and admin posts go
+    /// to https:// and verify the listener with this CA.
+    var statusCAFile: String?
     let volumeBytes: Int
 
     static var binDir: URL {
@@ -177,10 +180,13 @@ final class ClusterHarness {
 
     func status(_ name: String) -> [String: Any]? {
         let addr = name == "w" ? "\(arbitratorIP):\(arbitratorStatusPort)" : node(name).statusAddress
-        guard let out = try? shell(["curl", "-sf", "--max-time", "1", "http://\(addr)/status"], timeout: 3), out.status == 0,
+        guard let out = try? shell(["curl", "-sf", "--max-time", "1"] + curlTLS + ["\(scheme)://\(addr)/status"], timeout: 3), out.status == 0,
               let obj = try? JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [String: Any] else { return nil }
         return obj
     }
+
+    private var scheme: String { statusCAFile == nil ? "http" : "https" }
+    private var curlTLS: [String] { statusCAFile.map { ["--cacert", $0] } ?? [] }
 
     func role(_ name: String) -> String? { status(name)?["role"] as? String }
 
@@ -216,10 +222,10 @@ final class ClusterHarness {
 
     /// POST an admin action with the token.
     func admin(_ name: String, _ action: String, body: String = "{}") throws -> (code: Int, body: String) {
-        let out = try shell(["curl", "-s", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}", "-X", "POST",
+        let out = try shell(["curl", "-s", "--max-time", "30", "-o", "-", "-w", "\n%{http_code}", "-X", "POST"] + curlTLS + [
                            "-H", "Authorization: Bearer \(try String(contentsOfFile: tokenPath, encoding: .utf8))",
                            "-H", "Content-Type: application/json", "--data", body,
-                           "http://\(node(name).statusAddress)/admin/\(action)"], timeout: 40)
+                           "\(scheme)://\(node(name).statusAddress)/admin/\(action)"], timeout: 40)
         let parts = out.stdout.split(separator: "\n", omittingEmptySubsequences: false)
         return (Int(parts.last ?? "") ?? 0, parts.dropLast().joined(separator: "\n"))
     }
