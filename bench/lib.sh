@@ -7,8 +7,8 @@
 # 48 random bytes mode 0600, admin token mode 0600, backing files under $DIR.
 # BENCH_TLS=1: TLS everywhere — a [tls] section and `hamgr certs`, so the NBD export
 # requires STARTTLS and status/admin are HTTPS (the links are always encrypted). Then
-# STATUS_SCHEME=https, CURL_TLS/HACTL_TLS carry the CA, NBD_SCHEME=nbds and NBD_QUERY names
-# a libnbd certificate directory.
+# STATUS_SCHEME=https, CURL_TLS/HACTL_TLS carry the CA, NBD_SCHEME=nbds and CLUSTER_CA is
+# the CA file (libnbd clients read it from $HOME/.pki/libnbd/ca-cert.pem).
 
 BENCH_ROOT=${BENCH_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 HAMGR_BIN=${HAMGR_BIN:-$BENCH_ROOT/.build-release/release/hamgr}
@@ -23,7 +23,7 @@ bench_require() {
 
 # cluster_init DIR NAME PROTOCOL SIZE — writes DIR/cluster.toml, key, token; sets NODE_IP_a,
 # NODE_IP_b, ARB_IP, STATUS_a, STATUS_b, SERVICE_a, SERVICE_b, ARB_STATUS, CLUSTER_CONF, TOKEN,
-# and STATUS_SCHEME, CURL_TLS, HACTL_TLS, NBD_SCHEME, NBD_QUERY (see BENCH_TLS above).
+# and STATUS_SCHEME, CURL_TLS, HACTL_TLS, NBD_SCHEME, CLUSTER_CA (see BENCH_TLS above).
 cluster_init() {
     local dir=$1 name=$2 proto=${3:-C} size=${4:-256MiB}
     local o2=$((200 + RANDOM % 50)) o3=$((RANDOM % 250 + 1))
@@ -69,7 +69,7 @@ status_address = "$ARB_STATUS"
 state_dir = "$dir/arbitrator"
 EOF
     CLUSTER_DIR=$dir
-    STATUS_SCHEME=http; CURL_TLS=(); HACTL_TLS=(); NBD_SCHEME=nbd; NBD_QUERY=
+    STATUS_SCHEME=http; CURL_TLS=(); HACTL_TLS=(); NBD_SCHEME=nbd; CLUSTER_CA=
     if [ "${BENCH_TLS:-0}" = 1 ]; then
         cat >>"$CLUSTER_CONF" <<EOF
 
@@ -79,10 +79,9 @@ cert_file = "$dir/tls/{name}.crt"
 key_file = "$dir/tls/{name}.key"
 EOF
         "$HAMGR_BIN" certs --config "$CLUSTER_CONF" >/dev/null
-        mkdir -p "$dir/nbd-client"; cp "$dir/tls/ca.crt" "$dir/nbd-client/ca-cert.pem"
-        STATUS_SCHEME=https; CURL_TLS=(--cacert "$dir/tls/ca.crt")
-        HACTL_TLS=(--ca-file "$dir/tls/ca.crt")
-        NBD_SCHEME=nbds; NBD_QUERY="?tls-certificates=$dir/nbd-client"
+        CLUSTER_CA=$dir/tls/ca.crt
+        STATUS_SCHEME=https; CURL_TLS=(--cacert "$CLUSTER_CA"); HACTL_TLS=(--ca-file "$CLUSTER_CA")
+        NBD_SCHEME=nbds
     fi
 }
 

@@ -19,7 +19,8 @@
 # master's service address; also prints replicated-C / unreplicated.
 # BENCH_TLS=1 runs every target over NBD TLS (STARTTLS required, X.509, ECDSA P-256):
 # nbdkit --tls=require, hamgr export --tls-cert, and the cluster with [tls] (bench/lib.sh);
-# fio connects with nbds:// URIs.
+# fio connects with nbds:// URIs; libnbd finds the CAs in $HOME/.pki/libnbd/ca-cert.pem
+# (fio's engine may not name local files in a URI), so fio and nbdinfo run with HOME=$WORK/home.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,17 +54,17 @@ trap cleanup EXIT INT TERM
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_nbd() {  # wait until the NBD server at URI $1 answers
     for _ in $(seq 1 100); do
-        timeout 5 nbdinfo --size "$1" >/dev/null 2>&1 && return 0
+        timeout 5 "${CLIENT_ENV[@]}" nbdinfo --size "$1" >/dev/null 2>&1 && return 0
         sleep 0.1
     done
     echo "nbd-bench: no NBD server at $1" >&2; return 1
 }
 
 # With BENCH_TLS=1: a CA and a server certificate for 127.0.0.1 in the layout nbdkit reads
-# ($WORK/pki), and a client directory with the CA only ($WORK/pki-client) for libnbd.
-SCHEME=nbd; QUERY=; NBDKIT_TLS=(); EXPORT_TLS=()
+# ($WORK/pki), and the CA where libnbd looks by default ($WORK/home/.pki/libnbd).
+SCHEME=nbd; NBDKIT_TLS=(); EXPORT_TLS=(); CLIENT_ENV=(env)
 if [ "${BENCH_TLS:-0}" = 1 ]; then
-    mkdir -p "$WORK/pki" "$WORK/pki-client"
+    mkdir -p "$WORK/pki" "$WORK/home/.pki/libnbd"
     openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout "$WORK/pki/ca-key.pem" \
         -out "$WORK/pki/ca-cert.pem" -days 2 -subj /CN=bench-ca -addext basicConstraints=critical,CA:TRUE \
         -addext keyUsage=critical,keyCertSign 2>/dev/null
@@ -73,8 +74,8 @@ if [ "${BENCH_TLS:-0}" = 1 ]; then
     openssl x509 -req -in "$WORK/pki/server.csr" -CA "$WORK/pki/ca-cert.pem" -CAkey "$WORK/pki/ca-key.pem" -set_serial 1 \
         -days 2 -extfile "$WORK/pki/ext.cnf" -out "$WORK/pki/server-cert.pem" 2>/dev/null
     chmod 600 "$WORK/pki/server-key.pem"
-    cp "$WORK/pki/ca-cert.pem" "$WORK/pki-client/ca-cert.pem"
-    SCHEME=nbds; QUERY="?tls-certificates=$WORK/pki-client"
+    cp "$WORK/pki/ca-cert.pem" "$WORK/home/.pki/libnbd/ca-cert.pem"
+    SCHEME=nbds; CLIENT_ENV=(env HOME="$WORK/home")
     NBDKIT_TLS=(--tls=require --tls-certificates="$WORK/pki")
     EXPORT_TLS=(--tls-cert "$WORK/pki/server-cert.pem" --tls-key "$WORK/pki/server-key.pem")
 fi
@@ -88,8 +89,8 @@ start_nbdkit() {
     truncate -s "$SIZE" "$WORK/nbdkit.img"
     "${PIN[@]}" nbdkit -f -i 127.0.0.1 -p "$port" "${NBDKIT_TLS[@]}" file "$WORK/nbdkit.img" 2>"$WORK/nbdkit.log" &
     PIDS+=($!)
-    wait_nbd "$SCHEME://127.0.0.1:$port/$QUERY"
-    TARGETS+=("nbdkit-file|$SCHEME://127.0.0.1:$port/$QUERY|$!")
+    wait_nbd "$SCHEME://127.0.0.1:$port/"
+    TARGETS+=("nbdkit-file|$SCHEME://127.0.0.1:$port/|$!")
 }
 
 start_hamgr_unreplicated() {
@@ -97,8 +98,8 @@ start_hamgr_unreplicated() {
     "${PIN[@]}" "$HAMGR_BIN" export --backing "$WORK/hamgr.img" --size "$SIZE" --listen "127.0.0.1:$port" --name bench \
         "${EXPORT_TLS[@]}" >"$WORK/hamgr.log" 2>&1 &
     PIDS+=($!)
-    wait_nbd "$SCHEME://127.0.0.1:$port/bench$QUERY"
-    TARGETS+=("hamgr-unreplicated|$SCHEME://127.0.0.1:$port/bench$QUERY|$!")
+    wait_nbd "$SCHEME://127.0.0.1:$port/bench"
+    TARGETS+=("hamgr-unreplicated|$SCHEME://127.0.0.1:$port/bench|$!")
 }
 
 # utime+stime (clock ticks) of the comma-separated pids, summed.
@@ -121,9 +122,10 @@ start_hamgr_replicated() {
     local m
     m=$(wait_master_in_sync 180) || { echo "nbd-bench: replicated cluster not in sync within 180 s" >&2; tail -5 "$WORK/repl/"*.log >&2; exit 1; }
     local svc=SERVICE_$m
-    wait_nbd "$NBD_SCHEME://${!svc}/bench-repl$NBD_QUERY"
+    if [ -n "$CLUSTER_CA" ]; then cat "$CLUSTER_CA" >>"$WORK/home/.pki/libnbd/ca-cert.pem"; fi
+    wait_nbd "$NBD_SCHEME://${!svc}/bench-repl"
     echo "nbd-bench: replicated cluster up, master $m at ${!svc} (protocol C)" >&2
-    TARGETS+=("hamgr-replicated-C|$NBD_SCHEME://${!svc}/bench-repl$NBD_QUERY|${CPID[a]},${CPID[b]}")
+    TARGETS+=("hamgr-replicated-C|$NBD_SCHEME://${!svc}/bench-repl|${CPID[a]},${CPID[b]}")
 }
 
 start_nbdkit
@@ -143,7 +145,7 @@ for ((r = 1; r <= REPEAT; r++)); do
             IFS='|' read -r tname uri tpids <<<"$t"
             c0=$(server_cpu_ticks "$tpids"); t0=$(date +%s.%N)
             # shellcheck disable=SC2086
-            "${PIN[@]}" fio --name="$wname" --ioengine=nbd --uri="$uri" $wargs --size="$SIZE" \
+            "${CLIENT_ENV[@]}" "${PIN[@]}" fio --name="$wname" --ioengine=nbd --uri="$uri" $wargs --size="$SIZE" \
                 --time_based --runtime="$RUNTIME" --ramp_time=2 --output-format=json \
                 >"$WORK/$tname.$wname.$r.json" 2>"$WORK/$tname.$wname.$r.err" ||
                 { echo "nbd-bench: fio failed for $tname $wname:" >&2; cat "$WORK/$tname.$wname.$r.err" >&2; exit 1; }
