@@ -283,7 +283,7 @@ final class NBDTLSTests: XCTestCase {
         let (size, r) = try nbdinfoSize("nbd+unix:///test?socket=\(e.socketPath)")
         XCTAssertEqual(size, 64 << 20, "\(r)")
         let q = try ProcessRunner.run("qemu-io", [
-            "--image-opts", "driver=nbd,server.type=unix,server.path=\(e.socketPath),export=test",
+            "-f", "raw", "nbd+unix:///test?socket=\(e.socketPath)",
             "-c", "write -P 0xab 0 1M", "-c", "read -P 0xab 0 1M",
         ], timeout: 60)
         XCTAssertEqual(q.exitCode, 0, "\(q)")
