@@ -169,6 +169,8 @@ public struct ClusterConfig: Sendable, Equatable {
     public var tls: TLSSettings?
     public var export: ExportSettings
     public var status: StatusSettings
+    /// `[log] level`; `--log-level` and `$HAMGR_LOG_LEVEL` override it.
+    public var logLevel: String?
     /// The file this was loaded from (nil when built in code).
     public var sourcePath: String?
 
@@ -183,6 +185,23 @@ public struct ClusterConfig: Sendable, Equatable {
 
     /// The URL of a status listener at `address` (`https://` when `status.tls` is on).
     public func statusURL(_ address: String) -> String { "\(status.tls ? "https" : "http")://\(address)" }
+
+    /// The top-level sections in which `other` differs from this config (`[cluster]`,
+    /// `[[node]]`, …), for a reload to say what it cannot apply live.
+    public func changedSections(comparedTo other: ClusterConfig) -> [String] {
+        var out: [String] = []
+        if cluster != other.cluster { out.append("[cluster]") }
+        if timeouts != other.timeouts { out.append("[timeouts]") }
+        if volume != other.volume { out.append("[volume]") }
+        if nodes != other.nodes { out.append("[[node]]") }
+        if arbitrator != other.arbitrator { out.append("[arbitrator]") }
+        if resources != other.resources { out.append("[[resource]]") }
+        if hooks != other.hooks { out.append("[hooks]") }
+        if tls != other.tls { out.append("[tls]") }
+        if export != other.export { out.append("[export]") }
+        if status != other.status { out.append("[status]") }
+        return out
+    }
 
     // MARK: Lookup
 
@@ -291,7 +310,7 @@ public struct ClusterConfig: Sendable, Equatable {
             throw ConfigError(key: "config", message: "TOML syntax error at line \(e.source.begin.line), column \(e.source.begin.column): \(e.description)")
         }
         let top = TableReader(root, path: "")
-        try top.allow(["cluster", "timeouts", "volume", "node", "arbitrator", "resource", "hooks", "tls", "export", "status"])
+        try top.allow(["cluster", "timeouts", "volume", "node", "arbitrator", "resource", "hooks", "tls", "export", "status", "log"])
         let resolve = { (p: String) -> String in
             p.hasPrefix("/") ? p : URL(fileURLWithPath: dir).appendingPathComponent(p).standardizedFileURL.path
         }
@@ -425,9 +444,21 @@ public struct ClusterConfig: Sendable, Equatable {
             status.readTokenFile = try st.string("read_token_file").map(resolve)
         }
 
-        return ClusterConfig(cluster: cluster, timeouts: timeouts, volume: volume, nodes: nodes,
-                             arbitrator: arbitrator, resources: resources, hooks: hooks,
-                             tls: tls, export: export, status: status)
+        // [log]
+        var logLevel: String?
+        if let l = try top.table("log") {
+            try l.allow(["level"])
+            logLevel = try l.string("level")
+            if let v = logLevel, HamgrLogging.level(v) == nil {
+                throw ConfigError(key: "log.level", message: "unknown level '\(v)'; expected one of \(HamgrLogging.levelNames)")
+            }
+        }
+
+        var config = ClusterConfig(cluster: cluster, timeouts: timeouts, volume: volume, nodes: nodes,
+                                   arbitrator: arbitrator, resources: resources, hooks: hooks,
+                                   tls: tls, export: export, status: status)
+        config.logLevel = logLevel
+        return config
     }
 
     // MARK: Validation

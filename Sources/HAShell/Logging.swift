@@ -1,4 +1,5 @@
 import CSystemd
+import HACore
 import Foundation
 import Logging
 
@@ -13,20 +14,47 @@ public enum HamgrLogging {
     nonisolated(unsafe) private static var installed = false
 
     /// Install the hamgr handler for every `Logger`. Only the first call in a process
-    /// takes effect (swift-log allows one bootstrap).
-    public static func bootstrap(level: Logger.Level = .info, output: LogOutput = .detect()) {
+    /// takes effect (swift-log allows one bootstrap). `identifier` is the journal's
+    /// SYSLOG_IDENTIFIER: the unit's (`hamgr-CLUSTER` for a node, `hamgr-arbitrator`), so
+    /// `journalctl -t hamgr-web1` finds the structured entries too.
+    public static func bootstrap(level: Logger.Level = .info, identifier: String = "hamgr", output: LogOutput = .detect()) {
         lock.lock(); defer { lock.unlock() }
         guard !installed else { return }
         installed = true
-        LoggingSystem.bootstrap { label in
-            var h = HamgrLogHandler(label: label, output: output)
-            h.logLevel = level
-            return h
-        }
+        output.identifier = identifier
+        output.level = level
+        LoggingSystem.bootstrap { label in HamgrLogHandler(label: label, output: output) }
     }
 
     /// Parse `trace|debug|info|notice|warning|error|critical`.
     public static func level(_ s: String) -> Logger.Level? { Logger.Level(rawValue: s.lowercased()) }
+
+    /// The level in force: `--log-level`, else `$HAMGR_LOG_LEVEL`, else the config's
+    /// `[log] level`, else info. Throws naming the source of an unknown value.
+    public static func resolveLevel(option: String?, environment: [String: String] = ProcessInfo.processInfo.environment,
+                                    config: Logger.Level?) throws -> Logger.Level {
+        if let option {
+            guard let l = level(option) else { throw ConfigError(key: "--log-level", message: "unknown level '\(option)'; expected one of \(levelNames)") }
+            return l
+        }
+        if let env = environment["HAMGR_LOG_LEVEL"], !env.isEmpty {
+            guard let l = level(env) else { throw ConfigError(key: "HAMGR_LOG_LEVEL", message: "unknown level '\(env)'; expected one of \(levelNames)") }
+            return l
+        }
+        return config ?? .info
+    }
+
+    public static let levelNames = Logger.Level.allCases.map(\.rawValue).joined(separator: ", ")
+
+    /// journald MESSAGE_IDs of the state changes operators search for
+    /// (`journalctl MESSAGE_ID=…`): fixed for ever, listed in the operator guide.
+    public static let messageIDs: [String: String] = [
+        "promoted": "6f1c3b0e9a2d4c58b7e1f0a4d3c2b190",
+        "demoted": "0b7e4d2c1a9f4e3d8c6b5a4f3e2d1c01",
+        "splitBrain": "a3d9e8f7c6b54a3f9e8d7c6b5a4f3e21",
+        "disk_failure": "5c4b3a2f1e0d4c9b8a7f6e5d4c3b2a19",
+        "peerOutdated": "e1d2c3b4a5f64e7d8c9b0a1f2e3d4c5b",
+    ]
 }
 
 /// Where lines go. Shared by every handler of a process; writes are serialised.
@@ -38,6 +66,21 @@ public final class LogOutput: @unchecked Sendable {
     /// Tests: receive every formatted line and journal field list.
     private let capture: (@Sendable (String, [String]) -> Void)?
     private let lock = NSLock()
+    private var _identifier = "hamgr"
+    private var _level = Logger.Level.info
+
+    /// SYSLOG_IDENTIFIER of every journal entry.
+    public var identifier: String {
+        get { lock.lock(); defer { lock.unlock() }; return _identifier }
+        set { lock.lock(); _identifier = newValue; lock.unlock() }
+    }
+
+    /// The level of every handler writing here; changing it (a reload) takes effect at
+    /// once for every `Logger`, whenever it was made.
+    public var level: Logger.Level {
+        get { lock.lock(); defer { lock.unlock() }; return _level }
+        set { lock.lock(); _level = newValue; lock.unlock() }
+    }
 
     public init(toStderr: Bool, toJournal: Bool, capture: (@Sendable (_ line: String, _ journalFields: [String]) -> Void)? = nil) {
         self.toStderr = toStderr; self.toJournal = toJournal; self.capture = capture
@@ -105,7 +148,11 @@ public final class LogOutput: @unchecked Sendable {
 /// A swift-log handler writing through a `LogOutput`.
 public struct HamgrLogHandler: LogHandler {
     public var metadata: Logger.Metadata = [:]
-    public var logLevel: Logger.Level = .info
+    /// The output's level, shared by every handler of the process.
+    public var logLevel: Logger.Level {
+        get { output.level }
+        set { output.level = newValue }
+    }
     public var metadataProvider: Logger.MetadataProvider?
     public let label: String
     private let output: LogOutput
@@ -127,6 +174,7 @@ public struct HamgrLogHandler: LogHandler {
         let message = event.message.description
         let line = Self.formatLine(date: Date(), level: event.level, label: label, message: message, metadata: all)
         let fields = Self.journalFields(level: event.level, label: label, message: message, metadata: all,
+                                        identifier: output.identifier,
                                         file: event.file, function: event.function, line: event.line)
         output.emit(line: line, fields: fields)
     }
@@ -140,16 +188,22 @@ public struct HamgrLogHandler: LogHandler {
         return line
     }
 
-    /// The journal entry: MESSAGE, PRIORITY, SYSLOG_IDENTIFIER, HAMGR_* for the
-    /// well-known keys, the other metadata upper-cased (prefixed HAMGR_ where the name
-    /// would clash with a journal field), and the code location.
+    /// The journal entry: MESSAGE, PRIORITY, SYSLOG_IDENTIFIER (the unit's), the logger's
+    /// label as HAMGR_LOGGER, MESSAGE_ID for the events of `HamgrLogging.messageIDs`,
+    /// HAMGR_* for the well-known keys, the other metadata upper-cased (prefixed HAMGR_
+    /// where the name would clash with a journal field), and the code location.
     public static func journalFields(level: Logger.Level, label: String, message: String, metadata: Logger.Metadata,
+                                     identifier: String = "hamgr",
                                      file: String = "", function: String = "", line: UInt = 0) -> [String] {
         var fields = [
             "MESSAGE=\(message)",
             "PRIORITY=\(priority(level))",
-            "SYSLOG_IDENTIFIER=\(label)",
+            "SYSLOG_IDENTIFIER=\(identifier)",
+            "HAMGR_LOGGER=\(label)",
         ]
+        if let event = metadata["event"].map({ "\($0)" }), let id = HamgrLogging.messageIDs[event] {
+            fields.append("MESSAGE_ID=\(id)")
+        }
         for key in metadata.keys.sorted() {
             let value = "\(metadata[key]!)"
             fields.append("\(journalFieldName(key))=\(value)")

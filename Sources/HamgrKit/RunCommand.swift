@@ -17,9 +17,12 @@ struct RunCommand: ParsableCommand {
     @Option(name: .long, help: "This node's name in the configuration.")
     var node: String
 
+    @Option(name: .long, help: ArgumentHelp("Log level (overrides $HAMGR_LOG_LEVEL and the config's [log] level).", valueName: "level"))
+    var logLevel: String?
+
     func run() throws {
-        HamgrLogging.bootstrap()
         let cfg = try loadConfig(config)
+        let level = try startLogging(cfg, option: logLevel, identifier: "hamgr-\(cfg.cluster.name)")
         _ = try cfg.node(named: node)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(2, NIOSingletons.groupLoopCountSuggestion))
         let daemon: NodeDaemon
@@ -34,7 +37,7 @@ struct RunCommand: ParsableCommand {
             throw ExitCode(1)
         }
         try daemon.start()
-        waitForTermination()
+        waitForTermination(reload: { Reloader.reload(path: config, running: cfg, option: logLevel, startLevel: level) })
         daemon.shutdown()
         try? group.syncShutdownGracefully()
     }
@@ -57,11 +60,14 @@ struct ArbitratorCommand: ParsableCommand {
     @Flag(name: .long, help: "Create the state of a configured cluster whose state file is missing (first start, or a deliberate rebuild).")
     var `init` = false
 
+    @Option(name: .long, help: ArgumentHelp("Log level (overrides $HAMGR_LOG_LEVEL and the first config's [log] level).", valueName: "level"))
+    var logLevel: String?
+
     func run() throws {
-        HamgrLogging.bootstrap()
         guard !config.isEmpty else { throw ValidationError("give at least one --config") }
         guard (1...256).contains(eventLoops) else { throw ValidationError("--event-loops must be 1…256") }
         let configs = try config.map(loadConfig)
+        let level = try startLogging(configs[0], option: logLevel, identifier: "hamgr-arbitrator")
         let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops)
         let daemon: ArbitratorDaemon
         do {
@@ -72,9 +78,50 @@ struct ArbitratorCommand: ParsableCommand {
             throw ExitCode(1)
         }
         try daemon.start()
-        waitForTermination()
+        waitForTermination(reload: { Reloader.reload(path: config[0], running: configs[0], option: logLevel, startLevel: level) })
         daemon.shutdown()
         try? group.syncShutdownGracefully()
+    }
+}
+
+/// Installs hamgr's log handler at the level in force (see `HamgrLogging.resolveLevel`).
+func startLogging(_ config: ClusterConfig, option: String?, identifier: String) throws -> Logger.Level {
+    let level: Logger.Level
+    do {
+        level = try HamgrLogging.resolveLevel(option: option, config: config.logLevel.flatMap(HamgrLogging.level))
+    } catch let e as ConfigError {
+        throw ValidationError("\(e)")
+    }
+    HamgrLogging.bootstrap(level: level, identifier: identifier)
+    return level
+}
+
+/// `systemctl reload` (SIGHUP): re-read the config, apply what can change live, and say in
+/// one line each what needs a restart. Never exits. Applied live today: `[log] level`
+/// (unless `--log-level` or `$HAMGR_LOG_LEVEL` fixed it).
+enum Reloader {
+    static func reload(path: String, running: ClusterConfig, option: String?, startLevel: Logger.Level) {
+        let logger = Logger(label: "hamgr.reload")
+        let fresh: ClusterConfig
+        do {
+            fresh = try ClusterConfig.load(path: path)
+        } catch {
+            logger.error("reload refused: \(path): \(error); the running configuration stays", metadata: ["event": "reload_refused"])
+            return
+        }
+        let fixed = option != nil || !(ProcessInfo.processInfo.environment["HAMGR_LOG_LEVEL"] ?? "").isEmpty
+        let wanted = fixed ? startLevel : (fresh.logLevel.flatMap(HamgrLogging.level) ?? .info)
+        var current = logger
+        let before = current.logLevel
+        if wanted != before {
+            current.logLevel = wanted
+            logger.notice("reload: log level \(before) → \(wanted)", metadata: ["event": "reload_applied", "key": "log.level"])
+        }
+        for section in running.changedSections(comparedTo: fresh) {
+            logger.warning("reload: \(section) changed; it takes effect at the next restart (not applied)",
+                           metadata: ["event": "reload_needs_restart", "key": .string(section)])
+        }
+        logger.notice("reload done", metadata: ["event": "reload"])
     }
 }
 
@@ -87,8 +134,8 @@ func loadConfig(_ path: String) throws -> ClusterConfig {
     }
 }
 
-/// Blocks until SIGTERM or SIGINT.
-func waitForTermination() {
+/// Blocks until SIGTERM or SIGINT; SIGHUP runs `reload` and never ends the process.
+func waitForTermination(reload: @escaping @Sendable () -> Void = {}) {
     let sem = DispatchSemaphore(value: 0)
     var sources: [DispatchSourceSignal] = []
     for sig in [SIGTERM, SIGINT] {
@@ -98,6 +145,11 @@ func waitForTermination() {
         s.resume()
         sources.append(s)
     }
+    signal(SIGHUP, SIG_IGN)
+    let hup = DispatchSource.makeSignalSource(signal: SIGHUP, queue: DispatchQueue(label: "hamgr.reload"))
+    hup.setEventHandler { reload() }
+    hup.resume()
+    sources.append(hup)
     sem.wait()
     _ = sources
 }

@@ -34,6 +34,35 @@ final class LoggingTests: XCTestCase {
         XCTAssertTrue(fields.contains { $0.hasPrefix("CODE_FILE=") })
     }
 
+    /// The unit's identifier (`journalctl -t hamgr-web1`), the logger's label as its own
+    /// field, and MESSAGE_IDs for the state changes operators search for.
+    func testIdentifierAndMessageIDs() {
+        let fields = HamgrLogHandler.journalFields(level: .notice, label: "hamgr.node", message: "promoted",
+                                                   metadata: ["event": "promoted"], identifier: "hamgr-web1")
+        XCTAssertTrue(fields.contains("SYSLOG_IDENTIFIER=hamgr-web1"), "\(fields)")
+        XCTAssertTrue(fields.contains("HAMGR_LOGGER=hamgr.node"), "\(fields)")
+        XCTAssertTrue(fields.contains("MESSAGE_ID=\(HamgrLogging.messageIDs["promoted"]!)"), "\(fields)")
+        for event in ["demoted", "splitBrain", "disk_failure", "peerOutdated"] {
+            let f = HamgrLogHandler.journalFields(level: .notice, label: "x", message: "m", metadata: ["event": .string(event)])
+            XCTAssertEqual(f.filter { $0.hasPrefix("MESSAGE_ID=") }.count, 1, event)
+        }
+        XCTAssertFalse(HamgrLogHandler.journalFields(level: .info, label: "x", message: "m", metadata: ["event": "link_down"])
+                        .contains { $0.hasPrefix("MESSAGE_ID=") })
+        XCTAssertEqual(Set(HamgrLogging.messageIDs.values).count, HamgrLogging.messageIDs.count, "IDs are distinct")
+        XCTAssertTrue(HamgrLogging.messageIDs.values.allSatisfy { $0.count == 32 && $0.allSatisfy(\.isHexDigit) })
+    }
+
+    /// `--log-level` beats `$HAMGR_LOG_LEVEL`, which beats the config; bad values name their source.
+    func testLevelResolution() throws {
+        XCTAssertEqual(try HamgrLogging.resolveLevel(option: nil, environment: [:], config: nil), .info)
+        XCTAssertEqual(try HamgrLogging.resolveLevel(option: nil, environment: [:], config: .warning), .warning)
+        XCTAssertEqual(try HamgrLogging.resolveLevel(option: nil, environment: ["HAMGR_LOG_LEVEL": "debug"], config: .warning), .debug)
+        XCTAssertEqual(try HamgrLogging.resolveLevel(option: "error", environment: ["HAMGR_LOG_LEVEL": "debug"], config: .warning), .error)
+        XCTAssertThrowsError(try HamgrLogging.resolveLevel(option: nil, environment: ["HAMGR_LOG_LEVEL": "loud"], config: nil)) {
+            XCTAssertEqual(($0 as? ConfigError)?.key, "HAMGR_LOG_LEVEL")
+        }
+    }
+
     func testLevelsMapToSyslogPriorities() {
         XCTAssertEqual(HamgrLogHandler.priority(.debug), 7)
         XCTAssertEqual(HamgrLogHandler.priority(.info), 6)

@@ -144,6 +144,8 @@ final class ClusterHarness {
         processes[name] = p
     }
 
+    func isRunning(_ name: String) -> Bool { processes[name]?.isRunning ?? false }
+
     func signal(_ name: String, _ sig: Int32) {
         guard let p = processes[name], p.isRunning else { return }
         kill(p.processIdentifier, sig)
