@@ -169,6 +169,15 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         // The persisted fencing token reaches the volume before any replication session can
         // be routed to it (the listener binds below; the volume runs events in order).
         control.sync {
+            // Resources a crashed former master left running are stopped before this node
+            // may start them again: first in the resource order (control queue only), which
+            // a promotion's start queues behind.
+            inResourceOrder { [weak self] in
+                guard let self else { return }
+                for line in await self.resources.stopStrays() {
+                    self.logger.warning("resource \(line)", metadata: self.eventMetadata("resource_stray"))
+                }
+            }
             runtime.start()
             publish()
         }

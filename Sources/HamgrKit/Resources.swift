@@ -323,6 +323,26 @@ actor ResourceManager {
         return out
     }
 
+    /// At start, before this node can be master: probe every resource and stop, in reverse
+    /// order, those found running — left by a crash of this node as a former master, or
+    /// started by hand. Only a master runs resources. One line per resource not found
+    /// stopped, for the log.
+    func stopStrays() async -> [String] {
+        var lines: [String] = []
+        for i in entries.indices.reversed() {
+            let name = entries[i].config.name
+            let probe = await entries[i].driver.run(.probe)
+            if probe.status == .notRunning { continue }
+            guard probe.ok else {
+                lines.append("\(name): probe at start failed (\(Self.explain(probe))); left as it is")
+                continue
+            }
+            let stop = await perform(.stop, at: i)
+            lines.append("\(name): found running at start; " + (stop.ok ? "stopped" : "stop failed: \(Self.explain(stop))"))
+        }
+        return lines
+    }
+
     /// For `/status`.
     func snapshot() -> [StatusDocument.Resource] {
         entries.map { StatusDocument.Resource(name: $0.config.name, state: $0.state.rawValue, restarts: $0.restarts) }

@@ -5,6 +5,35 @@ import XCTest
 /// from Debian's resource-agents runs as a resource of the master, and hooks announce
 /// promotions and demotions with the documented environment.
 final class ResourcesAndHooksProcessTests: XCTestCase {
+    /// A resource left running (by a crash of this node as master, or by hand) is found by a
+    /// probe at start and stopped before the node can be master (issue 12).
+    func testResourceLeftRunningIsStoppedAtStart() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/lib/ocf/resource.d/heartbeat/Dummy") else {
+            throw XCTSkip("resource-agents is not installed")
+        }
+        let h = try ClusterHarness(name: "stray", subnet: 94, extraTOML: """
+            [[resource]]
+            name = "dummy"
+            agent = "ocf:heartbeat:Dummy"
+            monitor_interval_ms = 300
+            """)
+        defer { h.shutdown() }
+        let rsc = h.dir.appendingPathComponent("a-rsc").path
+        try FileManager.default.createDirectory(atPath: rsc, withIntermediateDirectories: true)
+        // What the agent's own start leaves: its state file.
+        let state = rsc + "/Dummy-dummy.state"
+        let started = try shell(["/usr/lib/ocf/resource.d/heartbeat/Dummy", "start"],
+                                env: ["OCF_ROOT": "/usr/lib/ocf", "OCF_RESOURCE_INSTANCE": "dummy", "HA_RSCTMP": rsc])
+        XCTAssertEqual(started.status, 0, started.stderr)
+        XCTAssertTrue(FileManager.default.fileExists(atPath: state), "the stray is running before hamgr starts")
+        try h.startArbitrator()
+        try h.startNode("a", env: ["HA_RSCTMP": rsc])
+        XCTAssertTrue(waitUntil(10) { !FileManager.default.fileExists(atPath: state) }, "the stray was not stopped\n\(h.tail("a"))")
+        // The line is written once the probe pass is over, just after the stop.
+        XCTAssertTrue(waitUntil(5) { h.tail("a", lines: 400).contains("resource dummy: found running at start; stopped") }, h.tail("a"))
+        XCTAssertEqual(h.role("a"), "secondary")
+    }
+
     func testDummyResourceFollowsTheMasterAndRepeatedFailureSwitchesOver() throws {
         guard FileManager.default.isExecutableFile(atPath: "/usr/lib/ocf/resource.d/heartbeat/Dummy") else {
             throw XCTSkip("resource-agents is not installed")
