@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's second command, and exactly what CI runs (.ci/run): installs what the tests
 # need, builds (with the explicit import check), checks module purity, runs the whole suite
-# (unit, simulator, real-client and process tests), then the fault-injection test bed's
-# self-test and short matrix (root only: it creates netns hosts).
+# (unit, simulator, real-client and process tests), then (root only) the Debian package's
+# install test and the fault-injection test bed's self-test and short matrix.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh || exit 1
@@ -24,6 +24,12 @@ for bug in skipLeaseWait skipOutdate votesNotPersisted noDriftMargin leaseAnchor
            freshMetadataTrusted resyncOverNewerWrite; do
   bash scripts/simulate.sh --plant "$bug" --seeds 500 --quiet || fail=1
 done
+# The Debian package: built with a static Swift runtime, installed, checked, removed (root).
+if [ "$(id -u)" -eq 0 ]; then
+  bash scripts/package-test.sh || fail=1
+else
+  echo "package-test: skipped (needs root for dpkg -i)"
+fi
 if [ "$(id -u)" -eq 0 ] && [ -x test-bed/run_matrix.sh ]; then
   export HAMGR_BIN="$PWD/.build/debug/hamgr" HACTL_BIN="$PWD/.build/debug/hactl"
   bash test-bed/selftest.sh || fail=1
