@@ -261,3 +261,37 @@ public struct HamgrLogHandler: LogHandler {
                       Int(tm.tm_hour), Int(tm.tm_min), Int(tm.tm_sec), max(0, min(999, ms)))
     }
 }
+
+/// Bounds how often one kind of log line is written: at most `burst` lines per `window` for
+/// each key (an event name). What is held back is counted and named by the next line of that
+/// key once its window has passed ("… 812 similar lines suppressed"), so a storm — an
+/// arbitrator restarted under 10,000 clusters refusing votes for one lease — costs a few
+/// lines, not thousands, and nothing disappears without a trace. Thread-safe.
+public final class RepeatLimiter: @unchecked Sendable {
+    public let burst: Int
+    public let window: Duration
+    private let lock = NSLock()
+    private var keys: [String: (start: ContinuousClock.Instant, count: Int, held: Int)] = [:]
+
+    public init(burst: Int = 20, window: Duration = .seconds(1)) {
+        self.burst = burst; self.window = window
+    }
+
+    /// nil: hold this line back. Otherwise write it, saying how many were held back before it.
+    public func admit(_ key: String, now: ContinuousClock.Instant = .now) -> Int? {
+        lock.lock(); defer { lock.unlock() }
+        guard var k = keys[key], now - k.start < window else {
+            let held = keys[key]?.held ?? 0
+            keys[key] = (now, 1, 0)
+            return held
+        }
+        if k.count < burst {
+            k.count += 1
+            keys[key] = k
+            return 0
+        }
+        k.held += 1
+        keys[key] = k
+        return nil
+    }
+}

@@ -52,6 +52,22 @@ final class LoggingTests: XCTestCase {
         XCTAssertTrue(HamgrLogging.messageIDs.values.allSatisfy { $0.count == 32 && $0.allSatisfy(\.isHexDigit) })
     }
 
+    /// A storm of one event costs `burst` lines per window; the next line after the window
+    /// says how many were held back; other events are not held back by it.
+    func testRepeatLimiterBoundsAStormAndCountsWhatItHeld() {
+        let limiter = RepeatLimiter(burst: 3, window: .seconds(1))
+        let t0 = ContinuousClock.now
+        var written = 0, held = 0
+        for i in 0..<1000 {
+            if limiter.admit("voteRefused", now: t0 + .milliseconds(i / 10)) != nil { written += 1 } else { held += 1 }
+        }
+        XCTAssertEqual(written, 3)
+        XCTAssertEqual(held, 997)
+        XCTAssertEqual(limiter.admit("voteGranted", now: t0 + .milliseconds(500)), 0, "keys are independent")
+        XCTAssertEqual(limiter.admit("voteRefused", now: t0 + .milliseconds(1000)), 997, "the next window names what was held")
+        XCTAssertEqual(limiter.admit("voteRefused", now: t0 + .milliseconds(1001)), 0)
+    }
+
     /// `--log-level` beats `$HAMGR_LOG_LEVEL`, which beats the config; bad values name their source.
     func testLevelResolution() throws {
         XCTAssertEqual(try HamgrLogging.resolveLevel(option: nil, environment: [:], config: nil), .info)
