@@ -33,9 +33,10 @@ for page in /usr/share/man/man1/hamgr.1.gz /usr/share/man/man1/hactl.1.gz; do
     check grep -q "hamgr\|hactl" "$WORK/man.txt"
 done
 ls /usr/share/man/man1/ | grep -E '^(hamgr|hactl)' | sed 's/^/    man page: /'
-# The template unit needs an instance name to verify.
+# Template units need an instance name to verify.
 cp /lib/systemd/system/hamgr@.service "$WORK/hamgr@web1.service"
-check systemd-analyze verify "$WORK/hamgr@web1.service" /lib/systemd/system/hamgr-arbitrator.service
+cp /lib/systemd/system/hamgr-arbitrator@.service "$WORK/hamgr-arbitrator@main.service"
+check systemd-analyze verify "$WORK/hamgr@web1.service" "$WORK/hamgr-arbitrator@main.service"
 check test -f /usr/share/doc/hamgr/docs/operator-guide.md
 
 check dpkg -r hamgr

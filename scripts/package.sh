@@ -4,7 +4,7 @@
 # Release build with the Swift standard library and Foundation linked statically, so the
 # binaries need only libc, libstdc++ and libsystemd on the target host. The package holds:
 #   /usr/bin/hamgr, /usr/bin/hactl
-#   /lib/systemd/system/hamgr@.service, hamgr-arbitrator.service   (paths: /usr/bin)
+#   /lib/systemd/system/hamgr@.service, hamgr-arbitrator@.service  (paths: /usr/bin)
 #   /usr/lib/sysusers.d/hamgr.conf, /usr/lib/tmpfiles.d/hamgr.conf
 #   /usr/share/man/man1/*.1.gz       (swift-argument-parser's generate-manual tool)
 #   /usr/share/bash-completion/completions/{hamgr,hactl}, zsh and fish completions
@@ -39,20 +39,20 @@ install -d "$P/DEBIAN" "$P/usr/bin" "$P/lib/systemd/system" "$P/usr/lib/sysusers
 
 install -m 0755 -s "$BIN/hamgr" "$BIN/hactl" "$P/usr/bin/"
 
-for unit in hamgr@.service hamgr-arbitrator.service; do
+for unit in hamgr@.service hamgr-arbitrator@.service; do
     sed 's#/usr/local/bin/#/usr/bin/#g; s#^Documentation=.*#Documentation=man:hamgr(1) file:///usr/share/doc/hamgr/docs/operator-guide.md#' \
         "contrib/systemd/$unit" >"$P/lib/systemd/system/$unit"
     chmod 0644 "$P/lib/systemd/system/$unit"
 done
 cat >"$P/usr/lib/sysusers.d/hamgr.conf" <<'EOF'
-# hamgr: configuration and state belong to root (the node manages block devices and
-# resources); this group may read /etc/hamgr for monitoring tools.
-g hamgr -
+# The arbitrator runs as hamgr (hamgr-arbitrator@.service); data nodes run as root (their
+# resource agents mount filesystems and start services).
+u hamgr - "hamgr arbitrator" /var/lib/hamgr
 EOF
 cat >"$P/usr/lib/tmpfiles.d/hamgr.conf" <<'EOF'
 d /etc/hamgr 0750 root hamgr -
 d /var/lib/hamgr 0700 root root -
-d /var/lib/hamgr/arbitrator 0700 root root -
+d /var/lib/hamgr/arbitrator 0700 hamgr hamgr -
 d /run/hamgr 0750 root hamgr -
 EOF
 

@@ -33,13 +33,44 @@ final class SystemdUnitTests: XCTestCase {
 
     func testShippedUnitsVerifyClean() throws {
         let problems = try verify([("hamgr@web1.service", try unit("hamgr@.service")),
-                                   ("hamgr-arbitrator.service", try unit("hamgr-arbitrator.service"))])
+                                   ("hamgr-arbitrator@main.service", try unit("hamgr-arbitrator@.service"))])
         XCTAssertEqual(problems, [])
         let node = try unit("hamgr@.service")
         XCTAssertTrue(node.contains("\nType=notify\n"))
         XCTAssertTrue(node.contains("\nWatchdogSec="))
         XCTAssertTrue(node.contains("hamgr run --config /etc/hamgr/%i.toml --node ${HAMGR_NODE}"))
-        XCTAssertTrue(try unit("hamgr-arbitrator.service").contains("hamgr arbitrator $HAMGR_ARBITRATOR_ARGS"))
+        XCTAssertTrue(try unit("hamgr-arbitrator@.service").contains("hamgr arbitrator $HAMGR_ARBITRATOR_ARGS"))
+        XCTAssertTrue(node.contains("\nExecReload=/bin/kill -HUP $MAINPID\n"))
+        XCTAssertFalse(node.contains("LimitMEMLOCK"), "nothing locks memory")
+    }
+
+    /// The arbitrator needs no privilege: it runs as user hamgr in a tight sandbox, scored
+    /// by `systemd-analyze security` (docs/operator-guide.md records the scores).
+    func testArbitratorRunsUnprivilegedInATightSandbox() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/bin/systemd-analyze") else {
+            throw XCTSkip("systemd-analyze is not installed")
+        }
+        let text = try unit("hamgr-arbitrator@.service")
+        XCTAssertTrue(text.contains("\nUser=hamgr\n") && text.contains("\nCapabilityBoundingSet=\n"), text)
+        let dir = try OpsTest.scratchDirectory("security")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func exposure(_ name: String, _ body: String) throws -> Double {
+            let p = dir + "/" + name
+            try body.write(toFile: p, atomically: true, encoding: .utf8)
+            let r = try OpsTest.run(["/usr/bin/systemd-analyze", "security", "--offline=true", p])
+            let line = (r.stdout + r.stderr).split(separator: "\n").first { $0.contains("Overall exposure level") } ?? ""
+            guard let colon = line.lastIndex(of: ":"),
+                  let score = Double(line[line.index(after: colon)...].split(separator: " ").first ?? "") else {
+                XCTFail("no exposure level in: \(r.stdout) \(r.stderr)"); return 99
+            }
+            return score
+        }
+        let arbitrator = try exposure("hamgr-arbitrator@main.service", text)
+        XCTAssertLessThanOrEqual(arbitrator, 2.0, "the arbitrator's exposure level")
+        // The same unit as root, unsandboxed, scores far worse: the check can fail.
+        let loose = text.split(separator: "\n").filter { !$0.hasPrefix("User=") && !$0.hasPrefix("Protect") && !$0.hasPrefix("Private")
+            && !$0.hasPrefix("CapabilityBoundingSet") && !$0.hasPrefix("SystemCallFilter") && !$0.hasPrefix("Restrict") }.joined(separator: "\n")
+        XCTAssertGreaterThan(try exposure("loose@main.service", loose), 5.0)
     }
 
     func testATypoIsCaught() throws {
