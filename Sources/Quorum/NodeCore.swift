@@ -997,7 +997,9 @@ public struct NodeCore: Sendable {
             out.append(.send(to: arbitrator, .release(epoch: e, handoverTo: nil)))
             out.append(.adminResult(command, .success("stepped down from epoch \(e)")))
         case .maintenance(let on):
-            if on, role == .primary { return refuse("this node is the master; switch over first") }
+            // On the master, maintenance unmanages its resources (the runtime holds their
+            // restarts and give-ups) while the lease and the data path go on; on a backup it
+            // also keeps the node from standing. Either way the node is never elected anew.
             if state.maintenance != on {
                 state.maintenance = on
                 persist(&out)

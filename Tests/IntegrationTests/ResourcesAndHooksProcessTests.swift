@@ -5,6 +5,46 @@ import XCTest
 /// from Debian's resource-agents runs as a resource of the master, and hooks announce
 /// promotions and demotions with the documented environment.
 final class ResourcesAndHooksProcessTests: XCTestCase {
+    /// Maintenance on the master (issue 12): its resources are unmanaged — one stopped by
+    /// hand is neither restarted nor a reason to switch over — while it stays master; off
+    /// again, the monitor restarts it.
+    func testMaintenanceOnTheMasterUnmanagesItsResources() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/lib/ocf/resource.d/heartbeat/Dummy") else {
+            throw XCTSkip("resource-agents is not installed")
+        }
+        let h = try ClusterHarness(name: "maint", subnet: 95, extraTOML: """
+            [[resource]]
+            name = "dummy"
+            agent = "ocf:heartbeat:Dummy"
+            monitor_interval_ms = 200
+            max_restarts = 0
+            """)
+        defer { h.shutdown() }
+        func stateFile(_ n: String) -> String { h.dir.appendingPathComponent("\(n)-rsc/Dummy-dummy.state").path }
+        for n in ["a", "b"] {
+            try FileManager.default.createDirectory(atPath: h.dir.appendingPathComponent("\(n)-rsc").path, withIntermediateDirectories: true)
+        }
+        try h.startArbitrator()
+        for n in ["a", "b"] { try h.startNode(n, env: ["HA_RSCTMP": h.dir.appendingPathComponent("\(n)-rsc").path]) }
+        let (master, _) = try h.startedCluster(startProcesses: false)
+        XCTAssertTrue(waitUntil(10) { FileManager.default.fileExists(atPath: stateFile(master)) }, h.tail(master))
+
+        let on = try h.admin(master, "maintenance", body: "{\"on\": true}")
+        XCTAssertEqual(on.code, 200, on.body)
+        h.waitFor(master, "maintenance shown", within: 5) { ($0["maintenance"] as? Bool) == true }
+        // Stopped by hand: with max_restarts = 0 a managed resource would switch over at once.
+        try FileManager.default.removeItem(atPath: stateFile(master))
+        usleep(1_500_000)  // several monitor intervals
+        XCTAssertFalse(FileManager.default.fileExists(atPath: stateFile(master)), "restarted while unmanaged\n\(h.tail(master))")
+        XCTAssertEqual(h.role(master), "primary", "a resource failure under maintenance must not move the master")
+
+        let off = try h.admin(master, "maintenance", body: "{\"on\": false}")
+        XCTAssertEqual(off.code, 200, off.body)
+        // Managed again: the failure counts now (max_restarts = 0: the master switches over).
+        let backup = master == "a" ? "b" : "a"
+        XCTAssertNotNil(h.waitForRole(backup, "primary", within: 20), h.tail(master))
+    }
+
     /// A resource left running (by a crash of this node as master, or by hand) is found by a
     /// probe at start and stopped before the node can be master (issue 12).
     func testResourceLeftRunningIsStoppedAtStart() throws {

@@ -423,8 +423,13 @@ final class ProtocolRuleTests: XCTestCase {
         let h = H()
         h.electA()
         XCTAssertTrue(h.handle(H.b, .admin(.promote(force: false))).contains(.adminResult(.promote(force: false), .failure(AdminRefusal("a is master at epoch 1; run switchover there")))))
-        XCTAssertTrue(h.handle(H.a, .admin(.maintenance(true))).contains(.adminResult(.maintenance(true), .failure(AdminRefusal("this node is the master; switch over first")))))
         XCTAssertTrue(h.handle(H.b, .admin(.switchover)).contains { if case .adminResult(.switchover, .failure) = $0 { return true }; return false })
+        // Maintenance on the master unmanages its resources; it stays master, lease renewed.
+        XCTAssertTrue(h.handle(H.a, .admin(.maintenance(true))).contains(.adminResult(.maintenance(true), .success("maintenance on"))))
+        h.run(for: .seconds(3))
+        XCTAssertEqual(h.status(H.a).role, .primary)
+        XCTAssertTrue(h.status(H.a).maintenance)
+        XCTAssertTrue(h.handle(H.a, .admin(.maintenance(false))).contains(.adminResult(.maintenance(false), .success("maintenance off"))))
         // Maintenance keeps a node from standing.
         h.handle(H.b, .admin(.maintenance(true)))
         XCTAssertEqual(h.persisted[H.b]?.maintenance, true)
