@@ -164,7 +164,7 @@ final class MetricsTests: XCTestCase {
         var spins = 0
         while Date() < spinEnd { spins &+= 1 }
         XCTAssertGreaterThan(try XCTUnwrap(ProcessMetrics.sample()).cpuSeconds, s.cpuSeconds, "after \(spins) spins")
-        XCTAssertGreaterThan(s.residentBytes, 1 << 20)
+        XCTAssertGreaterThan(s.residentBytes, 1_048_576)
         XCTAssertGreaterThanOrEqual(s.virtualBytes, s.residentBytes)
         XCTAssertGreaterThanOrEqual(s.openFDs, 3)  // stdin, stdout, stderr at least
         XCTAssertGreaterThan(s.maxFDs, s.openFDs)

@@ -44,7 +44,7 @@ final class OperationsProcessTests: XCTestCase {
         XCTAssertEqual(value(before.m, "hamgr_hook_runs_total{hook=\"on_demote\",result=\"failed\"}"), 0, before.m)
         // process_* on every daemon, plausible.
         for (text, what) in [(before.m, "master"), (before.b, "backup"), (before.w, "arbitrator")] {
-            XCTAssertGreaterThan(value(text, "process_resident_memory_bytes") ?? 0, 1 << 20, what)
+            XCTAssertGreaterThan(value(text, "process_resident_memory_bytes") ?? 0, 1_048_576, what)
             XCTAssertGreaterThan(value(text, "process_open_fds") ?? 0, 3, what)
             XCTAssertGreaterThan(value(text, "process_max_fds") ?? 0, value(text, "process_open_fds") ?? .infinity, what)
             XCTAssertGreaterThanOrEqual(value(text, "process_cpu_seconds_total") ?? -1, 0, what)
