@@ -233,7 +233,8 @@ final class ReplicationLinkBytesTests: XCTestCase {
         XCTAssertLessThan(after.a.sent - before.a.sent, 16 * 65536 + 16 * 4096, "framing and acks stay small")
         waitUntil("backup read it all") { b.linkBytes.received - before.b.received >= 16 * 65536 }
         XCTAssertGreaterThan(after.a.received, before.a.received, "acks came back")
-        XCTAssertNil(a.status.oldestUnconfirmedWrite)
+        // The status is published after the event that completed the flush: wait for it.
+        waitUntil("nothing left unconfirmed", timeout: .seconds(5)) { a.status.oldestUnconfirmedWrite == nil }
         XCTAssertEqual(a.status.replicationLagBytes, 0)
     }
 }
