@@ -251,6 +251,7 @@ public final class NodeMetrics: @unchecked Sendable {
     public let arbitratorUp: Gauge
     public let leaseRemainingSeconds: Gauge
     public let replicationLagBytes: Gauge
+    public let replicationLagSeconds: Gauge
     public let outOfSyncBytes: Gauge
     public let resyncDoneBytes: Gauge
     public let resyncTotalBytes: Gauge
@@ -261,19 +262,30 @@ public final class NodeMetrics: @unchecked Sendable {
     public let livenessMisses: Counter
     public let writeLatencySeconds: Histogram
     public let replicationSentBytes: Counter
+    public let replicationReceivedBytes: Counter
+    public let resyncSentBytes: Counter
+    public let nbdReadBytes: Counter
+    public let nbdWrittenBytes: Counter
+    public let nbdConnectionsAccepted: Counter
+    public let nbdConnections: Gauge
 
     /// - Parameter writeLatencyBuckets: the bounds of whatever records write latency (the NBD
     ///   server keeps its own histogram; the daemon copies it in with `replace`).
+    /// - Parameters cluster, node: the identity `hamgr_build_info` carries, so a query joins
+    ///   any series to its cluster and node without relabelling in the scrape config.
     public init(registry: MetricsRegistry = MetricsRegistry(), version: String = hamgrVersion,
+                cluster: String = "", node: String = "",
                 writeLatencyBuckets: [Double] = Histogram.defaultLatencyBuckets) {
         self.registry = registry
-        registry.gauge("hamgr_build_info", help: "Always 1; the version label names the running build.", labels: ["version": version]).set(1)
+        registry.gauge("hamgr_build_info", help: Self.buildInfoHelp,
+                       labels: ["version": version, "cluster": cluster, "node": node].filter { !$0.value.isEmpty }).set(1)
         epoch = registry.gauge("hamgr_epoch", help: "Current epoch (term) known to this node.")
         quorum = registry.gauge("hamgr_quorum", help: "1 if this node is in a quorum (2 of node, peer, arbitrator).")
         peerUp = registry.gauge("hamgr_peer_up", help: "1 if the replication link to the peer is connected.")
         arbitratorUp = registry.gauge("hamgr_arbitrator_up", help: "1 if the arbitrator answered recently.")
         leaseRemainingSeconds = registry.gauge("hamgr_lease_remaining_seconds", help: "Time left on the master lease as this node counts it (0 when not master).")
         replicationLagBytes = registry.gauge("hamgr_replication_lag_bytes", help: "Bytes written locally and not yet confirmed by the peer.")
+        replicationLagSeconds = registry.gauge("hamgr_replication_lag_seconds", help: "Age of the oldest write (or flush) the peer has not confirmed; 0 when none.")
         outOfSyncBytes = registry.gauge("hamgr_out_of_sync_bytes", help: "Bytes marked out of sync in the dirty bitmap.")
         resyncDoneBytes = registry.gauge("hamgr_resync_done_bytes", help: "Bytes copied by the running resync (0 when none runs).")
         resyncTotalBytes = registry.gauge("hamgr_resync_total_bytes", help: "Bytes the running resync has to copy (0 when none runs).")
@@ -284,9 +296,57 @@ public final class NodeMetrics: @unchecked Sendable {
         livenessMisses = registry.counter("hamgr_watchdog_misses_total", help: "Watchdog checks in which a loop or the control queue did not answer in time (no ping sent).")
         writeLatencySeconds = registry.histogram("hamgr_write_latency_seconds", help: "Time from receiving an NBD write to acknowledging it.",
                                                  buckets: writeLatencyBuckets)
-        replicationSentBytes = registry.counter("hamgr_replication_sent_bytes_total", help: "Bytes of writes and resync data sent to the peer.")
+        replicationSentBytes = registry.counter("hamgr_replication_sent_bytes_total", help: "Bytes this node wrote to the replication link (frames as sent: writes, resync data, acks, keepalives, framing and MAC).")
+        replicationReceivedBytes = registry.counter("hamgr_replication_received_bytes_total", help: "Bytes this node read from the replication link (authenticated frames, with framing and MAC).")
+        resyncSentBytes = registry.counter("hamgr_resync_sent_bytes_total", help: "Bytes of chunk data this node sent as resync source.")
+        nbdReadBytes = registry.counter("hamgr_nbd_read_bytes_total", help: "Bytes returned to NBD clients by successful reads.")
+        nbdWrittenBytes = registry.counter("hamgr_nbd_written_bytes_total", help: "Bytes accepted from NBD clients by successful writes.")
+        nbdConnectionsAccepted = registry.counter("hamgr_nbd_connections_accepted_total", help: "NBD client connections accepted.")
+        nbdConnections = registry.gauge("hamgr_nbd_connections", help: "NBD client connections open now.")
         setRole(.secondary)
+        setDiskState(.upToDate)
+        for kind in Self.failoverKinds { failoverCounter(kind) }
+        for op in Self.nbdOperations { for result in Self.nbdResults { nbdRequestCounter(op: op, result: result) } }
     }
+
+    public static let buildInfoHelp = "Always 1; labels name the running build (version) and, to join other series on instance, the cluster and node."
+
+    /// Every `kind` of `hamgr_failovers_total` (NodeRuntime's PromotionKind).
+    public static let failoverKinds = ["failover", "switchover", "forced"]
+    /// Every `op` of `hamgr_nbd_requests_total` (the NBD server's operation names).
+    public static let nbdOperations = ["read", "write", "flush", "trim", "write_zeroes", "disconnect", "unknown"]
+    /// Every `result` of `hamgr_nbd_requests_total` (`ok` and the NBD errno names).
+    public static let nbdResults = ["ok", "EPERM", "EIO", "ENOMEM", "EINVAL", "ENOSPC", "EOVERFLOW", "ENOTSUP", "ESHUTDOWN"]
+    /// Every `result` of `hamgr_hook_runs_total`.
+    public static let hookResults = ["ok", "failed", "timeout", "none"]
+
+    /// Creates at 0 the series whose label values come from the configuration (resources,
+    /// hooks), so `increase()` and `rate()` see their first event: a series that appears
+    /// with the value 1 has no earlier sample to increase from.
+    public func precreate(resources: [String], hooks: [String]) {
+        for r in resources {
+            _ = registry.counter("hamgr_resource_restarts_total", help: Self.resourceRestartsHelp, labels: ["resource": r])
+            resourceUp(r, false)
+        }
+        for h in hooks { for result in Self.hookResults { hookCounter(h, result: result) } }
+    }
+
+    @discardableResult
+    private func failoverCounter(_ kind: String) -> Counter {
+        registry.counter("hamgr_failovers_total", help: "Promotions of this node, by kind (switchover, failover, forced).", labels: ["kind": kind])
+    }
+
+    @discardableResult
+    public func nbdRequestCounter(op: String, result: String) -> Counter {
+        registry.counter("hamgr_nbd_requests_total", help: "NBD requests served, by command and result.", labels: ["op": op, "result": result])
+    }
+
+    @discardableResult
+    private func hookCounter(_ hook: String, result: String) -> Counter {
+        registry.counter("hamgr_hook_runs_total", help: "Hook runs by hook and result (ok, failed, timeout; none when not configured).", labels: ["hook": hook, "result": result])
+    }
+
+    private static let resourceRestartsHelp = "Restarts of a resource after a failed monitor."
 
     /// One-hot `hamgr_role{role=...}`.
     public func setRole(_ role: Role) {
@@ -305,12 +365,12 @@ public final class NodeMetrics: @unchecked Sendable {
     /// `hamgr_nbd_requests_total{op, result}`; op is read/write/flush/trim/write_zeroes/disc,
     /// result is ok or an errno name (EIO, EINVAL, ENOSPC, EPERM…).
     public func nbdRequest(op: String, result: String) {
-        registry.counter("hamgr_nbd_requests_total", help: "NBD requests served, by command and result.", labels: ["op": op, "result": result]).increment()
+        nbdRequestCounter(op: op, result: result).increment()
     }
 
     /// `hamgr_failovers_total{kind}`: kind is switchover, failover or forced.
     public func failover(kind: String) {
-        registry.counter("hamgr_failovers_total", help: "Promotions of this node, by kind (switchover, failover, forced).", labels: ["kind": kind]).increment()
+        failoverCounter(kind).increment()
     }
 
     /// `hamgr_resource_up{resource}`.
@@ -320,11 +380,72 @@ public final class NodeMetrics: @unchecked Sendable {
 
     /// `hamgr_resource_restarts_total{resource}`.
     public func resourceRestarted(_ name: String) {
-        registry.counter("hamgr_resource_restarts_total", help: "Restarts of a resource after a failed monitor.", labels: ["resource": name]).increment()
+        registry.counter("hamgr_resource_restarts_total", help: Self.resourceRestartsHelp, labels: ["resource": name]).increment()
     }
 
     /// `hamgr_hook_runs_total{hook, result}`: result is ok, failed or timeout.
     public func hookRun(_ hook: String, result: String) {
-        registry.counter("hamgr_hook_runs_total", help: "Hook runs by hook and result (ok, failed, timeout).", labels: ["hook": hook, "result": result]).increment()
+        hookCounter(hook, result: result).increment()
+    }
+}
+
+/// The standard `process_*` metrics of Prometheus client libraries, read from /proc at
+/// scrape time (Linux; nothing elsewhere): CPU seconds, resident and virtual memory, open and
+/// maximum file descriptors, start time.
+public enum ProcessMetrics {
+    /// The exposition text of the process families ("" where /proc/self/stat is unreadable).
+    public static func render() -> String {
+        guard let s = sample() else { return "" }
+        var out = ""
+        func family(_ name: String, _ kind: String, _ help: String, _ value: Double) {
+            out += "# HELP \(name) \(help)\n# TYPE \(name) \(kind)\n\(name) \(MetricsRegistry.format(value))\n"
+        }
+        family("process_cpu_seconds_total", "counter", "Total user and system CPU time spent in seconds.", s.cpuSeconds)
+        family("process_max_fds", "gauge", "Maximum number of open file descriptors.", s.maxFDs)
+        family("process_open_fds", "gauge", "Number of open file descriptors.", s.openFDs)
+        family("process_resident_memory_bytes", "gauge", "Resident memory size in bytes.", s.residentBytes)
+        family("process_start_time_seconds", "gauge", "Start time of the process since unix epoch in seconds.", s.startTimeSeconds)
+        family("process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.", s.virtualBytes)
+        return out
+    }
+
+    public struct Sample: Sendable, Equatable {
+        public var cpuSeconds: Double
+        public var residentBytes: Double
+        public var virtualBytes: Double
+        public var openFDs: Double
+        public var maxFDs: Double
+        public var startTimeSeconds: Double
+    }
+
+    /// The boot time never changes while we run: read /proc/stat once.
+    private static let bootTime: Double? = {
+        guard let text = try? String(contentsOfFile: "/proc/stat", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix("btime ") {
+            return Double(line.dropFirst(6).trimmingCharacters(in: .whitespaces))
+        }
+        return nil
+    }()
+
+    public static func sample() -> Sample? {
+        #if os(Linux)
+        guard let stat = try? String(contentsOfFile: "/proc/self/stat", encoding: .utf8),
+              let close = stat.lastIndex(of: ")") else { return nil }
+        // Fields after "pid (comm)": state is field 3, so index i here is field i + 3.
+        let f = stat[stat.index(after: close)...].split(separator: " ")
+        guard f.count > 21, let utime = Double(f[11]), let stime = Double(f[12]), let start = Double(f[19]),
+              let vsize = Double(f[20]), let rssPages = Double(f[21]) else { return nil }
+        let ticks = Double(sysconf(Int32(_SC_CLK_TCK)))
+        let page = Double(sysconf(Int32(_SC_PAGESIZE)))
+        let open = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count).map(Double.init) ?? 0
+        var limit = rlimit()
+        let maxFDs = getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 ? Double(limit.rlim_cur) : 0
+        return Sample(cpuSeconds: (utime + stime) / ticks, residentBytes: rssPages * page, virtualBytes: vsize,
+                      // contentsOfDirectory holds one descriptor of its own while it lists.
+                      openFDs: max(0, open - 1), maxFDs: maxFDs,
+                      startTimeSeconds: (bootTime ?? 0) + start / ticks)
+        #else
+        return nil
+        #endif
     }
 }

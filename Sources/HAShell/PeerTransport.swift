@@ -3,6 +3,7 @@ import Foundation
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import Synchronization
 
 /// Who is at the other end of a session, as its hello claimed and its MAC proved.
 public struct PeerHello: Hashable, Sendable {
@@ -55,6 +56,14 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
     /// Which of the cluster's keys opened the session: 0 is `key_file`, i > 0 is
     /// `accept_key_files[i - 1]` (a peer not yet moved to the new key in a rollover).
     public let keyIndex: Int
+    /// Bytes of sealed frames handed to the channel since the session opened (with length
+    /// prefix, header and tag), and bytes of frames received and opened. Relaxed atomics: one
+    /// add per frame on the data path, read by metrics scrapes.
+    private let sentCounter = Atomic<UInt64>(0)
+    private let receivedCounter = Atomic<UInt64>(0)
+    public var bytesSent: UInt64 { sentCounter.load(ordering: .relaxed) }
+    public var bytesReceived: UInt64 { receivedCounter.load(ordering: .relaxed) }
+    func noteReceived(_ bytes: Int) { receivedCounter.wrappingAdd(UInt64(bytes), ordering: .relaxed) }
 
     init(channel: Channel, local: PeerHello, remote: PeerHello, sendKey: SymmetricKey, keyIndex: Int = 0) {
         self.channel = channel; self.local = local; self.remote = remote; self.keyIndex = keyIndex
@@ -76,6 +85,7 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
         var out = Self.allocator.buffer(capacity: 4 + Frame.headerBytes + payload.readableBytes + (more?.readableBytes ?? 0) + Frame.tagBytes)
         outboxLock.lock()
         sealer.seal(kind: kind, epoch: epoch, payload: payload, more: more, into: &out)
+        sentCounter.wrappingAdd(UInt64(out.readableBytes), ordering: .relaxed)
         outbox.append(out)
         let schedule = !onLoop && !outboxDrainScheduled
         if schedule { outboxDrainScheduled = true }
@@ -226,6 +236,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
             switch opener.open(body, allocator: context.channel.allocator) {
             case .success(let frame):
                 openSealer = opener
+                conn.noteReceived(4 + body.readableBytes)  // the length prefix and the body
                 if frame.kind != keepaliveFrameKind { callbacks?.frame(conn, frame) }
             case .failure(let err):
                 fail(context, err.description)

@@ -80,7 +80,11 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
         let core = ArbitratorCore(settings: QuorumSettings(timings: first.timeouts, splitBrain: first.cluster.splitBrain,
                                                        plantedBugs: NodeDaemon.plantedBugs()),
                               persisted: persisted)
-        registry.gauge("hamgr_build_info", help: "Always 1; the version label names the running build.", labels: ["version": hamgrVersion]).set(1)
+        // One identity series, without a cluster label: `* on(instance) group_left(cluster, node)
+        // hamgr_build_info` needs exactly one per instance, and an arbitrator serves many
+        // clusters (its per-cluster series carry `cluster` themselves).
+        registry.gauge("hamgr_build_info", help: NodeMetrics.buildInfoHelp,
+                       labels: ["version": hamgrVersion, "node": ClusterConfig.reservedArbitratorName]).set(1)
         decisionSeconds = registry.histogram(
             "hamgr_arbitrator_decision_seconds", help: "Time from receiving a quorum message to having acted on it (persisted, replied).",
             buckets: [0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1])
@@ -302,7 +306,7 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
         family("hamgr_arbitrator_epoch", "Highest epoch promised, per cluster.") { Double($0.epoch.value) }
         family("hamgr_arbitrator_lease_valid", "1 while a lease granted by this arbitrator is valid, per cluster.") { $0.leaseValid ? 1 : 0 }
         family("hamgr_arbitrator_outdated_nodes", "Nodes recorded as outdated, per cluster.") { Double($0.outdatedNodes) }
-        return out
+        return out + ProcessMetrics.render()
     }
 
 }

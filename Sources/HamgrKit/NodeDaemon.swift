@@ -50,9 +50,10 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
     private var dialers: [PeerDialer] = []
     private var ticker: DispatchSourceTimer?
     private var resourceRefresh: DispatchSourceTimer?
-    let metrics = NodeMetrics(writeLatencyBuckets: NBDLatencyHistogram.bucketBounds)
+    let metrics: NodeMetrics
     private let metricsLock = NIOLock()
     private var resyncSentSeen: UInt64 = 0  // under metricsLock
+    private var linkSeen: (sent: UInt64, received: UInt64) = (0, 0)  // under metricsLock
     private(set) var resources: ResourceManager!
     let hooks: HookRunner
     private var resourceSnapshot: [StatusDocument.Resource] = []  // under snapshotLock
@@ -83,6 +84,8 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         self.logger = logger
         self.keys = try config.loadClusterKeys()
         self.statePath = me.metadata + ".quorum"
+        metrics = NodeMetrics(cluster: config.cluster.name, node: node, writeLatencyBuckets: NBDLatencyHistogram.bucketBounds)
+        metrics.precreate(resources: config.resources.map(\.name), hooks: HookKind.allCases.map(\.rawValue))
 
         let persisted: NodePersistentState
         if let bytes = try DurableFile.read(statePath) {
@@ -539,19 +542,26 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
 
     /// The NBD server's and the volume's figures are cumulative snapshots; the registry's
     /// counters take the increase since the last scrape (any thread).
-    func recordCumulativeFigures(nbd now: NBDStatistics, resyncBytesSent: UInt64) {
+    func recordCumulativeFigures(nbd now: NBDStatistics, resyncBytesSent: UInt64, link: (sent: UInt64, received: UInt64)) {
         metricsLock.withLock {
             for (key, count) in now.operations where count > (nbdSeen.operations[key] ?? 0) {
-                metrics.registry.counter("hamgr_nbd_requests_total", help: "NBD requests served, by command and result.",
-                                         labels: ["op": key.operation, "result": key.result])
+                metrics.nbdRequestCounter(op: key.operation, result: key.result)
                     .increment(by: Double(count - (nbdSeen.operations[key] ?? 0)))
             }
+            if now.bytesRead > nbdSeen.bytesRead { metrics.nbdReadBytes.increment(by: Double(now.bytesRead - nbdSeen.bytesRead)) }
+            if now.bytesWritten > nbdSeen.bytesWritten { metrics.nbdWrittenBytes.increment(by: Double(now.bytesWritten - nbdSeen.bytesWritten)) }
+            if now.connectionsAccepted > nbdSeen.connectionsAccepted {
+                metrics.nbdConnectionsAccepted.increment(by: Double(now.connectionsAccepted - nbdSeen.connectionsAccepted))
+            }
+            metrics.nbdConnections.set(now.connectionsOpen)
+            if link.sent > linkSeen.sent { metrics.replicationSentBytes.increment(by: Double(link.sent - linkSeen.sent)) }
+            if link.received > linkSeen.received { metrics.replicationReceivedBytes.increment(by: Double(link.received - linkSeen.received)) }
+            linkSeen = (max(link.sent, linkSeen.sent), max(link.received, linkSeen.received))
             nbdSeen = now
             metrics.writeLatencySeconds.replace(cumulative: now.writeLatency.cumulativeCounts,
                                                 count: now.writeLatency.count, sum: now.writeLatency.sumSeconds)
             if resyncBytesSent > resyncSentSeen {
-                metrics.registry.counter("hamgr_resync_sent_bytes_total", help: "Bytes of chunk data this node sent as resync source.")
-                    .increment(by: Double(resyncBytesSent - resyncSentSeen))
+                metrics.resyncSentBytes.increment(by: Double(resyncBytesSent - resyncSentSeen))
                 resyncSentSeen = resyncBytesSent
             }
         }

@@ -64,6 +64,7 @@ extension NodeDaemon {
         metrics.arbitratorUp.set(q.arbitratorReachable ?? arbitratorLinkUp)
         metrics.leaseRemainingSeconds.set(q.leaseRemaining(at: now).seconds)
         metrics.replicationLagBytes.set(v.replicationLagBytes)
+        metrics.replicationLagSeconds.set(v.oldestUnconfirmedWrite.map { max(0, (now - $0).seconds) } ?? 0)
         metrics.outOfSyncBytes.set(v.outOfSyncBytes)
         metrics.resyncDoneBytes.set(v.resyncDoneBytes)
         metrics.resyncTotalBytes.set(v.resyncTotalBytes)
@@ -71,8 +72,8 @@ extension NodeDaemon {
         metrics.healthy.set(isHealthy)
         metrics.arbitratorRefused.set(q.arbitratorRefused != nil)
         metrics.splitBrain.set(v.splitBrain != nil)
-        recordCumulativeFigures(nbd: nbd.statistics, resyncBytesSent: v.resyncBytesSent)
-        return metrics.registry.render()
+        recordCumulativeFigures(nbd: nbd.statistics, resyncBytesSent: v.resyncBytesSent, link: replicatedVolume.linkBytes)
+        return metrics.registry.render() + ProcessMetrics.render()
     }
 
     /// The core's latest snapshot as it may be announced now: the clock is read after the

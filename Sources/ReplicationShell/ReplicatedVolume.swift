@@ -278,6 +278,20 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         return snapshot
     }
 
+    /// Sessions open now and the bytes of those already closed (statusLock): the link's
+    /// byte counts live in each `PeerConnection` (one atomic add per frame); this sums them.
+    private var linkConnections: [ObjectIdentifier: PeerConnection] = [:]
+    private var closedLinkBytes: (sent: UInt64, received: UInt64) = (0, 0)
+
+    /// Cumulative bytes this node wrote to and read from the replication link, over every
+    /// session since it started (framing and MAC included; keepalives too). Any thread.
+    public var linkBytes: (sent: UInt64, received: UInt64) {
+        statusLock.lock(); defer { statusLock.unlock() }
+        var total = closedLinkBytes
+        for c in linkConnections.values { total.sent &+= c.bytesSent; total.received &+= c.bytesReceived }
+        return total
+    }
+
     // MARK: BlockVolume
 
     public func read(offset: UInt64, length: Int, on loop: EventLoop) -> EventLoopFuture<ByteBuffer> {
@@ -600,6 +614,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         nextSession += 1
         sessions[id] = conn
         sessionIDs[ObjectIdentifier(conn)] = id
+        statusLock.lock(); linkConnections[ObjectIdentifier(conn)] = conn; statusLock.unlock()
         ticksWithoutLink = 0
         run(.linkUp(id, conn.remote.node))
     }
@@ -613,6 +628,12 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         guard let conn else { return run(.linkDown(nil, why)) }
         guard let id = sessionIDs.removeValue(forKey: ObjectIdentifier(conn)) else { return }
         sessions[id] = nil
+        statusLock.lock()
+        if linkConnections.removeValue(forKey: ObjectIdentifier(conn)) != nil {
+            closedLinkBytes.sent &+= conn.bytesSent
+            closedLinkBytes.received &+= conn.bytesReceived
+        }
+        statusLock.unlock()
         run(.linkDown(id, why))
     }
 

@@ -33,6 +33,40 @@ final class OperationsProcessTests: XCTestCase {
         XCTAssertEqual(value(before.w, "hamgr_arbitrator_lease_valid{cluster=\"metrics\"}"), 1)
         let failoversBefore = value(before.b, "hamgr_failovers_total{kind=\"failover\"}") ?? 0
 
+        // Identity without relabelling: cluster and node on the nodes, node="arbitrator" alone there.
+        for (text, node) in [(before.m, master), (before.b, backup)] {
+            XCTAssertTrue(text.contains("\nhamgr_build_info{cluster=\"metrics\",node=\"\(node)\",version="), text)
+        }
+        XCTAssertTrue(before.w.contains("\nhamgr_build_info{node=\"arbitrator\",version="), before.w)
+        // Known label sets exist at 0 before their first event.
+        XCTAssertEqual(value(before.b, "hamgr_failovers_total{kind=\"forced\"}"), 0, before.b)
+        XCTAssertEqual(value(before.m, "hamgr_nbd_requests_total{op=\"trim\",result=\"EIO\"}"), 0, before.m)
+        XCTAssertEqual(value(before.m, "hamgr_hook_runs_total{hook=\"on_demote\",result=\"failed\"}"), 0, before.m)
+        // process_* on every daemon, plausible.
+        for (text, what) in [(before.m, "master"), (before.b, "backup"), (before.w, "arbitrator")] {
+            XCTAssertGreaterThan(value(text, "process_resident_memory_bytes") ?? 0, 1_048_576, what)
+            XCTAssertGreaterThan(value(text, "process_open_fds") ?? 0, 3, what)
+            XCTAssertGreaterThan(value(text, "process_max_fds") ?? 0, value(text, "process_open_fds") ?? .infinity, what)
+            XCTAssertGreaterThanOrEqual(value(text, "process_cpu_seconds_total") ?? -1, 0, what)
+            let start = value(text, "process_start_time_seconds") ?? 0
+            XCTAssertLessThan(abs(Date().timeIntervalSince1970 - start), 600, what)
+        }
+        // Link bytes: the master sends what it writes (4 KiB writes plus framing), the backup
+        // receives it; NBD bytes and connections are exported.
+        let sentBefore = try XCTUnwrap(value(before.m, "hamgr_replication_sent_bytes_total"), before.m)
+        XCTAssertGreaterThan(sentBefore, 4096)
+        XCTAssertGreaterThan(value(before.b, "hamgr_replication_received_bytes_total") ?? 0, 4096, before.b)
+        XCTAssertGreaterThanOrEqual(value(before.m, "hamgr_nbd_written_bytes_total") ?? 0, 4096, before.m)
+        XCTAssertNotNil(value(before.m, "hamgr_nbd_connections"), before.m)
+        let writes = try shell(["qemu-io", "-f", "raw", "-c", "write -P 9 1M 1M", h.node(master).nbdURI], timeout: 30)
+        XCTAssertEqual(writes.status, 0, writes.stdout + writes.stderr)
+        let later = (m: try scrape(h.node(master).statusAddress), b: try scrape(h.node(backup).statusAddress))
+        try promtool(later.m, "master after writes")
+        XCTAssertGreaterThan(value(later.m, "hamgr_replication_sent_bytes_total") ?? 0, sentBefore + 1_048_576, later.m)
+        XCTAssertGreaterThan(value(later.b, "hamgr_replication_received_bytes_total") ?? 0, 1_048_576, later.b)
+        XCTAssertGreaterThanOrEqual(value(later.m, "hamgr_nbd_written_bytes_total") ?? 0, 1_048_576 + 4096, later.m)
+        XCTAssertGreaterThan(value(later.m, "hamgr_nbd_connections_accepted_total") ?? 0, 1, later.m)
+
         h.kill9(master)
         h.waitForRole(backup, "primary", within: 15)
         XCTAssertNotNil(firstAcknowledgedWrite(uri: h.node(backup).nbdURI, within: 5))

@@ -53,7 +53,7 @@ extension ReplicationCore {
             let cb = UInt64(settings.chunkBytes)
             let chunks = Int(offset / cb)..<(Int((offset + UInt64(length) - 1) / cb) + 1)
             writes[seq] = Write(seq: seq, request: id, isDrain: false, chunks: chunks, extents: extents, bytes: length, barrier: fua, open: true,
-                                peerLost: !following, barrierTag: barriersIssued)
+                                issued: eventNow, peerLost: !following, barrierTag: barriersIssued)
             if fua { barriersIssued += 1 }
             if !following { steps += markOutOfSync(chunks) }
             if let s = session {
@@ -83,7 +83,7 @@ extension ReplicationCore {
         let seq = nextSeq
         nextSeq += 1
         writes[seq] = Write(seq: seq, request: request, isDrain: drain, chunks: 0..<0, extents: [], bytes: 0, barrier: true, open: true,
-                            peerLost: !following, barrierTag: barriersIssued)
+                            issued: eventNow, peerLost: !following, barrierTag: barriersIssued)
         barriersIssued += 1
         var steps: [IOStep] = []
         if let s = session { steps.append(.send(s, .flush(id: seq))) }

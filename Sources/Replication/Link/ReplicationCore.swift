@@ -190,6 +190,9 @@ public struct ReplicationCore: Sendable {
     var lastDisk: DiskSnapshot?
     var rng: SplitMix64
     var out: [CoreAction] = []
+    /// The instant of the event being handled (latest seen): writes record it as issued,
+    /// also where a path replays them with `.zero` (held, AL-queued writes).
+    var eventNow: Instant = .zero
     /// Fresh metadata on a store that provably reads as zeroes (the shell checked at open).
     var emptyFresh: Bool
     /// Primary at some point since this process opened the store (the handshake's
@@ -233,6 +236,8 @@ public struct ReplicationCore: Sendable {
         var bytes: Int
         var barrier: Bool
         var open: Bool
+        /// When the core admitted it (a held or AL-queued write: when it left the queue).
+        var issued: Instant = .zero
         var localDone = false
         var confirmation: PeerConfirmation = .pending
         var peerLost: Bool
@@ -254,20 +259,51 @@ public struct ReplicationCore: Sendable {
         /// Bytes written here that the peer has not yet confirmed written.
         internal(set) var unconfirmedBytes: UInt64 = 0
 
+        /// Sequence numbers of the unconfirmed writes in the order they became unconfirmed
+        /// (issue order); entries no longer unconfirmed leave from the front lazily. Gives
+        /// the oldest unconfirmed write in O(1), amortised, without scanning the table.
+        private var unconfirmedOrder: [UInt64] = []
+        private var unconfirmedHead = 0
+
         subscript(seq: UInt64) -> Write? {
             get { bySeq[seq] }
             set {
+                let was = bySeq[seq].map(Self.unconfirmed) ?? false
                 if let old = bySeq[seq] { count(old, -1) }
                 if let new = newValue { count(new, 1) }
                 bySeq[seq] = newValue
+                let now = newValue.map(Self.unconfirmed) ?? false
+                if now && !was { unconfirmedOrder.append(seq) }
+                if was && !now { dropConfirmedFront() }
             }
+        }
+
+        static func unconfirmed(_ w: Write) -> Bool { !w.peerLost && w.confirmation < .written }
+
+        private mutating func dropConfirmedFront() {
+            while unconfirmedHead < unconfirmedOrder.count,
+                  !(bySeq[unconfirmedOrder[unconfirmedHead]].map(Self.unconfirmed) ?? false) {
+                unconfirmedHead += 1
+            }
+            if unconfirmedHead == unconfirmedOrder.count {
+                unconfirmedOrder.removeAll(keepingCapacity: true)
+                unconfirmedHead = 0
+            } else if unconfirmedHead >= 1024, unconfirmedHead * 2 >= unconfirmedOrder.count {
+                unconfirmedOrder.removeFirst(unconfirmedHead)
+                unconfirmedHead = 0
+            }
+        }
+
+        /// When the oldest write the peer has not confirmed was issued (nil when none).
+        var oldestUnconfirmedIssued: Instant? {
+            unconfirmedHead < unconfirmedOrder.count ? bySeq[unconfirmedOrder[unconfirmedHead]]?.issued : nil
         }
         var values: Dictionary<UInt64, Write>.Values { bySeq.values }
         var keys: Dictionary<UInt64, Write>.Keys { bySeq.keys }
 
         mutating func count(_ w: Write, _ sign: Int) {
             if w.open && w.request != nil { openRequests += sign }
-            if !w.peerLost && w.confirmation < .written {
+            if Self.unconfirmed(w) {
                 unconfirmedBytes = sign > 0 ? unconfirmedBytes + UInt64(w.bytes) : unconfirmedBytes - UInt64(w.bytes)
             }
         }
@@ -315,6 +351,7 @@ public struct ReplicationCore: Sendable {
 
     public mutating func handle(_ event: CoreEvent, now: Instant) -> [CoreAction] {
         out = []
+        eventNow = max(eventNow, now)
         switch event {
         case let .write(id, op, offset, length, fua): submitWrite(.write(id, op, offset: offset, length: length, fua: fua), now)
         case .flush(let id): submitWrite(.flush(id, drain: false), now)
@@ -463,6 +500,7 @@ public struct ReplicationCore: Sendable {
         if let t = targetRun { s.resyncDoneBytes = t.doneBytes; s.resyncTotalBytes = max(t.totalBytes, t.doneBytes) }
         s.inFlightWrites = writes.openRequests
         s.replicationLagBytes = writes.unconfirmedBytes
+        s.oldestUnconfirmedWrite = writes.oldestUnconfirmedIssued
         s.verifyRunning = verify != nil
         s.fresh = header.flags.contains(.fresh)
         s.diskNote = diskNote

@@ -70,6 +70,9 @@ public struct ReplicationStatus: Sendable, Equatable {
     public var inFlightWrites: Int = 0
     /// Bytes written locally that the peer has not yet confirmed.
     public var replicationLagBytes: UInt64 = 0
+    /// When the oldest of those writes was issued (nil when the peer has confirmed all):
+    /// `now - oldestUnconfirmedWrite` is the replication lag in time.
+    public var oldestUnconfirmedWrite: Instant?
     public var lastVerifyMismatches: [Int]?
     public var verifyRunning = false
     /// Metadata created on this store and no data adopted since.
