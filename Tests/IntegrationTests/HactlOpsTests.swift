@@ -4,6 +4,9 @@
 import Foundation
 import HAShell
 @testable import HamgrKit
+import Logging
+import NIOCore
+import NIOPosix
 import XCTest
 
 extension HactlTests {
