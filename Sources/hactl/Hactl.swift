@@ -19,6 +19,14 @@ struct Hactl: AsyncParsableCommand {
         sets status.read_token_file, as does --read-token-file. HACTL_ENDPOINT, \
         HACTL_CA_FILE, HACTL_TOKEN_FILE and HACTL_READ_TOKEN_FILE set the defaults.
 
+        --config FILE (or HACTL_CONFIG) reads the cluster TOML: both nodes' status \
+        endpoints (https:// with status.tls), tls.ca_file, and the admin and read token \
+        files when readable here; options and HACTL_* variables override it.
+
+        Every command takes --json (one JSON object on stdout). `status` exits 0 healthy, \
+        1 degraded, 2 no master, 3 split brain, 4 unknown (nothing could be read); other \
+        commands exit 0 done, 1 refused or failed; 64 is a usage error.
+
         Shell completions: hactl --generate-completion-script bash|zsh|fish
         """,
         version: hamgrVersion,

@@ -317,3 +317,23 @@ extension StatusTLSTests {
         XCTAssertEqual(a.seen, [.switchover], "the admin token came from cluster.admin_token_file")
     }
 }
+
+extension OperationsProcessTests {
+    /// `hactl demo --keep --json`: --keep is a flag (no value), the walkthrough goes to stderr,
+    /// stdout is one JSON result, and the kept directory is there (removed here).
+    func testDemoKeepIsAFlagAndJSONIsOneObject() throws {
+        let r = try shell([ClusterHarness.hactl, "demo", "--keep", "--json"], timeout: 180, env: ["HAMGR_BIN": ClusterHarness.hamgr])
+        let kept = r.stderr.split(separator: "\n").first { $0.hasPrefix("kept ") }.map { String($0.dropFirst("kept ".count)) }
+        defer { if let kept { try? FileManager.default.removeItem(atPath: kept) } }
+        XCTAssertEqual(r.status, 0, r.stdout + r.stderr)
+        let o = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any], r.stdout)
+        XCTAssertEqual(o["action"] as? String, "demo")
+        XCTAssertEqual(o["ok"] as? Bool, true)
+        XCTAssertTrue(r.stderr.contains("data intact"), r.stderr)
+        let dir = try XCTUnwrap(kept, "demo --keep names the directory it kept: \(r.stderr)")
+        XCTAssertTrue(FileManager.default.fileExists(atPath: dir), dir)
+        sleep(1)
+        XCTAssertEqual(try shell(["pgrep", "-fa", "hamgr-demo-"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines), "",
+                       "demo processes left behind")
+    }
+}
