@@ -266,12 +266,34 @@ extension StatusTLSTests {
     /// both tokens from the config; nothing given on the command line.
     func testHactlConfigFindsHTTPSEndpointsCAAndTokens() throws {
         func port(_ url: String) -> String { String(url.split(separator: ":").last!) }
+        let env = ["HACTL_ENDPOINT": "", "HACTL_TOKEN_FILE": "", "HACTL_CA_FILE": "", "HACTL_READ_TOKEN_FILE": "", "HACTL_CONFIG": ""]
+        try writeConfig(portA: port(urlA), portB: port(urlB), adminTokenFile: "admin.token")
         let config = dir + "/web1.toml"
+        let st = try OpsTest.run([try OpsTest.binary("hactl"), "--config", config, "status", "--no-peer", "--json"], env: env, timeout: 60)
+        XCTAssertEqual(st.status, 0, st.stdout + st.stderr)
+        let o = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(st.stdout.utf8)) as? [String: Any], st.stdout)
+        XCTAssertEqual((o["nodes"] as? [[String: Any]])?.map { $0["endpoint"] as? String }, [urlA, urlB], "https:// from status.tls")
+        XCTAssertEqual(o["verdict"] as? String, "healthy")
+        let sw = try OpsTest.run([try OpsTest.binary("hactl"), "switchover", "--json"],
+                                 env: env.merging(["HACTL_CONFIG": config]) { $1 }, timeout: 60)
+        XCTAssertEqual(sw.status, 0, sw.stdout + sw.stderr)
+        XCTAssertEqual(a.seen, [.switchover], "the admin token came from cluster.admin_token_file")
+
+        // A node that requires the read token, and a config without the admin token: the
+        // read token comes from status.read_token_file.
+        let guarded = try start(HactlTests.FakeNode(a.doc), host: "a", readToken: Self.readToken)
+        try writeConfig(portA: port(guarded), portB: port(urlB), adminTokenFile: nil)
+        let read = try OpsTest.run([try OpsTest.binary("hactl"), "--config", config, "status", "--no-peer"], env: env, timeout: 60)
+        XCTAssertEqual(read.status, 0, read.stdout + read.stderr)
+        XCTAssertEqual(read.stdout.split(separator: "\n").last, "healthy", read.stdout)
+    }
+
+    private func writeConfig(portA: String, portB: String, adminTokenFile: String?) throws {
         try """
         [cluster]
         name = "web1"
         key_file = "web1.key"
-        admin_token_file = "admin.token"
+        \(adminTokenFile.map { "admin_token_file = \"\($0)\"" } ?? "")
 
         [volume]
         size = "1GiB"
@@ -280,7 +302,7 @@ extension StatusTLSTests {
         name = "a"
         replication_address = "127.0.0.1:17788"
         service_address = "10.1.0.1:10809"
-        status_address = "127.0.0.1:\(port(urlA))"
+        status_address = "127.0.0.1:\(portA)"
         backing = "a.img"
         metadata = "a.meta"
 
@@ -288,7 +310,7 @@ extension StatusTLSTests {
         name = "b"
         replication_address = "127.0.0.1:27788"
         service_address = "10.2.0.1:10809"
-        status_address = "127.0.0.1:\(port(urlB))"
+        status_address = "127.0.0.1:\(portB)"
         backing = "b.img"
         metadata = "b.meta"
 
@@ -304,17 +326,7 @@ extension StatusTLSTests {
         tls = true
         read_token_file = "read.token"
 
-        """.write(toFile: config, atomically: true, encoding: .utf8)
-        let env = ["HACTL_ENDPOINT": "", "HACTL_TOKEN_FILE": "", "HACTL_CA_FILE": "", "HACTL_READ_TOKEN_FILE": "", "HACTL_CONFIG": ""]
-        let st = try OpsTest.run([try OpsTest.binary("hactl"), "--config", config, "status", "--no-peer", "--json"], env: env, timeout: 60)
-        XCTAssertEqual(st.status, 0, st.stdout + st.stderr)
-        let o = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(st.stdout.utf8)) as? [String: Any], st.stdout)
-        XCTAssertEqual((o["nodes"] as? [[String: Any]])?.map { $0["endpoint"] as? String }, [urlA, urlB], "https:// from status.tls")
-        XCTAssertEqual(o["verdict"] as? String, "healthy")
-        let sw = try OpsTest.run([try OpsTest.binary("hactl"), "--config", config, "switchover", "--json"],
-                                 env: env.merging(["HACTL_CONFIG": config]) { $1 }, timeout: 60)
-        XCTAssertEqual(sw.status, 0, sw.stdout + sw.stderr)
-        XCTAssertEqual(a.seen, [.switchover], "the admin token came from cluster.admin_token_file")
+        """.write(toFile: dir + "/web1.toml", atomically: true, encoding: .utf8)
     }
 }
 

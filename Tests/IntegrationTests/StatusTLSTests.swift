@@ -75,7 +75,7 @@ final class StatusTLSTests: XCTestCase {
     }
 
     /// A status server for `node` with `host`'s certificate (nil: plaintext); returns its URL.
-    private func start(_ node: HactlTests.FakeNode, host: String?, readToken: String? = nil) throws -> String {
+    func start(_ node: HactlTests.FakeNode, host: String?, readToken: String? = nil) throws -> String {
         let tls = try host.map {
             try TLSFiles.identity(TLSSettings(caFile: caFile, certFile: dir + "/{name}.crt", keyFile: dir + "/{name}.key"), host: $0)
                 .serverConfiguration()
