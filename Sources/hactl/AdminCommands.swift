@@ -2,38 +2,120 @@ import ArgumentParser
 import Foundation
 import HAShell
 
-/// Send one admin command and report the reply: the message on stdout and exit 0 when
-/// the node carried it out, the message on stderr and exit 1 when it refused.
-private func send(_ command: AdminCommand, to endpoint: String, with client: ClusterClient) throws -> AdminReply {
-    let (status, reply) = try client.admin(command, at: endpoint)
+/// What one node answered to one admin command (or why it could not be asked).
+struct AdminOutcome {
+    var node: String?
+    var endpoint: String
+    var ok: Bool
+    var message: String
+    var fields: [String: JSONValue] = [:]
+    var httpStatus: Int?
+    /// The text for stderr when not ok (human output).
+    var errorText: String?
+
+    var jsonObject: [String: Any] {
+        ["node": node ?? NSNull(), "endpoint": endpoint, "ok": ok, "message": message,
+         "fields": jsonValue(fields), "http_status": httpStatus ?? NSNull()]
+    }
+}
+
+/// Send one admin command: ok when the node carried it out (2xx), else the refusal.
+private func send(_ command: AdminCommand, to endpoint: String, node: String?, with client: ClusterClient) -> AdminOutcome {
+    let status: Int, reply: AdminReply
+    do {
+        (status, reply) = try client.admin(command, at: endpoint)
+    } catch {
+        let text = "\(endpoint): \(error)"
+        return AdminOutcome(node: node, endpoint: endpoint, ok: false, message: "\(error)", errorText: text)
+    }
+    var o = AdminOutcome(node: node, endpoint: endpoint, ok: (200..<300).contains(status), message: reply.message,
+                         fields: reply.fields, httpStatus: status)
     switch status {
     case 200..<300:
-        return reply
+        break
     case 401:
-        throw HactlError("\(endpoint): the admin token was refused (check --token-file)")
+        o.message = "the admin token was refused (check --token-file)"
+        o.errorText = "\(endpoint): \(o.message)"
     case 403:
-        throw HactlError("\(endpoint): \(reply.message)")
+        o.errorText = "\(endpoint): \(reply.message)"
     default:
         var text = "\(endpoint): \(command.action) refused (HTTP \(status)): \(reply.message)"
         for (k, v) in reply.fields.sorted(by: { $0.key < $1.key }) { text += "\n  \(k): \(v)" }
-        throw HactlError(text)
+        o.errorText = text
+    }
+    return o
+}
+
+/// The outcomes of one admin command, printed as they come (human) or as one JSON
+/// object at the end (`--json`): {action, node, endpoint, ok, message, fields, results}.
+final class AdminResults {
+    let action: String
+    let json: Bool
+    private(set) var outcomes: [AdminOutcome] = []
+
+    init(_ action: String, json: Bool) { self.action = action; self.json = json }
+
+    /// Record an outcome; prints the reply now when human and ok (`nodePrefix`: "b: done").
+    func add(_ o: AdminOutcome, nodePrefix: Bool = false) {
+        outcomes.append(o)
+        guard !json, o.ok else { return }
+        print((nodePrefix ? o.node.map { "\($0): " } ?? "" : "") + o.message)
+        for (k, v) in o.fields.sorted(by: { $0.key < $1.key }) {
+            print("  \(k): \(v.stringValue ?? v.description)")
+        }
+    }
+
+    /// Add fields to the last outcome (a job's final state).
+    func annotate(_ fields: [String: JSONValue]) {
+        guard !outcomes.isEmpty else { return }
+        outcomes[outcomes.count - 1].fields.merge(fields) { _, new in new }
+    }
+
+    /// Print the JSON object (with `json`) and fail (exit 1) if any node refused.
+    func finish() throws {
+        let failures = outcomes.filter { !$0.ok }
+        if json {
+            printJSON(Self.object(action: action, results: outcomes))
+            if !failures.isEmpty { throw ExitCode(1) }
+        } else if !failures.isEmpty {
+            throw HactlError(failures.map { $0.errorText ?? "\($0.endpoint): \($0.message)" }.joined(separator: "\n"))
+        }
+    }
+
+    /// The stable JSON shape of every admin command's result, and of any hactl error
+    /// (`error`: ok false, results empty).
+    static func object(action: String, results: [AdminOutcome], error: String? = nil) -> [String: Any] {
+        let single = results.count == 1 ? results.first : nil
+        let message = error ?? single?.message
+            ?? results.map { "\($0.node ?? $0.endpoint): \($0.message)" }.joined(separator: "; ")
+        return [
+            "action": action,
+            "node": single?.node ?? NSNull(),
+            "endpoint": single?.endpoint ?? NSNull(),
+            "ok": error == nil && !results.isEmpty && results.allSatisfy(\.ok),
+            "message": message,
+            "fields": jsonValue(single?.fields ?? [:]),
+            "results": results.map(\.jsonObject),
+        ]
     }
 }
 
-private func printReply(_ reply: AdminReply, node: String? = nil) {
-    print((node.map { "\($0): " } ?? "") + reply.message)
-    for (k, v) in reply.fields.sorted(by: { $0.key < $1.key }) {
-        print("  \(k): \(v.stringValue ?? v.description)")
-    }
+/// `--json` for the admin commands.
+struct JSONOption: ParsableArguments {
+    @Flag(name: .long, help: "Print the result as one JSON object {action, node, endpoint, ok, message, fields, results}.")
+    var json = false
 }
 
 /// Sends `command` to whichever node reports itself master (switchover, demote).
-private func sendToMaster(_ command: AdminCommand, hactl: Hactl, nothingTo: String) throws {
+private func sendToMaster(_ command: AdminCommand, hactl: Hactl, json: Bool, nothingTo: String) throws {
     let client = try hactl.client(needsToken: true)
-    guard let master = client.masterEndpoint(in: client.discover()) else {
+    let views = client.discover()
+    guard let master = client.masterEndpoint(in: views) else {
         throw HactlError("no node reports itself master; \(nothingTo)")
     }
-    printReply(try send(command, to: master, with: client))
+    let results = AdminResults(command.action, json: json)
+    results.add(send(command, to: master, node: views.first { $0.endpoint == master }?.document?.node, with: client))
+    try results.finish()
 }
 
 struct SwitchoverCommand: ParsableCommand {
@@ -43,10 +125,11 @@ struct SwitchoverCommand: ParsableCommand {
         discussion: "Sent to the current master, found through the given endpoints.")
 
     @ParentCommand var hactl: Hactl
+    @OptionGroup var output: JSONOption
 
     func run() throws {
-        try reporting {
-            try sendToMaster(.switchover, hactl: hactl, nothingTo: "nothing to switch over (see `hactl status`)")
+        try reporting(action: "switchover", json: output.json) {
+            try sendToMaster(.switchover, hactl: hactl, json: output.json, nothingTo: "nothing to switch over (see `hactl status`)")
         }
     }
 }
@@ -69,12 +152,14 @@ struct PromoteCommand: ParsableCommand {
     @Flag(name: .long, help: "Do not ask for confirmation.")
     var yes = false
 
+    @OptionGroup var output: JSONOption
+
     func run() throws {
-        try reporting {
+        try reporting(action: "promote", json: output.json) {
             let client = try hactl.client(needsToken: true)
             let endpoint = client.endpoints[0]
+            let target = client.fetch(endpoint)
             if !yes {
-                let target = client.fetch(endpoint)
                 let who = target.document.map { "node \($0.node) of cluster \($0.cluster) (disk \($0.diskState.rawValue), epoch \($0.epoch))" } ?? endpoint
                 if isInteractive {
                     let question = force
@@ -85,7 +170,9 @@ struct PromoteCommand: ParsableCommand {
                     throw HactlError("promote --force needs --yes when not run from a terminal")
                 }
             }
-            printReply(try send(.promote(force: force), to: endpoint, with: client))
+            let results = AdminResults("promote", json: output.json)
+            results.add(send(.promote(force: force), to: endpoint, node: target.document?.node, with: client))
+            try results.finish()
         }
     }
 }
@@ -97,10 +184,11 @@ struct DemoteCommand: ParsableCommand {
         discussion: "Sent to the current master, found through the given endpoints. For a handover use `switchover`.")
 
     @ParentCommand var hactl: Hactl
+    @OptionGroup var output: JSONOption
 
     func run() throws {
-        try reporting {
-            try sendToMaster(.demote, hactl: hactl, nothingTo: "nothing to demote")
+        try reporting(action: "demote", json: output.json) {
+            try sendToMaster(.demote, hactl: hactl, json: output.json, nothingTo: "nothing to demote")
         }
     }
 }
@@ -120,34 +208,31 @@ struct MaintenanceCommand: ParsableCommand {
     @Argument(help: "on or off.")
     var mode: Mode
 
+    @OptionGroup var output: JSONOption
+
     func run() throws {
-        try reporting {
+        try reporting(action: "maintenance", json: output.json) {
             let client = try hactl.client(needsToken: true)
-            var failures: [String] = []
+            let results = AdminResults("maintenance", json: output.json)
             for endpoint in client.endpoints {
                 let name = client.fetch(endpoint).document?.node
-                do {
-                    printReply(try send(.maintenance(on: mode == .on), to: endpoint, with: client), node: name)
-                } catch let e as HactlError {
-                    failures.append(e.description)
-                } catch let e as HTTPClient.Failure {
-                    failures.append("\(endpoint): \(e)")
-                }
+                results.add(send(.maintenance(on: mode == .on), to: endpoint, node: name, with: client), nodePrefix: true)
             }
-            if !failures.isEmpty { throw HactlError(failures.joined(separator: "\n")) }
+            try results.finish()
         }
     }
 }
 
 /// verify and resync: start the job, then follow `/status` with a progress bar.
-private func runJob(_ command: AdminCommand, hactl: Hactl, wait: Bool) throws {
+private func runJob(_ command: AdminCommand, hactl: Hactl, wait: Bool, json: Bool) throws {
     let client = try hactl.client(needsToken: true)
     let views = client.discover()
     let endpoint = client.masterEndpoint(in: views) ?? client.endpoints[0]
-    printReply(try send(command, to: endpoint, with: client))
-    guard wait else { return }
+    let results = AdminResults(command.action, json: json)
+    results.add(send(command, to: endpoint, node: views.first { $0.endpoint == endpoint }?.document?.node, with: client))
+    guard wait, results.outcomes.allSatisfy(\.ok) else { return try results.finish() }
     let watched = views.filter { $0.document != nil }.map(\.endpoint)
-    let bar = ProgressBar(label: command.action, interactive: isatty(1) == 1)
+    let bar = ProgressBar(label: command.action, interactive: isatty(1) == 1, quiet: json)
     var sawJob = false
     var quietPolls = 0
     while true {
@@ -165,6 +250,10 @@ private func runJob(_ command: AdminCommand, hactl: Hactl, wait: Bool) throws {
         if sawJob || quietPolls >= 3 {
             bar.finish()
             let oos = docs.map(\.outOfSyncBytes).max() ?? 0
+            if json {
+                results.annotate(["finished": .bool(true), "out_of_sync_bytes": .number(Double(oos))])
+                return try results.finish()
+            }
             print("\(command.action) finished; out of sync: \(ByteSize.format(oos))")
             return
         }
@@ -184,7 +273,11 @@ struct VerifyCommand: ParsableCommand {
     @Flag(name: .long, help: "When the pass ends, resync exactly the mismatched chunks from the up-to-date side.")
     var repair = false
 
-    func run() throws { try reporting { try runJob(.verify(repair: repair), hactl: hactl, wait: !noWait) } }
+    @OptionGroup var output: JSONOption
+
+    func run() throws {
+        try reporting(action: "verify", json: output.json) { try runJob(.verify(repair: repair), hactl: hactl, wait: !noWait, json: output.json) }
+    }
 }
 
 /// The endpoint whose node is `name`, among the given endpoints and their peers.
@@ -222,8 +315,10 @@ struct BootstrapCommand: ParsableCommand {
     @Flag(name: .long, help: "Do not ask for confirmation.")
     var yes = false
 
+    @OptionGroup var output: JSONOption
+
     func run() throws {
-        try reporting {
+        try reporting(action: "bootstrap", json: output.json) {
             let client = try hactl.client(needsToken: true)
             let (ep, doc) = try endpoint(ofNode: source, client: client)
             if !yes {
@@ -232,7 +327,9 @@ struct BootstrapCommand: ParsableCommand {
                                  : "Keep \(source)'s data and overwrite \(doc.peer.node)'s whole store with it?", source)
                 }
             }
-            printReply(try send(.bootstrap(assumeClean: assumeClean), to: ep, with: client), node: source)
+            let results = AdminResults("bootstrap", json: output.json)
+            results.add(send(.bootstrap(assumeClean: assumeClean), to: ep, node: source, with: client), nodePrefix: true)
+            try results.finish()
         }
     }
 }
@@ -252,17 +349,22 @@ struct InvalidateCommand: ParsableCommand {
     @Flag(name: .long, help: "Do not ask for confirmation.")
     var yes = false
 
+    @OptionGroup var output: JSONOption
+
     func run() throws {
-        try reporting {
+        try reporting(action: "invalidate", json: output.json) {
             let client = try hactl.client(needsToken: true)
             let ep = client.endpoints[0]
+            let name = client.fetch(ep).document?.node
             if !yes {
                 try requireConfirmation("invalidate discards data") {
-                    let node = client.fetch(ep).document?.node ?? ep
+                    let node = name ?? ep
                     return ("Discard every byte of \(node)'s store and copy it again from its peer?", node)
                 }
             }
-            printReply(try send(.invalidate, to: ep, with: client))
+            let results = AdminResults("invalidate", json: output.json)
+            results.add(send(.invalidate, to: ep, node: name, with: client))
+            try results.finish()
         }
     }
 }
@@ -277,7 +379,11 @@ struct ResyncCommand: ParsableCommand {
     @Flag(name: .long, help: "Start and return; do not follow progress.")
     var noWait = false
 
-    func run() throws { try reporting { try runJob(.resync, hactl: hactl, wait: !noWait) } }
+    @OptionGroup var output: JSONOption
+
+    func run() throws {
+        try reporting(action: "resync", json: output.json) { try runJob(.resync, hactl: hactl, wait: !noWait, json: output.json) }
+    }
 }
 
 struct ResolveCommand: ParsableCommand {
@@ -298,18 +404,23 @@ struct ResolveCommand: ParsableCommand {
     @Flag(name: .long, help: "Do not ask for confirmation.")
     var yes = false
 
+    @OptionGroup var output: JSONOption
+
     func run() throws {
-        try reporting {
+        try reporting(action: "resolve", json: output.json) {
             let client = try hactl.client(needsToken: true)
             let endpoint = client.endpoints[0]
+            let target = client.fetch(endpoint).document
             if !yes {
                 try requireConfirmation("resolve discards data") {
-                    let doc = client.fetch(endpoint).document
+                    let doc = target
                     let loser = discard == .local ? doc?.node ?? endpoint : doc?.peer.node ?? "the peer"
                     return ("Discard every change on \(loser) since the split brain\(doc?.splitBrain.map { " (\($0))" } ?? "")?", loser)
                 }
             }
-            printReply(try send(.resolve(discard: discard), to: endpoint, with: client))
+            let results = AdminResults("resolve", json: output.json)
+            results.add(send(.resolve(discard: discard), to: endpoint, node: target?.node, with: client))
+            try results.finish()
         }
     }
 }
@@ -334,9 +445,12 @@ struct ArbitratorAcceptCommand: ParsableCommand {
     @Flag(name: .long, help: "Do not ask for confirmation.")
     var yes = false
 
+    @OptionGroup var output: JSONOption
+
     func run() throws {
-        try reporting {
+        try reporting(action: "arbitrator-accept", json: output.json) {
             let client = try hactl.client(needsToken: true)
+            let results = AdminResults("arbitrator-accept", json: output.json)
             for ep in client.endpoints {
                 let doc = client.fetch(ep).document
                 let node = doc?.node ?? ep
@@ -345,8 +459,10 @@ struct ArbitratorAcceptCommand: ParsableCommand {
                         ("Count the new arbitrator state on \(node)\(doc?.arbitrator.refused.map { " (\($0))" } ?? "")? Only if \(node) holds the newest data.", node)
                     }
                 }
-                printReply(try send(.acceptArbitrator, to: ep, with: client), node: node)
+                results.add(send(.acceptArbitrator, to: ep, node: doc?.node, with: client), nodePrefix: true)
+                if results.outcomes.last?.ok != true { break }   // stop at the first refusal, as before --json
             }
+            try results.finish()
         }
     }
 }
@@ -355,13 +471,16 @@ struct ArbitratorAcceptCommand: ParsableCommand {
 final class ProgressBar {
     let label: String
     let interactive: Bool
+    /// Draw nothing (`--json`).
+    let quiet: Bool
     private var lastDecile = -1
     private var started = Date()
     private var drawn = false
 
-    init(label: String, interactive: Bool) { self.label = label; self.interactive = interactive }
+    init(label: String, interactive: Bool, quiet: Bool = false) { self.label = label; self.interactive = interactive; self.quiet = quiet }
 
     func update(done: UInt64, total: UInt64) {
+        guard !quiet else { return }
         let f = total == 0 ? 1 : min(1, Double(done) / Double(total))
         let elapsed = Date().timeIntervalSince(started)
         let rate = elapsed > 0 ? Double(done) / elapsed : 0

@@ -21,6 +21,10 @@ struct NodeView {
 /// found as a peer's status URL, are verified with `trust`.
 struct ClusterClient {
     var endpoints: [String]
+    /// The arbitrator's status endpoint(s) from the config, read by `status` only.
+    var arbitratorEndpoints: [String] = []
+    /// Node names by endpoint, when the config says which node serves where.
+    var names: [String: String] = [:]
     var adminToken: String?
     var readToken: String?
     var trust: HTTPClient.TrustedCA?
@@ -54,7 +58,11 @@ struct ClusterClient {
     /// Every node reachable from the given endpoints: each one asked, plus the peer each
     /// document names that was not given explicitly.
     func discover(followPeers: Bool = true) -> [NodeView] {
-        var views = endpoints.map(fetch)
+        var views = endpoints.map { ep in
+            var v = fetch(ep)
+            v.expectedName = names[ep]
+            return v
+        }
         guard followPeers else { return views }
         var known = Set(views.compactMap { $0.document?.node })
         var asked = Set(endpoints)

@@ -16,11 +16,40 @@ struct DemoCommand: ParsableCommand {
         commandName: "demo",
         abstract: "Start a local demo cluster (two nodes and an arbitrator on this machine) and walk through a failover.")
 
-    @Option(name: .long, help: "Keep the demo's directory (config, logs, volumes) instead of removing it.")
+    @Flag(name: .long, help: "Keep the demo's directory (config, logs, volumes) instead of removing it.")
     var keep = false
 
+    @Flag(name: .long, help: "Walk through on stderr; print only a JSON result {action, node, endpoint, ok, message, fields, results} on stdout.")
+    var json = false
+
     func run() throws {
-        try reporting {
+        // With --json the walkthrough goes to stderr and stdout carries one JSON object.
+        let savedStdout = json ? dup(1) : -1
+        if json { fflush(stdout); dup2(2, 1) }
+        func restoreStdout() {
+            guard savedStdout >= 0 else { return }
+            fflush(stdout); dup2(savedStdout, 1); close(savedStdout)
+        }
+        do {
+            try reporting {
+                try runOnce()
+            }
+        } catch {
+            restoreStdout()
+            if json { printJSON(AdminResults.object(action: "demo", results: [], error: "the demo failed; its walkthrough is on stderr")) }
+            throw error
+        }
+        restoreStdout()
+        if json {
+            printJSON(AdminResults.object(action: "demo", results: [
+                AdminOutcome(node: nil, endpoint: "local", ok: true, message: "demo completed: failover shown, data intact"
+                             + (keep ? "; directory kept" : "")),
+            ]))
+        }
+    }
+
+    private func runOnce() throws {
+        do {
             let cluster = try LocalCluster.make()
             LocalCluster.current = cluster
             // Whatever ends the demo, its processes and files go with it: a closed stdout

@@ -75,7 +75,7 @@ struct DrillCommand: ParsableCommand {
     }
 
     func run() throws {
-        try reporting {
+        try reporting(action: "drill", json: json) {
             let tls = try nbdTLS()
             let client = try hactl.client(needsToken: mode == .switchover)
             let report = try DrillRunner(client: client, plan: DrillPlan(mode: mode, killCommand: killCommand, blocks: blocks),

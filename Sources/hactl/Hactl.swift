@@ -19,6 +19,14 @@ struct Hactl: AsyncParsableCommand {
         sets status.read_token_file, as does --read-token-file. HACTL_ENDPOINT, \
         HACTL_CA_FILE, HACTL_TOKEN_FILE and HACTL_READ_TOKEN_FILE set the defaults.
 
+        --config FILE (or HACTL_CONFIG) reads the cluster TOML: both nodes' status \
+        endpoints (https:// with status.tls), tls.ca_file, and the admin and read token \
+        files when readable here; options and HACTL_* variables override it.
+
+        Every command takes --json (one JSON object on stdout). `status` exits 0 healthy, \
+        1 degraded, 2 no master, 3 split brain, 4 unknown (nothing could be read); other \
+        commands exit 0 done, 1 refused or failed; 64 is a usage error.
+
         Shell completions: hactl --generate-completion-script bash|zsh|fish
         """,
         version: hamgrVersion,
@@ -39,15 +47,39 @@ struct Hactl: AsyncParsableCommand {
     @Option(name: .long, help: ArgumentHelp("The read-only token file (status.read_token_file, mode 0600), for /status.", valueName: "file"))
     var readTokenFile: String?
 
+    @Option(name: .long, help: ArgumentHelp("The cluster TOML: both nodes' status endpoints, the CA, and the token files readable on this host.", valueName: "file"))
+    var config: String?
+
     @Option(name: .long, help: "Seconds to wait for each HTTP answer.")
     var timeout: Double = 5
 
-    /// The endpoints to use: the options, else $HACTL_ENDPOINT (comma separated), else the
-    /// local default; a bare HOST:PORT is https:// when a CA file is given.
-    func endpoints(secure: Bool) -> [String] {
+    /// The cluster config named by --config, else $HACTL_CONFIG, parsed (not validated:
+    /// the cluster key and other files need not exist on an operator's host).
+    func clusterConfig() throws -> ClusterConfig? {
+        guard let path = config ?? Self.environment("HACTL_CONFIG") else { return nil }
+        guard let data = FileManager.default.contents(atPath: path) else {
+            throw HactlError("--config: cannot read \(path): \(String(cString: strerror(errno)))")
+        }
+        let dir = URL(fileURLWithPath: path).standardizedFileURL.deletingLastPathComponent().path
+        do {
+            var c = try ClusterConfig.parse(toml: String(decoding: data, as: UTF8.self), relativeTo: dir)
+            c.sourcePath = path
+            return c
+        } catch let e as ConfigError {
+            throw HactlError("--config \(path): \(e.key): \(e.message)")
+        }
+    }
+
+    /// The endpoints to use: the options, else $HACTL_ENDPOINT (comma separated), else both
+    /// nodes' status_address from the config, else the local default; a bare HOST:PORT is
+    /// https:// when a CA file is given (or the config sets status.tls).
+    func endpoints(secure: Bool, config: ClusterConfig? = nil) -> [String] {
         if !endpoint.isEmpty { return endpoint.map { Self.normalize($0, secure: secure) } }
         if let env = Self.environment("HACTL_ENDPOINT") {
             return env.split(separator: ",").map { Self.normalize(String($0), secure: secure) }
+        }
+        if let config, !config.nodes.isEmpty {
+            return config.nodes.map { Self.normalize($0.statusAddress, secure: config.status.tls) }
         }
         return [Self.normalize("127.0.0.1:9650", secure: secure)]
     }
@@ -63,29 +95,44 @@ struct Hactl: AsyncParsableCommand {
         ProcessInfo.processInfo.environment[name].flatMap { $0.isEmpty ? nil : $0 }
     }
 
-    /// The CA file given (--ca-file, else $HACTL_CA_FILE), if any.
-    var caFilePath: String? { caFile ?? Self.environment("HACTL_CA_FILE") }
+    /// The CA file given (--ca-file, else $HACTL_CA_FILE), if any. (The config's
+    /// tls.ca_file is added by `client`.)
+    var caFilePath: String? { caFile ?? Self.environment("HACTL_CA_FILE") ?? (try? clusterConfig())?.tls?.caFile }
 
     func client(needsToken: Bool) throws -> ClusterClient {
+        let config = try clusterConfig()
         let adminToken = try secret(tokenFile ?? Self.environment("HACTL_TOKEN_FILE"), option: "--token-file")
+            ?? secret(fromConfig: config?.cluster.adminTokenFile, key: "cluster.admin_token_file")
         if needsToken && adminToken == nil {
-            throw HactlError("this command needs --token-file FILE (the cluster's admin_token_file)")
+            throw HactlError("this command needs --token-file FILE (the cluster's admin_token_file)"
+                             + (config.map { c in c.cluster.adminTokenFile.map { "; \($0) named by \(c.sourcePath ?? "the config") is not readable here" } ?? "" } ?? ""))
         }
         let readToken = try secret(readTokenFile ?? Self.environment("HACTL_READ_TOKEN_FILE"), option: "--read-token-file")
+            ?? secret(fromConfig: config?.status.readTokenFile, key: "status.read_token_file")
         var trust: HTTPClient.TrustedCA?
-        if let ca = caFilePath {
+        let explicitCA = caFile ?? Self.environment("HACTL_CA_FILE")
+        if let ca = explicitCA ?? config?.tls?.caFile {
+            let option = explicitCA != nil ? "--ca-file" : "tls.ca_file"
             do {
-                trust = try HTTPClient.TrustedCA(file: ca, key: "--ca-file")
+                trust = try HTTPClient.TrustedCA(file: ca, key: option)
             } catch let e as ConfigError {
-                throw HactlError("--ca-file: \(e.message)")
+                throw HactlError("\(option): \(e.message)")
             }
         }
-        let endpoints = endpoints(secure: trust != nil)
+        let endpoints = endpoints(secure: trust != nil, config: config)
         if trust == nil, let ep = endpoints.first(where: { $0.hasPrefix("https://") }) {
             throw HactlError("\(ep): an https:// endpoint needs --ca-file FILE (the cluster CA, tls.ca_file) or HACTL_CA_FILE")
         }
-        return ClusterClient(endpoints: endpoints, adminToken: adminToken, readToken: readToken,
-                             trust: trust, timeout: .milliseconds(Int64(max(0.1, timeout) * 1000)))
+        // The arbitrator's status endpoint, for `status`, when the config names one and no
+        // endpoint was given explicitly.
+        var arbitrators: [String] = []
+        if endpoint.isEmpty, Self.environment("HACTL_ENDPOINT") == nil, let config, let a = config.arbitrator.statusAddress {
+            arbitrators = [Self.normalize(a, secure: config.status.tls)]
+        }
+        var names: [String: String] = [:]
+        for n in config?.nodes ?? [] { names[Self.normalize(n.statusAddress, secure: config?.status.tls ?? false)] = n.name.name }
+        return ClusterClient(endpoints: endpoints, arbitratorEndpoints: arbitrators, names: names, adminToken: adminToken,
+                             readToken: readToken, trust: trust, timeout: .milliseconds(Int64(max(0.1, timeout) * 1000)))
     }
 
     /// The token in the secret file at `path` (mode 0600), if a path is given.
@@ -95,6 +142,17 @@ struct Hactl: AsyncParsableCommand {
             return try ClusterConfig.readSecretFile(path, key: option)
         } catch let e as ConfigError {
             throw HactlError("\(option): \(e.message)")
+        }
+    }
+
+    /// A token file named by the config: used when it can be read on this host (an
+    /// operator's workstation may not hold it); a readable file with a bad mode is an error.
+    private func secret(fromConfig path: String?, key: String) throws -> String? {
+        guard let path, access(path, R_OK) == 0 else { return nil }
+        do {
+            return try ClusterConfig.readSecretFile(path, key: key)
+        } catch let e as ConfigError {
+            throw HactlError("--config: \(key): \(e.message)")
         }
     }
 }
@@ -110,20 +168,40 @@ func warn(_ s: String) {
     FileHandle.standardError.write(Data((s + "\n").utf8))
 }
 
-/// Run a command body, turning our errors into one `hactl: …` line and exit 1.
-func reporting(_ body: () throws -> Void) throws {
+/// Run a command body, turning our errors into one `hactl: …` line on stderr (with
+/// `json`, a JSON error object on stdout, docs/operator-guide.md) and exit `failure`.
+func reporting(action: String = "", json: Bool = false, failure: Int32 = 1, _ body: () throws -> Void) throws {
+    func fail(_ message: String) throws -> Never {
+        if json {
+            printJSON(AdminResults.object(action: action, results: [], error: message))
+        } else {
+            warn("hactl: \(message)")
+        }
+        throw ExitCode(failure)
+    }
     do {
         try body()
     } catch let e as HactlError {
-        warn("hactl: \(e)")
-        throw ExitCode(1)
+        try fail(e.description)
     } catch let e as HTTPClient.Failure {
-        warn("hactl: \(e)")
-        throw ExitCode(1)
+        try fail("\(e)")
     } catch let e as NBDClientError {
-        warn("hactl: \(e)")
-        throw ExitCode(1)
+        try fail("\(e)")
     }
+}
+
+/// Print a JSON object (sorted keys, pretty printed) on stdout.
+func printJSON(_ object: [String: Any]) {
+    let data = (try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys, .prettyPrinted, .withoutEscapingSlashes]))
+        ?? Data("{}".utf8)
+    print(String(decoding: data, as: UTF8.self))
+}
+
+/// An Encodable value as a JSONSerialization object (NSNull for nil).
+func jsonValue<T: Encodable>(_ value: T?) -> Any {
+    guard let value, let data = try? JSONEncoder().encode(value),
+          let o = try? JSONSerialization.jsonObject(with: data, options: [.fragmentsAllowed]) else { return NSNull() }
+    return o
 }
 
 /// True if both stdin and stdout are terminals (prompts and progress bars).

@@ -5,36 +5,75 @@ import HAShell
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "status",
-        abstract: "Show the cluster: who is master and at which service address, states, epochs.",
-        discussion: "Exit status 0 when the first endpoint answered, 1 otherwise.")
+        abstract: "Show the cluster: who is master and at which service address, states, epochs; exit with its health.",
+        discussion: """
+        Prints the table and a verdict line. Exit status (the worst condition wins): 0 healthy, \
+        1 degraded (a master serves but the peer is down, behind or outdated, a resync or \
+        verify runs, the arbitrator is unreachable or not counted, a node is in maintenance…), \
+        2 no master (nobody primary with a valid lease), 3 split brain, 4 unknown (no data \
+        node's /status could be read, or hactl could not ask: bad CA, token or config file), \
+        64 usage error. Asking only an arbitrator exits 0 when it answers.
+        """)
 
     @ParentCommand var hactl: Hactl
 
-    @Flag(name: .long, help: "Print the /status JSON document (an array when several --endpoint are given).")
+    @Flag(name: .long, help: "Print one JSON document: the verdict, both nodes' /status documents and the arbitrator's.")
     var json = false
 
     @Flag(name: .long, help: "Do not follow the peer's status URL named in the document.")
     var noPeer = false
 
     func run() throws {
-        try reporting {
+        try reporting(action: "status", json: json, failure: ClusterHealth.Verdict.unknown.rawValue) {
             let client = try hactl.client(needsToken: false)
+            let views = client.discover(followPeers: !noPeer) + client.arbitratorEndpoints.map(client.fetch)
+            let nodes = views.filter { $0.arbitrator == nil && !client.arbitratorEndpoints.contains($0.endpoint) }
+            let arbitrators = views.filter { $0.arbitrator != nil || client.arbitratorEndpoints.contains($0.endpoint) }
+            // Only arbitrators asked: no verdict, 0 when one answered.
+            let health: ClusterHealth? = nodes.isEmpty ? nil : ClusterHealth.assess(nodes)
+            let code = health?.verdict.rawValue ?? (arbitrators.contains { $0.arbitrator != nil } ? 0 : ClusterHealth.Verdict.unknown.rawValue)
             if json {
-                let views = client.discover(followPeers: false)
-                if let bad = views.first(where: { $0.raw == nil }) {
-                    throw HactlError("\(bad.endpoint): \(bad.error ?? "no answer")")
+                printJSON(Self.document(nodes: nodes, arbitrators: arbitrators, health: health, code: code))
+            } else {
+                if !nodes.isEmpty { print(StatusTable.render(nodes), terminator: "") }
+                for w in arbitrators {
+                    if let doc = w.arbitrator {
+                        print(StatusTable.render(arbitrator: doc), terminator: "")
+                    } else {
+                        print("arbitrator: \(w.endpoint) did not answer: \(w.error ?? "?")")
+                    }
                 }
-                // Documents as served (node or arbitrator), one object or an array.
-                let raws = views.compactMap(\.raw).map { String(decoding: $0, as: UTF8.self) }
-                print(raws.count == 1 ? raws[0] : "[\n" + raws.joined(separator: ",\n") + "\n]")
-                return
+                if let health { print(health.line) }
             }
-            let views = client.discover(followPeers: !noPeer)
-            let nodes = views.filter { $0.arbitrator == nil }
-            if !nodes.isEmpty { print(StatusTable.render(nodes), terminator: "") }
-            for w in views.compactMap(\.arbitrator) { print(StatusTable.render(arbitrator: w), terminator: "") }
-            if views.first?.raw == nil { throw ExitCode(1) }
+            if code != 0 { throw ExitCode(code) }
         }
+    }
+
+    /// `status --json`: {cluster, verdict, exit_code, summary, reasons, master, epoch,
+    /// nodes: [{node, endpoint, reachable, error, status}], arbitrator: {endpoint, reachable,
+    /// error, status} | null}. `status` is the /status document as the node serves it.
+    static func document(nodes: [NodeView], arbitrators: [NodeView], health: ClusterHealth?, code: Int32) -> [String: Any] {
+        func raw(_ v: NodeView) -> Any {
+            v.raw.flatMap { try? JSONSerialization.jsonObject(with: $0) } ?? NSNull()
+        }
+        let docs = nodes.compactMap(\.document)
+        let master = health?.master?.master ?? docs.compactMap(\.master).first
+        let arbitrator: Any = arbitrators.first.map { w -> Any in
+            ["endpoint": w.endpoint, "reachable": w.arbitrator != nil, "error": w.error ?? NSNull(), "status": raw(w)]
+        } ?? NSNull()
+        return [
+            "cluster": docs.first?.cluster ?? NSNull(),
+            "verdict": health?.verdict.key ?? NSNull(),
+            "exit_code": Int(code),
+            "summary": health?.line ?? NSNull(),
+            "reasons": health?.reasons ?? [],
+            "master": master.map { ["node": $0.node, "service_address": $0.serviceAddress] } ?? NSNull(),
+            "epoch": docs.map(\.epoch).max().map { NSNumber(value: $0) } ?? NSNull(),
+            "nodes": nodes.sorted { $0.name < $1.name }.map { v -> [String: Any] in
+                ["node": v.document?.node ?? v.expectedName ?? NSNull(), "endpoint": v.endpoint, "reachable": v.document != nil, "error": v.error ?? NSNull(), "status": raw(v)]
+            },
+            "arbitrator": arbitrator,
+        ]
     }
 }
 

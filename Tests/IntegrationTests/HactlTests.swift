@@ -75,7 +75,7 @@ final class HactlTests: XCTestCase {
                        resources: role == .primary ? [.init(name: "fs", state: "running", restarts: 0)] : [])
     }
 
-    private func start(_ node: FakeNode) throws -> String {
+    func start(_ node: FakeNode) throws -> String {
         var logger = Logger(label: "hactl-test"); logger.logLevel = .critical
         let s = StatusServer(group: group, host: "127.0.0.1", port: 0, adminToken: Self.token,
                              handlers: StatusHandlers(statusDocument: { node.status() }, metrics: { "" }, healthy: { true },
@@ -86,10 +86,10 @@ final class HactlTests: XCTestCase {
         return "http://127.0.0.1:\(s.boundPort!)"
     }
 
-    private func hactl(_ args: [String], token: Bool = true) throws -> OpsTest.Output {
+    func hactl(_ args: [String], token: Bool = true) throws -> OpsTest.Output {
         var argv = [try OpsTest.binary("hactl")] + args
         if token { argv.insert(contentsOf: ["--token-file", tokenFile], at: 1) }
-        return try OpsTest.run(argv, env: ["HACTL_ENDPOINT": "", "HACTL_TOKEN_FILE": ""], timeout: 60)
+        return try OpsTest.run(argv, env: ["HACTL_ENDPOINT": "", "HACTL_TOKEN_FILE": "", "HACTL_CONFIG": "", "HACTL_CA_FILE": "", "HACTL_READ_TOKEN_FILE": ""], timeout: 60)
     }
 
     func testStatusShowsBothNodesAndTheMaster() throws {
@@ -102,22 +102,34 @@ final class HactlTests: XCTestCase {
         XCTAssertTrue(rows[2].contains("10.1.0.1:10809"), "the master row names its service address")
         XCTAssertEqual(rows[3].prefix(3), ["b", "secondary", "upToDate"], r.stdout)
         XCTAssertTrue(r.stdout.contains("a: resources fs running"), r.stdout)
+        XCTAssertEqual(lines.last, "healthy", "the verdict line closes the table")
 
-        // The peer is down: it shows as unreachable, the command still answers.
+        // The master's status endpoint is down: it shows as unreachable, the command still
+        // answers; b still names a as master, so degraded (exit 1), not "no master".
         try servers[0].stop().wait()
         let partial = try hactl(["--endpoint", urlB, "status"], token: false)
-        XCTAssertEqual(partial.status, 0)
+        XCTAssertEqual(partial.status, 1, partial.stdout + partial.stderr)
         let partialRows = partial.stdout.split(separator: "\n").map { $0.split(separator: " ").map(String.init) }
         XCTAssertEqual(partialRows[2].prefix(2), ["a", "unreachable"], partial.stdout)
         XCTAssertTrue(partial.stdout.contains("a: \(urlA) did not answer"), partial.stdout)
     }
 
+    /// `status --json` is one document: the verdict and both nodes' /status documents as served.
     func testStatusJSONIsTheDocument() throws {
-        let r = try hactl(["--endpoint", urlA, "status", "--json"], token: false)
-        XCTAssertEqual(r.status, 0, r.stderr)
-        XCTAssertEqual(try JSONDecoder().decode(StatusDocument.self, from: Data(r.stdout.utf8)), a.doc)
-        let both = try hactl(["--endpoint", urlA, "--endpoint", urlB, "status", "--json"], token: false)
-        XCTAssertEqual(try JSONDecoder().decode([StatusDocument].self, from: Data(both.stdout.utf8)).map(\.node), ["a", "b"])
+        for args in [["--endpoint", urlA], ["--endpoint", urlA, "--endpoint", urlB]] {
+            let r = try hactl(args + ["status", "--json"], token: false)
+            XCTAssertEqual(r.status, 0, r.stderr)
+            let o = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any], r.stdout)
+            XCTAssertEqual(Set(o.keys), ["cluster", "verdict", "exit_code", "summary", "reasons", "master", "epoch", "nodes", "arbitrator"])
+            XCTAssertEqual(o["verdict"] as? String, "healthy")
+            XCTAssertEqual(o["exit_code"] as? Int, 0)
+            XCTAssertEqual((o["master"] as? [String: Any])?["node"] as? String, "a")
+            XCTAssertTrue(o["arbitrator"] is NSNull)
+            let nodes = try XCTUnwrap(o["nodes"] as? [[String: Any]])
+            XCTAssertEqual(nodes.map { $0["node"] as? String }, ["a", "b"], "the peer is followed")
+            let docA = try JSONSerialization.data(withJSONObject: try XCTUnwrap(nodes[0]["status"]))
+            XCTAssertEqual(try JSONDecoder().decode(StatusDocument.self, from: docA), a.doc)
+        }
     }
 
     func testArbitratorEndpointShowsItsClusters() throws {
@@ -140,7 +152,13 @@ final class HactlTests: XCTestCase {
 
         """)
         let json = try hactl(["--endpoint", url, "status", "--json"], token: false)
-        XCTAssertEqual(try JSONDecoder().decode(ArbitratorStatusDocument.self, from: Data(json.stdout.utf8)), doc)
+        XCTAssertEqual(json.status, 0, json.stderr)
+        let o = try XCTUnwrap(try JSONSerialization.jsonObject(with: Data(json.stdout.utf8)) as? [String: Any], json.stdout)
+        XCTAssertTrue(o["verdict"] is NSNull, "no verdict from an arbitrator alone")
+        XCTAssertEqual((o["nodes"] as? [Any])?.count, 0)
+        let arb = try XCTUnwrap(o["arbitrator"] as? [String: Any])
+        XCTAssertEqual(try JSONDecoder().decode(ArbitratorStatusDocument.self,
+                                                from: try JSONSerialization.data(withJSONObject: try XCTUnwrap(arb["status"]))), doc)
     }
 
     func testSwitchoverGoesToTheMaster() throws {

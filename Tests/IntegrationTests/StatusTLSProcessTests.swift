@@ -32,16 +32,17 @@ final class StatusTLSProcessTests: XCTestCase {
         let w = "https://\(h.arbitratorIP):\(h.arbitratorStatusPort)"
         func hactl(_ args: [String]) throws -> CommandResult {
             try shell([ClusterHarness.hactl, "--ca-file", ca] + args, timeout: 30,
-                      env: ["HACTL_ENDPOINT": "", "HACTL_TOKEN_FILE": "", "HACTL_READ_TOKEN_FILE": ""])
+                      env: ["HACTL_ENDPOINT": "", "HACTL_TOKEN_FILE": "", "HACTL_READ_TOKEN_FILE": "", "HACTL_CONFIG": ""])
         }
 
         // Node a answers over HTTPS (bounded wait for its start).
+        // (Exit 4 = no node answered yet; once a answers, b is still down, so not 0 either.)
         var status = try hactl(["--endpoint", a, "--read-token-file", readToken, "status", "--json"])
-        for _ in 0..<100 where status.status != 0 {
+        for _ in 0..<100 where status.status == 4 {
             usleep(100_000)
             status = try hactl(["--endpoint", a, "--read-token-file", readToken, "status", "--json"])
         }
-        XCTAssertEqual(status.status, 0, status.stderr + "\n" + h.tail("a"))
+        XCTAssertTrue([1, 2].contains(status.status), "\(status.status): " + status.stderr + "\n" + h.tail("a"))
         XCTAssertTrue(status.stdout.contains("\"node\" : \"a\"") || status.stdout.contains("\"node\":\"a\""), status.stdout)
         XCTAssertTrue(status.stdout.contains("https://\(h.node("b").statusAddress)"), "the peer's status URL is https://: \(status.stdout)")
 
