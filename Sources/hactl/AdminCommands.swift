@@ -198,7 +198,7 @@ struct MaintenanceCommand: ParsableCommand {
         commandName: "maintenance",
         abstract: "Take the node(s) at the given endpoint(s) out of candidacy (on) or put them back (off).",
         discussion: """
-        A node in maintenance is never elected, so it can be patched or rebooted without         taking over. The master refuses: switch over first. Sent only to the endpoints         given, never to a peer found through them.
+        A node in maintenance is never elected, so it can be patched or rebooted without         taking over. On the master it unmanages the resources (no restarts, no switchover for their failures) while the lease and data path go on. Sent only to the endpoints         given, never to a peer found through them.
         """)
 
     enum Mode: String, ExpressibleByArgument, CaseIterable { case on, off }
