@@ -363,9 +363,18 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         publish()
     }
 
+    /// The last tenth of a resync logged (control queue only).
+    private var lastProgressTenth = -1
+
     private func volumeEvent(_ event: ReplicationEvent) {
-        if case .resyncProgress(let done, let total) = event {
-            logger.debug("resync \(done)/\(total) bytes", metadata: eventMetadata("resync_progress"))
+        if case .resyncProgress(let done, let total) = event, total > 0 {
+            // One line per tenth, not per chunk: a full sync of 64 MiB was 1,024 lines, which
+            // buried the sync decision (/status and the metrics carry the exact progress).
+            let tenth = Int(done * 10 / total)
+            if tenth != lastProgressTenth {
+                lastProgressTenth = tenth
+                logger.debug("resync \(done)/\(total) bytes (\(tenth * 10) %)", metadata: eventMetadata("resync_progress"))
+            }
         }
         runtime.volumeEvent(event)
         publish()
