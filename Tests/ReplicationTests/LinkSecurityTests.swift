@@ -19,13 +19,7 @@ final class LinkSecurityTests: XCTestCase {
         let relay = try FrameRelay(targetPort: pair.listener.localPort!)
         addTeardownBlock { relay.close() }
         pair.dialPort = relay.port
-        let b = try pair.open("b")
-        b.setPromisedEpoch(Epoch(1))
-        let a = try pair.open("a", start: false)
-        try a.becomePrimary(epoch: Epoch(1), newGeneration: false)
-        a.setWriteGate(VolumePair.openGate(Epoch(1)))
-        a.start()
-        waitUntil("link in sync through the relay") { a.status.peerState == .inSync && b.status.peerState == .inSync }
+        try pair.connectPrimary()
         return (pair, relay)
     }
 

@@ -136,6 +136,18 @@ final class VolumePair: @unchecked Sendable {
         return v
     }
 
+    /// Opens both nodes, "a" primary in epoch 1 with an open gate, and waits until the link
+    /// is in sync.
+    func connectPrimary(file: StaticString = #filePath, line: UInt = #line) throws {
+        let b = try open("b")
+        b.setPromisedEpoch(Epoch(1))
+        let a = try open("a", start: false)
+        try a.becomePrimary(epoch: Epoch(1), newGeneration: false)
+        a.setWriteGate(VolumePair.openGate(Epoch(1)))
+        a.start()
+        waitUntil("link in sync", file: file, line: line) { a.status.peerState == .inSync && b.status.peerState == .inSync }
+    }
+
     static func openGate(_ epoch: Epoch, peerRequired: Bool = true) -> WriteGate {
         WriteGate(epoch: epoch, validUntil: MonotonicClock.now() + .seconds(3600), peerRequired: peerRequired)
     }

@@ -10,13 +10,7 @@ final class ReplicatedVolumeTests: XCTestCase {
     /// Connects a fresh pair, a primary in epoch 1 with an open gate.
     func connectedPair(_ proto: ReplicationProtocol = .c, name: String = #function) throws -> VolumePair {
         let pair = try VolumePair(test: self, proto: proto, name: name)
-        let b = try pair.open("b")
-        b.setPromisedEpoch(Epoch(1))
-        let a = try pair.open("a", start: false)
-        try a.becomePrimary(epoch: Epoch(1), newGeneration: false)
-        a.setWriteGate(VolumePair.openGate(Epoch(1)))
-        a.start()
-        waitUntil("link in sync") { a.status.peerState == .inSync && b.status.peerState == .inSync }
+        try pair.connectPrimary()
         return pair
     }
 
@@ -215,13 +209,8 @@ final class ReplicationLinkBytesTests: XCTestCase {
     /// confirmed everything no write is left to age (`oldestUnconfirmedWrite` nil).
     func testLinkBytesRiseUnderWritesAndLagClears() throws {
         let pair = try VolumePair(test: self, proto: .c, name: "linkbytes")
-        let b = try pair.open("b")
-        b.setPromisedEpoch(Epoch(1))
-        let a = try pair.open("a", start: false)
-        try a.becomePrimary(epoch: Epoch(1), newGeneration: false)
-        a.setWriteGate(VolumePair.openGate(Epoch(1)))
-        a.start()
-        waitUntil("link in sync") { a.status.peerState == .inSync && b.status.peerState == .inSync }
+        try pair.connectPrimary()
+        let a = pair.a!, b = pair.b!
         let before = (a: a.linkBytes, b: b.linkBytes)
         XCTAssertGreaterThan(before.a.sent, 0, "the handshake went over the link")
         let loop = pair.group.next()
