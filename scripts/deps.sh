@@ -2,8 +2,10 @@
 # Installs the Debian packages hamgr's build, demo and tests need (idempotent).
 # Called by scripts/demo.sh and scripts/test.sh; safe to run by hand.
 set -euo pipefail
+# chromium: headless, it loads and screenshots the arbitrator's status page (ArbitratorPageProcessTests).
 PKGS=(libsystemd-dev libnbd-bin qemu-utils nbdkit fio prometheus resource-agents
-      python3-libnbd iproute2 nftables iputils-ping faketime fuse3 e2fsprogs curl util-linux procps openssl)
+      python3-libnbd iproute2 nftables iputils-ping faketime fuse3 e2fsprogs curl util-linux procps openssl
+      chromium)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -153,17 +153,32 @@ public struct ArbitratorStatusDocument: Codable, Sendable, Equatable {
         public var outdated: [OutdatedMark]
         /// Milliseconds since each node was last heard from (nil: never since start).
         public var lastContactMs: [String: Int64?]
-        public init(name: String, master: String?, epoch: UInt64, outdated: [OutdatedMark], lastContactMs: [String: Int64?]) {
+        /// Milliseconds left of the lease this arbitrator granted `master` (nil with no master).
+        /// Optional when decoding: documents from before it was added lack the key.
+        public var leaseRemainingMs: Int64?
+        /// The nodes with an open quorum link to this arbitrator, in name order (nil: not
+        /// reported, a document from before the key was added). A backup speaks only when its
+        /// link comes up and in elections, so its `lastContactMs` grows while all is well: the
+        /// link says whether it could ask for a vote now.
+        public var connected: [String]?
+        public init(name: String, master: String?, epoch: UInt64, outdated: [OutdatedMark], lastContactMs: [String: Int64?],
+                    leaseRemainingMs: Int64? = nil, connected: [String]? = nil) {
             self.name = name; self.master = master; self.epoch = epoch; self.outdated = outdated; self.lastContactMs = lastContactMs
+            self.leaseRemainingMs = leaseRemainingMs; self.connected = connected
         }
-        enum CodingKeys: String, CodingKey { case name, master, epoch, outdated, lastContactMs = "last_contact_ms" }
+        enum CodingKeys: String, CodingKey {
+            case name, master, epoch, outdated, connected
+            case lastContactMs = "last_contact_ms", leaseRemainingMs = "lease_remaining_ms"
+        }
         public func encode(to encoder: Encoder) throws {
             var c = encoder.container(keyedBy: CodingKeys.self)
             try c.encode(name, forKey: .name)
             try c.encode(master, forKey: .master)
             try c.encode(epoch, forKey: .epoch)
+            try c.encode(leaseRemainingMs, forKey: .leaseRemainingMs)
             try c.encode(outdated, forKey: .outdated)
             try c.encode(lastContactMs, forKey: .lastContactMs)
+            try c.encode(connected, forKey: .connected)
         }
     }
 

@@ -31,6 +31,9 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
     private let logLimiter = RepeatLimiter()
     let notifier = SystemdNotifier()
     let registry = MetricsRegistry()
+    /// A node not heard from for longer than this is shown as lost on the status page: the
+    /// failure timeout, after which the nodes act on the loss (one [timeouts] per process).
+    private let staleAfterMs: Int64
     private let decisionSeconds: Histogram
     private let messagesTotal: Counter
 
@@ -77,6 +80,7 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
         if let odd = configs.first(where: { $0.timeouts != first.timeouts }) {
             throw ConfigError(key: "timeouts", message: "cluster \(odd.cluster.name) has timeouts that differ from cluster \(first.cluster.name); one arbitrator process serves clusters with identical [timeouts] only (run another arbitrator for the others)")
         }
+        staleAfterMs = first.timeouts.failureTimeout.nanosecondsClamped / 1_000_000
         let core = ArbitratorCore(settings: QuorumSettings(timings: first.timeouts, splitBrain: first.cluster.splitBrain,
                                                        plantedBugs: NodeDaemon.plantedBugs()),
                               persisted: persisted)
@@ -252,8 +256,21 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
                 }
             },
             healthy: { true },
-            admin: { _, callerLoop in callerLoop.makeSucceededFuture(.refused("the arbitrator has no admin actions", status: 404)) })
+            admin: { _, callerLoop in callerLoop.makeSucceededFuture(.refused("the arbitrator has no admin actions", status: 404)) },
+            page: { [weak self] callerLoop in
+                guard let self else { return callerLoop.makeFailedFuture(ChannelError.ioOnClosedChannel) }
+                let staleAfterMs = self.staleAfterMs
+                return self.loop.submit { self.statusDocument() }.hop(to: callerLoop).flatMap { doc in
+                    let taken = Date()
+                    return Self.offLoop(callerLoop) {
+                        ArbitratorPage.render(doc, generatedAt: Self.pageTimestamp(taken), staleAfterMs: staleAfterMs)
+                    }
+                }
+            })
     }
+
+    /// "2026-12-06T03:04:05Z".
+    private static func pageTimestamp(_ date: Date) -> String { date.formatted(.iso8601) }
 
     private static let renderQueue = DispatchQueue(label: "hamgr.arbitrator.render", qos: .utility)
 
@@ -271,6 +288,7 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
             // A configured cluster nobody has contacted yet is listed at epoch 0.
             let st = core.status(cluster: name)
             let leaseValid = st?.leaseExpiry.map { now < $0 } ?? false
+            let leaseRemainingMs = leaseValid ? st?.leaseExpiry.map { ($0 - now).nanosecondsClamped / 1_000_000 } : nil
             var contact: [String: Int64?] = [:]
             for n in entry.config.nodes {
                 contact[n.name.name] = st?.lastContact[n.name].map { (now - $0).nanosecondsClamped / 1_000_000 }
@@ -278,7 +296,8 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
             return ArbitratorStatusDocument.ClusterEntry(
                 name: name, master: leaseValid ? st?.leaseHolder?.name : nil, epoch: st?.epoch.value ?? 0,
                 outdated: (st?.outdated ?? []).map { ArbitratorStatusDocument.OutdatedMark(node: $0.node.name, epoch: $0.epoch.value) },
-                lastContactMs: contact)
+                lastContactMs: contact, leaseRemainingMs: leaseRemainingMs,
+                connected: entry.connections.keys.map(\.name).sorted())
         })
     }
 

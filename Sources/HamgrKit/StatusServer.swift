@@ -48,13 +48,17 @@ struct StatusHandlers: Sendable {
     var healthy: @Sendable () -> Bool
     /// An authenticated, parsed admin request.
     var admin: @Sendable (AdminRequest, EventLoop) -> EventLoopFuture<AdminResponse>
+    /// The HTML status page on `GET /` (the arbitrator's, `ArbitratorPage`); nil leaves `/`
+    /// a 404, as on the data nodes.
+    var page: (@Sendable (EventLoop) -> EventLoopFuture<String>)?
 
     /// Metrics produced on another loop (or otherwise asynchronously).
     init(status: @escaping @Sendable (EventLoop) -> EventLoopFuture<Data>,
          asyncMetrics: @escaping @Sendable (EventLoop) -> EventLoopFuture<String>,
          healthy: @escaping @Sendable () -> Bool,
-         admin: @escaping @Sendable (AdminRequest, EventLoop) -> EventLoopFuture<AdminResponse>) {
-        self.status = status; self.metrics = asyncMetrics; self.healthy = healthy; self.admin = admin
+         admin: @escaping @Sendable (AdminRequest, EventLoop) -> EventLoopFuture<AdminResponse>,
+         page: (@Sendable (EventLoop) -> EventLoopFuture<String>)? = nil) {
+        self.status = status; self.metrics = asyncMetrics; self.healthy = healthy; self.admin = admin; self.page = page
     }
 
     /// Metrics rendered synchronously (e.g. `registry.render()`; it is thread-safe).
@@ -79,14 +83,19 @@ struct StatusHandlers: Sendable {
 /// Where a request goes; pure, so routing is testable without a socket.
 enum StatusRoute: Equatable {
     case metrics, status, healthz
+    /// The HTML status page (`GET /`), only where `servesPage`.
+    case page
     case admin(String)
     case notFound
     case methodNotAllowed(allow: String)
 
-    static func route(method: HTTPMethod, uri: String) -> StatusRoute {
-        let path = String(uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? "")
+    /// - Parameter servesPage: `/` is the status page (the arbitrator); otherwise it is
+    ///   unknown like any other path.
+    static func route(method: HTTPMethod, uri: String, servesPage: Bool = false) -> StatusRoute {
+        let path = Self.path(uri)
         let isGet = method == .GET || method == .HEAD
         switch path {
+        case "/" where servesPage: return isGet ? .page : .methodNotAllowed(allow: "GET, HEAD")
         case "/metrics": return isGet ? .metrics : .methodNotAllowed(allow: "GET, HEAD")
         case "/status": return isGet ? .status : .methodNotAllowed(allow: "GET, HEAD")
         case "/healthz": return isGet ? .healthz : .methodNotAllowed(allow: "GET, HEAD")
@@ -97,10 +106,26 @@ enum StatusRoute: Equatable {
             return method == .POST ? .admin(action) : .methodNotAllowed(allow: "POST")
         }
     }
+
+    /// The URI without its query (what the logs show: a query may hold a token).
+    static func path(_ uri: String) -> String {
+        String(uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false).first ?? "")
+    }
+
+    /// The first value of query parameter `name`, percent-decoded ("+" stays "+"), or nil.
+    static func queryValue(_ uri: String, _ name: String) -> String? {
+        guard let q = uri.firstIndex(of: "?") else { return nil }
+        for pair in uri[uri.index(after: q)...].split(separator: "&") {
+            let kv = pair.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            guard kv[0] == name[...] else { continue }
+            return kv.count == 2 ? String(kv[1]).removingPercentEncoding : ""
+        }
+        return nil
+    }
 }
 
 /// Bearer-token checks: the admin API needs the admin token; with a read token
-/// configured, `GET /metrics` and `/status` need it or the admin token.
+/// configured, `GET /metrics`, `/status` and the page need it or the admin token.
 enum AdminAuth: Equatable {
     case allowed
     /// No token file configured: admin actions are refused outright (403).
@@ -124,6 +149,15 @@ enum AdminAuth: Equatable {
         return isRead || isAdmin ? .allowed : .unauthorized
     }
 
+    /// The status page (`GET /`): like `checkRead`, or the read token alone as `?token=` (a
+    /// browser cannot send a header from a bookmark). The admin token is never taken from a
+    /// URL, which lands in browser history and proxy logs.
+    static func checkPage(authorization: String?, queryToken: String?, readToken: String?, adminToken: String?) -> AdminAuth {
+        let byHeader = checkRead(authorization: authorization, readToken: readToken, adminToken: adminToken)
+        guard byHeader != .allowed, let readToken, let queryToken else { return byHeader }
+        return constantTimeEquals(queryToken, readToken) ? .allowed : .unauthorized
+    }
+
     /// The token of an `Authorization: Bearer TOKEN` header.
     private static func bearer(_ header: String?) -> String? {
         guard let parts = header?.split(separator: " ", maxSplits: 1),
@@ -143,8 +177,8 @@ enum AdminAuth: Equatable {
     }
 }
 
-/// The HTTP server on `status_address`: `/metrics`, `/status`, `/healthz` and the admin API
-/// (design.md §4). Malformed requests get 400 and lose their connection; oversized headers
+/// The HTTP server on `status_address`: `/metrics`, `/status`, `/healthz`, the admin API
+/// (design.md §4) and, on the arbitrator, the HTML page on `/`. Malformed requests get 400 and lose their connection; oversized headers
 /// (over 16 KiB) and bodies (over 64 KiB) are refused; idle connections close after 60 s.
 /// With `tls`, every connection starts with a TLS handshake (`status.tls`): a plaintext
 /// request fails it and loses its connection, with one log line.
@@ -322,20 +356,45 @@ private final class StatusHTTPHandler: ChannelInboundHandler, RemovableChannelHa
 
     private func handle(context: ChannelHandlerContext, head: HTTPRequestHead, body: ByteBuffer) {
         let loop = context.eventLoop
-        let route = StatusRoute.route(method: head.method, uri: head.uri)
-        if route == .metrics || route == .status,
-           AdminAuth.checkRead(authorization: head.headers.first(name: "authorization"), readToken: tokens.read,
-                               adminToken: tokens.admin) != .allowed {
+        let route = StatusRoute.route(method: head.method, uri: head.uri, servesPage: handlers.page != nil)
+        let authorization = head.headers.first(name: "authorization")
+        let auth: AdminAuth
+        switch route {
+        case .metrics, .status:
+            auth = AdminAuth.checkRead(authorization: authorization, readToken: tokens.read, adminToken: tokens.admin)
+        case .page:
+            auth = AdminAuth.checkPage(authorization: authorization, queryToken: StatusRoute.queryValue(head.uri, "token"),
+                                       readToken: tokens.read, adminToken: tokens.admin)
+        default:
+            auth = .allowed
+        }
+        if auth != .allowed {
             logger.warning("read refused: bad or missing bearer token", metadata: [
-                "event": "read_unauthorized", "path": "\(head.uri.prefix(100))",
+                "event": "read_unauthorized", "path": "\(StatusRoute.path(head.uri).prefix(100))",
                 "remote": "\(context.remoteAddress.map { "\($0)" } ?? "?")",
             ])
             respond(context: context, head: head, status: .unauthorized, contentType: "text/plain; charset=utf-8",
-                    body: "this endpoint needs the read token (or the admin token) as a bearer token\n",
+                    body: route == .page
+                        ? "this page needs the read token: open /?token=READ_TOKEN, or send it (or the admin token) as a bearer token\n"
+                        : "this endpoint needs the read token (or the admin token) as a bearer token\n",
                     extraHeaders: [("WWW-Authenticate", "Bearer realm=\"hamgr\"")])
             return
         }
         switch route {
+        case .page:
+            guard let page = handlers.page else { preconditionFailure("routed to the page without a page handler") }
+            page(loop).hop(to: loop).whenComplete { result in
+                switch result {
+                case .success(let text):
+                    // No script, no external asset: the policy lets nothing but the inline style run.
+                    self.respond(context: context, head: head, status: .ok, contentType: "text/html; charset=utf-8", body: text,
+                                 extraHeaders: [("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+                                                ("Referrer-Policy", "no-referrer"), ("X-Content-Type-Options", "nosniff")])
+                case .failure(let error):
+                    self.respond(context: context, head: head, status: .internalServerError,
+                                 contentType: "text/plain; charset=utf-8", body: "page unavailable: \(error)\n")
+                }
+            }
         case .metrics:
             handlers.metrics(loop).hop(to: loop).whenComplete { result in
                 switch result {

@@ -58,6 +58,26 @@ final class StatusDocumentTests: XCTestCase {
         XCTAssertEqual(contact["a"] as? Int, 120)
         XCTAssertTrue(contact["b"] is NSNull)
         XCTAssertEqual(try JSONDecoder().decode(ArbitratorStatusDocument.self, from: data), doc)
+        XCTAssertTrue(c["lease_remaining_ms"] is NSNull, "no lease given: null, present")
+        XCTAssertTrue(c["connected"] is NSNull, "links not reported: null, present")
+    }
+
+    func testArbitratorDocumentLeaseAndLinks() throws {
+        let doc = ArbitratorStatusDocument(clusters: [
+            .init(name: "web1", master: "a", epoch: 7, outdated: [], lastContactMs: ["a": 1, "b": 2], leaseRemainingMs: 4_200,
+                  connected: ["a"]),
+        ])
+        let data = try JSONEncoder.hamgr.encode(doc)
+        let c = ((try JSONSerialization.jsonObject(with: data) as! [String: Any])["clusters"] as! [[String: Any]])[0]
+        XCTAssertEqual(c["lease_remaining_ms"] as? Int, 4_200)
+        XCTAssertEqual(c["connected"] as? [String], ["a"])
+        XCTAssertEqual(try JSONDecoder().decode(ArbitratorStatusDocument.self, from: data), doc)
+        // A document from an arbitrator that predates the key still decodes (hactl against an older one).
+        let old = Data(#"{"role":"arbitrator","version":"0.1.0","clusters":[{"name":"web1","master":"a","epoch":7,"outdated":[],"last_contact_ms":{"a":1}}]}"#.utf8)
+        let decoded = try JSONDecoder().decode(ArbitratorStatusDocument.self, from: old)
+        XCTAssertNil(decoded.clusters[0].leaseRemainingMs)
+        XCTAssertNil(decoded.clusters[0].connected)
+        XCTAssertEqual(decoded.clusters[0].master, "a")
     }
 
     func testAdminCommandParsing() throws {

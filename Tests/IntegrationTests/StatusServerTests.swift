@@ -178,6 +178,81 @@ final class StatusServerTests: XCTestCase {
         XCTAssertEqual(try OpsTest.curl(url + "/status").0, 200)
     }
 
+    /// The arbitrator's `GET /` page: HTML with a refresh and a strict content policy; with a
+    /// read token it needs the token, as a bearer header or as `?token=` (the read token only).
+    func testArbitratorPageRouteAndToken() throws {
+        let readToken = "read-t0ken-0123456789"
+        let doc = ArbitratorStatusDocument(clusters: [.init(name: "web1", master: "a", epoch: 7, outdated: [],
+                                                            lastContactMs: ["a": 10, "b": 20], leaseRemainingMs: 4_000)])
+        let handlers = StatusHandlers(
+            status: { loop in loop.makeCompletedFuture { try JSONEncoder.hamgr.encode(doc) } },
+            asyncMetrics: { loop in loop.makeSucceededFuture("") },
+            healthy: { true },
+            admin: { _, loop in loop.makeSucceededFuture(.refused("no", status: 404)) },
+            page: { loop in loop.makeSucceededFuture(ArbitratorPage.render(doc, generatedAt: "now", staleAfterMs: 800)) })
+        var logger = Logger(label: "status-test"); logger.logLevel = .critical
+        func serve(readToken: String?) throws -> (StatusServer, String) {
+            let s = StatusServer(group: group, host: "127.0.0.1", port: 0, adminToken: Self.token, readToken: readToken,
+                                 handlers: handlers, logger: logger)
+            try s.start().wait()
+            return (s, "http://127.0.0.1:\(s.boundPort!)")
+        }
+
+        let (open, openURL) = try serve(readToken: nil)
+        defer { try? open.stop().wait() }
+        let page = try HTTPClient(endpoint: openURL).get("/")
+        XCTAssertEqual(page.status, 200, page.text)
+        XCTAssertEqual(page.header("Content-Type"), "text/html; charset=utf-8")
+        XCTAssertEqual(page.header("Content-Security-Policy"), "default-src 'none'; style-src 'unsafe-inline'")
+        XCTAssertEqual(page.header("Referrer-Policy"), "no-referrer")
+        XCTAssertTrue(page.text.contains("data-cluster=\"web1\" data-state=\"healthy\""), page.text)
+        XCTAssertTrue(page.text.contains("http-equiv=\"refresh\""), page.text)
+        let head = try OpsTest.run(["/usr/bin/curl", "-sS", "--max-time", "10", "-I", "-o", "-", openURL + "/"])
+        XCTAssertTrue(head.stdout.hasPrefix("HTTP/1.1 200"), head.stdout + head.stderr)
+        XCTAssertTrue(head.stdout.lowercased().contains("content-length: \(page.body.count)"), "HEAD reports the page's length: \(head.stdout)")
+        XCTAssertEqual(try OpsTest.curl(openURL + "/", method: "POST", body: "{}").0, 405)
+        XCTAssertEqual(try OpsTest.curl(openURL + "/?x=1").0, 200)
+
+        let (guarded, url) = try serve(readToken: readToken)
+        defer { try? guarded.stop().wait() }
+        let refused = try OpsTest.curl(url + "/")
+        XCTAssertEqual(refused.0, 401)
+        XCTAssertTrue(refused.1.contains("?token="), refused.1)
+        XCTAssertEqual(try OpsTest.curl(url + "/?token=wrong-token-0123456789").0, 401)
+        XCTAssertEqual(try OpsTest.curl(url + "/?token=" + String(readToken.dropLast())).0, 401)
+        XCTAssertEqual(try OpsTest.curl(url + "/?token=\(Self.token)").0, 401, "the admin token is never taken from a URL")
+        XCTAssertEqual(try OpsTest.curl(url + "/?token=\(readToken)").0, 200)
+        XCTAssertEqual(try OpsTest.curl(url + "/?refresh=1&token=\(readToken)").0, 200)
+        XCTAssertEqual(try OpsTest.curl(url + "/", token: readToken).0, 200)
+        XCTAssertEqual(try OpsTest.curl(url + "/", token: Self.token).0, 200, "the admin token opens it as a header")
+        XCTAssertEqual(try OpsTest.curl(url + "/status?token=\(readToken)").0, 401, "?token= opens the page only")
+        XCTAssertEqual(try OpsTest.curl(url + "/healthz").0, 200)
+
+        // A data node (no page handler) keeps 404 on /, for every method.
+        XCTAssertEqual(try OpsTest.curl(base + "/").0, 404)
+        XCTAssertEqual(try OpsTest.curl(base + "/", method: "POST", body: "{}").0, 404)
+    }
+
+    func testPageRoutingAndQueryParsing() {
+        XCTAssertEqual(StatusRoute.route(method: .GET, uri: "/", servesPage: true), .page)
+        XCTAssertEqual(StatusRoute.route(method: .HEAD, uri: "/?token=x", servesPage: true), .page)
+        XCTAssertEqual(StatusRoute.route(method: .POST, uri: "/", servesPage: true), .methodNotAllowed(allow: "GET, HEAD"))
+        XCTAssertEqual(StatusRoute.route(method: .GET, uri: "/"), .notFound)
+        XCTAssertEqual(StatusRoute.route(method: .GET, uri: "/index.html", servesPage: true), .notFound)
+        XCTAssertEqual(StatusRoute.queryValue("/?token=abc", "token"), "abc")
+        XCTAssertEqual(StatusRoute.queryValue("/?a=1&token=a%2Fb%3D&token=second", "token"), "a/b=")
+        XCTAssertEqual(StatusRoute.queryValue("/?tokens=abc", "token"), nil)
+        XCTAssertEqual(StatusRoute.queryValue("/?token", "token"), "")
+        XCTAssertEqual(StatusRoute.queryValue("/", "token"), nil)
+        XCTAssertEqual(StatusRoute.path("/?token=secret"), "/")
+        XCTAssertEqual(AdminAuth.checkPage(authorization: nil, queryToken: nil, readToken: nil, adminToken: "adm"), .allowed)
+        XCTAssertEqual(AdminAuth.checkPage(authorization: nil, queryToken: nil, readToken: "rd", adminToken: "adm"), .unauthorized)
+        XCTAssertEqual(AdminAuth.checkPage(authorization: nil, queryToken: "rd", readToken: "rd", adminToken: "adm"), .allowed)
+        XCTAssertEqual(AdminAuth.checkPage(authorization: nil, queryToken: "adm", readToken: "rd", adminToken: "adm"), .unauthorized)
+        XCTAssertEqual(AdminAuth.checkPage(authorization: "Bearer adm", queryToken: nil, readToken: "rd", adminToken: "adm"), .allowed)
+        XCTAssertEqual(AdminAuth.checkPage(authorization: "Bearer bad", queryToken: "rd", readToken: "rd", adminToken: "adm"), .allowed)
+    }
+
     func testKeepAliveServesSeveralRequestsOnOneConnection() throws {
         let r = try OpsTest.run(["/usr/bin/curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-o", "/dev/null",
                                  "-w", "%{http_code} %{num_connects}\n", base + "/healthz", base + "/status"])

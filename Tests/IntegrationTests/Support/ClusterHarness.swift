@@ -28,6 +28,8 @@ final class ClusterHarness {
     /// Set for a cluster with `[tls]` (status over HTTPS): status reads and admin posts go
     /// to https:// and verify the listener with this CA.
     var statusCAFile: String?
+    /// Set for a cluster with `[status] read_token_file`: status reads send it as a bearer token.
+    var statusReadToken: String?
     let volumeBytes: Int
 
     static var binDir: URL {
@@ -182,7 +184,8 @@ final class ClusterHarness {
 
     func status(_ name: String) -> [String: Any]? {
         let addr = name == "w" ? "\(arbitratorIP):\(arbitratorStatusPort)" : node(name).statusAddress
-        guard let out = try? shell(["curl", "-sf", "--max-time", "1"] + curlTLS + ["\(scheme)://\(addr)/status"], timeout: 3), out.status == 0,
+        let auth = statusReadToken.map { ["-H", "Authorization: Bearer \($0)"] } ?? []
+        guard let out = try? shell(["curl", "-sf", "--max-time", "1"] + curlTLS + auth + ["\(scheme)://\(addr)/status"], timeout: 3), out.status == 0,
               let obj = try? JSONSerialization.jsonObject(with: Data(out.stdout.utf8)) as? [String: Any] else { return nil }
         return obj
     }
