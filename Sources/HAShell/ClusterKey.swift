@@ -5,7 +5,9 @@ import HACore
 // Split from HACore/Frame.swift: reading the key file is I/O.
 extension SymmetricKey {
     /// Load a cluster key: at least 32 bytes, file mode 0600 (no group/other bits).
-    public static func load(clusterKeyFile path: String, key: String = "cluster.key_file") throws -> SymmetricKey {
+    /// The path may begin with `${CREDENTIALS_DIRECTORY}` (`SystemdCredentials`).
+    public static func load(clusterKeyFile configuredPath: String, key: String = "cluster.key_file") throws -> SymmetricKey {
+        let path = try SystemdCredentials.expand(configuredPath, key: key)
         var st = stat()
         guard stat(path, &st) == 0 else {
             throw ConfigError(key: key, message: "cannot read \(path): \(String(cString: strerror(errno)))")

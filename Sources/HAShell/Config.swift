@@ -262,8 +262,10 @@ public struct ClusterConfig: Sendable, Equatable {
     }
 
     /// Read a secret that must be mode 0600 (no group/other bits) and non-empty;
-    /// surrounding whitespace (a trailing newline from `echo`) is dropped.
-    public static func readSecretFile(_ path: String, key: String) throws -> String {
+    /// surrounding whitespace (a trailing newline from `echo`) is dropped. The path may begin
+    /// with `${CREDENTIALS_DIRECTORY}` (`SystemdCredentials`).
+    public static func readSecretFile(_ configuredPath: String, key: String) throws -> String {
+        let path = try SystemdCredentials.expand(configuredPath, key: key)
         var st = stat()
         guard stat(path, &st) == 0 else {
             throw ConfigError(key: key, message: "cannot read \(path): \(String(cString: strerror(errno)))")
@@ -314,6 +316,9 @@ public struct ClusterConfig: Sendable, Equatable {
         let resolve = { (p: String) -> String in
             p.hasPrefix("/") ? p : URL(fileURLWithPath: dir).appendingPathComponent(p).standardizedFileURL.path
         }
+        // Secret files may be systemd credentials: `${CREDENTIALS_DIRECTORY}/…` is kept as
+        // written and expanded when the file is read (SystemdCredentials).
+        let resolveSecret = { (p: String) -> String in SystemdCredentials.names(p) ? p : resolve(p) }
 
         // [cluster]
         let c = try top.requiredTable("cluster")
@@ -324,9 +329,9 @@ public struct ClusterConfig: Sendable, Equatable {
         }
         let cluster = Cluster(
             name: name,
-            keyFile: resolve(try c.requiredString("key_file")),
-            acceptKeyFiles: (try c.stringArray("accept_key_files") ?? []).map(resolve),
-            adminTokenFile: try c.string("admin_token_file").map(resolve),
+            keyFile: resolveSecret(try c.requiredString("key_file")),
+            acceptKeyFiles: (try c.stringArray("accept_key_files") ?? []).map(resolveSecret),
+            adminTokenFile: try c.string("admin_token_file").map(resolveSecret),
             replicationProtocol: try c.enumValue("protocol", default: .c),
             splitBrain: try c.enumValue("split_brain", default: .prohibit),
             afterSplitBrain: try c.enumValue("after_split_brain", default: .disconnect))
@@ -441,7 +446,7 @@ public struct ClusterConfig: Sendable, Equatable {
         if let st = try top.table("status") {
             try st.allow(["tls", "read_token_file"])
             status.tls = try st.bool("tls") ?? status.tls
-            status.readTokenFile = try st.string("read_token_file").map(resolve)
+            status.readTokenFile = try st.string("read_token_file").map(resolveSecret)
         }
 
         // [log]

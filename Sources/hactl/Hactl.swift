@@ -146,9 +146,10 @@ struct Hactl: AsyncParsableCommand {
     }
 
     /// A token file named by the config: used when it can be read on this host (an
-    /// operator's workstation may not hold it); a readable file with a bad mode is an error.
-    private func secret(fromConfig path: String?, key: String) throws -> String? {
-        guard let path, access(path, R_OK) == 0 else { return nil }
+    /// operator's workstation may not hold it, nor have `$CREDENTIALS_DIRECTORY`); a readable
+    /// file with a bad mode is an error.
+    private func secret(fromConfig configured: String?, key: String) throws -> String? {
+        guard let configured, let path = try? SystemdCredentials.expand(configured, key: key), access(path, R_OK) == 0 else { return nil }
         do {
             return try ClusterConfig.readSecretFile(path, key: key)
         } catch let e as ConfigError {

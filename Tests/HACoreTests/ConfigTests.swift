@@ -1,3 +1,4 @@
+import Crypto
 import Foundation
 import HACore
 import HAShell
@@ -138,6 +139,55 @@ final class ConfigTests: XCTestCase {
             XCTAssertEqual((error as? ConfigError)?.key, "cluster.key_file")
             XCTAssertTrue("\(error)".contains("chmod 600"), "\(error)")
         }
+    }
+
+    /// `key_file = "${CREDENTIALS_DIRECTORY}/…"`: a systemd credential (`LoadCredential=`),
+    /// kept as written by the parser and expanded when the key is read.
+    func testKeyFileFromSystemdCredential() throws {
+        let f = try ConfigFixture()
+        let creds = f.dir + "/credentials"
+        try FileManager.default.createDirectory(atPath: creds, withIntermediateDirectories: false)
+        let key = Data((0..<32).map { _ in UInt8.random(in: 0...255) })
+        FileManager.default.createFile(atPath: creds + "/web1.key", contents: key, attributes: [.posixPermissions: 0o400])
+        FileManager.default.createFile(atPath: creds + "/web1.read", contents: Data("read-token-0123456789\n".utf8),
+                                       attributes: [.posixPermissions: 0o400])
+        let toml = ConfigFixture.variant(#"key_file = "web1.key""#, #"key_file = "${CREDENTIALS_DIRECTORY}/web1.key""#)
+            + "\n[status]\nread_token_file = \"${CREDENTIALS_DIRECTORY}/web1.read\"\n"
+        let parsed = try ClusterConfig.parse(toml: toml, relativeTo: f.dir)
+        XCTAssertEqual(parsed.cluster.keyFile, "${CREDENTIALS_DIRECTORY}/web1.key", "not resolved against the config's directory")
+        XCTAssertEqual(parsed.status.readTokenFile, "${CREDENTIALS_DIRECTORY}/web1.read")
+        XCTAssertEqual(parsed.cluster.adminTokenFile, f.dir + "/web1.token", "other paths resolve as before")
+
+        let saved = getenv(SystemdCredentials.variable).map { String(cString: $0) }
+        defer { if let saved { setenv(SystemdCredentials.variable, saved, 1) } else { unsetenv(SystemdCredentials.variable) } }
+
+        // Inside the unit: systemd sets the variable, the key and the token are read from there.
+        setenv(SystemdCredentials.variable, creds, 1)
+        let config = try ClusterConfig.load(path: f.write(toml))
+        XCTAssertEqual(try config.loadClusterKeys().map { $0.withUnsafeBytes { Data($0) } }, [key])
+        XCTAssertEqual(try config.loadReadToken(), "read-token-0123456789")
+
+        // Outside it: one error naming the key and the way out, not a missing file named "${…".
+        unsetenv(SystemdCredentials.variable)
+        XCTAssertThrowsError(try ClusterConfig.load(path: f.write(toml))) { error in
+            guard let e = error as? ConfigError else { return XCTFail("not a ConfigError: \(error)") }
+            XCTAssertEqual(e.key, "cluster.key_file")
+            XCTAssertTrue(e.message.contains("CREDENTIALS_DIRECTORY is not set") && e.message.contains("LoadCredential="), e.message)
+        }
+        setenv(SystemdCredentials.variable, "", 1)
+        XCTAssertThrowsError(try config.loadReadToken()) { error in
+            XCTAssertEqual((error as? ConfigError)?.key, "status.read_token_file")
+        }
+        // A credential is checked like any key file: the wrong directory is a missing file.
+        setenv(SystemdCredentials.variable, f.dir + "/elsewhere", 1)
+        XCTAssertThrowsError(try config.loadClusterKey()) { error in
+            XCTAssertTrue("\(error)".contains(f.dir + "/elsewhere/web1.key"), "\(error)")
+        }
+
+        XCTAssertEqual(try SystemdCredentials.expand("/etc/hamgr/k", key: "k", environment: [:]), "/etc/hamgr/k")
+        XCTAssertEqual(try SystemdCredentials.expand("${CREDENTIALS_DIRECTORY}/k", key: "k",
+                                                     environment: ["CREDENTIALS_DIRECTORY": "/run/credentials/x.service"]),
+                       "/run/credentials/x.service/k")
     }
 
     func testTokenFileRules() throws {

@@ -73,6 +73,24 @@ final class SystemdUnitTests: XCTestCase {
         XCTAssertGreaterThan(try exposure("loose@main.service", loose), 5.0)
     }
 
+    /// The commented `LoadCredential=` example, switched on, still verifies and keeps the
+    /// arbitrator's exposure level (credentials are how its keys reach the unprivileged user).
+    func testArbitratorCredentialExampleVerifies() throws {
+        let text = try unit("hamgr-arbitrator@.service")
+        XCTAssertTrue(text.contains("\n#LoadCredential=web1.key:/etc/hamgr/web1.key\n"), text)
+        XCTAssertTrue(text.contains("key_file = \"${CREDENTIALS_DIRECTORY}/web1.key\""), text)
+        let on = text.replacingOccurrences(of: "\n#LoadCredential=", with: "\nLoadCredential=")
+        XCTAssertEqual(try verify([("hamgr-arbitrator@main.service", on)]), [])
+        let dir = try OpsTest.scratchDirectory("credential")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let p = dir + "/hamgr-arbitrator@main.service"
+        try on.write(toFile: p, atomically: true, encoding: .utf8)
+        let r = try OpsTest.run(["/usr/bin/systemd-analyze", "security", "--offline=true", p])
+        let line = (r.stdout + r.stderr).split(separator: "\n").first { $0.contains("Overall exposure level") } ?? ""
+        let score = line.lastIndex(of: ":").flatMap { Double(line[line.index(after: $0)...].split(separator: " ").first ?? "") }
+        XCTAssertLessThanOrEqual(try XCTUnwrap(score, "no exposure level in: \(r.stdout) \(r.stderr)"), 2.0)
+    }
+
     func testATypoIsCaught() throws {
         let typo = try unit("hamgr@.service").replacingOccurrences(of: "WatchdogSec=", with: "WatchDogSec=")
         let problems = try verify([("hamgr@web1.service", typo)])
