@@ -81,7 +81,7 @@ public enum ArbitratorPage {
         <p class="summary" id="summary">\(clusters.count) cluster(s):
         """
         out += " " + State.allCases.reversed().map { "<span class=\"\($0.cssClass)\">\(counts[$0, default: 0]) \($0.rawValue)</span>" }
-            .joined(separator: ", ")
+            .joined(separator: " ")
         out += "</p>\n"
         if clusters.isEmpty {
             out += "<p>This arbitrator serves no cluster.</p>\n</body>\n</html>\n"

@@ -55,7 +55,7 @@ final class ArbitratorPageTests: XCTestCase {
         XCTAssertTrue((2...10).contains(ArbitratorPage.refreshSeconds))
         XCTAssertTrue(page.contains("version 9.9.9"))
         XCTAssertTrue(page.contains("snapshot 2026-12-06T03:04:05Z"))
-        XCTAssertTrue(page.contains("3 cluster(s): <span class=\"healthy\">1 healthy</span>, <span class=\"degraded\">1 degraded</span>, <span class=\"nomaster\">1 no master</span>"), page)
+        XCTAssertTrue(page.contains("3 cluster(s): <span class=\"healthy\">1 healthy</span> <span class=\"degraded\">1 degraded</span> <span class=\"nomaster\">1 no master</span>"), page)
         // Rows in name order, whatever the document's order.
         let rows = page.components(separatedBy: "\n").filter { $0.hasPrefix("<tr class=") }
         XCTAssertEqual(rows.count, 3, page)
