@@ -31,8 +31,8 @@ final class ArbitratorDaemon: ArbitratorHost, @unchecked Sendable {
     private let logLimiter = RepeatLimiter()
     let notifier = SystemdNotifier()
     let registry = MetricsRegistry()
-    /// A node not heard from for longer than this is shown as lost on the status page: the
-    /// failure timeout, after which the nodes act on the loss (one [timeouts] per process).
+    /// A master not heard from for longer than this makes its row degraded on the status page:
+    /// the failure timeout, after which the nodes act on a loss (one [timeouts] per process).
     private let staleAfterMs: Int64
     private let decisionSeconds: Histogram
     private let messagesTotal: Counter

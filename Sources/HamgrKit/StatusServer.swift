@@ -178,8 +178,9 @@ enum AdminAuth: Equatable {
 }
 
 /// The HTTP server on `status_address`: `/metrics`, `/status`, `/healthz`, the admin API
-/// (design.md §4) and, on the arbitrator, the HTML page on `/`. Malformed requests get 400 and lose their connection; oversized headers
-/// (over 16 KiB) and bodies (over 64 KiB) are refused; idle connections close after 60 s.
+/// (design.md §4) and, on the arbitrator, the HTML page on `/`. Malformed requests get 400
+/// and lose their connection; oversized headers (over 16 KiB) and bodies (over 64 KiB) are
+/// refused; idle connections close after 60 s.
 /// With `tls`, every connection starts with a TLS handshake (`status.tls`): a plaintext
 /// request fails it and loses its connection, with one log line.
 final class StatusServer: @unchecked Sendable {
