@@ -29,7 +29,7 @@ final class ArbitratorPageProcessTests: XCTestCase {
 
     func testChromiumShowsTheClusterAndItsMaster() throws {
         guard let chromium = try Self.chromium() else { return }
-        let h = try ClusterHarness(name: "page", subnet: 96, extraTOML: """
+        let h = try ClusterHarness(name: "page", subnet: 98, extraTOML: """
         [status]
         read_token_file = "read.token"
 

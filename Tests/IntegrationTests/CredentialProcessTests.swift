@@ -6,7 +6,7 @@ import XCTest
 /// `LoadCredential=` would), and refuse to start in one line without it.
 final class CredentialProcessTests: XCTestCase {
     func testDaemonsReadTheClusterKeyFromTheCredentialsDirectory() throws {
-        let h = try ClusterHarness(name: "cred", subnet: 97)
+        let h = try ClusterHarness(name: "cred", subnet: 99)
         defer { h.shutdown() }
         // Move the key where systemd would put it (mode 0400, as systemd makes credentials).
         let creds = h.dir.appendingPathComponent("credentials").path
