@@ -95,17 +95,17 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         }
 
         let peerRepl = try parseHostPort(peer.replicationAddress, key: "node.replication_address")
-        replicatedVolume = try ReplicatedVolume(
-            config: ReplicatedVolumeConfig(
-                cluster: config.cluster.name, me: me.name, peer: peer.name,
-                backingPath: me.backing, metadataPath: me.metadata,
-                sizeBytes: config.volume.sizeBytes, chunkBytes: Int(config.volume.chunkSizeBytes),
-                replicationProtocol: config.cluster.replicationProtocol,
-                peerReplicationAddress: peerRepl, clusterKey: keys[0],
-                linkTimeout: config.timeouts.failureTimeout,
-                resyncRateBytesPerSecond: Int(config.volume.resyncRateBytesPerSecond),
-                createBacking: me.create),
-            group: group, logger: logger, clock: { MonotonicClock.now() })
+        var volumeConfig = ReplicatedVolumeConfig(
+            cluster: config.cluster.name, me: me.name, peer: peer.name,
+            backingPath: me.backing, metadataPath: me.metadata,
+            sizeBytes: config.volume.sizeBytes, chunkBytes: Int(config.volume.chunkSizeBytes),
+            replicationProtocol: config.cluster.replicationProtocol,
+            peerReplicationAddress: peerRepl, clusterKey: keys[0],
+            linkTimeout: config.timeouts.failureTimeout,
+            resyncRateBytesPerSecond: Int(config.volume.resyncRateBytesPerSecond),
+            createBacking: me.create)
+        volumeConfig.volatileCacheForTests = Self.volatileCacheForTests(logger)
+        replicatedVolume = try ReplicatedVolume(config: volumeConfig, group: group, logger: logger, clock: { MonotonicClock.now() })
         let st = replicatedVolume.status
         let repairPending = FileManager.default.fileExists(atPath: me.metadata + ".disk-failed")
         let core = NodeCore(cluster: config.cluster.name, me: me.name, peer: peer.name, arbitrator: Self.arbitratorID,
@@ -150,6 +150,18 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
 
     /// Planted bugs exist only in test builds (`-D HAMGR_PLANTED_BUGS`), so a production
     /// binary ignores the variable entirely (issue 5, "the checker can fail").
+    /// Debug builds only (the process tests' power cuts): `HAMGR_TEST_VOLATILE_CACHE=1`
+    /// keeps unsynced writes in process memory, so SIGKILL loses them as a power cut would.
+    static func volatileCacheForTests(_ logger: Logger) -> Bool {
+        #if DEBUG
+        if ProcessInfo.processInfo.environment["HAMGR_TEST_VOLATILE_CACHE"] == "1" {
+            logger.warning("HAMGR_TEST_VOLATILE_CACHE=1: unsynced writes live in process memory (test mode; a kill loses them)")
+            return true
+        }
+        #endif
+        return false
+    }
+
     static func plantedBugs() -> Set<PlantedBug> {
         #if HAMGR_PLANTED_BUGS
         if let v = ProcessInfo.processInfo.environment["HAMGR_PLANTED_BUG"] {

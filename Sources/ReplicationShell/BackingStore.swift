@@ -24,6 +24,8 @@ public final class BackingStore: @unchecked Sendable {
     public let writesInline: Bool
     private let inlineReads: InlineReads
     private let fd: Int32
+    /// Test mode: writes not yet synced live only in this process (see `VolatileCache`).
+    private let cache: VolatileCache?
 
     /// How a read may run on the caller's thread: `preadv2(RWF_NOWAIT)`, which fails with
     /// EAGAIN instead of waiting for the device; plainly, on a memory file system (tmpfs
@@ -34,8 +36,13 @@ public final class BackingStore: @unchecked Sendable {
     /// bytes and a smaller existing one is extended; without it a missing path is an error.
     /// Nothing is ever created under /dev: a device that is not there is the operator's to
     /// attach. Block devices report their size.
-    public init(path: String, createSize: UInt64? = nil, directIO: Bool = false) throws {
+    ///
+    /// `volatileCache` (tests only): every write stays in this process's memory until the
+    /// next `sync`, so killing the process, or `powerCut()`, loses exactly the writes a
+    /// power cut loses on a disk with a volatile cache — all of them since the last sync.
+    public init(path: String, createSize: UInt64? = nil, directIO: Bool = false, volatileCache: Bool = false) throws {
         self.path = path
+        self.cache = volatileCache ? VolatileCache() : nil
         var flags = O_RDWR | O_CLOEXEC
         if createSize != nil && !Self.isDevicePath(path) { flags |= O_CREAT }
         if directIO { flags |= 0o40000 /* O_DIRECT, hidden behind _GNU_SOURCE in Glibc */ }
@@ -76,6 +83,7 @@ public final class BackingStore: @unchecked Sendable {
     /// Reads `length` bytes now if that cannot wait for the device (the data is in the page
     /// cache, or the store is memory); nil if the read must go to an I/O thread.
     public func readIfCached(offset: UInt64, length: Int, allocator: ByteBufferAllocator) throws -> ByteBuffer? {
+        if cache != nil { return try read(offset: offset, length: length, allocator: allocator) }
         switch inlineReads {
         case .never: return nil
         case .memory: return try read(offset: offset, length: length, allocator: allocator)
@@ -105,7 +113,7 @@ public final class BackingStore: @unchecked Sendable {
     /// no allocated data there (SEEK_DATA finds none). Block devices and file systems without
     /// SEEK_DATA are never provably zero.
     public func provablyZero(length: UInt64) -> Bool {
-        guard !isBlockDevice else { return false }
+        guard !isBlockDevice, cache?.isEmpty ?? true else { return false }
         let SEEK_DATA: Int32 = 3
         errno = 0
         let at = lseek(fd, 0, SEEK_DATA)
@@ -116,6 +124,11 @@ public final class BackingStore: @unchecked Sendable {
     deinit { close(fd) }
 
     public func read(offset: UInt64, into pointer: UnsafeMutableRawBufferPointer) throws {
+        try readFile(offset: offset, into: pointer)
+        cache?.overlay(offset: offset, into: pointer)
+    }
+
+    private func readFile(offset: UInt64, into pointer: UnsafeMutableRawBufferPointer) throws {
         var done = 0
         while done < pointer.count {
             let n = pread(fd, pointer.baseAddress! + done, pointer.count - done, off_t(offset) + off_t(done))
@@ -139,6 +152,13 @@ public final class BackingStore: @unchecked Sendable {
     }
 
     public func write(offset: UInt64, bytes: UnsafeRawBufferPointer) throws {
+        if let cache {
+            return try cache.write(offset: offset, bytes: bytes) { page, into in try readFile(offset: page, into: into) }
+        }
+        try writeFile(offset: offset, bytes: bytes)
+    }
+
+    private func writeFile(offset: UInt64, bytes: UnsafeRawBufferPointer) throws {
         var done = 0
         while done < bytes.count {
             let n = pwrite(fd, bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
@@ -149,7 +169,11 @@ public final class BackingStore: @unchecked Sendable {
 
     /// Writes the buffers back to back from `offset`, with one pwritev per 64 buffers.
     public func write(offset: UInt64, buffers: [ByteBuffer]) throws {
-        if buffers.count == 1 { return try write(offset: offset, buffer: buffers[0]) }
+        if buffers.count == 1 || cache != nil {
+            var at = offset
+            for b in buffers { try write(offset: at, buffer: b); at += UInt64(b.readableBytes) }
+            return
+        }
         var at = offset
         var i = 0
         while i < buffers.count {
@@ -198,6 +222,13 @@ public final class BackingStore: @unchecked Sendable {
 
     /// Makes every completed write durable (fdatasync).
     public func sync() throws {
+        if let cache {
+            // To the file first, out of the cache after: a concurrent read sees the page in
+            // one or the other. (Writes and syncs never run concurrently: one I/O order.)
+            let all = cache.all()
+            for (page, bytes) in all { try bytes.withUnsafeBytes { try writeFile(offset: page, bytes: $0) } }
+            cache.remove(all.map(\.0))
+        }
         while fdatasync(fd) != 0 {
             if errno == EINTR { continue }
             throw StoreError(op: "fdatasync", path: path, errno: errno)
@@ -207,7 +238,7 @@ public final class BackingStore: @unchecked Sendable {
     /// Writes zeroes over the range, deallocating it where the store can (punch hole on files).
     public func writeZeroes(offset: UInt64, length: Int, mayDeallocate: Bool) throws {
         guard length > 0 else { return }
-        if !isBlockDevice {
+        if !isBlockDevice && cache == nil {
             // FALLOC_FL_PUNCH_HOLE|KEEP_SIZE = 0x03, FALLOC_FL_ZERO_RANGE = 0x10
             let mode: Int32 = mayDeallocate ? 0x03 : 0x10
             if linuxFallocate(fd, mode, Int64(offset), Int64(length)) == 0 { return }
@@ -220,6 +251,85 @@ public final class BackingStore: @unchecked Sendable {
             done += n
         }
         _ = zero.count
+    }
+}
+
+extension BackingStore {
+    /// Tests only (`volatileCache`): drops every write since the last sync, as a power cut
+    /// does. False if the store has no volatile cache.
+    @discardableResult
+    public func powerCut() -> Bool {
+        guard let cache else { return false }
+        cache.dropAll()
+        return true
+    }
+}
+
+/// Unsynced writes of a `volatileCache` store, in 4 KiB pages (tests only). Reads see them
+/// over the file; `sync` writes them to the file before its fdatasync; a power cut drops them.
+final class VolatileCache: @unchecked Sendable {
+    static let pageBytes = 4096
+    private let lock = NSLock()
+    private var pages: [UInt64: [UInt8]] = [:]
+
+    var isEmpty: Bool { lock.lock(); defer { lock.unlock() }; return pages.isEmpty }
+
+    /// Writes into whole pages; a partly written page starts from the current contents
+    /// (`readPage` reads the file's).
+    func write(offset: UInt64, bytes: UnsafeRawBufferPointer, readPage: (UInt64, UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        lock.lock(); defer { lock.unlock() }
+        let pb = UInt64(Self.pageBytes)
+        var at = offset
+        let end = offset + UInt64(bytes.count)
+        while at < end {
+            let page = at / pb * pb
+            let from = Int(at - page), to = Int(min(end, page + pb) - page)
+            var contents: [UInt8]
+            if let p = pages[page] {
+                contents = p
+            } else {
+                contents = [UInt8](repeating: 0, count: Self.pageBytes)
+                if from != 0 || to != Self.pageBytes { try contents.withUnsafeMutableBytes { try readPage(page, $0) } }
+            }
+            contents.withUnsafeMutableBytes { dst in
+                (dst.baseAddress! + from).copyMemory(from: bytes.baseAddress! + Int(at - offset), byteCount: to - from)
+            }
+            pages[page] = contents
+            at = page + UInt64(to)
+        }
+    }
+
+    /// Copies the cached pages that meet `[offset, offset + count)` over `into`.
+    func overlay(offset: UInt64, into: UnsafeMutableRawBufferPointer) {
+        lock.lock(); defer { lock.unlock() }
+        guard !pages.isEmpty, into.count > 0 else { return }
+        let pb = UInt64(Self.pageBytes)
+        let end = offset + UInt64(into.count)
+        var page = offset / pb * pb
+        while page < end {
+            if let p = pages[page] {
+                let from = max(offset, page), to = min(end, page + pb)
+                p.withUnsafeBytes { src in
+                    (into.baseAddress! + Int(from - offset)).copyMemory(from: src.baseAddress! + Int(from - page), byteCount: Int(to - from))
+                }
+            }
+            page += pb
+        }
+    }
+
+    func all() -> [(UInt64, [UInt8])] {
+        lock.lock(); defer { lock.unlock() }
+        return pages.sorted { $0.key < $1.key }.map { ($0.key, $0.value) }
+    }
+
+    func remove(_ keys: [UInt64]) {
+        lock.lock(); defer { lock.unlock() }
+        for k in keys { pages[k] = nil }
+    }
+
+    func dropAll() {
+        lock.lock(); defer { lock.unlock() }
+        pages = [:]
     }
 }
 

@@ -100,7 +100,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
                     : "\(path) does not exist (set create = true on the node or [volume] to let hamgr create a sparse file)")
             }
         }
-        backing = try BackingStore(path: path, createSize: storeBytes)  // existing files are only extended (room for the label)
+        backing = try BackingStore(path: path, createSize: storeBytes, volatileCache: config.volatileCacheForTests)  // existing files are only extended (room for the label)
         guard backing.sizeBytes >= storeBytes else {
             throw ConfigError(key: "node.backing", message: "\(path) holds \(backing.sizeBytes) bytes; the volume needs \(storeBytes) (\(config.sizeBytes) + the 4 KiB identity label)")
         }
@@ -526,7 +526,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
                     try backing.sync()
                     released += releaseSyncDeferred(status: 0)
                 case let .sendChunk(s, chunk, offset, length):
-                    send(s, .resyncData(chunk: UInt64(chunk), data: try backing.read(offset: offset, length: length)))
+                    send(s, LinkMessage.resyncChunk(UInt64(chunk), try backing.read(offset: offset, length: length)))
                 case let .sendChunkHash(s, chunk, offset, length):
                     let data = try backing.read(offset: offset, length: length)
                     send(s, .verifyRequest(chunk: UInt64(chunk), sha256: data.withUnsafeReadableBytes { Array(SHA256.hash(data: $0)) }))
@@ -688,6 +688,14 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         onLoop { self.halt() }
     }
 
+    /// A crash of the whole host: as `simulateCrash`, and every write the store had not
+    /// synced is lost (needs `volatileCacheForTests`).
+    func simulatePowerCut() {
+        dead.set()
+        precondition(backing.powerCut(), "simulatePowerCut needs volatileCacheForTests")
+        onLoop { self.halt() }
+    }
+
     // MARK: loop helpers
 
     /// Runs `f` now when already on the volume's loop, else as a task there (never waits).
@@ -745,12 +753,19 @@ public struct ReplicatedVolumeConfig: Sendable {
     /// over most volumes pay the AL sync only on an extent's first touch; a primary crash
     /// resyncs at most that much. The AL slot holds up to `MetadataLayout.maxALSlots` (1011).
     public var activityLogExtents: Int = 1000
-    /// Resync / verify chunks in flight on the link.
-    public var resyncWindowChunks: Int = 16
+    /// Resync / verify bytes in flight on the link: 16 chunks of the default 64 KiB, and
+    /// as many bytes in more chunks when chunks are smaller (a 4 KiB-chunk volume would
+    /// otherwise wait one round trip and one target fsync per 64 KiB).
+    public var resyncWindowBytes: Int = 1 << 20
+    var resyncWindowChunks: Int { max(16, resyncWindowBytes / max(1, chunkBytes)) }
     /// Delay between dial attempts.
     public var redialDelay: Duration = .milliseconds(200)
     /// A missing backing *file* may be created (sparse); never a path under /dev.
     public var createBacking = false
+    /// Tests only: the store keeps every unsynced write in this process's memory, so a kill
+    /// (or `simulatePowerCut()`) loses what a power cut would (`BackingStore(volatileCache:)`).
+    /// The daemon sets it when `HAMGR_TEST_VOLATILE_CACHE=1`.
+    public var volatileCacheForTests = false
 
     public init(cluster: String, me: NodeID, peer: NodeID, backingPath: String, metadataPath: String,
                 sizeBytes: UInt64, chunkBytes: Int = 64 << 10, replicationProtocol: ReplicationProtocol = .c,

@@ -254,7 +254,7 @@ final class SimVolume: NodeVolume, ReplicationHost {
                 case .sync: try disk.sync()
                 case let .sendChunk(s, chunk, offset, length):
                     let bytes = disk.read(offset: Int(offset), length: length)
-                    link.send(from: me, session: s, .resyncData(chunk: UInt64(chunk), data: ByteBuffer(bytes: bytes)), epoch: epoch)
+                    link.send(from: me, session: s, LinkMessage.resyncChunk(UInt64(chunk), ByteBuffer(bytes: bytes)), epoch: epoch)
                 case let .sendChunkHash(s, chunk, offset, length):
                     let d = SimDigest.of(disk.current[Int(offset)..<Int(offset) + length])
                     link.send(from: me, session: s, .verifyRequest(chunk: UInt64(chunk), sha256: d), epoch: epoch)

@@ -465,6 +465,10 @@ final class Simulator {
             let c = Int(chunk)
             guard c < chunkCount, let tag = Pattern.tag(of: Array(data.readableBytesView)[...]) else { return }
             if let k = history[c].lastIndex(where: { $0.tag == tag }), history[c][k].by != to { history[c][k].peerGot = true }
+        case .resyncZeroes(let chunk):
+            let c = Int(chunk)
+            guard c < chunkCount else { return }
+            if let k = history[c].lastIndex(where: { $0.tag == 0 }), history[c][k].by != to { history[c][k].peerGot = true }
         default: break
         }
     }

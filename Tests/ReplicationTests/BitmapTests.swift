@@ -30,6 +30,30 @@ final class BitmapTests: XCTestCase {
         XCTAssertEqual(DirtyBitmap(chunkCount: 70_001, bytes: bytes), bm)
     }
 
+    func testPagesTravelAndMergeAndBitsPastTheEndAreRefused() {
+        var src = DirtyBitmap(chunkCount: 100_001)
+        src.mark([3, 32_767, 32_768, 100_000])
+        XCTAssertEqual(src.nonEmptyPages, [0, 1, 3])
+        var dst = DirtyBitmap(chunkCount: 100_001)
+        dst.mark([4, 3])
+        for p in src.nonEmptyPages { XCTAssertTrue(dst.merge(page: p, bytes: src.pageBytes(p))) }
+        XCTAssertEqual(dst.setChunks, [3, 4, 32_767, 32_768, 100_000])
+        XCTAssertEqual(dst.setCount, 5, "a bit set on both sides counts once")
+        var other = DirtyBitmap(chunkCount: 100_001)
+        other.mark([5, 100_000])
+        var merged = dst
+        XCTAssertEqual(merged.merge(other), [0])
+        XCTAssertEqual(merged.setCount, 6)
+        // A page past the map, or a bit past the last chunk, changes nothing.
+        var before = dst
+        XCTAssertFalse(before.merge(page: 4, bytes: [UInt8](repeating: 1, count: 4096)))
+        var tail = [UInt8](repeating: 0, count: 4096)
+        tail[(100_001 - 3 * 32_768) / 8] = 0x80  // chunk 100_007: past the end
+        XCTAssertFalse(before.merge(page: 3, bytes: tail))
+        XCTAssertFalse(before.merge(page: 0, bytes: [UInt8](repeating: 1, count: 100)), "short page")
+        XCTAssertEqual(before, dst)
+    }
+
     func testBitmapPersistsAcrossReopen() throws {
         let dir = try makeTempDir(self)
         let path = dir + "/m.meta"

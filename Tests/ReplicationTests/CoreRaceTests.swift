@@ -19,9 +19,21 @@ final class CoreRaceTests: XCTestCase {
         .frame(s, kind: m.kind.rawValue, epoch: epoch, payload: m.encode())
     }
 
-    static func handshake(role: Role, crashedPrimary: Bool = false, dirty: [ChunkRun] = []) -> LinkMessage {
+    static func handshake(role: Role, crashedPrimary: Bool = false) -> LinkMessage {
         .handshake(LinkHandshake(sizeBytes: 4 * 4096, chunkBytes: 4096, generations: gen, diskState: .upToDate, role: role,
-                                 crashedPrimary: crashedPrimary, discardLocal: false, dirtyRuns: dirty))
+                                 crashedPrimary: crashedPrimary, discardLocal: false))
+    }
+
+    /// A peer's handshake announcing `dirty` chunks, then the bitmap frames that carry them;
+    /// returns the core's actions for all of them.
+    static func greet(_ core: inout ReplicationCore, session: SessionID, role: Role, crashedPrimary: Bool, dirty: [Int], now: Instant) -> [CoreAction] {
+        var map = DirtyBitmap(chunkCount: 4)
+        map.mark(dirty)
+        let frames = LinkMessage.dirtyBitmapFrames(map)
+        let hs = LinkMessage.handshake(LinkHandshake(sizeBytes: 4 * 4096, chunkBytes: 4096, generations: gen, diskState: .upToDate, role: role,
+                                                     crashedPrimary: crashedPrimary, discardLocal: false,
+                                                     dirtyChunks: UInt64(map.setCount), dirtyPages: UInt32(frames.count)))
+        return ([hs] + frames).flatMap { core.handle(frame(session, $0), now: now) }
     }
 
     static func hashRequests(_ actions: [CoreAction]) -> [Int] {
@@ -41,11 +53,11 @@ final class CoreRaceTests: XCTestCase {
         _ = a.handle(.linkUp(1, "b"), now: now)
         let promoted = try a.becomePrimary(epoch: Epoch(2), newGeneration: false, now: now).get()
         XCTAssertTrue(promoted.contains { if case .close(1) = $0 { return true }; return false }, "the open handshake is closed")
-        _ = a.handle(Self.frame(1, Self.handshake(role: .secondary, crashedPrimary: true, dirty: [ChunkRun(start: 0, count: 4)])), now: now)
+        _ = Self.greet(&a, session: 1, role: .secondary, crashedPrimary: true, dirty: [0, 1, 2, 3], now: now)
         XCTAssertEqual(a.status.diskState, .upToDate, "the primary never becomes a sync target")
         // The next session decides on the current role: this primary is the source.
         _ = a.handle(.linkUp(2, "b"), now: now)
-        let acts = a.handle(Self.frame(2, Self.handshake(role: .secondary, crashedPrimary: true, dirty: [ChunkRun(start: 0, count: 4)])), now: now)
+        let acts = Self.greet(&a, session: 2, role: .secondary, crashedPrimary: true, dirty: [0, 1, 2, 3], now: now)
         XCTAssertEqual(a.status.diskState, .upToDate)
         XCTAssertTrue(acts.contains { if case .log(_, let m) = $0 { return m.contains("sync source") }; return false })
     }

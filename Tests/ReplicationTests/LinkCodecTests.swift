@@ -9,8 +9,11 @@ final class LinkCodecTests: XCTestCase {
         let gens = DataGenerations(current: GenerationID(5), bitmap: GenerationID(4), history: [GenerationID(3), GenerationID(2)])
         return [
             .handshake(LinkHandshake(sizeBytes: 1 << 30, chunkBytes: 65536, generations: gens, diskState: .outdated, role: .primary,
-                                     crashedPrimary: true, discardLocal: false, dirtyRuns: [ChunkRun(start: 3, count: 2), ChunkRun(start: 100, count: 1)],
+                                     crashedPrimary: true, discardLocal: false, dirtyChunks: 3, dirtyPages: 1,
                                      wasPrimary: true)),
+            .dirtyBitmap([BitmapPage(index: 0, bytes: [UInt8](repeating: 0x81, count: 4096)),
+                          BitmapPage(index: 7, bytes: [UInt8](repeating: 0, count: 4095) + [1])]),
+            .resyncZeroes(chunk: 78),
             .write(seq: 9, offset: 4096, flags: [.fua], length: 1000, data: data),
             .write(seq: 10, offset: 8192, flags: [.zeroes, .mayDeallocate], length: 1 << 20, data: nil),
             .writeAck(seq: 9, stage: .received, status: 0),

@@ -64,6 +64,8 @@ final class VolumePair: @unchecked Sendable {
     var sizeBytes: UInt64 = 16 << 20
     var chunkBytes = 64 << 10
     var resyncRate = 256 << 20
+    /// Stores keep unsynced writes in memory, so `simulatePowerCut()` loses them.
+    var volatileCache = false
     /// Where "a" dials its peer; nil: b's listener. A test sets it to put a relay in between.
     var dialPort: Int?
     var events = EventLog()
@@ -121,6 +123,7 @@ final class VolumePair: @unchecked Sendable {
         c.activityLogExtents = 8
         c.redialDelay = .milliseconds(50)
         c.createBacking = true
+        c.volatileCacheForTests = volatileCache
         return c
     }
 
@@ -138,14 +141,14 @@ final class VolumePair: @unchecked Sendable {
 
     /// Opens both nodes, "a" primary in epoch 1 with an open gate, and waits until the link
     /// is in sync.
-    func connectPrimary(file: StaticString = #filePath, line: UInt = #line) throws {
+    func connectPrimary(timeout: Duration = .seconds(15), file: StaticString = #filePath, line: UInt = #line) throws {
         let b = try open("b")
         b.setPromisedEpoch(Epoch(1))
         let a = try open("a", start: false)
         try a.becomePrimary(epoch: Epoch(1), newGeneration: false)
         a.setWriteGate(VolumePair.openGate(Epoch(1)))
         a.start()
-        waitUntil("link in sync", file: file, line: line) { a.status.peerState == .inSync && b.status.peerState == .inSync }
+        waitUntil("link in sync", timeout: timeout, file: file, line: line) { a.status.peerState == .inSync && b.status.peerState == .inSync }
     }
 
     static func openGate(_ epoch: Epoch, peerRequired: Bool = true) -> WriteGate {

@@ -17,14 +17,18 @@ public enum LinkFrameKind: UInt8, CaseIterable, Sendable {
     case verifyEnd = 12
     case resyncRequest = 13
     case refuse = 14
+    case dirtyBitmap = 15
+    case resyncZeroes = 16
 }
 
 /// The handshake: everything the sync decision needs (docs/replication.md "Handshake").
 public struct LinkHandshake: Hashable, Sendable {
     /// 2: fresh / assume-clean flags (disk identity and bootstrap). 3: the wasPrimary flag
     /// (a version-2 decoder would refuse the unknown flag bit anyway) and the newest epoch the
-    /// side was primary in.
-    public static let protocolVersion: UInt16 = 3
+    /// side was primary in. 4: the dirty bitmap follows in `dirtyBitmap` frames (it was a
+    /// list of runs in the handshake, which a fragmented bitmap could push past the frame
+    /// limit); all-zero resync chunks travel as `resyncZeroes`.
+    public static let protocolVersion: UInt16 = 4
     public var sizeBytes: UInt64
     public var chunkBytes: UInt32
     public var generations: DataGenerations
@@ -33,7 +37,10 @@ public struct LinkHandshake: Hashable, Sendable {
     public var crashedPrimary: Bool
     public var discardLocal: Bool
     /// Chunks this side holds out of sync (bitmap bits ∪ crash AL extents).
-    public var dirtyRuns: [ChunkRun]
+    public var dirtyChunks: UInt64
+    /// Bitmap pages that follow in `dirtyBitmap` frames (those with a set bit); the sync
+    /// decision waits for all of them.
+    public var dirtyPages: UInt32
     /// Fresh metadata (no data adopted since it was created).
     public var fresh: Bool
     /// Fresh metadata on a provably all-zero store.
@@ -46,11 +53,11 @@ public struct LinkHandshake: Hashable, Sendable {
     public var primaryEpoch: Epoch
 
     public init(sizeBytes: UInt64, chunkBytes: UInt32, generations: DataGenerations, diskState: DiskState, role: Role,
-                crashedPrimary: Bool, discardLocal: Bool, dirtyRuns: [ChunkRun], fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false,
+                crashedPrimary: Bool, discardLocal: Bool, dirtyChunks: UInt64 = 0, dirtyPages: UInt32 = 0, fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false,
                 wasPrimary: Bool = false, primaryEpoch: Epoch = .zero) {
         self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.generations = generations
         self.diskState = diskState; self.role = role; self.crashedPrimary = crashedPrimary
-        self.discardLocal = discardLocal; self.dirtyRuns = dirtyRuns; self.fresh = fresh || emptyFresh; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
+        self.discardLocal = discardLocal; self.dirtyChunks = dirtyChunks; self.dirtyPages = dirtyPages; self.fresh = fresh || emptyFresh; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
         self.wasPrimary = wasPrimary
         self.primaryEpoch = primaryEpoch
     }
@@ -95,6 +102,38 @@ public enum LinkMessage: Hashable, Sendable {
     /// Ask the peer (the source) to resync these chunks to us.
     case resyncRequest([ChunkRun])
     case refuse(String)
+    /// Pages of the sender's dirty bitmap (on-disk form, `MetadataLayout.bitmapPageBytes`
+    /// each), after its handshake, at most `bitmapPagesPerFrame` per frame.
+    case dirtyBitmap([BitmapPage])
+    /// A resync chunk whose bytes are all zero: the target writes zeroes and may deallocate.
+    case resyncZeroes(chunk: UInt64)
+
+    public static let bitmapPagesPerFrame = 256
+
+    /// The message that carries a resync chunk: `resyncZeroes` when every byte is zero, so a
+    /// thin store stays thin and a sparse volume's resync moves no zero bytes.
+    public static func resyncChunk(_ chunk: UInt64, _ data: ByteBuffer) -> LinkMessage {
+        let zero = data.withUnsafeReadableBytes { raw -> Bool in
+            var words = raw.count / 8, i = 0
+            while words > 0 {
+                if raw.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
+                i += 8; words -= 1
+            }
+            while i < raw.count { if raw[i] != 0 { return false }; i += 1 }
+            return true
+        }
+        return zero ? .resyncZeroes(chunk: chunk) : .resyncData(chunk: chunk, data: data)
+    }
+
+    /// The `dirtyBitmap` frames that carry every page of `bitmap` with a set bit.
+    public static func dirtyBitmapFrames(_ bitmap: DirtyBitmap) -> [LinkMessage] {
+        let pages = bitmap.nonEmptyPages
+        return stride(from: 0, to: pages.count, by: bitmapPagesPerFrame).map { start in
+            .dirtyBitmap(pages[start..<min(start + bitmapPagesPerFrame, pages.count)].map {
+                BitmapPage(index: $0, bytes: bitmap.pageBytes($0))
+            })
+        }
+    }
 
     public var kind: LinkFrameKind {
         switch self {
@@ -112,6 +151,8 @@ public enum LinkMessage: Hashable, Sendable {
         case .verifyEnd: return .verifyEnd
         case .resyncRequest: return .resyncRequest
         case .refuse: return .refuse
+        case .dirtyBitmap: return .dirtyBitmap
+        case .resyncZeroes: return .resyncZeroes
         }
     }
 
@@ -145,7 +186,8 @@ public enum LinkMessage: Hashable, Sendable {
             b.writeInteger(MetadataLayout.diskCode(h.diskState))
             b.writeInteger(UInt8(h.role == .primary ? 1 : 0))
             b.writeInteger(UInt8((h.crashedPrimary ? 1 : 0) | (h.discardLocal ? 2 : 0) | (h.emptyFresh ? 4 : 0) | (h.assumeClean ? 8 : 0) | (h.fresh ? 16 : 0) | (h.wasPrimary ? 32 : 0)))
-            Self.writeRuns(h.dirtyRuns, &b)
+            b.writeInteger(h.dirtyChunks)
+            b.writeInteger(h.dirtyPages)
             b.writeInteger(h.primaryEpoch.value)
         case let .write(seq, offset, flags, length, data):
             b.writeInteger(seq); b.writeInteger(offset); b.writeInteger(flags.rawValue); b.writeInteger(length)
@@ -175,6 +217,12 @@ public enum LinkMessage: Hashable, Sendable {
         case .refuse(let why):
             let bytes = Array(why.utf8.prefix(1024))
             b.writeInteger(UInt16(bytes.count)); b.writeBytes(bytes)
+        case .dirtyBitmap(let pages):
+            b.reserveCapacity(2 + pages.count * (4 + MetadataLayout.bitmapPageBytes))
+            b.writeInteger(UInt16(pages.count))
+            for p in pages { b.writeInteger(UInt32(p.index)); b.writeBytes(p.bytes) }
+        case .resyncZeroes(let chunk):
+            b.writeInteger(chunk)
         }
         return b
     }
@@ -191,10 +239,11 @@ public enum LinkMessage: Hashable, Sendable {
             guard let size: UInt64 = b.readInteger(), let chunk: UInt32 = b.readInteger(),
                   let gens = readGenerations(&b), let dc: UInt8 = b.readInteger(), let disk = MetadataLayout.disk(dc),
                   let role: UInt8 = b.readInteger(), role <= 1, let fl: UInt8 = b.readInteger(), fl <= 63,
-                  let runs = readRuns(&b), let pe: UInt64 = b.readInteger() else { return fail("bad handshake fields") }
+                  let dirtyChunks: UInt64 = b.readInteger(), let dirtyPages: UInt32 = b.readInteger(),
+                  let pe: UInt64 = b.readInteger() else { return fail("bad handshake fields") }
             msg = .handshake(LinkHandshake(sizeBytes: size, chunkBytes: chunk, generations: gens, diskState: disk,
                                            role: role == 1 ? .primary : .secondary, crashedPrimary: fl & 1 != 0,
-                                           discardLocal: fl & 2 != 0, dirtyRuns: runs, fresh: fl & 16 != 0, emptyFresh: fl & 4 != 0, assumeClean: fl & 8 != 0,
+                                           discardLocal: fl & 2 != 0, dirtyChunks: dirtyChunks, dirtyPages: dirtyPages, fresh: fl & 16 != 0, emptyFresh: fl & 4 != 0, assumeClean: fl & 8 != 0,
                                            wasPrimary: fl & 32 != 0, primaryEpoch: Epoch(pe)))
         case .write:
             guard let seq: UInt64 = b.readInteger(), let off: UInt64 = b.readInteger(), let fl: UInt8 = b.readInteger(),
@@ -245,6 +294,20 @@ public enum LinkMessage: Hashable, Sendable {
         case .refuse:
             guard let n: UInt16 = b.readInteger(), let s = b.readString(length: Int(n)) else { return fail("bad reason") }
             msg = .refuse(s)
+        case .dirtyBitmap:
+            let pageBytes = MetadataLayout.bitmapPageBytes
+            guard let n: UInt16 = b.readInteger(), n > 0, Int(n) <= bitmapPagesPerFrame,
+                  b.readableBytes == Int(n) * (4 + pageBytes) else { return fail("bad page count or length") }
+            var pages: [BitmapPage] = []
+            pages.reserveCapacity(Int(n))
+            for _ in 0..<n {
+                let index: UInt32 = b.readInteger()!
+                pages.append(BitmapPage(index: Int(index), bytes: b.readBytes(length: pageBytes)!))
+            }
+            msg = .dirtyBitmap(pages)
+        case .resyncZeroes:
+            guard let c: UInt64 = b.readInteger() else { return fail("short") }
+            msg = .resyncZeroes(chunk: c)
         }
         guard b.readableBytes == 0 else { return fail("\(b.readableBytes) trailing bytes") }
         return .success(msg)

@@ -53,7 +53,7 @@ public enum EpochFence {
     /// Frames that write to the receiver's store or claim primary authority.
     public static func isFenced(_ kind: LinkFrameKind) -> Bool {
         switch kind {
-        case .write, .flush, .resyncData, .resyncDone, .verifyRequest: return true
+        case .write, .flush, .resyncData, .resyncZeroes, .resyncDone, .verifyRequest: return true
         default: return false
         }
     }

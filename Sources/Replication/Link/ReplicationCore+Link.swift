@@ -16,9 +16,13 @@ extension ReplicationCore {
             dropLink(old, reason: "replaced by a new session")
             out.append(.close(old.session))
         }
+        // The bitmap follows the handshake in pieces: a fragmented map of a large volume is
+        // bigger than one frame may be.
+        let pages = LinkMessage.dirtyBitmapFrames(bitmap)
+        let pageCount = pages.reduce(0) { n, m in if case .dirtyBitmap(let p) = m { return n + p.count }; return n }
         let hs = LinkHandshake(sizeBytes: settings.sizeBytes, chunkBytes: UInt32(settings.chunkBytes), generations: header.generations,
                                diskState: header.diskState, role: role, crashedPrimary: header.flags.contains(.crashRecoveryPending) && !header.flags.contains(.steppedDown),
-                               discardLocal: header.flags.contains(.discardLocal), dirtyRuns: bitmap.runs,
+                               discardLocal: header.flags.contains(.discardLocal), dirtyChunks: UInt64(bitmap.setCount), dirtyPages: UInt32(pageCount),
                                fresh: header.flags.contains(.fresh), emptyFresh: emptyFresh && header.flags.contains(.fresh),
                                assumeClean: header.flags.contains(.assumeClean), wasPrimary: primarySinceOpen,
                                primaryEpoch: header.primaryEpoch)
@@ -26,6 +30,7 @@ extension ReplicationCore {
         counters.linksEstablished += 1
         log(.info, "replication link up with \(node); handshake sent (generation \(hs.generations.current), \(hs.diskState), \(bitmap.setCount) dirty chunks)")
         out.append(.send(session, .handshake(hs)))
+        for m in pages { out.append(.send(session, m)) }
     }
 
     mutating func linkDown(_ session: SessionID?, _ why: String, _ now: Instant) {
@@ -90,7 +95,7 @@ extension ReplicationCore {
             return refuse(l, "fenced \(msg.kind) frame from epoch \(epoch); this node promised epoch \(promisedEpoch)")
         }
         switch msg {
-        case .handshake, .refuse: break
+        case .handshake, .refuse, .dirtyBitmap: break
         default: if !l.ready { return refuse(l, "\(msg.kind) frame before the handshake") }
         }
         if case .handshake = msg, role == .secondary, epoch > promisedEpoch {
@@ -105,6 +110,7 @@ extension ReplicationCore {
         }
         switch msg {
         case .handshake(let hs): handshake(hs, l, now)
+        case .dirtyBitmap(let pages): peerBitmapPages(pages, l, now)
         case .refuse(let why):
             log(.error, "peer refused the link: \(why)")
             counters.lastLinkError = "peer: \(why)"
@@ -164,6 +170,14 @@ extension ReplicationCore {
             } else {
                 out.append(.io(batch))
             }
+        case .resyncZeroes(let chunk):
+            let c = Int(clamping: chunk)
+            guard role == .secondary, c < settings.chunkCount else { return refuse(l, "bad resync chunk \(chunk) (zeroes)") }
+            if targetRun == nil { targetRun = TargetRun(totalBytes: 0) }
+            verifyRaced(c..<c + 1)
+            let len = chunkLength(c)
+            out.append(.io(IOBatch(steps: [.writeZeroes(offset: UInt64(c) * UInt64(settings.chunkBytes), length: len, mayDeallocate: true), .sync],
+                                   then: .targetChunkWritten(bytes: len), failure: nil, ack: (session, .resync(chunk: chunk)))))
         case let .resyncAck(chunk, status):
             if status != 0 { return refuse(l, "peer failed to write resync chunk \(chunk) (errno \(status))") }
             resyncAcked(Int(clamping: chunk), now)
@@ -197,12 +211,54 @@ extension ReplicationCore {
         var l = l0
         guard l.peer == nil else { return refuse(l, "second handshake") }
         l.peer = peer
+        // The peer's bitmap follows in pages when both sides map the same chunks; with any
+        // other geometry the decision refuses the link, and no page is needed.
+        if peer.dirtyPages > 0 || peer.dirtyChunks > 0, peer.sizeBytes == settings.sizeBytes, Int(peer.chunkBytes) == settings.chunkBytes {
+            let map = DirtyBitmap(chunkCount: settings.chunkCount)
+            guard peer.dirtyPages > 0, Int(peer.dirtyPages) <= map.pageCount, peer.dirtyChunks > 0, peer.dirtyChunks <= UInt64(settings.chunkCount) else {
+                return refuse(l, "handshake announces \(peer.dirtyPages) bitmap pages and \(peer.dirtyChunks) dirty chunks for \(settings.chunkCount) chunks")
+            }
+            l.peerBitmap = map
+            l.pagesAwaited = Int(peer.dirtyPages)
+            link = l
+            return
+        }
+        decide(l, now)
+    }
+
+    /// A piece of the peer's dirty bitmap; the last one lets the sync decision run.
+    mutating func peerBitmapPages(_ pages: [BitmapPage], _ l0: Link, _ now: Instant) {
+        var l = l0
+        guard let peer = l.peer, l.decision == nil, var map = l.peerBitmap, pages.count <= l.pagesAwaited else {
+            return refuse(l, "dirty bitmap frame outside the handshake")
+        }
+        for p in pages {
+            guard map.merge(page: p.index, bytes: p.bytes) else {
+                return refuse(l, "dirty bitmap page \(p.index) outside the volume's \(map.pageCount) pages")
+            }
+        }
+        l.pagesAwaited -= pages.count
+        l.peerBitmap = map
+        link = l
+        guard l.pagesAwaited == 0 else { return }
+        guard UInt64(map.setCount) == peer.dirtyChunks else {
+            return refuse(l, "the peer's dirty bitmap holds \(map.setCount) chunks; its handshake said \(peer.dirtyChunks)")
+        }
+        decide(l, now)
+    }
+
+    /// The sync decision, once the peer's handshake and every page of its bitmap are in.
+    mutating func decide(_ l0: Link, _ now: Instant) {
+        var l = l0
+        guard let peer = l.peer else { return }
+        let peerDirty = l.peerBitmap ?? DirtyBitmap(chunkCount: settings.chunkCount)
+        l.peerBitmap = nil
         let mine = l.sent
         let me = SyncSide(node: settings.me, generations: mine.generations, diskState: mine.diskState, role: mine.role,
-                          hasDirtyChunks: !mine.dirtyRuns.isEmpty, crashedPrimary: mine.crashedPrimary, discardLocal: mine.discardLocal,
+                          hasDirtyChunks: mine.dirtyChunks > 0, crashedPrimary: mine.crashedPrimary, discardLocal: mine.discardLocal,
                           sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes), fresh: mine.fresh, emptyFresh: mine.emptyFresh, assumeClean: mine.assumeClean, wasPrimary: mine.wasPrimary, primaryEpoch: mine.primaryEpoch)
         let them = SyncSide(node: settings.peer, generations: peer.generations, diskState: peer.diskState, role: peer.role,
-                            hasDirtyChunks: !peer.dirtyRuns.isEmpty, crashedPrimary: peer.crashedPrimary, discardLocal: peer.discardLocal,
+                            hasDirtyChunks: peer.dirtyChunks > 0, crashedPrimary: peer.crashedPrimary, discardLocal: peer.discardLocal,
                             sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes), fresh: peer.fresh, emptyFresh: peer.emptyFresh, assumeClean: peer.assumeClean, wasPrimary: peer.wasPrimary, primaryEpoch: peer.primaryEpoch)
         var d = SyncDecision.decide(me: me, peer: them)
         if settings.plantedBugs.contains(.freshMetadataTrusted) {
@@ -248,7 +304,7 @@ extension ReplicationCore {
             counters.peerDiskState = .upToDate
             d = .inSync
         case .becomeSource(let scope):
-            var pages = bitmap.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
+            var pages = bitmap.merge(peerDirty)
             if scope == .full {
                 // Record the relation so an interrupted full sync resumes as a bitmap sync.
                 if !header.generations.bitmap.isNone { header.generations.pushHistory(header.generations.bitmap) }
@@ -265,7 +321,7 @@ extension ReplicationCore {
             syncSourceDisk = peer.diskState
             persistHeader()
             var union = bitmap
-            union.mark(peer.dirtyRuns.flatMap { Array($0.chunks) })
+            union.merge(peerDirty)
             if scope == .full { union.markAll() }
             targetRun = TargetRun(totalBytes: bytes(of: union))
             log(.notice, "resync target: \(targetRun!.totalBytes) bytes to receive from \(settings.peer)")

@@ -50,10 +50,12 @@ public enum ReplicationPlantedBug: String, Hashable, Sendable, CaseIterable {
     case resyncOverNewerWrite
 }
 
-/// A bitmap page to persist.
+/// A bitmap page in its on-disk form: one to persist, or one sent to the peer after the
+/// handshake.
 public struct BitmapPage: Hashable, Sendable {
     public var index: Int
     public var bytes: [UInt8]
+    public init(index: Int, bytes: [UInt8]) { self.index = index; self.bytes = bytes }
 }
 
 /// One step for the serial I/O queue. Steps of a batch run in order, and batches run in
@@ -218,6 +220,10 @@ public struct ReplicationCore: Sendable {
         var sent: LinkHandshake
         var peer: LinkHandshake?
         var decision: SyncDecision?
+        /// The peer's dirty bitmap as its `dirtyBitmap` frames arrive after its handshake.
+        var peerBitmap: DirtyBitmap?
+        /// Pages of it still to come; the decision waits for the last.
+        var pagesAwaited = 0
         /// Requests that arrived while the handshake was open; they wait for the decision so
         /// both sides decide on the generations they still hold.
         var held: [Held] = []

@@ -76,16 +76,70 @@ public struct DirtyBitmap: Hashable, Sendable {
         return out
     }
 
-    /// Set chunks as (start, count) runs, the form sent in the handshake.
+    /// Set chunks as (start, count) runs.
     public var runs: [ChunkRun] { ChunkRun.runs(of: setChunks) }
+
+    /// The pages holding at least one set bit, in order (what the link sends of a bitmap).
+    public var nonEmptyPages: [Int] {
+        var out: [Int] = []
+        var p = 0
+        while p < pageCount {
+            let first = p * Self.wordsPerPage
+            let last = min(first + Self.wordsPerPage, words.count)
+            if words[first..<last].contains(where: { $0 != 0 }) { out.append(p) }
+            p += 1
+        }
+        return out
+    }
+
+    /// Sets every bit set in `bytes`, a page in the on-disk form (`pageBytes`); bits past
+    /// `chunkCount` are refused. Returns false, changing nothing, for a page outside the map
+    /// or bits past its end.
+    public mutating func merge(page: Int, bytes: some Collection<UInt8>) -> Bool {
+        guard page >= 0, page < pageCount, bytes.count == MetadataLayout.bitmapPageBytes else { return false }
+        let first = page * Self.wordsPerPage
+        var incoming = [UInt64](repeating: 0, count: Self.wordsPerPage)
+        var i = 0, j = 0
+        for byte in bytes {
+            incoming[i] |= UInt64(byte) << UInt64(8 * j)
+            j += 1
+            if j == 8 { j = 0; i += 1 }
+        }
+        for k in 0..<Self.wordsPerPage where incoming[k] != 0 {
+            let w = first + k
+            guard w < words.count else { return false }
+            if w == words.count - 1, chunkCount & 63 != 0, incoming[k] & ~((1 << UInt64(chunkCount & 63)) - 1) != 0 { return false }
+        }
+        for k in 0..<Self.wordsPerPage where incoming[k] != 0 {
+            let w = first + k
+            setCount += (incoming[k] & ~words[w]).nonzeroBitCount
+            words[w] |= incoming[k]
+        }
+        return true
+    }
+
+    /// Sets every bit set in `other` (same chunk count); returns the pages that changed.
+    @discardableResult
+    public mutating func merge(_ other: DirtyBitmap) -> [Int] {
+        precondition(other.chunkCount == chunkCount, "bitmaps of \(other.chunkCount) and \(chunkCount) chunks")
+        var pages: [Int] = []
+        for w in words.indices where other.words[w] & ~words[w] != 0 {
+            setCount += (other.words[w] & ~words[w]).nonzeroBitCount
+            words[w] |= other.words[w]
+            let p = w / Self.wordsPerPage
+            if pages.last != p { pages.append(p) }
+        }
+        return pages
+    }
 
     /// The page's on-disk bytes (little-endian words, zero-padded to a full page).
     public func pageBytes(_ page: Int) -> [UInt8] {
         var out = [UInt8](repeating: 0, count: MetadataLayout.bitmapPageBytes)
         let first = page * Self.wordsPerPage
-        for i in 0..<Self.wordsPerPage where first + i < words.count {
-            let w = words[first + i].littleEndian
-            withUnsafeBytes(of: w) { b in for j in 0..<8 { out[i * 8 + j] = b[j] } }
+        let n = max(0, min(Self.wordsPerPage, words.count - first))
+        guard n > 0 else { return out }
+        out.withUnsafeMutableBytes { raw in
+            for i in 0..<n { raw.storeBytes(of: words[first + i].littleEndian, toByteOffset: i * 8, as: UInt64.self) }
         }
         return out
     }
@@ -93,10 +147,16 @@ public struct DirtyBitmap: Hashable, Sendable {
     /// Rebuilds from the on-disk bitmap area; bits past `chunkCount` are ignored.
     public init(chunkCount: Int, bytes: [UInt8]) {
         self.init(chunkCount: chunkCount)
-        for i in words.indices {
-            var w: UInt64 = 0
-            for j in 0..<8 where i * 8 + j < bytes.count { w |= UInt64(bytes[i * 8 + j]) << UInt64(8 * j) }
-            words[i] = w
+        let whole = min(words.count, bytes.count / 8)
+        bytes.withUnsafeBytes { raw in
+            for i in 0..<whole { words[i] = UInt64(littleEndian: raw.loadUnaligned(fromByteOffset: i * 8, as: UInt64.self)) }
+        }
+        if whole < words.count {
+            for i in whole..<words.count {
+                var w: UInt64 = 0
+                for j in 0..<8 where i * 8 + j < bytes.count { w |= UInt64(bytes[i * 8 + j]) << UInt64(8 * j) }
+                words[i] = w
+            }
         }
         if chunkCount & 63 != 0, let last = words.indices.last { words[last] &= (1 << UInt64(chunkCount & 63)) - 1 }
         setCount = words.reduce(0) { $0 + $1.nonzeroBitCount }
