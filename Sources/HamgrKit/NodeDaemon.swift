@@ -118,7 +118,8 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         nbd = NBDServer(group: group, childGroup: replicatedVolume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)",
                         tls: try Self.exportTLS(config, host: me.name.name), allow: config.export.allow, logger: logger)
         hooks = HookRunner(hooks: config.hooks, logger: logger, metrics: metrics)
-        resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics) { [weak self] resource, reason in
+        let resourceContext = ResourceContext(cluster: config.cluster.name, export: try NBDAttachTarget.own(config, node: me))
+        resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics, context: resourceContext) { [weak self] resource, reason in
             // A resource that keeps failing here may run on the peer: hand over (design.md §4).
             self?.control.async {
                 guard let self else { return }
@@ -421,6 +422,21 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         Task { await self.resources.holdRestarts(on) }
     }
 
+    func cleanupResources(_ name: String?, reply: @escaping (NodeAdminOutcome) -> Void) {
+        let (resources, logger) = (self.resources!, self.logger)
+        let answer: @Sendable (NodeAdminOutcome) -> Void = { [weak self] outcome in self?.enqueue { reply(outcome) } }
+        // In the resource order: a cleanup never runs into a start or stop half done.
+        inResourceOrder {
+            do {
+                let lines = try await resources.cleanup(name)
+                for line in lines { logger.notice("resource \(line)", metadata: ["event": "resource_cleanup_done"]) }
+                answer(.ok(lines.isEmpty ? "no resources configured" : "cleaned up: " + lines.joined(separator: "; ")))
+            } catch {
+                answer(.refused("\(error)", status: 404))
+            }
+        }
+    }
+
     func recordDiskFailure(_ detail: String) {
         snapshotLock.withLock { diskError = diskError ?? detail }
         logger.critical("backing store failed: \(detail)", metadata: eventMetadata("disk_failure"))
@@ -593,3 +609,44 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
 }
 
 extension ReplicatedVolume: NodeVolume {}
+
+extension NodeDaemon: ReloadTarget {
+    var liveSettings: Set<LiveSetting> { [.resources, .hooks, .resyncRate, .exportAllow] }
+
+    func apply(_ settings: Set<LiveSetting>, from fresh: ClusterConfig) {
+        if settings.contains(.hooks) {
+            hooks.hooks = fresh.hooks
+            logger.notice("reload: hooks applied (on_promote \(fresh.hooks.onPromote ?? "none"), on_demote \(fresh.hooks.onDemote ?? "none"), timeout_ms \(Int(fresh.hooks.timeout.milliseconds)))",
+                          metadata: eventMetadata("reload_applied").merging(["key": "hooks"]) { $1 })
+        }
+        if settings.contains(.resyncRate) {
+            replicatedVolume.setResyncRate(Int(fresh.volume.resyncRateBytesPerSecond))
+            logger.notice("reload: volume.resync_rate \(ByteSize.format(fresh.volume.resyncRateBytesPerSecond))/s applied",
+                          metadata: eventMetadata("reload_applied").merging(["key": "volume.resync_rate"]) { $1 })
+        }
+        if settings.contains(.exportAllow) {
+            nbd.allow = fresh.export.allow
+            let list = fresh.export.allow.isEmpty ? "any client" : fresh.export.allow.map(\.description).joined(separator: ", ")
+            logger.notice("reload: export.allow applied to new connections (\(list))",
+                          metadata: eventMetadata("reload_applied").merging(["key": "export.allow"]) { $1 })
+        }
+        if settings.contains(.resources) {
+            // In the resource order, behind any start or stop queued before; the reload
+            // waits (bounded) so that its "reload done" follows the changes.
+            let done = DispatchSemaphore(value: 0)
+            let (resources, logger) = (self.resources!, self.logger)
+            let md = eventMetadata("reload_applied").merging(["key": "resource"]) { $1 }
+            control.sync {
+                inResourceOrder {
+                    for line in await resources.reconfigure(fresh.resources) {
+                        logger.notice("reload: resource \(line)", metadata: md)
+                    }
+                    done.signal()
+                }
+            }
+            if done.wait(timeout: .now() + 180) == .timedOut {
+                logger.warning("reload: the resource changes are still being applied", metadata: md)
+            }
+        }
+    }
+}

@@ -1,0 +1,359 @@
+import Foundation
+import HAShell
+
+/// Where a node reaches its own export (`hamgr:nbd-attach`): the Unix socket when
+/// `[export] unix_socket` is set (no TLS, no allow-list), else its service address, over TLS
+/// when the export requires it.
+struct NBDAttachTarget: Sendable, Equatable {
+    struct TLSFiles: Sendable, Equatable {
+        var caFile: String
+        /// This host's certificate and key, presented when the export asks for a client
+        /// certificate (`export.client_ca_file`); nil otherwise.
+        var certFile: String?
+        var keyFile: String?
+    }
+
+    var unixSocket: String?
+    var host: String
+    var port: Int
+    var tls: TLSFiles?
+
+    /// Node `node`'s own export as `config` describes it.
+    static func own(_ config: ClusterConfig, node: ClusterConfig.Node) throws -> NBDAttachTarget {
+        let (host, port) = try parseHostPort(node.serviceAddress, key: "node.service_address")
+        // A wildcard listener is reached on loopback.
+        let dial = host == "0.0.0.0" ? "127.0.0.1" : host == "::" ? "::1" : host
+        var tls: TLSFiles?
+        if config.export.tls == .require, let t = config.tls {
+            let withCert = config.export.clientCAFile != nil
+            tls = TLSFiles(caFile: t.caFile, certFile: withCert ? t.certFile(for: node.name.name) : nil,
+                           keyFile: withCert ? t.keyFile(for: node.name.name) : nil)
+        }
+        return NBDAttachTarget(unixSocket: config.export.unixSocket(for: node.name.name), host: dial, port: port, tls: tls)
+    }
+}
+
+/// `hamgr:nbd-attach`: attaches this node's own export as a local block device at the path
+/// the operator names (`device`), so a `Filesystem` resource after it can mount it.
+/// `/dev/nbdN` uses the kernel client (`nbd-client`, module `nbd`); any other path uses
+/// `nbdfuse` (the export as a file on a FUSE mount in the state directory) and `losetup`
+/// (that file as a loop device), with `device` a symlink to the loop device. Stop undoes
+/// everything it finds, also what a crash left: the symlink, every loop device on the FUSE
+/// file, the FUSE mount, the nbdfuse process.
+struct NBDAttachDriver: ResourceDriver {
+    let name: String
+    let settings: NBDAttachSettings?
+    let settingsError: String?
+    let stateDir: String
+    let target: NBDAttachTarget?
+    let timeout: Duration
+
+    init(resource: ClusterConfig.Resource, cluster: String, target: NBDAttachTarget?) {
+        name = resource.name
+        do {
+            let s = try NBDAttachSettings(params: resource.params, key: "resource \(resource.name) params")
+            settings = s
+            settingsError = nil
+            stateDir = s.stateDirectory(cluster: cluster, resource: resource.name)
+        } catch {
+            settings = nil
+            settingsError = "\(error)"
+            stateDir = "/run/hamgr/\(cluster)/\(resource.name)"
+        }
+        self.target = target
+        timeout = resource.timeout
+    }
+
+    var fuseDir: String { stateDir + "/fuse" }
+    var fuseFile: String { fuseDir + "/nbd" }
+    var pidFile: String { stateDir + "/nbdfuse.pid" }
+    var logFile: String { stateDir + "/nbdfuse.log" }
+    var tlsDir: String { stateDir + "/tls" }
+
+    func run(_ action: ResourceAction) async -> AgentResult {
+        guard let settings else { return AgentResult(code: OCFStatus.errConfigured.rawValue, detail: settingsError ?? "bad parameters") }
+        let deadline = ContinuousClock.now + timeout
+        switch (settings.method, action) {
+        case (.nbdfuse, .start): return await fuseStart(settings, deadline: deadline)
+        case (.nbdfuse, .stop): return await fuseStop(settings, deadline: deadline)
+        case (.nbdfuse, .monitor), (.nbdfuse, .probe): return await fuseMonitor(settings, deadline: deadline)
+        case (.nbdClient, .start): return await kernelStart(settings, deadline: deadline)
+        case (.nbdClient, .stop): return await kernelStop(settings, deadline: deadline)
+        case (.nbdClient, .monitor), (.nbdClient, .probe): return await kernelMonitor(settings, deadline: deadline)
+        }
+    }
+
+    // MARK: nbdfuse + losetup
+
+    private func fuseStart(_ s: NBDAttachSettings, deadline: ContinuousClock.Instant) async -> AgentResult {
+        guard let target else { return AgentResult(code: OCFStatus.errConfigured.rawValue, detail: "this node's export is not known") }
+        let now = await fuseMonitor(s, deadline: deadline)
+        if now.ok { return AgentResult(code: 0, detail: "already attached: \(s.device) → \(loopDevices().joined(separator: ", "))") }
+        if now.status != .notRunning {
+            // A half-attached leftover (a crash between the steps): undo it first.
+            let clean = await fuseStop(s, deadline: deadline)
+            guard clean.ok else { return .failure("cleaning up a partial attachment: \(clean.detail)") }
+        }
+        for tool in ["nbdfuse", "losetup", "fusermount3", "setsid"] where Self.which(tool) == nil {
+            return AgentResult(code: OCFStatus.errInstalled.rawValue, detail: "\(tool) is not installed (packages libnbd-bin, util-linux, fuse3)")
+        }
+        do {
+            try FileManager.default.createDirectory(atPath: fuseDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+            try? FileManager.default.removeItem(atPath: pidFile)
+            var args = ["-P", pidFile, fuseFile]
+            if let sock = target.unixSocket {
+                args += ["--unix", sock]
+            } else if let tls = target.tls {
+                args.append(try uri(target, tls: tls))
+            } else {
+                args += ["--tcp", target.host, String(target.port)]
+            }
+            // setsid -f: nbdfuse outlives this action (and a restart of hamgr) in a session
+            // of its own; its output goes to the state directory, not to our pipe.
+            let script = "log=$1; shift; exec setsid -f \"$@\" >>\"$log\" 2>&1 </dev/null"
+            let r = try await ChildProcess.run(path: "/bin/sh", arguments: ["-c", script, "sh", logFile, Self.which("nbdfuse")!] + args,
+                                               environment: [:], timeout: remaining(deadline))
+            guard r.succeeded else { return .failure("nbdfuse: \(r.statusDescription) \(HookRunner.tail(r.output))") }
+        } catch {
+            return .failure("nbdfuse: \(error)")
+        }
+        // nbdfuse writes its pid file once the FUSE file serves.
+        while ContinuousClock.now < deadline, fileSize(fuseFile) == nil || !FileManager.default.fileExists(atPath: pidFile) {
+            if let pid = nbdfusePid(), kill(pid, 0) != 0 { break }
+            try? await Task.sleep(for: .milliseconds(50))
+        }
+        guard let size = fileSize(fuseFile), size > 0 else {
+            let why = (try? String(contentsOfFile: logFile, encoding: .utf8)).map { HookRunner.tail($0) } ?? ""
+            _ = await fuseStop(s, deadline: ContinuousClock.now + .seconds(10))
+            return .failure("nbdfuse did not expose the export at \(fuseFile) in time: \(why)")
+        }
+        do {
+            let lo = try await ChildProcess.run(path: Self.which("losetup")!, arguments: ["--find", "--show", fuseFile],
+                                                environment: [:], timeout: remaining(deadline))
+            let loop = lo.output.trimmingCharacters(in: .whitespacesAndNewlines)
+            guard lo.succeeded, loop.hasPrefix("/dev/loop") else {
+                _ = await fuseStop(s, deadline: ContinuousClock.now + .seconds(10))
+                return .failure("losetup \(fuseFile): \(lo.statusDescription) \(HookRunner.tail(lo.output))")
+            }
+            try FileManager.default.createDirectory(atPath: (s.device as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            // Replace in one rename: a reader never sees the path missing or half made.
+            let tmp = s.device + ".hamgr-new"
+            try? FileManager.default.removeItem(atPath: tmp)
+            try FileManager.default.createSymbolicLink(atPath: tmp, withDestinationPath: loop)
+            guard rename(tmp, s.device) == 0 else {
+                let e = errno
+                try? FileManager.default.removeItem(atPath: tmp)
+                throw POSIXError(POSIXErrorCode(rawValue: e) ?? .EIO)
+            }
+            return AgentResult(code: 0, detail: "\(s.device) → \(loop)")
+        } catch {
+            _ = await fuseStop(s, deadline: ContinuousClock.now + .seconds(10))
+            return .failure("attaching \(s.device): \(error)")
+        }
+    }
+
+    private func fuseStop(_ s: NBDAttachSettings, deadline: ContinuousClock.Instant) async -> AgentResult {
+        var problems: [String] = []
+        var found = false
+        if isSymlink(s.device) {
+            found = true
+            if unlink(s.device) != 0 { problems.append("removing \(s.device): \(String(cString: strerror(errno)))") }
+        }
+        for loop in loopDevices() {
+            found = true
+            let r = try? await ChildProcess.run(path: Self.which("losetup") ?? "/usr/sbin/losetup", arguments: ["-d", loop],
+                                                environment: [:], timeout: remaining(deadline))
+            if r?.succeeded != true { problems.append("losetup -d \(loop): \(r.map { "\($0.statusDescription) \(HookRunner.tail($0.output))" } ?? "could not run")") }
+        }
+        // The kernel drops a loop device's file asynchronously; the unmount waits for it.
+        while !loopDevices().isEmpty, ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(50)) }
+        if !loopDevices().isEmpty { problems.append("loop device(s) \(loopDevices().joined(separator: ", ")) still hold \(fuseFile) (still mounted? the Filesystem resource must come after this one)") }
+        if isMounted(fuseDir) {
+            found = true
+            while isMounted(fuseDir), ContinuousClock.now < deadline {
+                let r = try? await ChildProcess.run(path: Self.which("fusermount3") ?? "/usr/bin/fusermount3", arguments: ["-u", fuseDir],
+                                                    environment: [:], timeout: remaining(deadline))
+                if r?.succeeded == true { break }
+                try? await Task.sleep(for: .milliseconds(200))
+            }
+            if isMounted(fuseDir) { problems.append("\(fuseDir) is still mounted (busy)") }
+        }
+        if let pid = nbdfusePid() {
+            // Unmounted, nbdfuse ends by itself; a stuck one gets SIGTERM after 3 s, SIGKILL 2 s later.
+            var alive = isNbdfuse(pid)
+            found = found || alive
+            let termAt = min(deadline, ContinuousClock.now + .seconds(3)), killAt = termAt + .seconds(2)
+            var signalled = false
+            while alive, ContinuousClock.now < killAt {
+                if !signalled, ContinuousClock.now >= termAt { kill(pid, SIGTERM); signalled = true }
+                try? await Task.sleep(for: .milliseconds(50))
+                alive = isNbdfuse(pid)
+            }
+            if alive { kill(pid, SIGKILL); problems.append("nbdfuse (pid \(pid)) did not exit; killed") }
+            if problems.isEmpty || !alive { try? FileManager.default.removeItem(atPath: pidFile) }
+        }
+        try? FileManager.default.removeItem(atPath: tlsDir)
+        if !problems.isEmpty { return .failure(problems.joined(separator: "; ")) }
+        return found ? AgentResult(code: 0, detail: "detached \(s.device)") : AgentResult(code: OCFStatus.notRunning.rawValue, detail: "not attached")
+    }
+
+    private func fuseMonitor(_ s: NBDAttachSettings, deadline: ContinuousClock.Instant) async -> AgentResult {
+        let mounted = isMounted(fuseDir), loops = loopDevices(), link = isSymlink(s.device)
+        if !mounted && loops.isEmpty && !link { return AgentResult(code: OCFStatus.notRunning.rawValue, detail: "not attached") }
+        guard mounted else { return .failure("\(fuseDir) is not mounted (nbdfuse gone)") }
+        guard let loop = loops.first else { return .failure("no loop device on \(fuseFile)") }
+        guard link, let dest = try? FileManager.default.destinationOfSymbolicLink(atPath: s.device), dest == loop else {
+            return .failure("\(s.device) does not point at \(loop)")
+        }
+        return await readable(s.device, deadline: deadline)
+    }
+
+    /// A direct read of the first 4 KiB, past the page cache: the export answers.
+    private func readable(_ device: String, deadline: ContinuousClock.Instant) async -> AgentResult {
+        do {
+            let r = try await ChildProcess.run(path: Self.which("dd") ?? "/bin/dd",
+                                               arguments: ["if=\(device)", "of=/dev/null", "bs=4096", "count=1", "iflag=direct", "status=none"],
+                                               environment: [:], timeout: remaining(deadline))
+            return r.succeeded ? AgentResult(code: 0, detail: "\(device) attached and readable")
+                               : .failure("reading \(device): \(r.statusDescription) \(HookRunner.tail(r.output))")
+        } catch {
+            return .failure("reading \(device): \(error)")
+        }
+    }
+
+    /// An `nbds://` URI for nbdfuse: the cluster CA, and this host's certificate when the
+    /// export asks for one, in the directory layout libnbd reads (`tls-certificates`).
+    private func uri(_ t: NBDAttachTarget, tls: NBDAttachTarget.TLSFiles) throws -> String {
+        try? FileManager.default.removeItem(atPath: tlsDir)
+        try FileManager.default.createDirectory(atPath: tlsDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
+        try FileManager.default.createSymbolicLink(atPath: tlsDir + "/ca-cert.pem", withDestinationPath: tls.caFile)
+        if let cert = tls.certFile, let key = tls.keyFile {
+            try FileManager.default.createSymbolicLink(atPath: tlsDir + "/client-cert.pem", withDestinationPath: cert)
+            try FileManager.default.createSymbolicLink(atPath: tlsDir + "/client-key.pem", withDestinationPath: key)
+        }
+        var query = CharacterSet.urlQueryAllowed
+        query.remove(charactersIn: "&=+;")
+        let dir = tlsDir.addingPercentEncoding(withAllowedCharacters: query) ?? tlsDir
+        let host = t.host.contains(":") ? "[\(t.host)]" : t.host
+        return "nbds://\(host):\(t.port)/?tls-certificates=\(dir)"
+    }
+
+    // MARK: kernel nbd-client
+
+    private func kernelStart(_ s: NBDAttachSettings, deadline: ContinuousClock.Instant) async -> AgentResult {
+        guard let target else { return AgentResult(code: OCFStatus.errConfigured.rawValue, detail: "this node's export is not known") }
+        guard let client = Self.which("nbd-client") else {
+            return AgentResult(code: OCFStatus.errInstalled.rawValue, detail: "nbd-client is not installed (package nbd-client); or name a device outside /dev to use nbdfuse")
+        }
+        if !FileManager.default.fileExists(atPath: "/sys/module/nbd") {
+            _ = try? await ChildProcess.run(path: Self.which("modprobe") ?? "/sbin/modprobe", arguments: ["nbd"], environment: [:], timeout: remaining(deadline))
+        }
+        guard FileManager.default.fileExists(atPath: "/sys/module/nbd") else {
+            return AgentResult(code: OCFStatus.errInstalled.rawValue, detail: "the kernel has no nbd module (modprobe nbd failed); name a device outside /dev to use nbdfuse")
+        }
+        let now = await kernelMonitor(s, deadline: deadline)
+        if now.ok { return AgentResult(code: 0, detail: "already attached: \(s.device)") }
+        var args: [String]
+        if let sock = target.unixSocket {
+            args = ["-unix", sock, s.device]
+        } else {
+            args = [target.host, String(target.port), s.device]
+            if let tls = target.tls {
+                args += ["-cacertfile", tls.caFile, "-tlshostname", target.host]
+                if let cert = tls.certFile, let key = tls.keyFile { args += ["-certfile", cert, "-keyfile", key] }
+            }
+        }
+        do {
+            let r = try await ChildProcess.run(path: client, arguments: args, environment: [:], timeout: remaining(deadline))
+            guard r.succeeded else { return .failure("nbd-client \(s.device): \(r.statusDescription) \(HookRunner.tail(r.output))") }
+        } catch {
+            return .failure("nbd-client: \(error)")
+        }
+        return await readable(s.device, deadline: deadline)
+    }
+
+    private func kernelStop(_ s: NBDAttachSettings, deadline: ContinuousClock.Instant) async -> AgentResult {
+        guard let client = Self.which("nbd-client") else { return AgentResult(code: OCFStatus.notRunning.rawValue, detail: "nbd-client is not installed") }
+        let now = await kernelConnected(client, s.device, deadline: deadline)
+        guard now else { return AgentResult(code: OCFStatus.notRunning.rawValue, detail: "not attached") }
+        let r = try? await ChildProcess.run(path: client, arguments: ["-d", s.device], environment: [:], timeout: remaining(deadline))
+        guard r?.succeeded == true else { return .failure("nbd-client -d \(s.device): \(r.map { "\($0.statusDescription) \(HookRunner.tail($0.output))" } ?? "could not run")") }
+        return AgentResult(code: 0, detail: "detached \(s.device)")
+    }
+
+    private func kernelMonitor(_ s: NBDAttachSettings, deadline: ContinuousClock.Instant) async -> AgentResult {
+        guard let client = Self.which("nbd-client"), FileManager.default.fileExists(atPath: "/sys/module/nbd") else {
+            return AgentResult(code: OCFStatus.notRunning.rawValue, detail: "not attached (no nbd-client or nbd module)")
+        }
+        guard await kernelConnected(client, s.device, deadline: deadline) else {
+            return AgentResult(code: OCFStatus.notRunning.rawValue, detail: "not attached")
+        }
+        return await readable(s.device, deadline: deadline)
+    }
+
+    /// `nbd-client -c DEVICE`: 0 while connected.
+    private func kernelConnected(_ client: String, _ device: String, deadline: ContinuousClock.Instant) async -> Bool {
+        (try? await ChildProcess.run(path: client, arguments: ["-c", device], environment: [:], timeout: remaining(deadline)))?.succeeded == true
+    }
+
+    // MARK: what is attached now
+
+    /// Every loop device whose backing file is this resource's FUSE file.
+    func loopDevices() -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
+        return names.filter { $0.hasPrefix("loop") }.sorted().compactMap { name in
+            guard let back = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else { return nil }
+            let path = back.trimmingCharacters(in: .whitespacesAndNewlines)
+            return path == fuseFile || path == fuseFile + " (deleted)" ? "/dev/\(name)" : nil
+        }
+    }
+
+    /// Whether `dir` is a mount point (in this process's mount namespace).
+    func isMounted(_ dir: String) -> Bool {
+        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
+        // Field 5 is the mount point, with space, tab, newline and backslash octal-escaped.
+        let escaped = dir.replacingOccurrences(of: "\\", with: "\\134").replacingOccurrences(of: " ", with: "\\040")
+            .replacingOccurrences(of: "\t", with: "\\011").replacingOccurrences(of: "\n", with: "\\012")
+        return text.split(separator: "\n").contains { line in
+            let fields = line.split(separator: " ", maxSplits: 5)
+            return fields.count > 4 && fields[4] == escaped
+        }
+    }
+
+    private func nbdfusePid() -> pid_t? {
+        guard let text = try? String(contentsOfFile: pidFile, encoding: .utf8) else { return nil }
+        return pid_t(text.trimmingCharacters(in: .whitespacesAndNewlines))
+    }
+
+    /// `pid` is alive and is an nbdfuse (a recycled pid is left alone).
+    private func isNbdfuse(_ pid: pid_t) -> Bool {
+        guard kill(pid, 0) == 0 || errno == EPERM else { return false }
+        let comm = (try? String(contentsOfFile: "/proc/\(pid)/comm", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+        // A zombie has exited: it holds nothing.
+        let stat = (try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8)) ?? ""
+        if let close = stat.lastIndex(of: ")"), stat[stat.index(after: close)...].hasPrefix(" Z") { return false }
+        return comm == "nbdfuse"
+    }
+
+    private func isSymlink(_ path: String) -> Bool {
+        var st = stat()
+        return lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFLNK
+    }
+
+    private func fileSize(_ path: String) -> UInt64? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return UInt64(st.st_size)
+    }
+
+    private func remaining(_ deadline: ContinuousClock.Instant) -> Duration {
+        max(.milliseconds(100), deadline - ContinuousClock.now)
+    }
+
+    /// The tool's path in the usual directories (the daemon's PATH may be minimal).
+    static func which(_ tool: String) -> String? {
+        let dirs = (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":").map(String.init)
+            + ["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"]
+        return dirs.lazy.map { "\($0)/\(tool)" }.first { access($0, X_OK) == 0 }
+    }
+}
