@@ -3,7 +3,8 @@
 # Called by scripts/demo.sh and scripts/test.sh; safe to run by hand.
 set -euo pipefail
 PKGS=(libsystemd-dev libnbd-bin qemu-utils nbdkit fio prometheus resource-agents
-      python3-libnbd iproute2 nftables iputils-ping faketime fuse3 e2fsprogs curl util-linux procps openssl)
+      python3-libnbd iproute2 nftables iputils-ping faketime fuse3 e2fsprogs curl util-linux procps openssl
+      kmod)  # kmod: modprobe, which the OCF Filesystem agent requires
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
