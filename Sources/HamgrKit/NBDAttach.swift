@@ -167,7 +167,13 @@ struct NBDAttachDriver: ResourceDriver {
         }
         // The kernel drops a loop device's file asynchronously; the unmount waits for it.
         while !loopDevices().isEmpty, ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(50)) }
-        if !loopDevices().isEmpty { problems.append("loop device(s) \(loopDevices().joined(separator: ", ")) still hold \(fuseFile) (still mounted? the Filesystem resource must come after this one)") }
+        // A loop device still on the file, or a FUSE mount that will not go, stays as it is:
+        // ending nbdfuse under them would detach the mount lazily and leave a loop device
+        // nobody can find by its file any more. The error says why; a later stop retries.
+        if !loopDevices().isEmpty {
+            problems.append("loop device(s) \(loopDevices().joined(separator: ", ")) still hold \(fuseFile) (still mounted? the Filesystem resource must come after this one)")
+            return .failure(problems.joined(separator: "; "))
+        }
         if isMounted(fuseDir) {
             found = true
             while isMounted(fuseDir), ContinuousClock.now < deadline {
@@ -176,7 +182,10 @@ struct NBDAttachDriver: ResourceDriver {
                 if r?.succeeded == true { break }
                 try? await Task.sleep(for: .milliseconds(200))
             }
-            if isMounted(fuseDir) { problems.append("\(fuseDir) is still mounted (busy)") }
+            if isMounted(fuseDir) {
+                problems.append("\(fuseDir) is still mounted (busy)")
+                return .failure(problems.joined(separator: "; "))
+            }
         }
         if let pid = nbdfusePid() {
             // Unmounted, nbdfuse ends by itself; a stuck one gets SIGTERM after 3 s, SIGKILL 2 s later.

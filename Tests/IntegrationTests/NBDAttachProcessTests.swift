@@ -56,6 +56,8 @@ final class NBDAttachProcessTests: XCTestCase {
         // FUSE file, and the monitor says so in /status.
         XCTAssertTrue(waitUntil(30) { (try? FileManager.default.destinationOfSymbolicLink(atPath: device))?.hasPrefix("/dev/loop") == true },
                       "not attached\n\(h.tail(master))")
+        var attached = Set<String>()  // every loop device an attachment used: none may stay
+        if let l = try? FileManager.default.destinationOfSymbolicLink(atPath: device) { attached.insert(l) }
         h.waitFor(master, "disk running", within: 10) { s in ((s["resources"] as? [[String: Any]])?.first?["state"] as? String) == "running" }
         XCTAssertEqual(Self.loops(backingUnder: scratch).count, 1)
         let mkfs = try shell(["mkfs.ext4", "-q", "-F", device], timeout: 120)
@@ -91,6 +93,7 @@ final class NBDAttachProcessTests: XCTestCase {
             ((h.status(backup)?["resources"] as? [[String: Any]])?.compactMap { $0["state"] as? String }) == ["running", "running"]
         }, "resources not running on the new master\n\(h.tail(backup))\n--- old master:\n\(h.tail(master))\n--- nbdfuse:\n\(nbdfuseLog())")
         XCTAssertTrue(Self.isMountPoint(mnt))
+        if let l = try? FileManager.default.destinationOfSymbolicLink(atPath: device) { attached.insert(l) }
         XCTAssertEqual(try? Data(contentsOf: URL(fileURLWithPath: mnt + "/hello")), payload, "the file written on the old master")
         XCTAssertEqual(Self.loops(backingUnder: scratch).count, 1, "exactly one attachment (the new master's)")
         XCTAssertTrue(h.tail(master, lines: 2000).contains("resource=disk"), h.tail(master))
@@ -101,6 +104,13 @@ final class NBDAttachProcessTests: XCTestCase {
         XCTAssertFalse(Self.isMountPoint(mnt), "still mounted")
         XCTAssertFalse(Self.isMountPoint(state + "/fuse"), "FUSE still mounted")
         XCTAssertEqual(Self.loops(backingUnder: scratch), [], "loop devices left")
+        for loop in attached.sorted() {
+            let back = "/sys/block/\((loop as NSString).lastPathComponent)/loop/backing_file"
+            XCTAssertFalse(FileManager.default.fileExists(atPath: back), "\(loop) is still attached (to \((try? String(contentsOfFile: back, encoding: .utf8)) ?? "?"))")
+        }
+        for n in [master, backup] {
+            XCTAssertFalse((try? String(contentsOfFile: h.log(n), encoding: .utf8))?.contains("resource stop failed") ?? true, "a stop failed on \(n)\n\(h.tail(n, lines: 200))")
+        }
         XCTAssertEqual(Self.nbdfusePids(under: scratch), [], "nbdfuse left running")
         XCTAssertFalse(FileManager.default.fileExists(atPath: device) || (try? FileManager.default.destinationOfSymbolicLink(atPath: device)) != nil,
                        "the device symlink is left")
@@ -134,7 +144,12 @@ final class NBDAttachProcessTests: XCTestCase {
     static func undo(scratch: String, fuseDir: String, mountPoint: String) {
         if isMountPoint(mountPoint) { _ = try? shell(["umount", "-l", mountPoint], timeout: 30) }
         for l in loops(backingUnder: scratch) { _ = try? shell(["losetup", "-d", l], timeout: 30) }
-        if isMountPoint(fuseDir) { _ = try? shell(["fusermount3", "-u", "-z", fuseDir], timeout: 30) }
+        // The FUSE mount goes only once no loop device holds its file (a lazy unmount under
+        // one would orphan it); the kernel drops a detached loop's file asynchronously.
+        _ = waitUntil(10) { loops(backingUnder: scratch).isEmpty }
+        if isMountPoint(fuseDir) && (try? shell(["fusermount3", "-u", fuseDir], timeout: 30))?.status != 0 && loops(backingUnder: scratch).isEmpty {
+            _ = try? shell(["fusermount3", "-u", "-z", fuseDir], timeout: 30)
+        }
         for pid in nbdfusePids(under: scratch) { kill(pid, SIGKILL) }
     }
 }
