@@ -13,6 +13,7 @@ struct NBDAttachTarget: Sendable, Equatable {
         var keyFile: String?
     }
 
+    var exportName: String
     var unixSocket: String?
     var host: String
     var port: Int
@@ -29,7 +30,8 @@ struct NBDAttachTarget: Sendable, Equatable {
             tls = TLSFiles(caFile: t.caFile, certFile: withCert ? t.certFile(for: node.name.name) : nil,
                            keyFile: withCert ? t.keyFile(for: node.name.name) : nil)
         }
-        return NBDAttachTarget(unixSocket: config.export.unixSocket(for: node.name.name), host: dial, port: port, tls: tls)
+        return NBDAttachTarget(exportName: node.exportName, unixSocket: config.export.unixSocket(for: node.name.name),
+                               host: dial, port: port, tls: tls)
     }
 }
 
@@ -262,13 +264,14 @@ struct NBDAttachDriver: ResourceDriver {
         }
         let now = await kernelMonitor(s, deadline: deadline)
         if now.ok { return AgentResult(code: 0, detail: "already attached: \(s.device)") }
-        var args: [String]
+        // docs/nbd.md "Clients" has the kernel client's TLS options.
+        var args = ["-N", target.exportName]
         if let sock = target.unixSocket {
-            args = ["-unix", sock, s.device]
+            args += ["-unix", sock, s.device]
         } else {
-            args = [target.host, String(target.port), s.device]
+            args += [target.host, String(target.port), s.device]
             if let tls = target.tls {
-                args += ["-cacertfile", tls.caFile, "-tlshostname", target.host]
+                args += ["-enable-tls", "-cacertfile", tls.caFile, "-tlshostname", target.host]
                 if let cert = tls.certFile, let key = tls.keyFile { args += ["-certfile", cert, "-keyfile", key] }
             }
         }

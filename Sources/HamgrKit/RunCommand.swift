@@ -9,7 +9,13 @@ import NIOPosix
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Run a data node of a cluster (master or backup, as the quorum decides).")
+        abstract: "Run a data node of a cluster (master or backup, as the quorum decides).",
+        discussion: """
+        SIGHUP (systemctl reload) re-reads --config and applies [log] level, the [[resource]] \
+        list, [hooks], [volume] resync_rate and [export] allow at once; every other changed key \
+        is refused with one line naming it (it needs a restart). SIGHUP never ends the process. \
+        SIGTERM hands over first when a peer can take over, then stops.
+        """)
 
     @Option(name: .long, help: "The cluster's TOML configuration file.")
     var config: String
