@@ -44,6 +44,10 @@ struct NBDAttachTarget: Sendable, Equatable {
 /// file, the FUSE mount, the nbdfuse process.
 struct NBDAttachDriver: ResourceDriver {
     let name: String
+    /// The FUSE file's name: also how a loop device on it is recognised after its mount was
+    /// detached lazily (nbdfuse unmounts that way when it ends), when the kernel shows the
+    /// file as `/NAME`.
+    let fuseName: String
     let settings: NBDAttachSettings?
     let settingsError: String?
     let stateDir: String
@@ -52,6 +56,7 @@ struct NBDAttachDriver: ResourceDriver {
 
     init(resource: ClusterConfig.Resource, cluster: String, target: NBDAttachTarget?) {
         name = resource.name
+        fuseName = "hamgr-\(cluster)-\(resource.name)"
         do {
             let s = try NBDAttachSettings(params: resource.params, key: "resource \(resource.name) params")
             settings = s
@@ -67,7 +72,7 @@ struct NBDAttachDriver: ResourceDriver {
     }
 
     var fuseDir: String { stateDir + "/fuse" }
-    var fuseFile: String { fuseDir + "/nbd" }
+    var fuseFile: String { fuseDir + "/" + fuseName }
     var pidFile: String { stateDir + "/nbdfuse.pid" }
     var logFile: String { stateDir + "/nbdfuse.log" }
     var tlsDir: String { stateDir + "/tls" }
@@ -119,12 +124,16 @@ struct NBDAttachDriver: ResourceDriver {
         } catch {
             return .failure("nbdfuse: \(error)")
         }
-        // nbdfuse writes its pid file once the FUSE file serves.
-        while ContinuousClock.now < deadline, fileSize(fuseFile) == nil || !FileManager.default.fileExists(atPath: pidFile) {
-            if let pid = nbdfusePid(), kill(pid, 0) != 0 { break }
+        // nbdfuse writes its pid file once the FUSE file serves. Nothing here touches the
+        // FUSE file itself: a hung nbdfuse would block this thread where no timeout reaches.
+        var seenRunning = false
+        while ContinuousClock.now < deadline, !FileManager.default.fileExists(atPath: pidFile) {
+            let running = !nbdfuseProcesses().isEmpty
+            if seenRunning && !running { break }  // it gave up (the log says why)
+            seenRunning = seenRunning || running
             try? await Task.sleep(for: .milliseconds(50))
         }
-        guard let size = fileSize(fuseFile), size > 0 else {
+        guard FileManager.default.fileExists(atPath: pidFile), isMounted(fuseDir) else {
             let why = (try? String(contentsOfFile: logFile, encoding: .utf8)).map { HookRunner.tail($0) } ?? ""
             _ = await fuseStop(s, deadline: ContinuousClock.now + .seconds(10))
             return .failure("nbdfuse did not expose the export at \(fuseFile) in time: \(why)")
@@ -161,38 +170,60 @@ struct NBDAttachDriver: ResourceDriver {
             found = true
             if unlink(s.device) != 0 { problems.append("removing \(s.device): \(String(cString: strerror(errno)))") }
         }
-        for loop in loopDevices() {
+        // Every loop device on the file goes first. One still open after `losetup -d` (the
+        // kernel detaches it at the last close) is waited for; one held by a process stuck on
+        // a hung nbdfuse is freed by aborting the FUSE connection (never under a mounted
+        // filesystem: that would lose its writes).
+        var aborted = false
+        for _ in 0..<3 where !loopDevices().isEmpty {
             found = true
-            let r = try? await ChildProcess.run(path: Self.which("losetup") ?? "/usr/sbin/losetup", arguments: ["-d", loop],
-                                                environment: [:], timeout: remaining(deadline))
-            if r?.succeeded != true { problems.append("losetup -d \(loop): \(r.map { "\($0.statusDescription) \(HookRunner.tail($0.output))" } ?? "could not run")") }
+            for loop in loopDevices() {
+                let r = try? await ChildProcess.run(path: Self.which("losetup") ?? "/usr/sbin/losetup", arguments: ["-d", loop],
+                                                    environment: [:], timeout: remaining(deadline))
+                if r?.succeeded != true { problems.append("losetup -d \(loop): \(r.map { "\($0.statusDescription) \(HookRunner.tail($0.output))" } ?? "could not run")") }
+            }
+            await waitWhile(until: min(deadline, ContinuousClock.now + .seconds(3))) { !loopDevices().isEmpty }
+            let left = loopDevices()
+            if left.isEmpty { problems = []; break }
+            let mounted = left.filter(isInUseByAFilesystem)
+            if !mounted.isEmpty {
+                problems.append("\(mounted.joined(separator: ", ")) still mounted or held (the Filesystem resource must come after this one)")
+                return .failure(problems.joined(separator: "; "))
+            }
+            if !aborted {
+                aborted = true
+                if let why = await abortFuse(deadline: deadline) { problems.append(why) }
+            }
         }
-        // The kernel drops a loop device's file asynchronously; the unmount waits for it.
-        while !loopDevices().isEmpty, ContinuousClock.now < deadline { try? await Task.sleep(for: .milliseconds(50)) }
-        // A loop device still on the file, or a FUSE mount that will not go, stays as it is:
-        // ending nbdfuse under them would detach the mount lazily and leave a loop device
-        // nobody can find by its file any more. The error says why; a later stop retries.
         if !loopDevices().isEmpty {
-            problems.append("loop device(s) \(loopDevices().joined(separator: ", ")) still hold \(fuseFile) (still mounted? the Filesystem resource must come after this one)")
+            problems.append("loop device(s) \(loopDevices().joined(separator: ", ")) still hold \(fuseFile)")
             return .failure(problems.joined(separator: "; "))
         }
         if isMounted(fuseDir) {
             found = true
+            let abortAt = min(deadline, ContinuousClock.now + .seconds(2))
             while isMounted(fuseDir), ContinuousClock.now < deadline {
                 let r = try? await ChildProcess.run(path: Self.which("fusermount3") ?? "/usr/bin/fusermount3", arguments: ["-u", fuseDir],
                                                     environment: [:], timeout: remaining(deadline))
                 if r?.succeeded == true { break }
+                // Busy with no loop device on it: a request stuck in a hung nbdfuse.
+                if !aborted, ContinuousClock.now >= abortAt {
+                    aborted = true
+                    if let why = await abortFuse(deadline: deadline) { problems.append(why) }
+                }
                 try? await Task.sleep(for: .milliseconds(200))
             }
+            // Never lazily (-z): a loop device on a detached mount could no longer be found.
             if isMounted(fuseDir) {
                 problems.append("\(fuseDir) is still mounted (busy)")
                 return .failure(problems.joined(separator: "; "))
             }
         }
-        if let pid = nbdfusePid() {
+        let pids = Set(nbdfuseProcesses() + (nbdfusePid().map { [$0] } ?? []).filter(isNbdfuse))
+        for pid in pids {
             // Unmounted, nbdfuse ends by itself; a stuck one gets SIGTERM after 3 s, SIGKILL 2 s later.
+            found = true
             var alive = isNbdfuse(pid)
-            found = found || alive
             let termAt = min(deadline, ContinuousClock.now + .seconds(3)), killAt = termAt + .seconds(2)
             var signalled = false
             while alive, ContinuousClock.now < killAt {
@@ -201,8 +232,8 @@ struct NBDAttachDriver: ResourceDriver {
                 alive = isNbdfuse(pid)
             }
             if alive { kill(pid, SIGKILL); problems.append("nbdfuse (pid \(pid)) did not exit; killed") }
-            if problems.isEmpty || !alive { try? FileManager.default.removeItem(atPath: pidFile) }
         }
+        try? FileManager.default.removeItem(atPath: pidFile)
         try? FileManager.default.removeItem(atPath: tlsDir)
         if !problems.isEmpty { return .failure(problems.joined(separator: "; ")) }
         return found ? AgentResult(code: 0, detail: "detached \(s.device)") : AgentResult(code: OCFStatus.notRunning.rawValue, detail: "not attached")
@@ -310,13 +341,15 @@ struct NBDAttachDriver: ResourceDriver {
 
     // MARK: what is attached now
 
-    /// Every loop device whose backing file is this resource's FUSE file.
+    /// Every loop device whose backing file is this resource's FUSE file (also on a mount
+    /// detached lazily, where the kernel shows it as `/NAME`).
     func loopDevices() -> [String] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
         return names.filter { $0.hasPrefix("loop") }.sorted().compactMap { name in
             guard let back = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else { return nil }
             let path = back.trimmingCharacters(in: .whitespacesAndNewlines)
-            return path == fuseFile || path == fuseFile + " (deleted)" ? "/dev/\(name)" : nil
+            let orphan = "/" + fuseName
+            return [fuseFile, fuseFile + " (deleted)", orphan, orphan + " (deleted)"].contains(path) ? "/dev/\(name)" : nil
         }
     }
 
@@ -329,6 +362,49 @@ struct NBDAttachDriver: ResourceDriver {
         return text.split(separator: "\n").contains { line in
             let fields = line.split(separator: " ", maxSplits: 5)
             return fields.count > 4 && fields[4] == escaped
+        }
+    }
+
+    private func waitWhile(until end: ContinuousClock.Instant, _ cond: () -> Bool) async {
+        while cond(), ContinuousClock.now < end { try? await Task.sleep(for: .milliseconds(50)) }
+    }
+
+    /// The loop device is mounted, or held by another block device (device-mapper, md).
+    func isInUseByAFilesystem(_ loop: String) -> Bool {
+        let name = (loop as NSString).lastPathComponent
+        if !((try? FileManager.default.contentsOfDirectory(atPath: "/sys/block/\(name)/holders")) ?? []).isEmpty { return true }
+        guard let dev = (try? String(contentsOfFile: "/sys/block/\(name)/dev", encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines),
+              let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8) else { return false }
+        return text.split(separator: "\n").contains { $0.split(separator: " ").dropFirst(2).first.map(String.init) == dev }
+    }
+
+    /// Fails every pending and later request of this FUSE mount (the kernel's
+    /// /sys/fs/fuse/connections/N/abort, N its device minor), so processes stuck on a hung
+    /// nbdfuse return and the mount can go. Mounts fusectl if it is not. nil when done, else why not.
+    private func abortFuse(deadline: ContinuousClock.Instant) async -> String? {
+        guard let text = try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8),
+              let line = text.split(separator: "\n").first(where: { $0.split(separator: " ").dropFirst(4).first.map(String.init) == fuseDir }),
+              let dev = line.split(separator: " ").dropFirst(2).first, let minor = dev.split(separator: ":").last else {
+            return nil
+        }
+        let connections = "/sys/fs/fuse/connections"
+        if !FileManager.default.fileExists(atPath: "\(connections)/\(minor)") {
+            _ = try? await ChildProcess.run(path: Self.which("mount") ?? "/bin/mount", arguments: ["-t", "fusectl", "fusectl", connections],
+                                            environment: [:], timeout: remaining(deadline))
+        }
+        let abort = "\(connections)/\(minor)/abort"
+        guard let fh = FileHandle(forWritingAtPath: abort) else { return "cannot abort the FUSE connection (\(abort) not writable)" }
+        defer { try? fh.close() }
+        do { try fh.write(contentsOf: Data("1".utf8)) } catch { return "aborting the FUSE connection: \(error)" }
+        return nil
+    }
+
+    /// nbdfuse processes serving this resource's FUSE file (a crash may have lost the pid file).
+    func nbdfuseProcesses() -> [pid_t] {
+        let entries = (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []
+        return entries.compactMap { pid_t($0) }.filter { pid in
+            guard isNbdfuse(pid), let cmd = FileManager.default.contents(atPath: "/proc/\(pid)/cmdline") else { return false }
+            return cmd.split(separator: 0).contains { String(decoding: $0, as: UTF8.self) == fuseFile }
         }
     }
 
@@ -350,12 +426,6 @@ struct NBDAttachDriver: ResourceDriver {
     private func isSymlink(_ path: String) -> Bool {
         var st = stat()
         return lstat(path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFLNK
-    }
-
-    private func fileSize(_ path: String) -> UInt64? {
-        var st = stat()
-        guard stat(path, &st) == 0 else { return nil }
-        return UInt64(st.st_size)
     }
 
     private func remaining(_ deadline: ContinuousClock.Instant) -> Duration {

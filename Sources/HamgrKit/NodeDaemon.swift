@@ -118,7 +118,7 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         nbd = NBDServer(group: group, childGroup: replicatedVolume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)",
                         tls: try Self.exportTLS(config, host: me.name.name), allow: config.export.allow, logger: logger)
         hooks = HookRunner(hooks: config.hooks, logger: logger, metrics: metrics)
-        let resourceContext = ResourceContext(cluster: config.cluster.name, export: try NBDAttachTarget.own(config, node: me))
+        let resourceContext = ResourceContext(cluster: config.cluster.name, node: me.name.name, export: try NBDAttachTarget.own(config, node: me))
         resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics, context: resourceContext) { [weak self] resource, reason in
             // A resource that keeps failing here may run on the peer: hand over (design.md §4).
             self?.control.async {
@@ -270,25 +270,41 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
     /// SIGTERM: a master hands over first when it can, then everything stops.
     func shutdown() {
         let handedOver = DispatchSemaphore(value: 0)
-        control.async {
+        let resourcesDown = DispatchSemaphore(value: 0)
+        var stopsResourcesFirst = false
+        control.sync {
             _ = self.notifier.stopping()
             let st = self.runtime.core.status
             if st.role == .primary && st.peerReachable {
                 self.logger.notice("stopping: switching over first", metadata: self.eventMetadata("shutdown_switchover"))
                 self.runtime.admin(.switchover) { _ in handedOver.signal() }
+            } else if st.role == .primary {
+                // Nobody to hand over to: the resources stop while the export still serves
+                // (a filesystem on it flushes as it unmounts), then the node steps down. A
+                // lease lost meanwhile closes the export as always.
+                stopsResourcesFirst = true
+                self.logger.notice("stopping: no peer to hand over to; stopping resources before stepping down",
+                                   metadata: self.eventMetadata("shutdown_resources_first"))
+                let resources = self.resources!
+                self.inResourceOrder { try? await resources.stopAll(); resourcesDown.signal() }
+                handedOver.signal()
             } else {
                 handedOver.signal()
             }
         }
         _ = handedOver.wait(timeout: .now() + 5)
+        if stopsResourcesFirst { _ = resourcesDown.wait(timeout: .now() + 120) }
         control.sync {
             self.stopping = true
             self.ticker?.cancel()
             self.resourceRefresh?.cancel()
             if self.runtime.core.status.role == .primary { self.feed(.admin(.demote)) }
         }
+        // Behind any start or stop already queued (a promotion's start may still run):
+        // a stop beside it could finish first and leave what the start brings up running.
         let resourcesStopped = DispatchSemaphore(value: 0)
-        Task { try? await self.resources.stopAll(); resourcesStopped.signal() }
+        let resources = self.resources!
+        control.sync { inResourceOrder { try? await resources.stopAll(); resourcesStopped.signal() } }
         _ = resourcesStopped.wait(timeout: .now() + 120)
         dialers.forEach { $0.stop() }
         _ = try? nbd.stop().wait()

@@ -221,14 +221,19 @@ struct SystemdUnitDriver: ResourceDriver {
 /// What the built-in resources need to know of the node they run on.
 struct ResourceContext: Sendable {
     var cluster: String
+    /// This node's name: `{name}` in a parameter value stands for it (the config file is
+    /// the same on both nodes; tls.cert_file and export.unix_socket use the same placeholder).
+    var node: String = ""
     var ocfRoot: String = "/usr/lib/ocf"
     /// This node's own export, for `hamgr:nbd-attach` (nil: not known, e.g. in tests that
     /// use no attach resource).
     var export: NBDAttachTarget?
 
     /// The driver for `resource` (agents by name in `overrides` win: tests).
-    func driver(for resource: ClusterConfig.Resource, overrides: [String: ResourceDriver] = [:]) -> ResourceDriver {
-        if let d = overrides[resource.name] { return d }
+    func driver(for configured: ClusterConfig.Resource, overrides: [String: ResourceDriver] = [:]) -> ResourceDriver {
+        if let d = overrides[configured.name] { return d }
+        var resource = configured
+        resource.params = configured.params.mapValues { $0.replacingOccurrences(of: TLSSettings.hostPlaceholder, with: node) }
         switch resource.agent {
         case .systemd(let unit):
             return SystemdUnitDriver(unit: unit, timeout: resource.timeout)
@@ -242,8 +247,8 @@ struct ResourceContext: Sendable {
 
 /// Runs the `[[resource]]` list of design.md §4: started in order after promotion,
 /// stopped in reverse before demotion, each monitored at its interval; a failed monitor
-/// restarts the resource up to `max_restarts` times, then `onGiveUp` asks the daemon to
-/// switch over. Restart counts start from zero at every `startAll()` and at a `cleanup`.
+/// restarts the resource (and, around it, the running resources after it) up to
+/// `max_restarts` times, then `onGiveUp` asks the daemon to switch over. Restart counts start from zero at every `startAll()` and at a `cleanup`.
 /// Entries are found by name, never by a remembered index: a reload may change the list
 /// while monitors run (`reconfigure`).
 actor ResourceManager {
@@ -541,11 +546,21 @@ actor ResourceManager {
         }
         entries[i].restarts += 1
         metrics?.resourceRestarted(name)
-        logger.warning("resource monitor failed; restarting", metadata: meta)
+        // Those after it may depend on it (a filesystem on an attached device): they go
+        // down first and come back after it, in order, as at a promotion.
+        let dependents = entries[(i + 1)...].filter { $0.state != .stopped }.map(\.config.name)
+        let along = dependents.isEmpty ? "" : " with \(dependents.joined(separator: ", ")) after it"
+        logger.warning("resource monitor failed; restarting\(along)", metadata: meta)
+        for d in dependents { await cancelMonitor(d) }
+        for d in dependents.reversed() { _ = await perform(.stop, d) }
         _ = await perform(.stop, name)
         if Task.isCancelled { return false }
         _ = await perform(.start, name)
         // A failed start shows at the next monitor and counts against max_restarts there.
+        for d in dependents where !Task.isCancelled {
+            _ = await perform(.start, d)
+            startMonitor(d)
+        }
         return true
     }
 

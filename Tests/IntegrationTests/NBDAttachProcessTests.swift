@@ -17,8 +17,12 @@ final class NBDAttachProcessTests: XCTestCase {
             throw XCTSkip("resource-agents is not installed")
         }
         let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("hamgr-attach-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
-        let state = scratch + "/state", device = scratch + "/dev/disk", mnt = scratch + "/mnt"
-        try FileManager.default.createDirectory(atPath: mnt, withIntermediateDirectories: true)
+        // Both nodes run on this one host: `{name}` keeps their attachments apart, as
+        // separate hosts would.
+        func state(_ n: String) -> String { scratch + "/\(n)/state" }
+        func device(_ n: String) -> String { scratch + "/\(n)/disk" }
+        func mnt(_ n: String) -> String { scratch + "/\(n)/mnt" }
+        for n in ["a", "b"] { try FileManager.default.createDirectory(atPath: mnt(n), withIntermediateDirectories: true) }
         let attach = """
             [export]
             unix_socket = "\(scratch)/{name}.sock"
@@ -26,7 +30,7 @@ final class NBDAttachProcessTests: XCTestCase {
             [[resource]]
             name = "disk"
             agent = "hamgr:nbd-attach"
-            params = { device = "\(device)", state_dir = "\(state)" }
+            params = { device = "\(scratch)/{name}/disk", state_dir = "\(scratch)/{name}/state" }
             monitor_interval_ms = 1000
             timeout_ms = 30000
 
@@ -34,7 +38,7 @@ final class NBDAttachProcessTests: XCTestCase {
         let h = try ClusterHarness(name: "attach", subnet: 97, size: "128MiB", extraTOML: attach)
         defer {
             h.shutdown()
-            Self.undo(scratch: scratch, fuseDir: state + "/fuse", mountPoint: mnt)
+            Self.undo(scratch: scratch, fuseDirs: [state("a") + "/fuse", state("b") + "/fuse"], mountPoints: [mnt("a"), mnt("b")])
             try? FileManager.default.removeItem(atPath: scratch)
         }
         // The Filesystem agent insists on modprobe (kmod), which this test host may lack;
@@ -50,17 +54,18 @@ final class NBDAttachProcessTests: XCTestCase {
         try h.startArbitrator()
         for n in ["a", "b"] { try h.startNode(n, env: env) }
         let (master, backup) = try h.startedCluster(startProcesses: false)
-        func nbdfuseLog() -> String { (try? String(contentsOfFile: state + "/nbdfuse.log", encoding: .utf8)) ?? "(no nbdfuse log)" }
+        func nbdfuseLog(_ n: String) -> String { (try? String(contentsOfFile: state(n) + "/nbdfuse.log", encoding: .utf8)) ?? "(no nbdfuse log)" }
 
         // Attached on the master: the device path is a symlink to a loop device on the
         // FUSE file, and the monitor says so in /status.
-        XCTAssertTrue(waitUntil(30) { (try? FileManager.default.destinationOfSymbolicLink(atPath: device))?.hasPrefix("/dev/loop") == true },
-                      "not attached\n\(h.tail(master))")
+        XCTAssertTrue(waitUntil(30) { (try? FileManager.default.destinationOfSymbolicLink(atPath: device(master)))?.hasPrefix("/dev/loop") == true },
+                      "not attached\n\(h.tail(master))\n\(nbdfuseLog(master))")
+        XCTAssertNil(try? FileManager.default.destinationOfSymbolicLink(atPath: device(backup)), "attached on the master only")
         var attached = Set<String>()  // every loop device an attachment used: none may stay
-        if let l = try? FileManager.default.destinationOfSymbolicLink(atPath: device) { attached.insert(l) }
+        if let l = try? FileManager.default.destinationOfSymbolicLink(atPath: device(master)) { attached.insert(l) }
         h.waitFor(master, "disk running", within: 10) { s in ((s["resources"] as? [[String: Any]])?.first?["state"] as? String) == "running" }
         XCTAssertEqual(Self.loops(backingUnder: scratch).count, 1)
-        let mkfs = try shell(["mkfs.ext4", "-q", "-F", device], timeout: 120)
+        let mkfs = try shell(["mkfs.ext4", "-q", "-F", device(master)], timeout: 120)
         XCTAssertEqual(mkfs.status, 0, mkfs.stderr)
 
         // The Filesystem resource goes after it (a reload adds it live, on both nodes).
@@ -70,18 +75,18 @@ final class NBDAttachProcessTests: XCTestCase {
             [[resource]]
             name = "fs"
             agent = "ocf:heartbeat:Filesystem"
-            params = { device = "\(device)", directory = "\(mnt)", fstype = "ext4" }
+            params = { device = "\(scratch)/{name}/disk", directory = "\(scratch)/{name}/mnt", fstype = "ext4" }
             monitor_interval_ms = 1000
             timeout_ms = 30000
 
             """
         try toml.write(toFile: h.configPath, atomically: true, encoding: .utf8)
         for n in [master, backup] { h.signal(n, SIGHUP) }
-        XCTAssertTrue(waitUntil(30) { Self.isMountPoint(mnt) }, "Filesystem did not mount\n\(h.tail(master))")
-        guard Self.isMountPoint(mnt) else { return }
+        XCTAssertTrue(waitUntil(30) { Self.isMountPoint(mnt(master)) }, "Filesystem did not mount\n\(h.tail(master))")
+        guard Self.isMountPoint(mnt(master)) else { return }
         let payload = Data((0..<200_000).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) })
-        try payload.write(to: URL(fileURLWithPath: mnt + "/hello"))
-        XCTAssertEqual(try shell(["sync", "-f", mnt + "/hello"], timeout: 60).status, 0)
+        try payload.write(to: URL(fileURLWithPath: mnt(master) + "/hello"))
+        XCTAssertEqual(try shell(["sync", "-f", mnt(master) + "/hello"], timeout: 60).status, 0)
 
         // Switchover: Filesystem unmounts, the attachment goes, the new master attaches and
         // mounts; the file is there.
@@ -91,18 +96,23 @@ final class NBDAttachProcessTests: XCTestCase {
         XCTAssertNotNil(h.waitForRole(backup, "primary", within: 60))
         XCTAssertTrue(waitUntil(60) {
             ((h.status(backup)?["resources"] as? [[String: Any]])?.compactMap { $0["state"] as? String }) == ["running", "running"]
-        }, "resources not running on the new master\n\(h.tail(backup))\n--- old master:\n\(h.tail(master))\n--- nbdfuse:\n\(nbdfuseLog())")
-        XCTAssertTrue(Self.isMountPoint(mnt))
-        if let l = try? FileManager.default.destinationOfSymbolicLink(atPath: device) { attached.insert(l) }
-        XCTAssertEqual(try? Data(contentsOf: URL(fileURLWithPath: mnt + "/hello")), payload, "the file written on the old master")
+        }, "resources not running on the new master\n\(h.tail(backup))\n--- old master:\n\(h.tail(master))\n--- nbdfuse:\n\(nbdfuseLog(backup))")
+        XCTAssertTrue(Self.isMountPoint(mnt(backup)))
+        XCTAssertFalse(Self.isMountPoint(mnt(master)), "unmounted on the old master")
+        if let l = try? FileManager.default.destinationOfSymbolicLink(atPath: device(backup)) { attached.insert(l) }
+        XCTAssertNil(try? FileManager.default.destinationOfSymbolicLink(atPath: device(master)), "detached on the old master")
+        XCTAssertEqual(try? Data(contentsOf: URL(fileURLWithPath: mnt(backup) + "/hello")), payload, "the file written on the old master")
         XCTAssertEqual(Self.loops(backingUnder: scratch).count, 1, "exactly one attachment (the new master's)")
         XCTAssertTrue(h.tail(master, lines: 2000).contains("resource=disk"), h.tail(master))
 
-        // Stopping the nodes detaches everything.
-        XCTAssertEqual(h.stop(backup, seconds: 60), 0, h.tail(backup))
+        // Stopping the nodes detaches everything: the secondary first, so that the master's
+        // SIGTERM has no peer to hand over to and stops its resources itself.
         XCTAssertEqual(h.stop(master, seconds: 60), 0, h.tail(master))
-        XCTAssertFalse(Self.isMountPoint(mnt), "still mounted")
-        XCTAssertFalse(Self.isMountPoint(state + "/fuse"), "FUSE still mounted")
+        XCTAssertEqual(h.stop(backup, seconds: 60), 0, h.tail(backup))
+        XCTAssertTrue(h.tail(backup, lines: 400).contains("stopping: no peer to hand over to; stopping resources before stepping down"),
+                      "the filesystem unmounts while the export still serves\n\(h.tail(backup))")
+        XCTAssertFalse(Self.isMountPoint(mnt("a")) || Self.isMountPoint(mnt("b")), "still mounted")
+        XCTAssertFalse(Self.isMountPoint(state("a") + "/fuse") || Self.isMountPoint(state("b") + "/fuse"), "FUSE still mounted")
         XCTAssertEqual(Self.loops(backingUnder: scratch), [], "loop devices left")
         for loop in attached.sorted() {
             let back = "/sys/block/\((loop as NSString).lastPathComponent)/loop/backing_file"
@@ -112,16 +122,18 @@ final class NBDAttachProcessTests: XCTestCase {
             XCTAssertFalse((try? String(contentsOfFile: h.log(n), encoding: .utf8))?.contains("resource stop failed") ?? true, "a stop failed on \(n)\n\(h.tail(n, lines: 200))")
         }
         XCTAssertEqual(Self.nbdfusePids(under: scratch), [], "nbdfuse left running")
-        XCTAssertFalse(FileManager.default.fileExists(atPath: device) || (try? FileManager.default.destinationOfSymbolicLink(atPath: device)) != nil,
-                       "the device symlink is left")
+        for n in ["a", "b"] {
+            XCTAssertNil(try? FileManager.default.destinationOfSymbolicLink(atPath: device(n)), "the device symlink is left on \(n)")
+        }
     }
 
-    /// Loop devices whose backing file lies under `dir`.
+    /// Loop devices whose backing file lies under `dir`, or is the attachment's FUSE file on
+    /// a lazily detached mount (shown as `/hamgr-CLUSTER-RESOURCE`).
     static func loops(backingUnder dir: String) -> [String] {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: "/sys/block")) ?? []
         return names.filter { $0.hasPrefix("loop") }.sorted().compactMap { name in
             guard let back = try? String(contentsOfFile: "/sys/block/\(name)/loop/backing_file", encoding: .utf8) else { return nil }
-            return back.hasPrefix(dir + "/") ? "/dev/\(name)" : nil
+            return back.hasPrefix(dir + "/") || back.hasPrefix("/hamgr-attach-disk") ? "/dev/\(name)" : nil
         }
     }
 
@@ -141,14 +153,16 @@ final class NBDAttachProcessTests: XCTestCase {
     }
 
     /// Whatever a failed run left: mounts, loop devices, the FUSE mount, nbdfuse.
-    static func undo(scratch: String, fuseDir: String, mountPoint: String) {
-        if isMountPoint(mountPoint) { _ = try? shell(["umount", "-l", mountPoint], timeout: 30) }
+    static func undo(scratch: String, fuseDirs: [String], mountPoints: [String]) {
+        for m in mountPoints where isMountPoint(m) { _ = try? shell(["umount", "-l", m], timeout: 30) }
         for l in loops(backingUnder: scratch) { _ = try? shell(["losetup", "-d", l], timeout: 30) }
         // The FUSE mount goes only once no loop device holds its file (a lazy unmount under
         // one would orphan it); the kernel drops a detached loop's file asynchronously.
         _ = waitUntil(10) { loops(backingUnder: scratch).isEmpty }
-        if isMountPoint(fuseDir) && (try? shell(["fusermount3", "-u", fuseDir], timeout: 30))?.status != 0 && loops(backingUnder: scratch).isEmpty {
-            _ = try? shell(["fusermount3", "-u", "-z", fuseDir], timeout: 30)
+        for fuseDir in fuseDirs where isMountPoint(fuseDir) {
+            if (try? shell(["fusermount3", "-u", fuseDir], timeout: 30))?.status != 0 && loops(backingUnder: scratch).isEmpty {
+                _ = try? shell(["fusermount3", "-u", "-z", fuseDir], timeout: 30)
+            }
         }
         for pid in nbdfusePids(under: scratch) { kill(pid, SIGKILL) }
     }

@@ -104,7 +104,8 @@ final class ResourceManagerTests: XCTestCase {
         try await m.startAll()
         XCTAssertTrue(exists("d1"))
         try FileManager.default.removeItem(atPath: "\(dir)/d1.state")   // the "service" died
-        let restarted = await waitUntil(5) { await m.snapshot().first?.restarts == 1 && self.exists("d1") }
+        // The agent's state file appears before its start returns: wait for the state too.
+        let restarted = await waitUntil(5) { await m.snapshot().first.map { $0.restarts == 1 && $0.state == "running" } == true && self.exists("d1") }
         let snap = await m.snapshot()
         XCTAssertTrue(restarted, "the monitor notices and restarts: \(snap)")
         XCTAssertEqual(snap.first?.state, "running")
@@ -112,6 +113,23 @@ final class ResourceManagerTests: XCTestCase {
         XCTAssertTrue(giveUps.all.isEmpty)
         try await m.stopAll()
         XCTAssertFalse(exists("d1"))
+    }
+
+    /// A resource restarted after a failed monitor takes the running ones after it along
+    /// (they may sit on it: a filesystem on an attached device), in stop and start order.
+    func testRestartAfterAFailedMonitorRestartsThoseAfterIt() async throws {
+        let m = ResourceManager(resources: [try recorder("dev", interval: .milliseconds(100)), try recorder("fs"), try recorder("web")],
+                                logger: logger) { _, _ in }
+        try await m.startAll()
+        try FileManager.default.removeItem(atPath: log)
+        try FileManager.default.removeItem(atPath: "\(dir)/dev.state")
+        let back = await waitUntil(5) { self.actions().filter { $0.hasSuffix("start") }.count == 3 }
+        XCTAssertTrue(back, "\(actions())")
+        XCTAssertEqual(actions().filter { !$0.hasSuffix("monitor") }, ["web stop", "fs stop", "dev stop", "dev start", "fs start", "web start"])
+        let snap = await m.snapshot()
+        XCTAssertEqual(snap.map(\.state), ["running", "running", "running"])
+        XCTAssertEqual(snap.map(\.restarts), [1, 0, 0], "only the failed one counts")
+        try await m.stopAll()
     }
 
     func testRepeatedFailureGivesUpOnce() async throws {
