@@ -111,7 +111,10 @@ struct NBDAttachDriver: ResourceDriver {
             if let sock = target.unixSocket {
                 args += ["--unix", sock]
             } else if let tls = target.tls {
-                args.append(try uri(target, tls: tls))
+                guard let nbdkit = Self.which("nbdkit") else {
+                    return AgentResult(code: OCFStatus.errInstalled.rawValue, detail: "nbdkit is not installed (package nbdkit): it carries the TLS for nbdfuse")
+                }
+                args += try tlsCommand(target, tls: tls, nbdkit: nbdkit)
             } else {
                 args += ["--tcp", target.host, String(target.port)]
             }
@@ -263,9 +266,12 @@ struct NBDAttachDriver: ResourceDriver {
         }
     }
 
-    /// An `nbds://` URI for nbdfuse: the cluster CA, and this host's certificate when the
-    /// export asks for one, in the directory layout libnbd reads (`tls-certificates`).
-    private func uri(_ t: NBDAttachTarget, tls: NBDAttachTarget.TLSFiles) throws -> String {
+    /// The NBD server nbdfuse runs on its stdin/stdout when the export requires TLS:
+    /// nbdfuse refuses a URI's `tls-certificates` (local file access), so nbdkit's nbd plugin
+    /// makes the TLS connection — the cluster CA, and this host's certificate when the export
+    /// asks for one, in the directory layout libnbd reads — and serves it in plaintext over the
+    /// pipe. `--exit-with-parent`: it ends with nbdfuse.
+    private func tlsCommand(_ t: NBDAttachTarget, tls: NBDAttachTarget.TLSFiles, nbdkit: String) throws -> [String] {
         try? FileManager.default.removeItem(atPath: tlsDir)
         try FileManager.default.createDirectory(atPath: tlsDir, withIntermediateDirectories: true, attributes: [.posixPermissions: 0o700])
         try FileManager.default.createSymbolicLink(atPath: tlsDir + "/ca-cert.pem", withDestinationPath: tls.caFile)
@@ -273,11 +279,8 @@ struct NBDAttachDriver: ResourceDriver {
             try FileManager.default.createSymbolicLink(atPath: tlsDir + "/client-cert.pem", withDestinationPath: cert)
             try FileManager.default.createSymbolicLink(atPath: tlsDir + "/client-key.pem", withDestinationPath: key)
         }
-        var query = CharacterSet.urlQueryAllowed
-        query.remove(charactersIn: "&=+;")
-        let dir = tlsDir.addingPercentEncoding(withAllowedCharacters: query) ?? tlsDir
-        let host = t.host.contains(":") ? "[\(t.host)]" : t.host
-        return "nbds://\(host):\(t.port)/?tls-certificates=\(dir)"
+        return ["--command", nbdkit, "-s", "--exit-with-parent", "nbd", "hostname=\(t.host)", "port=\(t.port)", "export=\(t.exportName)",
+                "tls=require", "tls-certificates=\(tlsDir)"]
     }
 
     // MARK: kernel nbd-client

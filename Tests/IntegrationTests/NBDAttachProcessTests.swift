@@ -127,6 +127,60 @@ final class NBDAttachProcessTests: XCTestCase {
         }
     }
 
+    /// Without a Unix socket the attachment dials the node's service address; with
+    /// `export.tls = "require"` and `client_ca_file` it upgrades with STARTTLS, verifies the
+    /// node's certificate with the cluster CA and presents the node's own certificate.
+    func testAttachOverTLSWithAClientCertificate() throws {
+        guard getuid() == 0, FileManager.default.fileExists(atPath: "/dev/fuse") else { throw XCTSkip("needs root and /dev/fuse") }
+        for tool in ["nbdfuse", "losetup", "fusermount3", "setsid"] {
+            guard (try? shell(["which", tool]))?.status == 0 else { throw XCTSkip("\(tool) is not installed") }
+        }
+        let scratch = FileManager.default.temporaryDirectory.appendingPathComponent("hamgr-attach-tls-\(getpid())-\(UInt32.random(in: 0...UInt32.max))").path
+        func device(_ n: String) -> String { scratch + "/\(n)/disk" }
+        let h = try ClusterHarness(name: "attachtls", subnet: 98, extraTOML: """
+            [tls]
+            ca_file = "tls/ca.crt"
+            cert_file = "tls/{name}.crt"
+            key_file = "tls/{name}.key"
+
+            [export]
+            tls = "require"
+            client_ca_file = "tls/ca.crt"
+
+            [status]
+            tls = false
+
+            [[resource]]
+            name = "disk"
+            agent = "hamgr:nbd-attach"
+            params = { device = "\(scratch)/{name}/disk", state_dir = "\(scratch)/{name}/state" }
+            monitor_interval_ms = 500
+
+            """)
+        defer {
+            h.shutdown()
+            Self.undo(scratch: scratch, fuseDirs: ["a", "b"].map { scratch + "/\($0)/state/fuse" }, mountPoints: [])
+            try? FileManager.default.removeItem(atPath: scratch)
+        }
+        let certs = try shell([ClusterHarness.hamgr, "certs", "--config", h.configPath])
+        XCTAssertEqual(certs.status, 0, certs.stderr)
+        let (master, backup) = try h.startedCluster()
+        func log(_ n: String) -> String { (try? String(contentsOfFile: scratch + "/\(n)/state/nbdfuse.log", encoding: .utf8)) ?? "" }
+        XCTAssertTrue(waitUntil(30) { (try? FileManager.default.destinationOfSymbolicLink(atPath: device(master)))?.hasPrefix("/dev/loop") == true },
+                      "not attached over TLS\n\(h.tail(master))\n\(log(master))")
+        h.waitFor(master, "disk running", within: 10) { s in ((s["resources"] as? [[String: Any]])?.first?["state"] as? String) == "running" }
+        let read = try shell(["dd", "if=\(device(master))", "of=/dev/null", "bs=64k", "count=16", "iflag=direct", "status=none"], timeout: 30)
+        XCTAssertEqual(read.status, 0, read.stderr)
+        // The export requires TLS and a client certificate: attaching at all proves both; the
+        // log shows the upgrade.
+        XCTAssertTrue(((try? String(contentsOfFile: h.log(master), encoding: .utf8)) ?? "").contains("event=nbd_starttls"), h.tail(master))
+        XCTAssertEqual(h.stop(backup, seconds: 60), 0, h.tail(backup))
+        XCTAssertEqual(h.stop(master, seconds: 60), 0, h.tail(master))
+        XCTAssertEqual(Self.loops(backingUnder: scratch), [], "loop devices left")
+        XCTAssertEqual(Self.nbdfusePids(under: scratch), [], "nbdfuse left running")
+        XCTAssertNil(try? FileManager.default.destinationOfSymbolicLink(atPath: device(master)))
+    }
+
     /// Loop devices whose backing file lies under `dir`, or is the attachment's FUSE file on
     /// a lazily detached mount (shown as `/hamgr-CLUSTER-RESOURCE`).
     static func loops(backingUnder dir: String) -> [String] {
