@@ -101,6 +101,10 @@ struct NBDAttachDriver: ResourceDriver {
             let clean = await fuseStop(s, deadline: deadline)
             guard clean.ok else { return .failure("cleaning up a partial attachment: \(clean.detail)") }
         }
+        // The device path is ours to replace only as a symlink: never over a file an operator made.
+        if FileManager.default.fileExists(atPath: s.device) && !isSymlink(s.device) {
+            return AgentResult(code: OCFStatus.errConfigured.rawValue, detail: "\(s.device) exists and is not a symlink; hamgr replaces only its own symlink there")
+        }
         for tool in ["nbdfuse", "losetup", "fusermount3", "setsid"] where Self.which(tool) == nil {
             return AgentResult(code: OCFStatus.errInstalled.rawValue, detail: "\(tool) is not installed (packages libnbd-bin, util-linux, fuse3)")
         }
@@ -119,8 +123,9 @@ struct NBDAttachDriver: ResourceDriver {
                 args += ["--tcp", target.host, String(target.port)]
             }
             // setsid -f: nbdfuse outlives this action (and a restart of hamgr) in a session
-            // of its own; its output goes to the state directory, not to our pipe.
-            let script = "log=$1; shift; exec setsid -f \"$@\" >>\"$log\" 2>&1 </dev/null"
+            // of its own; its output goes to the state directory (this attachment's only),
+            // not to our pipe.
+            let script = "log=$1; shift; exec setsid -f \"$@\" >\"$log\" 2>&1 </dev/null"
             let r = try await ChildProcess.run(path: "/bin/sh", arguments: ["-c", script, "sh", logFile, Self.which("nbdfuse")!] + args,
                                                environment: [:], timeout: remaining(deadline))
             guard r.succeeded else { return .failure("nbdfuse: \(r.statusDescription) \(HookRunner.tail(r.output))") }

@@ -267,7 +267,8 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         }
     }
 
-    /// SIGTERM: a master hands over first when it can, then everything stops.
+    /// SIGTERM: a master hands over first when it can, else stops its resources while its
+    /// export still serves; then everything stops.
     func shutdown() {
         let handedOver = DispatchSemaphore(value: 0)
         let resourcesDown = DispatchSemaphore(value: 0)
