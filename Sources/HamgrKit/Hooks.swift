@@ -73,16 +73,9 @@ final class HookRunner: Sendable {
         current = NIOLockedValueBox(hooks); self.logger = logger; self.metrics = metrics
     }
 
-    func path(for kind: HookKind) -> String? {
-        switch kind {
-        case .onPromote: return hooks.onPromote
-        case .onDemote: return hooks.onDemote
-        }
-    }
-
     @discardableResult
     func run(_ kind: HookKind, context: HookContext) async -> HookOutcome {
-        let hooks = self.hooks
+        let hooks = self.hooks  // one reading: a reload during the run does not mix two configurations
         guard let path = kind == .onPromote ? hooks.onPromote : hooks.onDemote else { return .notConfigured }
         var env = context.environment
         env["HAMGR_HOOK"] = kind.rawValue

@@ -630,8 +630,18 @@ extension ReplicatedVolume: NodeVolume {}
 extension NodeDaemon: ReloadTarget {
     var liveSettings: Set<LiveSetting> { [.resources, .hooks, .resyncRate, .exportAllow] }
 
-    func apply(_ settings: Set<LiveSetting>, from fresh: ClusterConfig) {
-        if settings.contains(.hooks) {
+    func apply(_ settings: Set<LiveSetting>, from fresh: ClusterConfig) -> [LiveSetting: String] {
+        var declined: [LiveSetting: String] = [:]
+        // What `hamgr check --node` checks of them on this host, before anything changes.
+        for (key, path) in [("hooks.on_promote", fresh.hooks.onPromote), ("hooks.on_demote", fresh.hooks.onDemote)] {
+            if settings.contains(.hooks), let path, access(path, X_OK) != 0 { declined[.hooks] = "\(key): \(path) is not an executable file" }
+        }
+        for (i, r) in fresh.resources.enumerated() {
+            if settings.contains(.resources), case .exec(let path) = r.agent, access(path, X_OK) != 0 {
+                declined[.resources] = "resource[\(i)].agent: \(path) is not an executable file"
+            }
+        }
+        if settings.contains(.hooks) && declined[.hooks] == nil {
             hooks.hooks = fresh.hooks
             logger.notice("reload: hooks applied (on_promote \(fresh.hooks.onPromote ?? "none"), on_demote \(fresh.hooks.onDemote ?? "none"), timeout_ms \(Int(fresh.hooks.timeout.milliseconds)))",
                           metadata: eventMetadata("reload_applied").merging(["key": "hooks"]) { $1 })
@@ -647,7 +657,7 @@ extension NodeDaemon: ReloadTarget {
             logger.notice("reload: export.allow applied to new connections (\(list))",
                           metadata: eventMetadata("reload_applied").merging(["key": "export.allow"]) { $1 })
         }
-        if settings.contains(.resources) {
+        if settings.contains(.resources) && declined[.resources] == nil {
             // In the resource order, behind any start or stop queued before; the reload
             // waits (bounded) so that its "reload done" follows the changes.
             let done = DispatchSemaphore(value: 0)
@@ -665,5 +675,6 @@ extension NodeDaemon: ReloadTarget {
                 logger.warning("reload: the resource changes are still being applied", metadata: md)
             }
         }
+        return declined
     }
 }

@@ -31,8 +31,9 @@ protocol ReloadTarget: AnyObject, Sendable {
     /// What it applies live (the log level is the `Reloader`'s own).
     var liveSettings: Set<LiveSetting> { get }
     /// Apply `fresh`'s value of each setting in `settings` (each one changed), logging one
-    /// event per change; returns once they are in force.
-    func apply(_ settings: Set<LiveSetting>, from fresh: ClusterConfig)
+    /// event per change; returns once they are in force. Returns the settings it refused
+    /// (e.g. a hook that is not executable here), with why: they stay as they run.
+    func apply(_ settings: Set<LiveSetting>, from fresh: ClusterConfig) -> [LiveSetting: String]
 }
 
 /// `systemctl reload` (SIGHUP): re-read the config, apply what can change live and refuse,
@@ -77,7 +78,11 @@ final class Reloader: @unchecked Sendable {
         }
         if applying.contains(.logLevel) { applyLogLevel(fresh) }
         let forTarget = applying.subtracting([.logLevel])
-        if !forTarget.isEmpty { target?.apply(forTarget, from: fresh) }
+        let declined = forTarget.isEmpty ? [:] : target?.apply(forTarget, from: fresh) ?? [:]
+        for (setting, why) in declined.sorted(by: { $0.key < $1.key }) {
+            applying.remove(setting)
+            logger.error("reload: \(setting.rawValue) not applied: \(why)", metadata: ["event": "reload_refused", "key": .string(setting.rawValue)])
+        }
         for key in refused {
             logger.warning("reload: \(key) changed; needs a restart (not applied)", metadata: ["event": "reload_needs_restart", "key": .string(key)])
         }

@@ -166,5 +166,13 @@ final class ReloadProcessTests: XCTestCase {
         XCTAssertTrue(waitUntil(10) { hookLines(hookLog).contains("on_promote \(backup)") && hookLines(hookLog).contains("on_demote \(master)") },
                       "the reloaded hooks run: \(hookLines(hookLog))")
         XCTAssertTrue(h.isRunning(master) && h.isRunning(backup))
+
+        // A hook that is not executable here is refused (the hooks in force stay), as
+        // `hamgr check --node` would refuse it at start.
+        let current = try String(contentsOfFile: h.configPath, encoding: .utf8)
+        reload(current.replacingOccurrences(of: "on_demote = \"\(hook)\"", with: "on_demote = \"\(h.dir.path)/missing-hook\""), round: 3)
+        XCTAssertTrue(fullLog(backup).contains("reload: hooks not applied: hooks.on_demote: \(h.dir.path)/missing-hook is not an executable file"),
+                      fullLog(backup))
+        XCTAssertTrue(h.isRunning(master) && h.isRunning(backup))
     }
 }
