@@ -3,9 +3,10 @@
 # Called by scripts/demo.sh and scripts/test.sh; safe to run by hand.
 set -euo pipefail
 # chromium: headless, it loads and screenshots the arbitrator's status page (ArbitratorPageProcessTests).
+# kmod: modprobe, which the OCF Filesystem agent requires.
 PKGS=(libsystemd-dev libnbd-bin qemu-utils nbdkit fio prometheus resource-agents
       python3-libnbd iproute2 nftables iputils-ping faketime fuse3 e2fsprogs curl util-linux procps openssl
-      chromium)
+      chromium kmod)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -296,10 +296,13 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
     case resync
     /// Resolve a split brain by discarding one side's changes since divergence.
     case resolve(discard: DiscardSide)
+    /// Forget a resource's failures on this node (all resources when nil): restart count
+    /// back to 0, a failed state re-probed (`crm_resource --cleanup`).
+    case resourceCleanup(name: String?)
 
     public enum DiscardSide: String, Sendable, CaseIterable { case local, peer }
 
-    public static let actions = ["switchover", "promote", "demote", "maintenance", "verify", "resync", "resolve", "bootstrap", "invalidate", "arbitrator_accept"]
+    public static let actions = ["switchover", "promote", "demote", "maintenance", "verify", "resync", "resolve", "bootstrap", "invalidate", "arbitrator_accept", "resource_cleanup"]
 
     public var action: String {
         switch self {
@@ -313,6 +316,7 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
         case .bootstrap: return "bootstrap"
         case .invalidate: return "invalidate"
         case .acceptArbitrator: return "arbitrator_accept"
+        case .resourceCleanup: return "resource_cleanup"
         }
     }
 
@@ -324,6 +328,7 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
         case .resolve(let side): return ["discard": .string(side.rawValue)]
         case .verify(let repair): return repair ? ["repair": .bool(true)] : [:]
         case .bootstrap(let clean): return clean ? ["assume_clean": .bool(true)] : [:]
+        case .resourceCleanup(let name): return name.map { ["resource": .string($0)] } ?? [:]
         case .switchover, .demote, .resync, .invalidate, .acceptArbitrator: return [:]
         }
     }
@@ -357,6 +362,11 @@ public enum AdminCommand: Sendable, Equatable, CustomStringConvertible {
         case "invalidate": try only([]); return .invalidate
         case "arbitrator_accept": try only([]); return .acceptArbitrator
         case "resync": try only([]); return .resync
+        case "resource_cleanup":
+            try only(["resource"])
+            guard let v = params["resource"] else { return .resourceCleanup(name: nil) }
+            guard let name = v.stringValue, !name.isEmpty else { throw AdminCommandError("resource_cleanup: 'resource' must be a resource's name, got \(v)") }
+            return .resourceCleanup(name: name)
         case "resolve":
             try only(["discard"])
             guard let s = params["discard"]?.stringValue, let side = DiscardSide(rawValue: s) else {

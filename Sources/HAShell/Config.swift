@@ -93,16 +93,20 @@ public struct ClusterConfig: Sendable, Equatable {
         case systemd(unit: String)
         /// An executable taking `start|stop|monitor` with OCF-style exit codes.
         case exec(path: String)
+        /// `hamgr:nbd-attach`: this node's own export attached as a local block device
+        /// (docs/operator-guide.md, "Attaching the export on the master").
+        case nbdAttach
 
         public var description: String {
             switch self {
             case .ocf(let p, let a): return "ocf:\(p):\(a)"
             case .systemd(let u): return "systemd:\(u)"
             case .exec(let p): return "exec:\(p)"
+            case .nbdAttach: return "hamgr:nbd-attach"
             }
         }
 
-        /// Parse `ocf:PROVIDER:AGENT`, `systemd:UNIT` or `exec:PATH`.
+        /// Parse `ocf:PROVIDER:AGENT`, `systemd:UNIT`, `exec:PATH` or `hamgr:nbd-attach`.
         public static func parse(_ s: String, key: String) throws -> ResourceAgent {
             let parts = s.split(separator: ":", maxSplits: 2, omittingEmptySubsequences: false).map(String.init)
             let safe = { (x: String) in !x.isEmpty && !x.contains("/") && x != "." && x != ".." }
@@ -117,8 +121,10 @@ public struct ClusterConfig: Sendable, Equatable {
                     throw ConfigError(key: key, message: "'\(s)': exec: needs an absolute path")
                 }
                 return .exec(path: String(path))
+            case "hamgr" where parts.count == 2 && parts[1] == "nbd-attach":
+                return .nbdAttach
             default:
-                throw ConfigError(key: key, message: "'\(s)' is not ocf:PROVIDER:AGENT, systemd:UNIT or exec:/PATH")
+                throw ConfigError(key: key, message: "'\(s)' is not ocf:PROVIDER:AGENT, systemd:UNIT, exec:/PATH or hamgr:nbd-attach")
             }
         }
     }
@@ -186,20 +192,65 @@ public struct ClusterConfig: Sendable, Equatable {
     /// The URL of a status listener at `address` (`https://` when `status.tls` is on).
     public func statusURL(_ address: String) -> String { "\(status.tls ? "https" : "http")://\(address)" }
 
-    /// The top-level sections in which `other` differs from this config (`[cluster]`,
-    /// `[[node]]`, …), for a reload to say what it cannot apply live.
-    public func changedSections(comparedTo other: ClusterConfig) -> [String] {
+    /// The keys whose values differ in `other`, as they are spelled in the file
+    /// (`timeouts.lease_ms`, `node[1].service_address`, `resource[0].params`), in file
+    /// order: a reload names each one it cannot apply live. A list that grew or shrank
+    /// (`[[node]]`, `[[resource]]`) is named by its index past the shorter one.
+    public func changedKeys(comparedTo other: ClusterConfig) -> [String] {
         var out: [String] = []
-        if cluster != other.cluster { out.append("[cluster]") }
-        if timeouts != other.timeouts { out.append("[timeouts]") }
-        if volume != other.volume { out.append("[volume]") }
-        if nodes != other.nodes { out.append("[[node]]") }
-        if arbitrator != other.arbitrator { out.append("[arbitrator]") }
-        if resources != other.resources { out.append("[[resource]]") }
-        if hooks != other.hooks { out.append("[hooks]") }
-        if tls != other.tls { out.append("[tls]") }
-        if export != other.export { out.append("[export]") }
-        if status != other.status { out.append("[status]") }
+        func diff<T: Equatable>(_ key: String, _ a: T, _ b: T) { if a != b { out.append(key) } }
+        diff("cluster.name", cluster.name, other.cluster.name)
+        diff("cluster.key_file", cluster.keyFile, other.cluster.keyFile)
+        diff("cluster.accept_key_files", cluster.acceptKeyFiles, other.cluster.acceptKeyFiles)
+        diff("cluster.admin_token_file", cluster.adminTokenFile, other.cluster.adminTokenFile)
+        diff("cluster.protocol", cluster.replicationProtocol, other.cluster.replicationProtocol)
+        diff("cluster.split_brain", cluster.splitBrain, other.cluster.splitBrain)
+        diff("cluster.after_split_brain", cluster.afterSplitBrain, other.cluster.afterSplitBrain)
+        diff("timeouts.renew_interval_ms", timeouts.renewInterval, other.timeouts.renewInterval)
+        diff("timeouts.lease_ms", timeouts.lease, other.timeouts.lease)
+        diff("timeouts.failure_timeout_ms", timeouts.failureTimeout, other.timeouts.failureTimeout)
+        diff("timeouts.drift", timeouts.drift, other.timeouts.drift)
+        diff("volume.size", volume.sizeBytes, other.volume.sizeBytes)
+        diff("volume.chunk_size", volume.chunkSizeBytes, other.volume.chunkSizeBytes)
+        diff("volume.resync_rate", volume.resyncRateBytesPerSecond, other.volume.resyncRateBytesPerSecond)
+        for i in 0..<max(nodes.count, other.nodes.count) {
+            guard i < nodes.count, i < other.nodes.count else { out.append("node[\(i)]"); continue }
+            let (a, b) = (nodes[i], other.nodes[i])
+            diff("node[\(i)].name", a.name, b.name)
+            diff("node[\(i)].replication_address", a.replicationAddress, b.replicationAddress)
+            diff("node[\(i)].service_address", a.serviceAddress, b.serviceAddress)
+            diff("node[\(i)].status_address", a.statusAddress, b.statusAddress)
+            diff("node[\(i)].backing", a.backing, b.backing)
+            diff("node[\(i)].metadata", a.metadata, b.metadata)
+            diff("node[\(i)].export_name", a.exportName, b.exportName)
+            diff("node[\(i)].create", a.create, b.create)
+        }
+        diff("arbitrator.address", arbitrator.address, other.arbitrator.address)
+        diff("arbitrator.status_address", arbitrator.statusAddress, other.arbitrator.statusAddress)
+        diff("arbitrator.state_dir", arbitrator.stateDir, other.arbitrator.stateDir)
+        for i in 0..<max(resources.count, other.resources.count) {
+            guard i < resources.count, i < other.resources.count else { out.append("resource[\(i)]"); continue }
+            let (a, b) = (resources[i], other.resources[i])
+            diff("resource[\(i)].name", a.name, b.name)
+            diff("resource[\(i)].agent", a.agent, b.agent)
+            diff("resource[\(i)].params", a.params, b.params)
+            diff("resource[\(i)].monitor_interval_ms", a.monitorInterval, b.monitorInterval)
+            diff("resource[\(i)].max_restarts", a.maxRestarts, b.maxRestarts)
+            diff("resource[\(i)].timeout_ms", a.timeout, b.timeout)
+        }
+        diff("hooks.on_promote", hooks.onPromote, other.hooks.onPromote)
+        diff("hooks.on_demote", hooks.onDemote, other.hooks.onDemote)
+        diff("hooks.timeout_ms", hooks.timeout, other.hooks.timeout)
+        diff("tls.ca_file", tls?.caFile, other.tls?.caFile)
+        diff("tls.cert_file", tls?.certFile, other.tls?.certFile)
+        diff("tls.key_file", tls?.keyFile, other.tls?.keyFile)
+        diff("export.tls", export.tls, other.export.tls)
+        diff("export.client_ca_file", export.clientCAFile, other.export.clientCAFile)
+        diff("export.allow", export.allow, other.export.allow)
+        diff("export.unix_socket", export.unixSocket, other.export.unixSocket)
+        diff("status.tls", status.tls, other.status.tls)
+        diff("status.read_token_file", status.readTokenFile, other.status.readTokenFile)
+        diff("log.level", logLevel, other.logLevel)
         return out
     }
 
@@ -547,6 +598,7 @@ public struct ClusterConfig: Sendable, Equatable {
             if !names.insert(r.name).inserted {
                 throw ConfigError(key: "resource[\(i)].name", message: "'\(r.name)' is used by an earlier resource; names must differ")
             }
+            if r.agent == .nbdAttach { try NBDAttachSettings.validate(r.params, key: "resource[\(i)].params") }
         }
 
         // TLS modes need certificates; a client CA only means something with TLS.

@@ -1,6 +1,7 @@
 import Foundation
 import HAShell
 import Logging
+import NIOConcurrencyHelpers
 
 /// Which hook runs (design.md §4: announce after promotion, and on demotion).
 enum HookKind: String, Sendable, CaseIterable {
@@ -58,24 +59,24 @@ enum HookOutcome: Sendable, Equatable {
 /// Runs `[hooks]` scripts with a time limit and logs the result. A hook's failure is
 /// reported, never fatal: the role change already happened and the hook only announces it.
 final class HookRunner: Sendable {
-    let hooks: ClusterConfig.Hooks
+    private let current: NIOLockedValueBox<ClusterConfig.Hooks>
     let logger: Logger
     let metrics: NodeMetrics?
 
-    init(hooks: ClusterConfig.Hooks, logger: Logger, metrics: NodeMetrics? = nil) {
-        self.hooks = hooks; self.logger = logger; self.metrics = metrics
+    /// The hooks in force (a reload may replace them: the next run uses the new ones).
+    var hooks: ClusterConfig.Hooks {
+        get { current.withLockedValue { $0 } }
+        set { current.withLockedValue { $0 = newValue } }
     }
 
-    func path(for kind: HookKind) -> String? {
-        switch kind {
-        case .onPromote: return hooks.onPromote
-        case .onDemote: return hooks.onDemote
-        }
+    init(hooks: ClusterConfig.Hooks, logger: Logger, metrics: NodeMetrics? = nil) {
+        current = NIOLockedValueBox(hooks); self.logger = logger; self.metrics = metrics
     }
 
     @discardableResult
     func run(_ kind: HookKind, context: HookContext) async -> HookOutcome {
-        guard let path = path(for: kind) else { return .notConfigured }
+        let hooks = self.hooks  // one reading: a reload during the run does not mix two configurations
+        guard let path = kind == .onPromote ? hooks.onPromote : hooks.onDemote else { return .notConfigured }
         var env = context.environment
         env["HAMGR_HOOK"] = kind.rawValue
         let meta: Logger.Metadata = ["event": "hook", "hook": "\(kind.rawValue)", "path": "\(path)",

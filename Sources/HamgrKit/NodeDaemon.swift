@@ -118,7 +118,8 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         nbd = NBDServer(group: group, childGroup: replicatedVolume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)",
                         tls: try Self.exportTLS(config, host: me.name.name), allow: config.export.allow, logger: logger)
         hooks = HookRunner(hooks: config.hooks, logger: logger, metrics: metrics)
-        resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics) { [weak self] resource, reason in
+        let resourceContext = ResourceContext(cluster: config.cluster.name, node: me.name.name, export: try NBDAttachTarget.own(config, node: me))
+        resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics, context: resourceContext) { [weak self] resource, reason in
             // A resource that keeps failing here may run on the peer: hand over (design.md §4).
             self?.control.async {
                 guard let self else { return }
@@ -278,28 +279,45 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         }
     }
 
-    /// SIGTERM: a master hands over first when it can, then everything stops.
+    /// SIGTERM: a master hands over first when it can, else stops its resources while its
+    /// export still serves; then everything stops.
     func shutdown() {
         let handedOver = DispatchSemaphore(value: 0)
-        control.async {
+        let resourcesDown = DispatchSemaphore(value: 0)
+        var stopsResourcesFirst = false
+        control.sync {
             _ = self.notifier.stopping()
             let st = self.runtime.core.status
             if st.role == .primary && st.peerReachable {
                 self.logger.notice("stopping: switching over first", metadata: self.eventMetadata("shutdown_switchover"))
                 self.runtime.admin(.switchover) { _ in handedOver.signal() }
+            } else if st.role == .primary {
+                // Nobody to hand over to: the resources stop while the export still serves
+                // (a filesystem on it flushes as it unmounts), then the node steps down. A
+                // lease lost meanwhile closes the export as always.
+                stopsResourcesFirst = true
+                self.logger.notice("stopping: no peer to hand over to; stopping resources before stepping down",
+                                   metadata: self.eventMetadata("shutdown_resources_first"))
+                let resources = self.resources!
+                self.inResourceOrder { try? await resources.stopAll(); resourcesDown.signal() }
+                handedOver.signal()
             } else {
                 handedOver.signal()
             }
         }
         _ = handedOver.wait(timeout: .now() + 5)
+        if stopsResourcesFirst { _ = resourcesDown.wait(timeout: .now() + 120) }
         control.sync {
             self.stopping = true
             self.ticker?.cancel()
             self.resourceRefresh?.cancel()
             if self.runtime.core.status.role == .primary { self.feed(.admin(.demote)) }
         }
+        // Behind any start or stop already queued (a promotion's start may still run):
+        // a stop beside it could finish first and leave what the start brings up running.
         let resourcesStopped = DispatchSemaphore(value: 0)
-        Task { try? await self.resources.stopAll(); resourcesStopped.signal() }
+        let resources = self.resources!
+        control.sync { inResourceOrder { try? await resources.stopAll(); resourcesStopped.signal() } }
         _ = resourcesStopped.wait(timeout: .now() + 120)
         dialers.forEach { $0.stop() }
         _ = try? nbd.stop().wait()
@@ -431,6 +449,21 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
 
     func holdServiceRestarts(_ on: Bool) {
         Task { await self.resources.holdRestarts(on) }
+    }
+
+    func cleanupResources(_ name: String?, reply: @escaping (NodeAdminOutcome) -> Void) {
+        let (resources, logger) = (self.resources!, self.logger)
+        let answer: @Sendable (NodeAdminOutcome) -> Void = { [weak self] outcome in self?.enqueue { reply(outcome) } }
+        // In the resource order: a cleanup never runs into a start or stop half done.
+        inResourceOrder {
+            do {
+                let lines = try await resources.cleanup(name)
+                for line in lines { logger.notice("resource \(line)", metadata: ["event": "resource_cleanup_done"]) }
+                answer(.ok(lines.isEmpty ? "no resources configured" : "cleaned up: " + lines.joined(separator: "; ")))
+            } catch {
+                answer(.refused("\(error)", status: 404))
+            }
+        }
     }
 
     func recordDiskFailure(_ detail: String) {
@@ -605,3 +638,55 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
 }
 
 extension ReplicatedVolume: NodeVolume {}
+
+extension NodeDaemon: ReloadTarget {
+    var liveSettings: Set<LiveSetting> { [.resources, .hooks, .resyncRate, .exportAllow] }
+
+    func apply(_ settings: Set<LiveSetting>, from fresh: ClusterConfig) -> [LiveSetting: String] {
+        var declined: [LiveSetting: String] = [:]
+        // What `hamgr check --node` checks of them on this host, before anything changes.
+        for (key, path) in [("hooks.on_promote", fresh.hooks.onPromote), ("hooks.on_demote", fresh.hooks.onDemote)] {
+            if settings.contains(.hooks), let path, access(path, X_OK) != 0 { declined[.hooks] = "\(key): \(path) is not an executable file" }
+        }
+        for (i, r) in fresh.resources.enumerated() {
+            if settings.contains(.resources), case .exec(let path) = r.agent, access(path, X_OK) != 0 {
+                declined[.resources] = "resource[\(i)].agent: \(path) is not an executable file"
+            }
+        }
+        if settings.contains(.hooks) && declined[.hooks] == nil {
+            hooks.hooks = fresh.hooks
+            logger.notice("reload: hooks applied (on_promote \(fresh.hooks.onPromote ?? "none"), on_demote \(fresh.hooks.onDemote ?? "none"), timeout_ms \(Int(fresh.hooks.timeout.milliseconds)))",
+                          metadata: eventMetadata("reload_applied").merging(["key": "hooks"]) { $1 })
+        }
+        if settings.contains(.resyncRate) {
+            replicatedVolume.setResyncRate(Int(fresh.volume.resyncRateBytesPerSecond))
+            logger.notice("reload: volume.resync_rate \(ByteSize.format(fresh.volume.resyncRateBytesPerSecond))/s applied",
+                          metadata: eventMetadata("reload_applied").merging(["key": "volume.resync_rate"]) { $1 })
+        }
+        if settings.contains(.exportAllow) {
+            nbd.allow = fresh.export.allow
+            let list = fresh.export.allow.isEmpty ? "any client" : fresh.export.allow.map(\.description).joined(separator: ", ")
+            logger.notice("reload: export.allow applied to new connections (\(list))",
+                          metadata: eventMetadata("reload_applied").merging(["key": "export.allow"]) { $1 })
+        }
+        if settings.contains(.resources) && declined[.resources] == nil {
+            // In the resource order, behind any start or stop queued before; the reload
+            // waits (bounded) so that its "reload done" follows the changes.
+            let done = DispatchSemaphore(value: 0)
+            let (resources, logger) = (self.resources!, self.logger)
+            let md = eventMetadata("reload_applied").merging(["key": "resource"]) { $1 }
+            control.sync {
+                inResourceOrder {
+                    for line in await resources.reconfigure(fresh.resources) {
+                        logger.notice("reload: resource \(line)", metadata: md)
+                    }
+                    done.signal()
+                }
+            }
+            if done.wait(timeout: .now() + 180) == .timedOut {
+                logger.warning("reload: the resource changes are still being applied", metadata: md)
+            }
+        }
+        return declined
+    }
+}

@@ -76,8 +76,8 @@ struct ExecutableAgentDriver: ResourceDriver {
         case .exec(let p):
             path = p
             env["OCF_RESOURCE_TYPE"] = (p as NSString).lastPathComponent
-        case .systemd:
-            preconditionFailure("systemd: resources use SystemdUnitDriver")
+        case .systemd, .nbdAttach:
+            preconditionFailure("\(resource.agent): resources have a driver of their own")
         }
         environment = env
         timeout = resource.timeout
@@ -218,10 +218,39 @@ struct SystemdUnitDriver: ResourceDriver {
     }
 }
 
+/// What the built-in resources need to know of the node they run on.
+struct ResourceContext: Sendable {
+    var cluster: String
+    /// This node's name: `{name}` in a parameter value stands for it (the config file is
+    /// the same on both nodes; tls.cert_file and export.unix_socket use the same placeholder).
+    var node: String = ""
+    var ocfRoot: String = "/usr/lib/ocf"
+    /// This node's own export, for `hamgr:nbd-attach` (nil: not known, e.g. in tests that
+    /// use no attach resource).
+    var export: NBDAttachTarget?
+
+    /// The driver for `resource` (agents by name in `overrides` win: tests).
+    func driver(for configured: ClusterConfig.Resource, overrides: [String: ResourceDriver] = [:]) -> ResourceDriver {
+        if let d = overrides[configured.name] { return d }
+        var resource = configured
+        resource.params = configured.params.mapValues { $0.replacingOccurrences(of: TLSSettings.hostPlaceholder, with: node) }
+        switch resource.agent {
+        case .systemd(let unit):
+            return SystemdUnitDriver(unit: unit, timeout: resource.timeout)
+        case .ocf, .exec:
+            return ExecutableAgentDriver(resource: resource, ocfRoot: ocfRoot)
+        case .nbdAttach:
+            return NBDAttachDriver(resource: resource, cluster: cluster, target: export)
+        }
+    }
+}
+
 /// Runs the `[[resource]]` list of design.md §4: started in order after promotion,
 /// stopped in reverse before demotion, each monitored at its interval; a failed monitor
-/// restarts the resource up to `max_restarts` times, then `onGiveUp` asks the daemon to
-/// switch over. Restart counts start from zero at every `startAll()`.
+/// restarts the resource (and, around it, the running resources after it) up to
+/// `max_restarts` times, then `onGiveUp` asks the daemon to switch over. Restart counts start from zero at every `startAll()` and at a `cleanup`.
+/// Entries are found by name, never by a remembered index: a reload may change the list
+/// while monitors run (`reconfigure`).
 actor ResourceManager {
     enum State: String, Sendable { case stopped, starting, running, failed, stopping }
 
@@ -230,6 +259,14 @@ actor ResourceManager {
         var action: ResourceAction
         var detail: String
         var description: String { "resource \(resource): \(action.rawValue) failed: \(detail)" }
+    }
+
+    struct UnknownResource: Error, CustomStringConvertible {
+        var name: String
+        var known: [String]
+        var description: String {
+            "no resource named '\(name)' on this node" + (known.isEmpty ? " (none configured)" : " (resources: \(known.joined(separator: ", ")))")
+        }
     }
 
     private struct Entry {
@@ -243,25 +280,20 @@ actor ResourceManager {
     private var entries: [Entry]
     private let logger: Logger
     private let metrics: NodeMetrics?
+    private let context: ResourceContext
+    private let overrides: [String: ResourceDriver]
     private let onGiveUp: @Sendable (_ resource: String, _ reason: String) async -> Void
     private var restartsHeld = false
+    /// Between a successful `startAll` and the next `stopAll`: this node runs its resources
+    /// (it is master). A reload starts added resources only then.
+    private var active = false
 
     /// `drivers` replaces the agents by name (tests); everything else is built from the config.
     init(resources: [ClusterConfig.Resource], logger: Logger, metrics: NodeMetrics? = nil,
-         ocfRoot: String = "/usr/lib/ocf", drivers: [String: ResourceDriver] = [:],
+         context: ResourceContext = ResourceContext(cluster: ""), drivers: [String: ResourceDriver] = [:],
          onGiveUp: @escaping @Sendable (_ resource: String, _ reason: String) async -> Void) {
-        entries = resources.map { r in
-            let driver: ResourceDriver
-            if let d = drivers[r.name] {
-                driver = d
-            } else if case .systemd(let unit) = r.agent {
-                driver = SystemdUnitDriver(unit: unit, timeout: r.timeout)
-            } else {
-                driver = ExecutableAgentDriver(resource: r, ocfRoot: ocfRoot)
-            }
-            return Entry(config: r, driver: driver)
-        }
-        self.logger = logger; self.metrics = metrics; self.onGiveUp = onGiveUp
+        entries = resources.map { Entry(config: $0, driver: context.driver(for: $0, overrides: drivers)) }
+        self.logger = logger; self.metrics = metrics; self.context = context; self.overrides = drivers; self.onGiveUp = onGiveUp
     }
 
     /// Start every resource in order, then begin monitoring. If one fails to start, those
@@ -269,30 +301,117 @@ actor ResourceManager {
     func startAll() async throws {
         await cancelMonitors()
         for i in entries.indices { entries[i].restarts = 0 }
-        for i in entries.indices {
-            let result = await perform(.start, at: i)
+        let names = entries.map(\.config.name)
+        for (k, name) in names.enumerated() {
+            let result = await perform(.start, name)
             guard result.ok else {
-                entries[i].state = .failed
-                for j in (0..<i).reversed() { _ = await perform(.stop, at: j) }
-                throw ResourceError(resource: entries[i].config.name, action: .start, detail: Self.explain(result))
+                if let i = index(name) { entries[i].state = .failed }
+                for earlier in names[..<k].reversed() { _ = await perform(.stop, earlier) }
+                throw ResourceError(resource: name, action: .start, detail: Self.explain(result))
             }
         }
-        for i in entries.indices { startMonitor(i) }
+        active = true
+        for name in names { startMonitor(name) }
     }
 
     /// Stop monitoring, then stop every resource in reverse order. Keeps going past a
     /// failed stop (the rest must still come down) and throws the first failure after.
     func stopAll() async throws {
+        active = false
         await cancelMonitors()
         var firstFailure: ResourceError?
-        for i in entries.indices.reversed() {
-            let result = await perform(.stop, at: i)
-            if !result.ok && result.status != .notRunning {
-                entries[i].state = .failed
-                firstFailure = firstFailure ?? ResourceError(resource: entries[i].config.name, action: .stop, detail: Self.explain(result))
-            }
+        for name in entries.map(\.config.name).reversed() {
+            if let failure = await stop(name) { firstFailure = firstFailure ?? failure }
         }
         if let firstFailure { throw firstFailure }
+    }
+
+    /// Stops one resource; the error if it did not stop.
+    private func stop(_ name: String) async -> ResourceError? {
+        let result = await perform(.stop, name)
+        guard !result.ok && result.status != .notRunning else { return nil }
+        if let i = index(name) { entries[i].state = .failed }
+        return ResourceError(resource: name, action: .stop, detail: Self.explain(result))
+    }
+
+    /// A reloaded `[[resource]]` list (docs/operator-guide.md, "Reload"). The longest prefix
+    /// of the list whose resources keep their name, position, agent and params stays as it
+    /// is (a new `monitor_interval_ms`, `max_restarts` or `timeout_ms` applies in place);
+    /// from the first resource added, removed, moved or changed on, the old resources are
+    /// stopped in reverse order and the new ones started in order — a resource may depend on
+    /// those before it (a filesystem on an attached device). Nothing starts or stops unless
+    /// this node runs its resources (master). One line per change, for the log.
+    func reconfigure(_ new: [ClusterConfig.Resource]) async -> [String] {
+        let old = entries.map(\.config)
+        var keep = 0
+        while keep < old.count, keep < new.count, old[keep].name == new[keep].name,
+              old[keep].agent == new[keep].agent, old[keep].params == new[keep].params {
+            keep += 1
+        }
+        var lines: [String] = []
+        let wasActive = active
+        // Stop the old tail, last first.
+        for r in old[keep...].reversed() {
+            await cancelMonitor(r.name)
+            let gone = !new.contains { $0.name == r.name }
+            if wasActive {
+                let failure = await stop(r.name)
+                lines.append("\(r.name): " + (gone ? "removed" : "changed") + (failure.map { "; stop failed: \($0.detail)" } ?? "; stopped"))
+            } else {
+                lines.append("\(r.name): " + (gone ? "removed" : "changed"))
+            }
+        }
+        // The prefix keeps its state; a new timing applies now (the monitor restarts with it).
+        for i in 0..<keep where old[i] != new[i] {
+            let name = new[i].name
+            let hadMonitor = entries[i].monitor != nil
+            await cancelMonitor(name)
+            entries[i].config = new[i]
+            entries[i].driver = context.driver(for: new[i], overrides: overrides)
+            if hadMonitor { startMonitor(name) }
+            lines.append("\(name): monitor_interval_ms \(Int(new[i].monitorInterval.milliseconds)), max_restarts \(new[i].maxRestarts), timeout_ms \(Int(new[i].timeout.milliseconds)) in force")
+        }
+        entries = Array(entries[..<keep]) + new[keep...].map { Entry(config: $0, driver: context.driver(for: $0, overrides: overrides)) }
+        for r in new[keep...] where !old.contains(where: { $0.name == r.name }) {
+            metrics?.precreate(resources: [r.name], hooks: [])
+        }
+        // Start the new tail in order. A failed start is left to the monitor, which counts
+        // it against max_restarts and, past them, switches over (as a failed restart does).
+        for r in new[keep...] {
+            let verb = old.contains { $0.name == r.name } ? "restarted" : "added"
+            guard wasActive, active else { lines.append("\(r.name): \(verb == "added" ? "added" : "changed") (starts with the next promotion)"); continue }
+            let result = await perform(.start, r.name)
+            startMonitor(r.name)
+            lines.append("\(r.name): \(verb)" + (result.ok ? "; started" : "; start failed: \(Self.explain(result))"))
+        }
+        return lines
+    }
+
+    /// `hactl resource cleanup [NAME]` (as `crm_resource --cleanup`): forget the failures of
+    /// one resource (or all): restarts back to 0, a failed state replaced by what a probe
+    /// finds now, a monitor that gave up running again. On a master that manages its
+    /// resources (no maintenance) a resource found stopped is started. One line per resource.
+    func cleanup(_ name: String?) async throws -> [String] {
+        if let name, index(name) == nil { throw UnknownResource(name: name, known: entries.map(\.config.name)) }
+        var lines: [String] = []
+        for n in name.map({ [$0] }) ?? entries.map(\.config.name) {
+            guard let i = index(n) else { continue }
+            let before = (state: entries[i].state, restarts: entries[i].restarts)
+            let probe = await entries[i].driver.run(.probe)
+            guard let j = index(n) else { continue }
+            entries[j].restarts = 0
+            entries[j].state = probe.ok ? .running : probe.status == .notRunning ? .stopped : .failed
+            var line = "\(n): restarts \(before.restarts) → 0, \(before.state.rawValue) → \(entries[j].state.rawValue)"
+            if active && !restartsHeld && entries[j].state != .running {
+                let result = await perform(.start, n)
+                line += result.ok ? "; started" : "; start failed: \(Self.explain(result))"
+            }
+            if active, let k = index(n), entries[k].monitor == nil { startMonitor(n) }
+            metrics?.resourceUp(n, index(n).map { entries[$0].state == .running } ?? false)
+            logger.notice("resource cleanup", metadata: ["event": "resource_cleanup", "resource": "\(n)", "detail": "\(line)"])
+            lines.append(line)
+        }
+        return lines
     }
 
     /// Freeze (or thaw) every resource that can be frozen (systemd units: the cgroup
@@ -329,15 +448,15 @@ actor ResourceManager {
     /// stopped, for the log.
     func stopStrays() async -> [String] {
         var lines: [String] = []
-        for i in entries.indices.reversed() {
-            let name = entries[i].config.name
-            let probe = await entries[i].driver.run(.probe)
+        for e in entries.reversed() {
+            let name = e.config.name
+            let probe = await e.driver.run(.probe)
             if probe.status == .notRunning { continue }
             guard probe.ok else {
                 lines.append("\(name): probe at start failed (\(Self.explain(probe))); left as it is")
                 continue
             }
-            let stop = await perform(.stop, at: i)
+            let stop = await perform(.stop, name)
             lines.append("\(name): found running at start; " + (stop.ok ? "stopped" : "stop failed: \(Self.explain(stop))"))
         }
         return lines
@@ -350,22 +469,27 @@ actor ResourceManager {
 
     // MARK: Internals
 
-    private func perform(_ action: ResourceAction, at i: Int) async -> AgentResult {
-        let name = entries[i].config.name
+    private func index(_ name: String) -> Int? { entries.firstIndex { $0.config.name == name } }
+
+    private func perform(_ action: ResourceAction, _ name: String) async -> AgentResult {
+        guard let i = index(name) else { return .failure("resource \(name) is no longer configured") }
         let agent = entries[i].config.agent.description
+        let driver = entries[i].driver
         switch action {
         case .start: entries[i].state = .starting
         case .stop: entries[i].state = .stopping
         case .monitor, .probe: break
         }
-        let result = await entries[i].driver.run(action)
+        let result = await driver.run(action)
         let ok = result.ok || (action == .stop && result.status == .notRunning)
-        switch action {
-        case .start: entries[i].state = ok ? .running : .failed
-        case .stop: entries[i].state = ok ? .stopped : .failed
-        case .monitor, .probe: break
+        if let i = index(name) {
+            switch action {
+            case .start: entries[i].state = ok ? .running : .failed
+            case .stop: entries[i].state = ok ? .stopped : .failed
+            case .monitor, .probe: break
+            }
+            if action == .start || action == .stop { metrics?.resourceUp(name, entries[i].state == .running) }
         }
-        if action == .start || action == .stop { metrics?.resourceUp(name, entries[i].state == .running) }
         let meta: Logger.Metadata = ["event": "resource_\(action.rawValue)", "resource": "\(name)", "agent": "\(agent)", "rc": "\(result.code)"]
         if ok {
             logger.info("resource \(action.rawValue) ok", metadata: meta)
@@ -375,39 +499,44 @@ actor ResourceManager {
         return result
     }
 
-    private func startMonitor(_ i: Int) {
+    private func startMonitor(_ name: String) {
+        guard let i = index(name) else { return }
         let interval = entries[i].config.monitorInterval
         entries[i].monitor = Task { [weak self] in
             while !Task.isCancelled {
                 try? await Task.sleep(for: interval)
                 guard !Task.isCancelled, let self else { return }
-                if await !self.monitorOnce(i) { return }
+                if await !self.monitorOnce(name) { return }
             }
         }
     }
 
-    /// One monitor round; false ends the monitor (gave up).
-    private func monitorOnce(_ i: Int) async -> Bool {
+    /// One monitor round; false ends the monitor (gave up, or the resource is gone).
+    private func monitorOnce(_ name: String) async -> Bool {
+        guard let i = index(name) else { return false }
         let entry = entries[i]
         let result = await entry.driver.run(.monitor)
         if Task.isCancelled { return false }
+        guard let i = index(name) else { return false }
         if result.ok {
-            metrics?.resourceUp(entry.config.name, true)
+            metrics?.resourceUp(name, true)
             if entries[i].state == .failed { entries[i].state = .running }
             return true
         }
-        metrics?.resourceUp(entry.config.name, false)
-        let name = entry.config.name
+        metrics?.resourceUp(name, false)
+        let restarts = entries[i].restarts, maxRestarts = entries[i].config.maxRestarts
         let meta: Logger.Metadata = ["event": "resource_monitor_failed", "resource": "\(name)", "rc": "\(result.code)",
-                                     "restarts": "\(entry.restarts)", "max_restarts": "\(entry.config.maxRestarts)"]
+                                     "restarts": "\(restarts)", "max_restarts": "\(maxRestarts)"]
         if restartsHeld {
             entries[i].state = .failed
             logger.warning("resource monitor failed; restarts are held, not acting", metadata: meta)
             return true
         }
-        if entry.restarts >= entry.config.maxRestarts {
+        if restarts >= maxRestarts {
             entries[i].state = .failed
-            let reason = "resource \(name) failed its monitor (\(Self.explain(result))) after \(entry.restarts) restart(s)"
+            // The monitor ends here; `cleanup` starts a new one.
+            entries[i].monitor = nil
+            let reason = "resource \(name) failed its monitor (\(Self.explain(result))) after \(restarts) restart(s)"
             logger.error("resource keeps failing; giving up", metadata: meta)
             // Outside the actor and this task: the daemon's switchover calls stopAll(),
             // which waits for this monitor to end.
@@ -417,12 +546,29 @@ actor ResourceManager {
         }
         entries[i].restarts += 1
         metrics?.resourceRestarted(name)
-        logger.warning("resource monitor failed; restarting", metadata: meta)
-        _ = await perform(.stop, at: i)
+        // Those after it may depend on it (a filesystem on an attached device): they go
+        // down first and come back after it, in order, as at a promotion.
+        let dependents = entries[(i + 1)...].filter { $0.state != .stopped }.map(\.config.name)
+        let along = dependents.isEmpty ? "" : " with \(dependents.joined(separator: ", ")) after it"
+        logger.warning("resource monitor failed; restarting\(along)", metadata: meta)
+        for d in dependents { await cancelMonitor(d) }
+        for d in dependents.reversed() { _ = await perform(.stop, d) }
+        _ = await perform(.stop, name)
         if Task.isCancelled { return false }
-        _ = await perform(.start, at: i)
+        _ = await perform(.start, name)
         // A failed start shows at the next monitor and counts against max_restarts there.
+        for d in dependents where !Task.isCancelled {
+            _ = await perform(.start, d)
+            startMonitor(d)
+        }
         return true
+    }
+
+    private func cancelMonitor(_ name: String) async {
+        guard let i = index(name), let task = entries[i].monitor else { return }
+        task.cancel()
+        entries[i].monitor = nil
+        await task.value
     }
 
     private func cancelMonitors() async {

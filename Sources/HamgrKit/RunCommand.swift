@@ -9,7 +9,13 @@ import NIOPosix
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
-        abstract: "Run a data node of a cluster (master or backup, as the quorum decides).")
+        abstract: "Run a data node of a cluster (master or backup, as the quorum decides).",
+        discussion: """
+        SIGHUP (systemctl reload) re-reads --config and applies [log] level, the [[resource]] \
+        list, [hooks], [volume] resync_rate and [export] allow at once; every other changed key \
+        is refused with one line naming it (it needs a restart). SIGHUP never ends the process. \
+        SIGTERM hands over first when a peer can take over, then stops.
+        """)
 
     @Option(name: .long, help: "The cluster's TOML configuration file.")
     var config: String
@@ -37,7 +43,8 @@ struct RunCommand: ParsableCommand {
             throw ExitCode(1)
         }
         try daemon.start()
-        waitForTermination(reload: { Reloader.reload(path: config, running: cfg, option: logLevel, startLevel: level) })
+        let reloader = Reloader(path: config, running: cfg, option: logLevel, startLevel: level, target: daemon)
+        waitForTermination(reload: { reloader.reload() })
         daemon.shutdown()
         try? group.syncShutdownGracefully()
     }
@@ -78,7 +85,10 @@ struct ArbitratorCommand: ParsableCommand {
             throw ExitCode(1)
         }
         try daemon.start()
-        waitForTermination(reload: { Reloader.reload(path: config[0], running: configs[0], option: logLevel, startLevel: level) })
+        // The arbitrator applies only the log level live: everything else it reads is
+        // refused by key until a restart.
+        let reloader = Reloader(path: config[0], running: configs[0], option: logLevel, startLevel: level, target: nil)
+        waitForTermination(reload: { reloader.reload() })
         daemon.shutdown()
         try? group.syncShutdownGracefully()
     }
@@ -94,35 +104,6 @@ func startLogging(_ config: ClusterConfig, option: String?, identifier: String) 
     }
     HamgrLogging.bootstrap(level: level, identifier: identifier)
     return level
-}
-
-/// `systemctl reload` (SIGHUP): re-read the config, apply what can change live, and say in
-/// one line each what needs a restart. Never exits. Applied live today: `[log] level`
-/// (unless `--log-level` or `$HAMGR_LOG_LEVEL` fixed it).
-enum Reloader {
-    static func reload(path: String, running: ClusterConfig, option: String?, startLevel: Logger.Level) {
-        let logger = Logger(label: "hamgr.reload")
-        let fresh: ClusterConfig
-        do {
-            fresh = try ClusterConfig.load(path: path)
-        } catch {
-            logger.error("reload refused: \(path): \(error); the running configuration stays", metadata: ["event": "reload_refused"])
-            return
-        }
-        let fixed = option != nil || !(ProcessInfo.processInfo.environment["HAMGR_LOG_LEVEL"] ?? "").isEmpty
-        let wanted = fixed ? startLevel : (fresh.logLevel.flatMap(HamgrLogging.level) ?? .info)
-        var current = logger
-        let before = current.logLevel
-        if wanted != before {
-            current.logLevel = wanted
-            logger.notice("reload: log level \(before) → \(wanted)", metadata: ["event": "reload_applied", "key": "log.level"])
-        }
-        for section in running.changedSections(comparedTo: fresh) {
-            logger.warning("reload: \(section) changed; it takes effect at the next restart (not applied)",
-                           metadata: ["event": "reload_needs_restart", "key": .string(section)])
-        }
-        logger.notice("reload done", metadata: ["event": "reload"])
-    }
 }
 
 /// Loads and validates a config; a bad one becomes one clear line and exit status 1.

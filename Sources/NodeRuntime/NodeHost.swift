@@ -42,6 +42,9 @@ public protocol NodeHost: AnyObject, Sendable {
     func unfenceServices()
     /// Maintenance mode: resources are not restarted while on.
     func holdServiceRestarts(_ on: Bool)
+    /// `resource_cleanup`: forget the failures of resource `name` (every resource when nil)
+    /// on this node. `reply` runs on the runtime's context exactly once.
+    func cleanupResources(_ name: String?, reply: @escaping (NodeAdminOutcome) -> Void)
 
     /// Log (critical) and record durably that this node's store failed, so a restart comes back outdated.
     func recordDiskFailure(_ detail: String)

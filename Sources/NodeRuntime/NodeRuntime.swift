@@ -279,6 +279,9 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
             host.volume.resolveSplitBrain(discardLocal: side == .local)
             if side == .local { feed(.admin(.localDataDiscarded)) }
             reply(.ok("split brain resolved by discarding the \(side.rawValue) side's changes; resync follows"))
+        case .resourceCleanup(let name):
+            // Local to this node's services: no quorum decision involved.
+            host.cleanupResources(name, reply: reply)
         }
     }
 

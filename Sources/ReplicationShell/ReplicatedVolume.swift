@@ -269,6 +269,16 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
     /// side; on the other side this asks the peer to do it.
     public func requestResync() { onLoop { self.run(.requestResync) } }
 
+    /// A new resync bandwidth cap in bytes per second (a reload of `volume.resync_rate`);
+    /// a running resync continues at it.
+    public func setResyncRate(_ bytesPerSecond: Int) {
+        onLoop {
+            guard !self.halted else { return }
+            self.perform(self.core.setResyncRate(bytesPerSecond, now: self.clock()))
+            self.publish()
+        }
+    }
+
     /// After a split brain: `discardLocal` makes this node the sync target of the peer on the
     /// next connect (its changes since the divergence are overwritten).
     public func resolveSplitBrain(discardLocal: Bool) { onLoop { self.run(.resolveSplitBrain(discardLocal: discardLocal)) } }

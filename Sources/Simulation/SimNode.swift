@@ -245,6 +245,11 @@ final class SimNode: NodeHost, @unchecked Sendable {
 
     func holdServiceRestarts(_ on: Bool) {}
 
+    /// The simulated services have no failure counts to forget.
+    func cleanupResources(_ name: String?, reply: @escaping (NodeAdminOutcome) -> Void) {
+        reply(.ok("no resources in the simulator"))
+    }
+
     func recordDiskFailure(_ detail: String) {
         diskFailureRecord = detail
         // An operator restarts a node whose store failed (the runtime keeps it diskless until then).

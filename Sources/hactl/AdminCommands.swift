@@ -507,3 +507,51 @@ final class ProgressBar {
 
     static func percent(_ f: Double) -> String { "\(Int((f * 100).rounded(.down)))%" }
 }
+
+struct ResourceCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "resource",
+        abstract: "Act on the resources of the nodes (the [[resource]] list).",
+        subcommands: [ResourceCleanupCommand.self])
+}
+
+struct ResourceCleanupCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cleanup",
+        abstract: "Forget a resource's failures (all resources without NAME), as `pcs resource cleanup`.",
+        discussion: """
+        On each node asked: the restart count goes back to 0, the resource is probed and its \
+        state (failed, stopped, running) replaced by what the probe finds, and a monitor that \
+        gave up runs again. On a master that manages its resources (not in maintenance) a \
+        resource found stopped is started. Sent to every node found through the endpoints, \
+        or only to --node.
+        """)
+
+    @ParentCommand var hactl: Hactl
+
+    @Argument(help: "The resource's name (default: every resource).")
+    var name: String?
+
+    @Option(name: .long, help: "Only on this node.")
+    var node: String?
+
+    @OptionGroup var output: JSONOption
+
+    func run() throws {
+        try reporting(action: "resource-cleanup", json: output.json) {
+            let client = try hactl.client(needsToken: true)
+            let views = client.discover().filter { $0.document != nil }
+            let targets = node.map { n in views.filter { $0.document?.node == n } } ?? views
+            guard !targets.isEmpty else {
+                let known = views.compactMap { $0.document?.node }
+                throw HactlError(node.map { "no endpoint answers for node \($0)" + (known.isEmpty ? "" : " (found: \(known.joined(separator: ", ")))") }
+                                 ?? "no node answered (see `hactl status`)")
+            }
+            let results = AdminResults("resource-cleanup", json: output.json)
+            for v in targets {
+                results.add(send(.resourceCleanup(name: name), to: v.endpoint, node: v.document?.node, with: client), nodePrefix: true)
+            }
+            try results.finish()
+        }
+    }
+}

@@ -33,7 +33,7 @@ struct Hactl: AsyncParsableCommand {
         subcommands: [StatusCommand.self, SwitchoverCommand.self, PromoteCommand.self, DemoteCommand.self,
                       MaintenanceCommand.self, VerifyCommand.self, ResyncCommand.self, ResolveCommand.self,
                       BootstrapCommand.self, InvalidateCommand.self, ArbitratorAcceptCommand.self,
-                      DrillCommand.self, DemoCommand.self])
+                      ResourceCommand.self, DrillCommand.self, DemoCommand.self])
 
     @Option(name: .long, help: ArgumentHelp("A node's status endpoint, http(s)://HOST:PORT (repeatable).", valueName: "url"))
     var endpoint: [String] = []

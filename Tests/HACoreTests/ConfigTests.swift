@@ -87,6 +87,11 @@ final class ConfigTests: XCTestCase {
             ("monitor_interval_ms = 5000", "monitor_interval_ms = 5000\n\n[[resource]]\nname = \"fs\"\nagent = \"ocf:heartbeat:Dummy\"", "resource[1].name"),
             ("[arbitrator]\naddress = \"10.3.0.1:7790\"\nstatus_address = \"10.3.0.1:9651\"\nstate_dir = \"/var/lib/hamgr/arbitrator\"\n", "", "arbitrator"),
             ("key_file = \"web1.key\"", "key_file = \"missing.key\"", "cluster.key_file"),
+            ("agent = \"ocf:heartbeat:Filesystem\"", "agent = \"hamgr:nbd-attach\"", "resource[0].params.directory"),
+            ("agent = \"ocf:heartbeat:Filesystem\"\nparams = { device = \"/dev/nbd0\", directory = \"/srv/web1\", fstype = \"ext4\" }",
+             "agent = \"hamgr:nbd-attach\"\nparams = { device = \"/dev/sda\" }", "resource[0].params.device"),
+            ("agent = \"ocf:heartbeat:Filesystem\"\nparams = { device = \"/dev/nbd0\", directory = \"/srv/web1\", fstype = \"ext4\" }",
+             "agent = \"hamgr:nbd-attach\"\nparams = { state_dir = \"/run/x\" }", "resource[0].params.device"),
             ("[cluster]", "[cluster\n", "config"),
         ]
         for (old, new, key) in cases {
@@ -277,9 +282,43 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(try ClusterConfig.ResourceAgent.parse("systemd:nginx", key: "k"), .systemd(unit: "nginx.service"))
         XCTAssertEqual(try ClusterConfig.ResourceAgent.parse("systemd:srv-web1.mount", key: "k"), .systemd(unit: "srv-web1.mount"))
         XCTAssertEqual(try ClusterConfig.ResourceAgent.parse("exec:/usr/local/bin/svc:x", key: "k"), .exec(path: "/usr/local/bin/svc:x"))
-        for bad in ["ocf:heartbeat", "ocf::Dummy", "ocf:../x:Dummy", "systemd:", "exec:", "Dummy"] {
+        XCTAssertEqual(try ClusterConfig.ResourceAgent.parse("hamgr:nbd-attach", key: "k"), .nbdAttach)
+        for bad in ["ocf:heartbeat", "ocf::Dummy", "ocf:../x:Dummy", "systemd:", "exec:", "Dummy", "hamgr:nbd", "hamgr:"] {
             XCTAssertThrowsError(try ClusterConfig.ResourceAgent.parse(bad, key: "resource[0].agent"), bad)
         }
+    }
+
+    /// `hamgr:nbd-attach`: `/dev/nbdN` is the kernel client, any other path (not under
+    /// /dev) the nbdfuse symlink; the state directory defaults per cluster and resource.
+    func testNBDAttachParameters() throws {
+        let kernel = try NBDAttachSettings(params: ["device": "/dev/nbd3"], key: "p")
+        XCTAssertEqual(kernel.method, .nbdClient)
+        XCTAssertEqual(kernel.stateDirectory(cluster: "web1", resource: "disk"), "/run/hamgr/web1/disk")
+        let fuse = try NBDAttachSettings(params: ["device": "/run/hamgr/web1/disk", "state_dir": "/var/tmp/x"], key: "p")
+        XCTAssertEqual(fuse.method, .nbdfuse)
+        XCTAssertEqual(fuse.stateDirectory(cluster: "web1", resource: "disk"), "/var/tmp/x")
+        for (params, key) in [(["device": "disk"], "p.device"), (["device": "/dev/nbd"], "p.device"), (["device": "/dev/loop0"], "p.device"),
+                              (["device": "/x/"], "p.device"), (["device": "/x", "fstype": "ext4"], "p.fstype"), (["device": "/x", "state_dir": "rel"], "p.state_dir")] {
+            XCTAssertThrowsError(try NBDAttachSettings(params: params, key: "p"), "\(params)") { error in
+                XCTAssertEqual((error as? ConfigError)?.key, key, "\(params): \(error)")
+            }
+        }
+    }
+
+    /// A reload names each changed key as it is spelled in the file, nothing else.
+    func testChangedKeysNameEachKey() throws {
+        let f = try ConfigFixture()
+        let a = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML))
+        XCTAssertEqual(a.changedKeys(comparedTo: a), [])
+        var b = a
+        b.timeouts.lease = .milliseconds(1500)
+        b.nodes[1].serviceAddress = "10.2.0.1:10810"
+        b.resources[0].params["fstype"] = "xfs"
+        b.resources.append(ClusterConfig.Resource(name: "web", agent: .systemd(unit: "nginx.service")))
+        b.export.allow = [ClientNetwork("10.0.0.0/8")!]
+        b.logLevel = "debug"
+        XCTAssertEqual(a.changedKeys(comparedTo: b),
+                       ["timeouts.lease_ms", "node[1].service_address", "resource[0].params", "resource[1]", "export.allow", "log.level"])
     }
 
     func testSizes() throws {

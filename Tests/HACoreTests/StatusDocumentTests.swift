@@ -91,7 +91,12 @@ final class StatusDocumentTests: XCTestCase {
         XCTAssertThrowsError(try AdminCommand.parse(action: "resolve", params: ["discard": .string("both")]))
         XCTAssertThrowsError(try AdminCommand.parse(action: "switchover", params: ["to": .string("b")]))
         XCTAssertThrowsError(try AdminCommand.parse(action: "reboot", params: [:]))
-        for c in [AdminCommand.switchover, .promote(force: true), .demote, .maintenance(on: true), .verify(repair: false), .verify(repair: true), .resync, .resolve(discard: .local), .bootstrap(assumeClean: false), .bootstrap(assumeClean: true), .invalidate] {
+        XCTAssertEqual(try AdminCommand.parse(action: "resource_cleanup", params: [:]), .resourceCleanup(name: nil))
+        XCTAssertEqual(try AdminCommand.parse(action: "resource_cleanup", params: ["resource": .string("fs")]), .resourceCleanup(name: "fs"))
+        XCTAssertThrowsError(try AdminCommand.parse(action: "resource_cleanup", params: ["resource": .string("")]))
+        XCTAssertThrowsError(try AdminCommand.parse(action: "resource_cleanup", params: ["name": .string("fs")]))
+        for c in [AdminCommand.switchover, .promote(force: true), .demote, .maintenance(on: true), .verify(repair: false), .verify(repair: true), .resync, .resolve(discard: .local), .bootstrap(assumeClean: false), .bootstrap(assumeClean: true), .invalidate,
+                  .resourceCleanup(name: nil), .resourceCleanup(name: "fs")] {
             XCTAssertEqual(try AdminCommand.parse(action: c.action, params: c.params), c, "params round-trip for \(c)")
         }
     }

@@ -213,6 +213,7 @@ extension HactlTests {
             (["--endpoint", urlB, "invalidate", "--yes"], "invalidate", "b"),
             (["--endpoint", urlB, "resolve", "--discard", "local", "--yes"], "resolve", "b"),
             (["--endpoint", urlB, "arbitrator-accept", "--yes"], "arbitrator-accept", "b"),
+            (["--endpoint", urlA, "resource", "cleanup", "fs", "--node", "b"], "resource-cleanup", "b"),
         ]
         for (args, action, node) in cases {
             let o = try jsonResult(args)
@@ -226,6 +227,7 @@ extension HactlTests {
             }
         }
         XCTAssertEqual(a.seen, [.switchover, .demote, .verify(repair: false), .resync])
+        XCTAssertEqual(b.seen.last, .resourceCleanup(name: "fs"), "cleanup reaches only --node, with the name")
 
         // A refusal: same shape, ok false, exit 1, the node's fields kept.
         b.reply = .refused("node b is outdated; it cannot be promoted", fields: ["disk_state": .string("outdated")])

@@ -104,7 +104,8 @@ final class ResourceManagerTests: XCTestCase {
         try await m.startAll()
         XCTAssertTrue(exists("d1"))
         try FileManager.default.removeItem(atPath: "\(dir)/d1.state")   // the "service" died
-        let restarted = await waitUntil(5) { await m.snapshot().first?.restarts == 1 && self.exists("d1") }
+        // The agent's state file appears before its start returns: wait for the state too.
+        let restarted = await waitUntil(5) { await m.snapshot().first.map { $0.restarts == 1 && $0.state == "running" } == true && self.exists("d1") }
         let snap = await m.snapshot()
         XCTAssertTrue(restarted, "the monitor notices and restarts: \(snap)")
         XCTAssertEqual(snap.first?.state, "running")
@@ -112,6 +113,23 @@ final class ResourceManagerTests: XCTestCase {
         XCTAssertTrue(giveUps.all.isEmpty)
         try await m.stopAll()
         XCTAssertFalse(exists("d1"))
+    }
+
+    /// A resource restarted after a failed monitor takes the running ones after it along
+    /// (they may sit on it: a filesystem on an attached device), in stop and start order.
+    func testRestartAfterAFailedMonitorRestartsThoseAfterIt() async throws {
+        let m = ResourceManager(resources: [try recorder("dev", interval: .milliseconds(100)), try recorder("fs"), try recorder("web")],
+                                logger: logger) { _, _ in }
+        try await m.startAll()
+        try FileManager.default.removeItem(atPath: log)
+        try FileManager.default.removeItem(atPath: "\(dir)/dev.state")
+        let back = await waitUntil(5) { self.actions().filter { $0.hasSuffix("start") }.count == 3 }
+        XCTAssertTrue(back, "\(actions())")
+        XCTAssertEqual(actions().filter { !$0.hasSuffix("monitor") }, ["web stop", "fs stop", "dev stop", "dev start", "fs start", "web start"])
+        let snap = await m.snapshot()
+        XCTAssertEqual(snap.map(\.state), ["running", "running", "running"])
+        XCTAssertEqual(snap.map(\.restarts), [1, 0, 0], "only the failed one counts")
+        try await m.stopAll()
     }
 
     func testRepeatedFailureGivesUpOnce() async throws {
@@ -174,6 +192,96 @@ final class ResourceManagerTests: XCTestCase {
             XCTAssertTrue("\(error)".contains("timed out"), "\(error)")
         }
         XCTAssertLessThan(Date().timeIntervalSince(start), 5, "the agent and its sleep are killed")
+    }
+
+    /// A reload's list (docs/operator-guide.md, "Reload"): the unchanged prefix keeps
+    /// running, a new timing applies in place, and from the first change on the old tail
+    /// stops in reverse and the new tail starts in order.
+    func testReconfigureKeepsThePrefixAndRestartsFromTheFirstChange() async throws {
+        let m = ResourceManager(resources: [try recorder("a1"), try recorder("a2"), try recorder("a3")], logger: logger) { _, _ in }
+        try await m.startAll()
+        try FileManager.default.removeItem(atPath: log)
+        var a1 = try recorder("a1")
+        a1.monitorInterval = .seconds(30)             // timing only: no restart
+        var a2 = try recorder("a2")
+        a2.params["color"] = "red"                     // params: restarted, and a3 after it
+        let lines = await m.reconfigure([a1, a2, try recorder("a3"), try recorder("a4")])
+        XCTAssertEqual(actions(), ["a3 stop", "a2 stop", "a2 start", "a3 start", "a4 start"], "\(lines)")
+        XCTAssertTrue(lines.contains { $0.hasPrefix("a4: added; started") }, "\(lines)")
+        XCTAssertTrue(lines.contains { $0.hasPrefix("a1: monitor_interval_ms 30000") }, "\(lines)")
+        XCTAssertTrue(try String(contentsOfFile: log, encoding: .utf8).contains("a2 start color=red"))
+        let names = await m.snapshot().map(\.name)
+        XCTAssertEqual(names, ["a1", "a2", "a3", "a4"])
+
+        // Removing the last one stops only it.
+        try FileManager.default.removeItem(atPath: log)
+        let removed = await m.reconfigure([a1, a2, try recorder("a3")])
+        XCTAssertEqual(actions(), ["a4 stop"], "\(removed)")
+        XCTAssertFalse(exists("a4"))
+        try await m.stopAll()
+        XCTAssertFalse(exists("a1") || exists("a2") || exists("a3"))
+    }
+
+    /// Not master (never started, or stopped): a reload changes the list and runs nothing.
+    func testReconfigureOnASecondaryRunsNothing() async throws {
+        let m = ResourceManager(resources: [try recorder("a1")], logger: logger) { _, _ in }
+        _ = await m.reconfigure([try recorder("a1"), try recorder("a2")])
+        XCTAssertEqual(actions(), [])
+        try await m.startAll()
+        XCTAssertEqual(actions(), ["a1 start", "a2 start"], "the next promotion starts the new list")
+        try await m.stopAll()
+    }
+
+    /// `hactl resource cleanup`: a resource whose monitor gave up is probed again, its
+    /// restarts go back to 0, it is started (a managed master) and monitored again.
+    func testCleanupResetsFailuresAndRestartsAGivenUpResource() async throws {
+        let giveUps = GiveUps()
+        let m = ResourceManager(resources: [dummyResource("d1", interval: .milliseconds(100), maxRestarts: 1)], logger: logger) { giveUps.add($0, $1) }
+        try await m.startAll()
+        try FileManager.default.removeItem(atPath: "\(dir)/d1.state")
+        let restarted = await waitUntil(5) { await m.snapshot().first?.restarts == 1 && self.exists("d1") }
+        XCTAssertTrue(restarted)
+        try FileManager.default.removeItem(atPath: "\(dir)/d1.state")
+        let gaveUp = await waitUntil(5) { !giveUps.all.isEmpty }
+        XCTAssertTrue(gaveUp)
+        let failed = await m.snapshot().first
+        XCTAssertEqual(failed?.state, "failed")
+        XCTAssertEqual(failed?.restarts, 1)
+
+        do {
+            _ = try await m.cleanup("nope")
+            XCTFail("an unknown name is refused")
+        } catch let e as ResourceManager.UnknownResource {
+            XCTAssertTrue(e.description.contains("resources: d1"), e.description)
+        }
+        let lines = try await m.cleanup("d1")
+        XCTAssertEqual(lines, ["d1: restarts 1 → 0, failed → stopped; started"])
+        let clean = await m.snapshot().first
+        XCTAssertEqual(clean?.state, "running")
+        XCTAssertEqual(clean?.restarts, 0)
+        XCTAssertTrue(exists("d1"))
+        // Monitored again: a new failure is restarted (and counted) instead of ignored.
+        try FileManager.default.removeItem(atPath: "\(dir)/d1.state")
+        let again = await waitUntil(5) { await m.snapshot().first?.restarts == 1 && self.exists("d1") }
+        XCTAssertTrue(again, "the monitor runs again after a cleanup")
+        XCTAssertEqual(giveUps.all.count, 1)
+        try await m.stopAll()
+    }
+
+    /// Held restarts (maintenance): cleanup resets the count and shows the probe's state,
+    /// and starts nothing.
+    func testCleanupUnderHeldRestartsStartsNothing() async throws {
+        let m = ResourceManager(resources: [dummyResource("d1", interval: .milliseconds(100))], logger: logger) { _, _ in }
+        try await m.startAll()
+        await m.holdRestarts(true)
+        try FileManager.default.removeItem(atPath: "\(dir)/d1.state")
+        let shown = await waitUntil(5) { await m.snapshot().first?.state == "failed" }
+        XCTAssertTrue(shown)
+        let lines = try await m.cleanup(nil)
+        XCTAssertEqual(lines, ["d1: restarts 0 → 0, failed → stopped"])
+        try await Task.sleep(for: .milliseconds(300))
+        XCTAssertFalse(exists("d1"), "unmanaged: not started")
+        try await m.stopAll()
     }
 
     /// No D-Bus here: systemd: resources fail, clearly, and nothing else is left running.

@@ -37,12 +37,68 @@ final class ResourcesAndHooksProcessTests: XCTestCase {
         usleep(1_500_000)  // several monitor intervals
         XCTAssertFalse(FileManager.default.fileExists(atPath: stateFile(master)), "restarted while unmanaged\n\(h.tail(master))")
         XCTAssertEqual(h.role(master), "primary", "a resource failure under maintenance must not move the master")
+        // A cleanup while unmanaged shows the probe's answer and starts nothing.
+        let cleanup = try h.admin(master, "resource_cleanup", body: "{\"resource\": \"dummy\"}")
+        XCTAssertEqual(cleanup.code, 200, cleanup.body)
+        XCTAssertTrue(cleanup.body.contains("→ stopped"), cleanup.body)
+        XCTAssertFalse(cleanup.body.contains("started"), cleanup.body)
+        usleep(600_000)
+        XCTAssertFalse(FileManager.default.fileExists(atPath: stateFile(master)), "cleanup started it while unmanaged\n\(h.tail(master))")
+        XCTAssertEqual(h.role(master), "primary")
 
         let off = try h.admin(master, "maintenance", body: "{\"on\": false}")
         XCTAssertEqual(off.code, 200, off.body)
         // Managed again: the failure counts now (max_restarts = 0: the master switches over).
         let backup = master == "a" ? "b" : "a"
         XCTAssertNotNil(h.waitForRole(backup, "primary", within: 20), h.tail(master))
+    }
+
+    /// `hactl resource cleanup` (issue 12): the master's restart count of a resource goes back
+    /// to 0 through the admin endpoint; an unknown name is refused naming the known ones.
+    func testResourceCleanupResetsTheFailureCount() throws {
+        guard FileManager.default.isExecutableFile(atPath: "/usr/lib/ocf/resource.d/heartbeat/Dummy") else {
+            throw XCTSkip("resource-agents is not installed")
+        }
+        let h = try ClusterHarness(name: "cleanup", subnet: 96, extraTOML: """
+            [[resource]]
+            name = "dummy"
+            agent = "ocf:heartbeat:Dummy"
+            monitor_interval_ms = 200
+            max_restarts = 3
+            """)
+        defer { h.shutdown() }
+        func stateFile(_ n: String) -> String { h.dir.appendingPathComponent("\(n)-rsc/Dummy-dummy.state").path }
+        for n in ["a", "b"] {
+            try FileManager.default.createDirectory(atPath: h.dir.appendingPathComponent("\(n)-rsc").path, withIntermediateDirectories: true)
+        }
+        try h.startArbitrator()
+        for n in ["a", "b"] { try h.startNode(n, env: ["HA_RSCTMP": h.dir.appendingPathComponent("\(n)-rsc").path]) }
+        let (master, backup) = try h.startedCluster(startProcesses: false)
+        XCTAssertTrue(waitUntil(10) { FileManager.default.fileExists(atPath: stateFile(master)) }, h.tail(master))
+        func dummy(_ n: String) -> [String: Any]? { (h.status(n)?["resources"] as? [[String: Any]])?.first }
+        try FileManager.default.removeItem(atPath: stateFile(master))
+        h.waitFor(master, "one restart recorded", within: 10) { _ in (dummy(master)?["restarts"] as? Int) == 1 }
+
+        let hactl = [ClusterHarness.hactl, "--endpoint", "http://\(h.node(master).statusAddress)", "--token-file", h.tokenPath]
+        let r = try shell(hactl + ["resource", "cleanup", "dummy", "--node", master, "--json"], timeout: 30)
+        XCTAssertEqual(r.status, 0, r.stdout + r.stderr)
+        let doc = try JSONSerialization.jsonObject(with: Data(r.stdout.utf8)) as? [String: Any]
+        XCTAssertEqual(doc?["action"] as? String, "resource-cleanup")
+        XCTAssertEqual(doc?["ok"] as? Bool, true, r.stdout)
+        XCTAssertEqual(doc?["node"] as? String, master)
+        XCTAssertTrue((doc?["message"] as? String)?.contains("dummy: restarts 1 → 0, running → running") ?? false, r.stdout)
+        h.waitFor(master, "restarts back to 0", within: 5) { _ in (dummy(master)?["restarts"] as? Int) == 0 }
+        XCTAssertEqual(dummy(master)?["state"] as? String, "running")
+        XCTAssertEqual(h.role(master), "primary")
+        XCTAssertTrue(h.tail(master, lines: 400).contains("event=resource_cleanup"), h.tail(master))
+
+        // Both nodes without --node; an unknown name is refused by each, naming the resources.
+        let all = try shell(hactl + ["resource", "cleanup"], timeout: 30)
+        XCTAssertEqual(all.status, 0, all.stdout + all.stderr)
+        XCTAssertTrue(all.stdout.contains("\(backup): cleaned up: dummy: restarts 0 → 0, stopped → stopped"), all.stdout)
+        let unknown = try shell(hactl + ["resource", "cleanup", "nope"], timeout: 30)
+        XCTAssertEqual(unknown.status, 1, unknown.stdout + unknown.stderr)
+        XCTAssertTrue(unknown.stderr.contains("no resource named 'nope' on this node (resources: dummy)"), unknown.stderr)
     }
 
     /// A resource left running (by a crash of this node as master, or by hand) is found by a

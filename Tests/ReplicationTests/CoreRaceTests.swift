@@ -91,4 +91,23 @@ final class CoreRaceTests: XCTestCase {
         for c in 0..<4 { _ = a.handle(Self.frame(1, .verifyReply(chunk: UInt64(c), match: c != 2)), now: now) }
         XCTAssertEqual(a.status.lastVerifyMismatches, [2])
     }
+
+    /// A reload of `volume.resync_rate` (issue 12): the core takes the new cap at once; a
+    /// running resync goes on at it (a fresh throttle) and says so.
+    func testResyncRateChangesLive() throws {
+        var a = Self.core("a", "b", chunks: 64)
+        let now = Instant(nanoseconds: 1_000_000_000)
+        XCTAssertTrue(a.setResyncRate(4 << 20, now: now).isEmpty, "nothing to pace yet")
+        XCTAssertEqual(a.settings.resyncRateBytesPerSecond, 4 << 20)
+        _ = try a.becomePrimary(epoch: Epoch(2), newGeneration: false, now: now).get()
+        _ = a.handle(.linkUp(1, "b"), now: now)
+        let acts = a.handle(Self.frame(1, .handshake(LinkHandshake(sizeBytes: 64 * 4096, chunkBytes: 4096, generations: Self.gen, diskState: .upToDate,
+                                                                   role: .secondary, crashedPrimary: true, discardLocal: false,
+                                                                   dirtyRuns: [ChunkRun(start: 0, count: 64)]))), now: now)
+        XCTAssertTrue(acts.contains { if case .log(_, let m) = $0 { return m.contains("sync source") && m.contains("4194304 B/s") }; return false }, "\(acts)")
+        let changed = a.setResyncRate(8 << 20, now: now + .milliseconds(1))
+        XCTAssertEqual(a.settings.resyncRateBytesPerSecond, 8 << 20)
+        XCTAssertTrue(changed.contains { if case .log(_, let m) = $0 { return m.contains("resync rate now ≤ 8388608 B/s") }; return false }, "\(changed)")
+        XCTAssertTrue(a.setResyncRate(8 << 20, now: now).isEmpty, "the same rate again changes nothing")
+    }
 }

@@ -270,6 +270,20 @@ final class NBDTLSTests: XCTestCase {
         }
     }
 
+    /// A reload of `export.allow` (issue 12): the new list applies to the next connection,
+    /// both ways.
+    func testAllowListChangesForNewConnections() throws {
+        let e = try export(allow: ["10.0.0.0/8"])
+        XCTAssertEqual(try RawNBDSocket(port: e.port).receiveUntilClosed(), [], "outside the first list")
+        e.server.allow = [ClientNetwork("127.0.0.0/8")!]
+        XCTAssertNotNil(try RawNBDSocket(port: e.port).greet(), "inside the new list")
+        e.server.allow = [ClientNetwork("192.0.2.0/24")!]
+        XCTAssertEqual(try RawNBDSocket(port: e.port).receiveUntilClosed(), [], "outside again")
+        XCTAssertTrue(TestExport.eventually { self.log.entries(event: "nbd_client_refused").count == 2 }, "\(log.all)")
+        e.server.allow = []
+        XCTAssertNotNil(try RawNBDSocket(port: e.port).greet(), "an empty list lets anyone in")
+    }
+
     // MARK: Unix socket
 
     func testUnixSocketExportServesWithoutTLS() throws {

@@ -6,6 +6,24 @@ import NIOCore
 extension ReplicationCore {
     // MARK: resync
 
+    /// A new resync bandwidth cap (a reload of `volume.resync_rate`). A resync in progress
+    /// goes on at the new rate from now; later ones start at it.
+    public mutating func setResyncRate(_ bytesPerSecond: Int, now: Instant) -> [CoreAction] {
+        out = []
+        eventNow = max(eventNow, now)
+        let rate = max(1, bytesPerSecond)
+        guard rate != settings.resyncRateBytesPerSecond else { return out }
+        settings.resyncRateBytesPerSecond = rate
+        if var r = resync {
+            r.throttle = ResyncThrottle(bytesPerSecond: rate, chunkBytes: settings.chunkBytes)
+            resync = r
+            log(.notice, "resync rate now ≤ \(rate) B/s")
+            pumpResync(now)
+        }
+        noteChanges()
+        return out
+    }
+
     func isRepairSource(_ l: Link) -> Bool {
         guard header.diskState == .upToDate else { return false }
         if role == .primary { return true }

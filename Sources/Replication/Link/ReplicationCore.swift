@@ -163,7 +163,8 @@ public enum CoreAction: Sendable {
 /// no sockets, no clock, no global random numbers). `ReplicatedVolume` is the shell that
 /// feeds it events and carries out its actions.
 public struct ReplicationCore: Sendable {
-    public let settings: ReplicationSettings
+    /// Fixed at start but for `resyncRateBytesPerSecond` (`setResyncRate`).
+    public internal(set) var settings: ReplicationSettings
     public internal(set) var header: MetadataHeader
     public internal(set) var bitmap: DirtyBitmap
     public internal(set) var role: Role = .secondary

@@ -19,8 +19,12 @@ public final class NBDServer: @unchecked Sendable {
     public let exportDescription: String?
     /// NBD_OPT_STARTTLS on TCP connections; nil: refused as unsupported.
     public let tls: TLS?
-    /// Networks a TCP client must come from; empty: any.
-    public let allow: [ClientNetwork]
+    /// Networks a TCP client must come from; empty: any. A change (a reload of
+    /// `export.allow`) applies to connections accepted after it.
+    public var allow: [ClientNetwork] {
+        get { lock.withLock { state.allow } }
+        set { lock.withLockVoid { state.allow = newValue } }
+    }
     /// A connection that has not entered the transmission phase by then is closed, so that
     /// clients stuck in (or abandoning) the handshake hold no connection for ever. Applies
     /// to connections accepted after it is set. Default 30 s.
@@ -40,6 +44,7 @@ public final class NBDServer: @unchecked Sendable {
         var unixSocket: String?
         var stopped = false
         var handshakeTimeout: TimeAmount = .seconds(30)
+        var allow: [ClientNetwork] = []
         /// Every accepted connection, with the volume it is serving (nil during the handshake).
         var connections: [ObjectIdentifier: (channel: Channel, volume: BlockVolume?)] = [:]
     }
@@ -57,7 +62,7 @@ public final class NBDServer: @unchecked Sendable {
         self.exportName = exportName
         self.exportDescription = exportDescription
         self.tls = tls
-        self.allow = allow
+        self.state.allow = allow
         self.logger = logger
     }
 
@@ -122,6 +127,7 @@ public final class NBDServer: @unchecked Sendable {
 
     /// Whether a TCP client at `peer` may connect (`allow` empty, or a network holds it).
     private func allows(_ peer: SocketAddress?) -> Bool {
+        let allow = self.allow
         guard !allow.isEmpty else { return true }
         guard let peer else { return false }
         return allow.contains { $0.contains(peer) }
