@@ -183,9 +183,9 @@ final class RawClient {
         return false
     }
 
-    /// The next length-prefixed frame (prefix included), waiting at most `seconds`; nil if
-    /// none arrived whole.
-    func readFrame(seconds: Double) -> [UInt8]? {
+    /// The next length-prefixed frame (prefix included) of at most `maxBytes`, waiting at
+    /// most `seconds`; nil if none arrived whole.
+    func readFrame(seconds: Double, maxBytes: Int = 64 * 1024) -> [UInt8]? {
         let end = Date().addingTimeInterval(seconds)
         var got: [UInt8] = []
         var buf = [UInt8](repeating: 0, count: 1)
@@ -193,7 +193,7 @@ final class RawClient {
             guard got.count >= 4 else { return 4 }
             return 4 + Int(UInt32(got[0]) << 24 | UInt32(got[1]) << 16 | UInt32(got[2]) << 8 | UInt32(got[3]))
         }
-        while got.count < want(), got.count <= 4 + Frame.maxHandshakeBodyBytes {
+        while got.count < want(), got.count <= maxBytes {
             var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
             let left = Int32(end.timeIntervalSinceNow * 1000)
             guard left > 0, poll(&p, 1, left) > 0, read(fd, &buf, 1) == 1 else { return nil }
