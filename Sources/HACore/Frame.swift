@@ -9,12 +9,14 @@ import NIOCore
 /// Wire layout, big-endian:
 /// `u32 length` (bytes after this field) · `u8 version` · `u8 kind` · `u64 sequence` ·
 /// `u64 epoch` · payload · trailer.
-/// Session frames (version 2) carry the payload encrypted with AES-256-GCM under the
+/// Session frames (version 3) carry the payload encrypted with AES-256-GCM under the
 /// session key of their direction; the trailer is the 16-byte GCM tag, the header (version…
 /// epoch) is authenticated with it, and the nonce is the sequence number. The hello that
 /// opens a session (kind 255, sequence 0) is not secret — the receiver must read the claimed
 /// cluster to pick the key — so it is authenticated only, with HMAC-SHA256 under the cluster
-/// key (32-byte trailer).
+/// key (32-byte trailer). Until the peer's hello has been verified a frame may announce at
+/// most `maxHandshakeBodyBytes`: an unauthenticated connection cannot make the receiver
+/// buffer a whole `maxBodyBytes` frame.
 /// `kind` belongs to the module that owns the channel (quorum or replication); the sequence
 /// starts at 1 after the hello and rises by one per frame, so a replayed or reordered frame
 /// fails the check, and a frame of another session fails authentication.
@@ -31,7 +33,9 @@ public struct Frame: Sendable {
         self.payload = payload
     }
 
-    public static let version: UInt8 = 2
+    /// 3: the listener's hello answers the dialer's nonce and the dialer confirms the session
+    /// key with its first frame (version 2 had neither; the two do not interoperate).
+    public static let version: UInt8 = 3
     public static let headerBytes = 1 + 1 + 8 + 8
     /// The GCM tag of a session frame.
     public static let tagBytes = AESGCMKey.tagBytes
@@ -42,6 +46,11 @@ public struct Frame: Sendable {
     public static let maxPayloadBytes = 32 * 1024 * 1024 + 4096
     public static let minBodyBytes = headerBytes + tagBytes
     public static let maxBodyBytes = headerBytes + maxPayloadBytes + helloMACBytes
+    /// Largest frame body accepted before the session is authenticated (the hello, and the
+    /// dialer's key confirmation that follows it). The largest hello is 18 bytes of header,
+    /// three strings of at most 1 + 255 bytes, two 16-byte nonces and the 32-byte MAC: 850
+    /// bytes (`HelloMessage.maxEncodedBytes` in the transport).
+    public static let maxHandshakeBodyBytes = 4 * 1024
 
     /// Append a hello frame (length prefix included), authenticated with `key`.
     public static func sealHello(payload: ByteBuffer, key: SymmetricKey, into out: inout ByteBuffer) {
@@ -87,6 +96,8 @@ public struct Frame: Sendable {
 /// Why a frame was refused. Refusal closes the link with this reason logged.
 public enum FrameError: Error, Equatable, CustomStringConvertible {
     case tooLarge(UInt32)
+    /// A length above `Frame.maxHandshakeBodyBytes` before the peer's hello was verified.
+    case tooLargeBeforeAuthentication(UInt32)
     case tooSmall(UInt32)
     case badVersion(UInt8)
     case badMAC
@@ -96,6 +107,8 @@ public enum FrameError: Error, Equatable, CustomStringConvertible {
     public var description: String {
         switch self {
         case .tooLarge(let n): return "frame of \(n) bytes exceeds the maximum \(Frame.maxBodyBytes)"
+        case .tooLargeBeforeAuthentication(let n):
+            return "frame of \(n) bytes before the session is authenticated exceeds the handshake limit \(Frame.maxHandshakeBodyBytes) (not a hamgr peer, or an attempt to make this node buffer unauthenticated data)"
         case .tooSmall(let n): return "frame of \(n) bytes is shorter than a header and tag"
         case .badVersion(let v): return "unsupported frame version \(v) (this node speaks \(Frame.version); upgrade both nodes)"
         case .badMAC: return "frame authentication failed (wrong cluster key, tampered frame, or a frame of another session)"
@@ -227,17 +240,19 @@ public struct FrameSealer: Sendable {
 /// The framing rule: a body of `length` bytes follows its length prefix, and the length is
 /// bounded before it is trusted. (The transport's `FrameSplitter` applies it to a socket.)
 public enum FrameBodyDecoder {
-    /// The length prefix, if it may be trusted.
-    public static func checkedLength(_ length: UInt32) throws -> UInt32 {
+    /// The length prefix, if it may be trusted. Before the session is `authenticated` only a
+    /// handshake frame's length is (`Frame.maxHandshakeBodyBytes`).
+    public static func checkedLength(_ length: UInt32, authenticated: Bool = true) throws -> UInt32 {
+        guard authenticated || length <= Frame.maxHandshakeBodyBytes else { throw FrameError.tooLargeBeforeAuthentication(length) }
         guard length <= Frame.maxBodyBytes else { throw FrameError.tooLarge(length) }
         guard length >= Frame.minBodyBytes else { throw FrameError.tooSmall(length) }
         return length
     }
 
     /// The next complete body in `buffer`, nil if more bytes are needed.
-    public static func nextBody(_ buffer: inout ByteBuffer) throws -> ByteBuffer? {
+    public static func nextBody(_ buffer: inout ByteBuffer, authenticated: Bool = true) throws -> ByteBuffer? {
         guard let length: UInt32 = buffer.getInteger(at: buffer.readerIndex) else { return nil }
-        _ = try checkedLength(length)
+        _ = try checkedLength(length, authenticated: authenticated)
         guard buffer.readableBytes >= 4 + Int(length) else { return nil }
         buffer.moveReaderIndex(forwardBy: 4)
         return buffer.readSlice(length: Int(length))

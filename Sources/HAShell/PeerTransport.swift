@@ -30,11 +30,13 @@ public struct PeerSessionCallbacks {
 
 /// An encrypted, authenticated, replay-protected session over TCP (design.md §3 "Frames").
 ///
-/// Handshake: each side sends a hello frame (sequence 0, HMAC-SHA256 with the cluster key;
-/// a listener accepts any of the cluster's keys and answers under the one used)
-/// with a fresh 16-byte nonce. Each direction then encrypts with its own AES-256-GCM key,
-/// HMAC(clusterKey, "hamgr/2" ‖ sender ‖ senderNonce ‖ receiverNonce), with sequences from 1
-/// as nonces, so frames from an earlier session, or echoed back, fail authentication.
+/// Handshake (`PeerSessionHandler`): each side sends a hello frame (sequence 0, HMAC-SHA256
+/// with the cluster key; a listener accepts any of the cluster's keys and answers under the
+/// one used) with a fresh 16-byte nonce; the listener's also answers the dialer's nonce. Each
+/// direction then encrypts with its own AES-256-GCM key,
+/// HMAC(clusterKey, "hamgr/3" ‖ sender ‖ senderNonce ‖ receiverNonce), with sequences from 1
+/// as nonces, so frames from an earlier session, or echoed back, fail authentication. The
+/// dialer's first frame confirms its key; the listener's session exists only after it.
 public final class PeerConnection: @unchecked Sendable, CustomStringConvertible {
     public let channel: Channel
     public let local: PeerHello
@@ -141,7 +143,66 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
 
 /// Frame kind 0 is the transport's keepalive on every channel; owners never see it.
 public let keepaliveFrameKind: UInt8 = 0
+/// Frame kind 254 is the dialer's key confirmation, its first session frame (sequence 1);
+/// owners never see it.
+public let keyConfirmationFrameKind: UInt8 = 254
 
+/// The payload of a hello frame: who sends it and a fresh nonce; a listener's hello also
+/// answers the dialer's nonce, so its MAC proves it was made for this connection.
+/// Strings are one length byte and at most 255 bytes of UTF-8.
+struct HelloMessage: Equatable {
+    static let nonceBytes = 16
+    /// The largest payload: three strings and two nonces. With header and MAC it must stay
+    /// within `Frame.maxHandshakeBodyBytes` (`FrameTests.testLargestHelloFitsTheHandshakeLimit`).
+    static let maxEncodedBytes = 3 * (1 + 255) + 2 * nonceBytes
+
+    var hello: PeerHello
+    var nonce: [UInt8]
+    /// The dialer's nonce, in a listener's hello; nil in a dialer's.
+    var answering: [UInt8]?
+
+    func encode(into b: inout ByteBuffer) {
+        PeerSessionHandler.writeString(hello.cluster, to: &b)
+        PeerSessionHandler.writeString(hello.node.name, to: &b)
+        PeerSessionHandler.writeString(hello.channel, to: &b)
+        b.writeBytes(nonce)
+        if let answering { b.writeBytes(answering) }
+    }
+
+    /// The claimed cluster, read before authentication: the key depends on it.
+    static func peekCluster(_ body: ByteBuffer) -> String? {
+        var peek = body
+        guard peek.readableBytes > Frame.headerBytes else { return nil }
+        peek.moveReaderIndex(forwardBy: Frame.headerBytes)
+        return PeerSessionHandler.readString(&peek)
+    }
+
+    /// Decodes an authenticated payload; nil unless it is exactly a dialer's hello
+    /// (`answers` false) or a listener's (`answers` true).
+    static func decode(_ payload: ByteBuffer, answers: Bool) -> HelloMessage? {
+        var p = payload
+        guard let cluster = PeerSessionHandler.readString(&p), let node = PeerSessionHandler.readString(&p),
+              let channel = PeerSessionHandler.readString(&p), let nonce = p.readBytes(length: nonceBytes) else { return nil }
+        let answering = answers ? p.readBytes(length: nonceBytes) : nil
+        guard answers == (answering != nil), p.readableBytes == 0 else { return nil }
+        return HelloMessage(hello: PeerHello(cluster: cluster, node: NodeID(node), channel: channel), nonce: nonce, answering: answering)
+    }
+}
+
+/// One side of a session's handshake and then its frames (architecture.md "Security").
+///
+/// Handshake, each step refused with the reason logged and the connection closed:
+/// 1. The dialer sends its hello (its nonce nD), MAC'd under its cluster key.
+/// 2. The listener verifies it under each of the cluster's keys, routes it, and answers with
+///    its own hello (its nonce nL, and nD), MAC'd under the key that verified. The dialer
+///    accepts it only if it answers its own nD: a listener's hello from another connection
+///    is refused, so a dialer never takes a replayed listener for a live one.
+/// 3. Both derive the session keys (each binds nD and nL). The dialer sends the key
+///    confirmation frame, sealed under its send key, and is established. The listener is
+///    established only once that frame opens: a replayed dialer hello (valid MAC, old nonce)
+///    cannot produce it, so it never reaches the owner and never replaces a live session.
+/// Until then a frame may announce at most `Frame.maxHandshakeBodyBytes`, and each step must
+/// finish within `max(idleTimeout, handshakeTimeout)` of the one before.
 final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
@@ -155,10 +216,20 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     private let refused: ((String) -> Void)?
     private var callbacks: PeerSessionCallbacks?
     private var connection: PeerConnection?
+    /// A listener's session between its hello and the dialer's key confirmation: what the
+    /// route gave and the keys, handed to the owner only once the confirmation opens.
+    private var unconfirmed: (local: PeerHello, remote: PeerHello, callbacks: PeerSessionCallbacks, sendKey: SymmetricKey, keyIndex: Int)?
     private var openSealer: FrameSealer?
-    private var myNonce = [UInt8](repeating: 0, count: 16)
+    private var myNonce = [UInt8](repeating: 0, count: HelloMessage.nonceBytes)
     private var clusterKey: SymmetricKey?
     private var lastReceive = NIODeadline.now()
+    /// When the current handshake step began (the connection, then the listener's hello):
+    /// a step is bounded from here, not from the last byte, so a peer that trickles bytes
+    /// cannot hold an unauthenticated connection open.
+    private var handshakeStepStarted = NIODeadline.now()
+    /// The splitter in front of this handler: it bounds frames to the handshake size until
+    /// the session is established.
+    var splitter: FrameSplitter?
     /// Set while the channel is active; the sweeper ticks the session through it.
     private var context: ChannelHandlerContext?
     private var closeReason = "connection closed by peer"
@@ -172,14 +243,14 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
         self.callbacks = dialerCallbacks
         self.refused = refused
         var rng = SystemRandomNumberGenerator()
-        for i in 0..<16 { myNonce[i] = UInt8.random(in: 0...255, using: &rng) }
+        for i in 0..<myNonce.count { myNonce[i] = UInt8.random(in: 0...255, using: &rng) }
     }
 
     func channelActive(context: ChannelHandlerContext) {
         if side == .dialer, let local {
             guard let key = keysForCluster(local.cluster).first else { return fail(context, "no key for cluster \(local.cluster)") }
             clusterKey = key
-            sendHello(context, local, key: key)
+            sendHello(context, HelloMessage(hello: local, nonce: myNonce, answering: nil), key: key)
         }
         SessionSweeper.register(self, on: context.eventLoop, period: Self.sweepPeriod(idleTimeout))
         self.context = context
@@ -204,24 +275,27 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     /// detects silence on time, and an overloaded one at most that far behind.
     func sweep(now: NIODeadline, stalled: TimeAmount = .zero) {
         guard let ctx = context else { return }
-        // A session still in its handshake gets longer: under a connection storm hellos
-        // queue, and cutting them at the idle timeout only feeds the storm.
-        let limit = connection == nil ? max(idleTimeout, Self.handshakeTimeout) : idleTimeout
-        if now - lastReceive > limit + stalled {
-            fail(ctx, connection == nil
-                 ? "no hello within \(limit.nanoseconds / 1_000_000) ms"
-                 : "peer silent for more than \(idleTimeout.nanoseconds / 1_000_000) ms")
-        } else if let c = connection, now - c.lastSent >= Self.keepaliveAfter(idleTimeout) {
+        guard let c = connection else {
+            // A handshake step gets longer than the idle timeout: under a connection storm
+            // hellos queue, and cutting them at the idle timeout only feeds the storm.
+            let limit = max(idleTimeout, Self.handshakeTimeout)
+            if now - handshakeStepStarted > limit + stalled {
+                let ms = limit.nanoseconds / 1_000_000
+                fail(ctx, unconfirmed != nil ? "hello replayed or key not confirmed: no key confirmation within \(ms) ms of our hello"
+                                             : "no hello within \(ms) ms")
+            }
+            return
+        }
+        if now - lastReceive > idleTimeout + stalled {
+            fail(ctx, "peer silent for more than \(idleTimeout.nanoseconds / 1_000_000) ms")
+        } else if now - c.lastSent >= Self.keepaliveAfter(idleTimeout) {
             c.send(kind: keepaliveFrameKind, epoch: .zero, payload: ByteBuffer())
         }
     }
 
-    private func sendHello(_ context: ChannelHandlerContext, _ me: PeerHello, key: SymmetricKey) {
+    private func sendHello(_ context: ChannelHandlerContext, _ hello: HelloMessage, key: SymmetricKey) {
         var p = context.channel.allocator.buffer(capacity: 128)
-        Self.writeString(me.cluster, to: &p)
-        Self.writeString(me.node.name, to: &p)
-        Self.writeString(me.channel, to: &p)
-        p.writeBytes(myNonce)
+        hello.encode(into: &p)
         var out = context.channel.allocator.buffer(capacity: 256)
         Frame.sealHello(payload: p, key: key, into: &out)
         context.writeAndFlush(NIOAny(out), promise: nil)
@@ -243,50 +317,89 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
             }
             return
         }
+        if unconfirmed != nil { return handleKeyConfirmation(context, body) }
         handleHello(context, body)
     }
 
     private func handleHello(_ context: ChannelHandlerContext, _ body: ByteBuffer) {
-        // Read the claimed cluster before authenticating: the key depends on it.
-        var peek = body
-        peek.moveReaderIndex(forwardBy: min(Frame.headerBytes, peek.readableBytes))
-        guard let cluster = Self.readString(&peek), let node = Self.readString(&peek),
-              let chan = Self.readString(&peek), let nonce = peek.readBytes(length: 16) else {
-            return fail(context, "malformed hello")
-        }
+        guard let cluster = HelloMessage.peekCluster(body) else { return fail(context, "malformed hello") }
         // A dialer knows its key; a listener accepts any of the cluster's keys (a rollover
         // has two) and answers under the one the dialer used.
         let candidates = clusterKey.map { [$0] } ?? keysForCluster(cluster)
         guard !candidates.isEmpty else { return fail(context, "hello for unknown cluster \(cluster)") }
-        guard let keyIndex = candidates.firstIndex(where: { if case .success = Frame.openHello(body, key: $0) { return true }; return false }) else {
-            return fail(context, "hello failed authentication (wrong cluster key?)")
+        var opened: (index: Int, payload: ByteBuffer)?
+        var refusal: FrameError?  // why a hello whose MAC verified was refused (e.g. another version)
+        for (i, k) in candidates.enumerated() {
+            switch Frame.openHello(body, key: k) {
+            case .success(let p): opened = (i, p)
+            case .failure(let e): if e != .badMAC, refusal == nil { refusal = e }
+            }
+            if opened != nil { break }
         }
+        guard let (keyIndex, payload) = opened else {
+            return fail(context, refusal?.description ?? "hello failed authentication (wrong cluster key?)")
+        }
+        guard let theirs = HelloMessage.decode(payload, answers: side == .dialer) else { return fail(context, "malformed hello") }
         let key = candidates[keyIndex]
-        let remote = PeerHello(cluster: cluster, node: NodeID(node), channel: chan)
-        let me: PeerHello
+        let remote = theirs.hello
         switch side {
         case .dialer:
-            me = local!
+            let me = local!
             guard remote.cluster == me.cluster, remote.channel == me.channel else { return fail(context, "peer answered for \(remote)") }
+            guard theirs.answering == myNonce else {
+                return fail(context, "listener's hello does not answer this connection's nonce (replayed hello?)")
+            }
             guard route(remote) != nil else { return fail(context, "unexpected peer \(remote.node)") }
+            let (sendKey, recvKey) = sessionKeys(key, me: me, remote: remote, theirNonce: theirs.nonce)
+            openSealer = FrameSealer(key: recvKey)
+            let conn = PeerConnection(channel: context.channel, local: me, remote: remote, sendKey: sendKey, keyIndex: keyIndex)
+            // Sequence 1 of our direction, ahead of anything the owner sends.
+            conn.send(kind: keyConfirmationFrameKind, epoch: .zero, payload: ByteBuffer())
+            establish(conn)
         case .listener:
-            guard let r = route(remote) else { return fail(context, "refused hello from \(remote.node) for \(cluster)/\(chan)") }
-            me = r.local
-            callbacks = r.callbacks
+            guard let r = route(remote) else { return fail(context, "refused hello from \(remote.node) for \(cluster)/\(remote.channel)") }
             clusterKey = key
-            sendHello(context, me, key: key)
+            sendHello(context, HelloMessage(hello: r.local, nonce: myNonce, answering: theirs.nonce), key: key)
+            let (sendKey, recvKey) = sessionKeys(key, me: r.local, remote: remote, theirNonce: theirs.nonce)
+            openSealer = FrameSealer(key: recvKey)
+            unconfirmed = (r.local, remote, r.callbacks, sendKey, keyIndex)
+            handshakeStepStarted = .now()
         }
-        let sendKey = Self.sessionKey(key, sender: me.node.name, senderNonce: myNonce, receiverNonce: nonce)
-        let recvKey = Self.sessionKey(key, sender: remote.node.name, senderNonce: nonce, receiverNonce: myNonce)
-        openSealer = FrameSealer(key: recvKey)
-        let conn = PeerConnection(channel: context.channel, local: me, remote: remote, sendKey: sendKey, keyIndex: keyIndex)
+    }
+
+    /// The listener's last handshake step: the dialer's first frame must be the key
+    /// confirmation, sealed under the session key that binds this connection's nonces.
+    private func handleKeyConfirmation(_ context: ChannelHandlerContext, _ body: ByteBuffer) {
+        guard let u = unconfirmed, var opener = openSealer else { return }
+        switch opener.open(body, allocator: context.channel.allocator) {
+        case .success(let frame) where frame.kind == keyConfirmationFrameKind:
+            openSealer = opener
+            unconfirmed = nil
+            callbacks = u.callbacks
+            let conn = PeerConnection(channel: context.channel, local: u.local, remote: u.remote, sendKey: u.sendKey, keyIndex: u.keyIndex)
+            conn.noteReceived(4 + body.readableBytes)
+            establish(conn)
+        case .success(let frame):
+            fail(context, "hello replayed or key not confirmed: first frame is kind \(frame.kind), not the key confirmation")
+        case .failure(let err):
+            fail(context, "hello replayed or key not confirmed: \(err.description)")
+        }
+    }
+
+    private func establish(_ conn: PeerConnection) {
         connection = conn
+        splitter?.authenticated = true
         callbacks?.established(conn)
+    }
+
+    private func sessionKeys(_ key: SymmetricKey, me: PeerHello, remote: PeerHello, theirNonce: [UInt8]) -> (send: SymmetricKey, receive: SymmetricKey) {
+        (Self.sessionKey(key, sender: me.node.name, senderNonce: myNonce, receiverNonce: theirNonce),
+         Self.sessionKey(key, sender: remote.node.name, senderNonce: theirNonce, receiverNonce: myNonce))
     }
 
     static func sessionKey(_ key: SymmetricKey, sender: String, senderNonce: [UInt8], receiverNonce: [UInt8]) -> SymmetricKey {
         var mac = HMAC<SHA256>(key: key)
-        mac.update(data: Array("hamgr/2".utf8))
+        mac.update(data: Array("hamgr/3".utf8))
         mac.update(data: Array(sender.utf8))
         mac.update(data: senderNonce)
         mac.update(data: receiverNonce)
@@ -302,8 +415,12 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        closeReason = (error as? FrameError)?.description ?? "\(error)"
-        context.close(promise: nil)
+        // A refused frame is the peer's doing and is logged as a refusal; a socket error is not.
+        guard let frameError = error as? FrameError else {
+            closeReason = "\(error)"
+            return context.close(promise: nil)
+        }
+        fail(context, frameError.description)
     }
 
     func channelInactive(context: ChannelHandlerContext) {
@@ -443,6 +560,13 @@ final class FrameSplitter: ChannelInboundHandler {
     /// A body being gathered, and how many of its bytes are still to come.
     private var gathering: (body: ByteBuffer, missing: Int)?
     private var failed = false
+    /// False until the session handler has verified the peer: until then a frame may announce
+    /// at most `Frame.maxHandshakeBodyBytes`, so nothing big is allocated for a stranger.
+    /// Set synchronously from the handler's `channelRead`, so the next frame of the same read
+    /// is already judged by the session limit.
+    var authenticated: Bool
+
+    init(authenticated: Bool = true) { self.authenticated = authenticated }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         guard !failed else { return }
@@ -465,11 +589,11 @@ final class FrameSplitter: ChannelInboundHandler {
                         h.writeBuffer(&part)
                         if h.readableBytes < 4 { head = h; return }
                     }
-                    let length = try FrameBodyDecoder.checkedLength(h.getInteger(at: h.readerIndex)!)
+                    let length = try FrameBodyDecoder.checkedLength(h.getInteger(at: h.readerIndex)!, authenticated: authenticated)
                     h.moveReaderIndex(forwardBy: 4)
                     startBody(length: length, have: &h, context)
                 } else if let length = input.getInteger(at: input.readerIndex, as: UInt32.self) {
-                    let body = Int(try FrameBodyDecoder.checkedLength(length))
+                    let body = Int(try FrameBodyDecoder.checkedLength(length, authenticated: authenticated))
                     guard input.readableBytes >= 4 + body else {
                         input.moveReaderIndex(forwardBy: 4)
                         startBody(length: UInt32(body), have: &input, context)
@@ -518,8 +642,10 @@ private func sessionPipeline(_ channel: Channel, _ handler: PeerSessionHandler, 
                 try channel.syncOptions?.setOption(ChannelOptions.recvAllocator,
                                                    value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 64 * 1024, maximum: 1024 * 1024))
             }
+            let splitter = FrameSplitter(authenticated: false)
+            handler.splitter = splitter
             try channel.pipeline.syncOperations.addHandler(LinkActivityHandler(handler))
-            try channel.pipeline.syncOperations.addHandler(FrameSplitter())
+            try channel.pipeline.syncOperations.addHandler(splitter)
             try channel.pipeline.syncOperations.addHandler(handler)
         }
     }

@@ -227,6 +227,83 @@ final class FrameTests: XCTestCase {
         XCTAssertThrowsError(try FrameBodyDecoder.nextBody(&tiny)) { XCTAssertEqual($0 as? FrameError, .tooSmall(3)) }
     }
 
+    /// The largest hello there can be (three 255-byte strings, both nonces) fits the limit on
+    /// frames before authentication, and is accepted under it.
+    func testLargestHelloFitsTheHandshakeLimit() throws {
+        let long = String(repeating: "x", count: 300)  // cut to 255 bytes on the wire
+        let message = HelloMessage(hello: PeerHello(cluster: long, node: NodeID(long), channel: long),
+                                   nonce: [UInt8](repeating: 1, count: 16), answering: [UInt8](repeating: 2, count: 16))
+        var payload = ByteBuffer()
+        message.encode(into: &payload)
+        XCTAssertEqual(payload.readableBytes, HelloMessage.maxEncodedBytes)
+        var wire = ByteBuffer()
+        Frame.sealHello(payload: payload, key: key, into: &wire)
+        XCTAssertEqual(wire.readableBytes - 4, Frame.headerBytes + HelloMessage.maxEncodedBytes + Frame.helloMACBytes)
+        XCTAssertLessThanOrEqual(wire.readableBytes - 4, Frame.maxHandshakeBodyBytes)
+        let body = try XCTUnwrap(try FrameBodyDecoder.nextBody(&wire, authenticated: false))
+        XCTAssertEqual(HelloMessage.decode(try Frame.openHello(body, key: key).get(), answers: true)?.answering, message.answering)
+    }
+
+    /// A dialer's hello (no answered nonce) and a listener's (one) are told apart exactly: one
+    /// is never read as the other, and trailing bytes are refused.
+    func testHelloMessagesDecodeStrictly() {
+        let dialer = HelloMessage(hello: PeerHello(cluster: "t", node: "a", channel: "test"), nonce: [UInt8](repeating: 3, count: 16), answering: nil)
+        var listener = dialer
+        listener.answering = [UInt8](repeating: 4, count: 16)
+        var d = ByteBuffer(), l = ByteBuffer()
+        dialer.encode(into: &d)
+        listener.encode(into: &l)
+        XCTAssertEqual(HelloMessage.decode(d, answers: false), dialer)
+        XCTAssertEqual(HelloMessage.decode(l, answers: true), listener)
+        XCTAssertNil(HelloMessage.decode(d, answers: true), "a dialer's hello is not a listener's")
+        XCTAssertNil(HelloMessage.decode(l, answers: false), "a listener's hello is not a dialer's")
+        var trailing = d
+        trailing.writeInteger(UInt8(0))
+        XCTAssertNil(HelloMessage.decode(trailing, answers: false))
+        XCTAssertNil(HelloMessage.decode(d.getSlice(at: d.readerIndex, length: d.readableBytes - 1)!, answers: false))
+    }
+
+    /// Before authentication a length above `maxHandshakeBodyBytes` is refused on the prefix
+    /// alone; after it, the session limit applies — from the very next frame of the same read.
+    func testHandshakeLimitBeforeAuthentication() throws {
+        var huge = ByteBuffer()
+        huge.writeInteger(UInt32(32 << 20))
+        var h2 = huge
+        XCTAssertThrowsError(try FrameBodyDecoder.nextBody(&huge, authenticated: false)) {
+            XCTAssertEqual($0 as? FrameError, .tooLargeBeforeAuthentication(32 << 20))
+        }
+        XCTAssertNil(try FrameBodyDecoder.nextBody(&h2), "after authentication 32 MiB is a length to wait for")
+        var edge = ByteBuffer()
+        edge.writeInteger(UInt32(Frame.maxHandshakeBodyBytes))
+        XCTAssertNil(try FrameBodyDecoder.nextBody(&edge, authenticated: false), "the limit itself is allowed")
+        edge.clear()
+        edge.writeInteger(UInt32(Frame.maxHandshakeBodyBytes + 1))
+        XCTAssertThrowsError(try FrameBodyDecoder.nextBody(&edge, authenticated: false))
+
+        // One read: a small frame, then a 64 KiB one. The handler after the splitter marks the
+        // session authenticated on the first, so the second passes.
+        var tx = FrameSealer(key: key)
+        var wire = sealed([1], sealer: &tx)
+        var big = sealed([UInt8](repeating: 9, count: 64 * 1024), sealer: &tx)
+        wire.writeBuffer(&big)
+        for lift in [true, false] {
+            let splitter = FrameSplitter(authenticated: false)
+            let bodies = NIOLockedValueBox(0)
+            let channel = EmbeddedChannel(handlers: [splitter, AuthenticateOnFirstBody(splitter: splitter, lift: lift, bodies: bodies)])
+            if lift {
+                XCTAssertNoThrow(try channel.writeInbound(wire))
+                XCTAssertEqual(bodies.withLockedValue { $0 }, 2)
+            } else {
+                XCTAssertThrowsError(try channel.writeInbound(wire)) {
+                    XCTAssertEqual($0 as? FrameError, .tooLargeBeforeAuthentication(UInt32(Frame.minBodyBytes + 64 * 1024)))
+                }
+                XCTAssertEqual(bodies.withLockedValue { $0 }, 1)
+            }
+            _ = try? channel.finish()
+        }
+        XCTAssertEqual(keyConfirmationFrameKind, 254)  // PeerHandshakeTests spells it out
+    }
+
     /// Two real sessions over loopback: frames flow both ways; a dialer with the wrong key is
     /// refused and the listener keeps serving the next, correct dialer.
     func testSessionsOverLoopback() throws {
@@ -340,4 +417,18 @@ final class FrameTests: XCTestCase {
 
 extension Result {
     var failure: Failure? { if case .failure(let e) = self { return e }; return nil }
+}
+
+/// Counts bodies and, when `lift`, marks the splitter authenticated on the first, as the
+/// session handler does on a verified hello.
+private final class AuthenticateOnFirstBody: ChannelInboundHandler {
+    typealias InboundIn = ByteBuffer
+    let splitter: FrameSplitter
+    let lift: Bool
+    let bodies: NIOLockedValueBox<Int>
+    init(splitter: FrameSplitter, lift: Bool, bodies: NIOLockedValueBox<Int>) { self.splitter = splitter; self.lift = lift; self.bodies = bodies }
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        bodies.withLockedValue { $0 += 1 }
+        if lift { splitter.authenticated = true }
+    }
 }

@@ -114,8 +114,9 @@ final class KeepaliveTests: XCTestCase {
     }
 }
 
-/// The peer side of the session protocol driven by hand (hello, session keys, frames), so a
-/// test can make it fall silent and see every frame the other side sends, keepalives included.
+/// The dialer side of the session protocol driven by hand (hello, session keys, key
+/// confirmation, frames), so a test can make it fall silent and see every frame the other
+/// side sends, keepalives included.
 final class RawPeer: ChannelInboundHandler, @unchecked Sendable {
     typealias InboundIn = ByteBuffer
     let key: SymmetricKey
@@ -156,6 +157,10 @@ final class RawPeer: ChannelInboundHandler, @unchecked Sendable {
         }
         sendSealer = FrameSealer(key: PeerSessionHandler.sessionKey(key, sender: hello.node.name, senderNonce: nonce, receiverNonce: theirs))
         openSealer = FrameSealer(key: PeerSessionHandler.sessionKey(key, sender: node, senderNonce: theirs, receiverNonce: nonce))
+        // The listener opens the session only on the dialer's key confirmation (sequence 1).
+        var confirmation = ByteBuffer()
+        sendSealer!.seal(kind: keyConfirmationFrameKind, epoch: .zero, payload: ByteBuffer(), into: &confirmation)
+        context.writeAndFlush(NIOAny(confirmation), promise: nil)
         established.withLockedValue { $0 = true }
     }
 

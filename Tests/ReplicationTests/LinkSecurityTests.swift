@@ -93,6 +93,118 @@ final class LinkSecurityTests: XCTestCase {
     }
 }
 
+extension LinkSecurityTests {
+    /// Issue 13: a dialer's hello captured on the wire (valid MAC, old nonce) and replayed to
+    /// the backup's listener on fresh connections — alone, and followed by the captured key
+    /// confirmation — while the real link is live. Neither connection becomes a session: the
+    /// live link is not replaced, writes keep being acknowledged, and the listener logs and
+    /// closes both (the first at once, the second at the handshake timeout).
+    func testReplayedHelloDoesNotReplaceTheLiveLink() throws {
+        let (pair, relay) = try relayedPair()
+        let a = pair.a!, b = pair.b!
+        let loop = pair.group.next()
+        try a.write(offset: 0, data: ByteBuffer(bytes: Self.pattern(4096, seed: 20)), fua: false, on: loop).wait()
+        let captured = relay.dialerFrames(session: 0)
+        XCTAssertGreaterThanOrEqual(captured.count, 2, "the relay saw the hello and at least one frame after it")
+        let hello = try XCTUnwrap(captured.first), firstFrame = try XCTUnwrap(captured.dropFirst().first)
+        let established = b.status.linksEstablished
+        let port = try XCTUnwrap(pair.listener.localPort)
+
+        let started = Date()
+        let withConfirmation = try RawClient(port: port)
+        defer { withConfirmation.close() }
+        let helloOnly = try RawClient(port: port)
+        defer { helloOnly.close() }
+        XCTAssertTrue(withConfirmation.send(hello + firstFrame))
+        XCTAssertTrue(helloOnly.send(hello))
+
+        // Writes go on being acknowledged through the live link while both replays are open.
+        var written: [(offset: Int, data: [UInt8])] = []
+        var closedAfter: [String: TimeInterval] = [:]
+        while closedAfter.count < 2, Date().timeIntervalSince(started) < 12 {
+            let offset = (1 << 20) + written.count * 4096
+            let data = Self.pattern(4096, seed: UInt64(offset))
+            try a.write(offset: UInt64(offset), data: ByteBuffer(bytes: data), fua: false, on: loop).wait()
+            written.append((offset, data))
+            for (name, c) in [("withConfirmation", withConfirmation), ("helloOnly", helloOnly)] where closedAfter[name] == nil {
+                if c.isClosedByPeer(waitingMilliseconds: 50) { closedAfter[name] = Date().timeIntervalSince(started) }
+            }
+        }
+        let backup = pair.fileBytes("b")
+        for w in written { XCTAssertEqual(Array(backup[w.offset..<w.offset + 4096]), w.data, "the backup holds the write at \(w.offset)") }
+        XCTAssertGreaterThan(written.count, 10, "writes were acknowledged while the replays were open")
+        XCTAssertLessThan(try XCTUnwrap(closedAfter["withConfirmation"], "replayed hello + confirmation left open"), 2,
+                          "a confirmation that does not open closes the connection at once")
+        XCTAssertLessThan(try XCTUnwrap(closedAfter["helloOnly"], "replayed hello left open"), 8,
+                          "an unconfirmed hello is closed at the handshake timeout")
+        let refusals = pair.logs.all.filter { $0.hasPrefix("[listener] warning: refused session from ") && $0.contains("hello replayed or key not confirmed") }
+        XCTAssertEqual(refusals.count, 2, "\(pair.logs.all.filter { $0.contains("[listener]") })")
+        XCTAssertFalse(pair.logs.contains("replaced by a new session"), "a replayed hello replaced the live session")
+        XCTAssertFalse(pair.logs.contains("new replication session replaces the old one"))
+        XCTAssertEqual(b.status.linksEstablished, established, "the replays never reached the volume as sessions")
+        XCTAssertEqual(a.status.peerState, .inSync)
+        XCTAssertEqual(relay.dialerFrames(session: 1).count, 0, "the real dialer never had to redial")
+    }
+}
+
+/// A plain TCP client on 127.0.0.1, for bytes that no hamgr peer would send.
+final class RawClient {
+    let fd: Int32
+
+    init(port: Int) throws {
+        fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = FrameRelay.loopback(port: UInt16(port))
+        let ok = withUnsafePointer(to: &addr) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_in>.size)) } }
+        guard ok == 0 else { Glibc.close(fd); throw POSIXError(.ECONNREFUSED) }
+    }
+
+    func send(_ bytes: [UInt8]) -> Bool {
+        var sent = 0
+        while sent < bytes.count {
+            let r = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + sent, bytes.count - sent, Int32(MSG_NOSIGNAL)) }
+            guard r > 0 else { return false }
+            sent += r
+        }
+        return true
+    }
+
+    /// Whether the other side has closed the connection, reading (and dropping) whatever it
+    /// sent for at most `waitingMilliseconds`.
+    func isClosedByPeer(waitingMilliseconds: Int32) -> Bool {
+        let end = Date().addingTimeInterval(Double(waitingMilliseconds) / 1000)
+        var buf = [UInt8](repeating: 0, count: 4096)
+        repeat {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let left = max(0, Int32(end.timeIntervalSinceNow * 1000))
+            guard poll(&p, 1, left) > 0 else { return false }
+            let n = read(fd, &buf, buf.count)
+            if n <= 0 { return true }
+        } while Date() < end
+        return false
+    }
+
+    /// The next length-prefixed frame (prefix included) of at most `maxBytes`, waiting at
+    /// most `seconds`; nil if none arrived whole.
+    func readFrame(seconds: Double, maxBytes: Int = 64 * 1024) -> [UInt8]? {
+        let end = Date().addingTimeInterval(seconds)
+        var got: [UInt8] = []
+        var buf = [UInt8](repeating: 0, count: 1)
+        func want() -> Int {
+            guard got.count >= 4 else { return 4 }
+            return 4 + Int(UInt32(got[0]) << 24 | UInt32(got[1]) << 16 | UInt32(got[2]) << 8 | UInt32(got[3]))
+        }
+        while got.count < want(), got.count <= maxBytes {
+            var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            let left = Int32(end.timeIntervalSinceNow * 1000)
+            guard left > 0, poll(&p, 1, left) > 0, read(fd, &buf, 1) == 1 else { return nil }
+            got.append(buf[0])
+        }
+        return got.count == want() ? got : nil
+    }
+
+    func close() { Glibc.close(fd) }
+}
+
 /// Finds a run of at least `run` bytes of `pattern` inside other bytes. Indexes the pattern's
 /// 8-byte words at multiples of 8: any run of ≥ 15 bytes contains one of them.
 struct RunFinder {
@@ -169,6 +281,12 @@ final class FrameRelay: @unchecked Sendable {
     }
 
     var capture: [UInt8] { lock.lock(); defer { lock.unlock() }; return bytes }
+    /// The frames the dialer sent in relayed connection `session` (length prefix included):
+    /// [0] is its hello, [1] its key confirmation.
+    func dialerFrames(session: Int) -> [[UInt8]] {
+        lock.lock(); defer { lock.unlock() }
+        return session < sessions.count ? sessions[session] : []
+    }
     var tampered: Bool { lock.lock(); defer { lock.unlock() }; return didTamper }
     func arm(_ t: Tamper) { lock.lock(); armed = t; didTamper = false; lock.unlock() }
 

@@ -89,6 +89,7 @@ final class VolumePair: @unchecked Sendable {
         let lk = self.listenerKey
         listener = try PeerListener.bind(host: "127.0.0.1", port: 0, group: group, idleTimeout: .seconds(2),
                                          keysForCluster: { $0 == "test" ? [lk] : [] },
+                                         refused: { [logs] why in logs.append("[listener] warning: \(why)") },
                                          route: { [weak self] hello in
                                              guard hello.channel == ReplicatedVolumeConfig.channel, hello.node == "a",
                                                    let b = self?.b else { return nil }
