@@ -26,11 +26,12 @@ final class CoreRaceTests: XCTestCase {
 
     /// A peer's handshake announcing `dirty` chunks, then the bitmap frames that carry them;
     /// returns the core's actions for all of them.
-    static func greet(_ core: inout ReplicationCore, session: SessionID, role: Role, crashedPrimary: Bool, dirty: [Int], now: Instant) -> [CoreAction] {
-        var map = DirtyBitmap(chunkCount: 4)
+    static func greet(_ core: inout ReplicationCore, session: SessionID, role: Role, crashedPrimary: Bool, dirty: [Int], chunks: Int = 4,
+                      now: Instant) -> [CoreAction] {
+        var map = DirtyBitmap(chunkCount: chunks)
         map.mark(dirty)
         let frames = LinkMessage.dirtyBitmapFrames(map)
-        let hs = LinkMessage.handshake(LinkHandshake(sizeBytes: 4 * 4096, chunkBytes: 4096, generations: gen, diskState: .upToDate, role: role,
+        let hs = LinkMessage.handshake(LinkHandshake(sizeBytes: UInt64(chunks * 4096), chunkBytes: 4096, generations: gen, diskState: .upToDate, role: role,
                                                      crashedPrimary: crashedPrimary, discardLocal: false,
                                                      dirtyChunks: UInt64(map.setCount), dirtyPages: UInt32(frames.count)))
         return ([hs] + frames).flatMap { core.handle(frame(session, $0), now: now) }
@@ -101,9 +102,7 @@ final class CoreRaceTests: XCTestCase {
         XCTAssertEqual(a.settings.resyncRateBytesPerSecond, 4 << 20)
         _ = try a.becomePrimary(epoch: Epoch(2), newGeneration: false, now: now).get()
         _ = a.handle(.linkUp(1, "b"), now: now)
-        let acts = a.handle(Self.frame(1, .handshake(LinkHandshake(sizeBytes: 64 * 4096, chunkBytes: 4096, generations: Self.gen, diskState: .upToDate,
-                                                                   role: .secondary, crashedPrimary: true, discardLocal: false,
-                                                                   dirtyRuns: [ChunkRun(start: 0, count: 64)]))), now: now)
+        let acts = Self.greet(&a, session: 1, role: .secondary, crashedPrimary: true, dirty: Array(0..<64), chunks: 64, now: now)
         XCTAssertTrue(acts.contains { if case .log(_, let m) = $0 { return m.contains("sync source") && m.contains("4194304 B/s") }; return false }, "\(acts)")
         let changed = a.setResyncRate(8 << 20, now: now + .milliseconds(1))
         XCTAssertEqual(a.settings.resyncRateBytesPerSecond, 8 << 20)
