@@ -167,6 +167,17 @@ final class ReplicationLink {
         end(s, side: 1 - i, after: abrupt ? linkTimeout : latency.1, abrupt ? "link timeout" : "connection reset")
     }
 
+    /// The connection is reset (a middlebox, an interface flap): both sides see it close.
+    func reset(_ why: String) {
+        guard let s = session, s.alive else { return }
+        s.alive = false
+        session = nil
+        sim.noteLinkLoss()
+        sim.trace("replication session \(s.id) reset")
+        end(s, side: 0, after: sim.uniform(latency.0, latency.1), why)
+        end(s, side: 1, after: sim.uniform(latency.0, latency.1), why)
+    }
+
     /// A silent peer (stopped or frozen past the link timeout): the other side gives up.
     func timeout(by side: Int, _ why: String) {
         guard let s = session, s.alive else { return }

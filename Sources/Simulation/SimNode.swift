@@ -51,6 +51,8 @@ final class SimNode: NodeHost, @unchecked Sendable {
 
     // process
     var up = false
+    /// Times this node was stopped or frozen (a request in flight across one waited for it).
+    var suspensions = 0
     var incarnation = 0
     var runtime: NodeRuntime<SimNode>?
     var vol: SimVolume?

@@ -21,6 +21,8 @@ final class SimVolume: NodeVolume, ReplicationHost {
     private var nextRequest: RequestID = 1
     /// Client requests in flight (what the model needs to know when they complete).
     var requests: [RequestID: ClientOp] = [:]
+    /// When each request was submitted (real time) and the node's suspension count then.
+    var asked: [RequestID: (Int64, Int)] = [:]
     private(set) var halted = false
 
     /// Opens the metadata as `ReplicatedVolume.init` does: create it fresh (inconsistent, a
@@ -132,6 +134,7 @@ final class SimVolume: NodeVolume, ReplicationHost {
         let id = nextRequest
         nextRequest += 1
         requests[id] = op
+        asked[id] = (sim.now, node.suspensions)
         switch op {
         case let .write(chunk, tag, _, fua):
             let offset = UInt64(chunk * disk.chunkBytes)
@@ -176,6 +179,9 @@ final class SimVolume: NodeVolume, ReplicationHost {
 
     func complete(_ request: RequestID, _ error: VolumeError?) {
         guard let op = requests.removeValue(forKey: request) else { return }
+        if let (since, suspensions) = asked.removeValue(forKey: request) {
+            sim.answered(node, op, since: since, suspensions: suspensions, error: error)
+        }
         sim.completed(node, op, error: error, epoch: core.gate.epoch)
     }
 

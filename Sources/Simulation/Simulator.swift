@@ -16,6 +16,11 @@ public struct SimulationConfig: Sendable {
     /// gap docs/quorum-protocol.md §6b names as undetected. Off by default (it breaks the
     /// invariants by design).
     public var arbitratorRollback = false
+    /// A scripted run instead of random faults (issue 13, stuck writes): once the pair is in
+    /// sync, the replication session is reset with writes and a flush in flight, and the
+    /// link stays down this many milliseconds before the redial may succeed. Everything else
+    /// stays healthy (the arbitrator answers).
+    public var linkDropMilliseconds: Int64?
     public init(seed: UInt64) { self.seed = seed }
 }
 
@@ -38,6 +43,20 @@ public struct SimulationStats: Sendable {
     public var syncChecks = 0
     public var simulatedNanoseconds: Int64 = 0
     public var liveAfterHealNanoseconds: Int64 = -1
+    /// The longest a client request (write or flush) waited for its answer, acknowledgement
+    /// or error, on a node that was never stopped or frozen meanwhile (simulated real time),
+    /// and what it was.
+    public var longestRequestNanoseconds: Int64 = 0
+    public var longestRequest = ""
+    /// What a request may wait with the arbitrator reachable, whatever the link does:
+    /// `renew_interval + failure_timeout` (docs/failure-modes.md F22), where the daemon's
+    /// link timeout is its failure timeout; the simulated link draws its own timeout, so the
+    /// larger of the two counts here. Random runs exceed it legitimately (an arbitrator down
+    /// while the link is, a paused arbitrator, quorum cuts); the scripted link drop may not.
+    public var requestBoundNanoseconds: Int64 = 0
+    /// Requests still unanswered at the end of the run after more than the bound, on a node
+    /// still up and never stopped meanwhile.
+    public var unanswered = 0
 }
 
 public struct SimulationResult: Sendable {
@@ -105,6 +124,9 @@ final class Simulator {
     // Phases.
     private let warmup: Int64 = 2_000_000_000
     private var faultEnd: Int64 = 0
+    /// Waits are measured from here: 0, or the scripted link drop (a request in flight then
+    /// counts from the drop).
+    private var measureFrom: Int64 = 0
     private var healAt: Int64 = .max
     private let liveBound: Int64 = 12_000_000_000
     private var endAt: Int64 = .max
@@ -266,7 +288,13 @@ final class Simulator {
             at(Self.ms(300)) { [self] in nodes[0].admin(.bootstrap(assumeClean: true)) }
         }
         at(Self.ms(100)) { [self] in clientLoop() }
-        let faults = 1 + Int(rng.next() % 8)
+        stats.requestBoundNanoseconds = quorumSettings.timings.renewInterval.nanosecondsClamped
+            + max(quorumSettings.timings.failureTimeout.nanosecondsClamped, link.linkTimeout)
+        if let d = config.linkDropMilliseconds {
+            at(warmup + uniform(0, Self.ms(500))) { [self] in dropLinkWithRequestsInFlight(downFor: Self.ms(d)) }
+            faultEnd = warmup + Self.ms(d) + Self.ms(600)
+        }
+        let faults = config.linkDropMilliseconds == nil ? 1 + Int(rng.next() % 8) : 0
         for _ in 0..<faults {
             let t = uniform(warmup, faultEnd)
             at(t) { [self] in injectRandomFault(maxDuration: max(Self.ms(50), faultEnd - now)) }
@@ -282,6 +310,10 @@ final class Simulator {
         }
         if violation == nil, !live {
             violate(6, "no master with an in-sync backup within \(Self.fmt(liveBound)) after the faults healed")
+        }
+        for n in nodes where n.up {
+            guard let v = n.vol else { continue }
+            stats.unanswered += v.asked.values.filter { $0.1 == n.suspensions && now - max($0.0, measureFrom) > stats.requestBoundNanoseconds }.count
         }
         stats.simulatedNanoseconds = now
         return SimulationResult(seed: config.seed, setup: setup, violation: violation, trace: traceLines, stats: stats)
@@ -550,6 +582,16 @@ final class Simulator {
 
     /// A client request completed. Invariant (1): acknowledgements ordered by real time never
     /// go back in epoch, and two nodes never acknowledge in the same epoch.
+    /// A request submitted at `since` (real time) got its answer now.
+    func answered(_ n: SimNode, _ op: ClientOp, since: Int64, suspensions: Int, error: VolumeError?) {
+        guard n.suspensions == suspensions else { return }
+        let waited = now - max(since, measureFrom)
+        if waited > stats.longestRequestNanoseconds {
+            stats.longestRequestNanoseconds = waited
+            stats.longestRequest = "\(n.name) \(op) at \(Self.fmt(since)): \(error.map { "\($0)" } ?? "acknowledged") after \(Self.fmt(waited))"
+        }
+    }
+
     func completed(_ n: SimNode, _ op: ClientOp, error: VolumeError?, epoch: Epoch) {
         guard error == nil else { return }
         if n.residualWindow != nil {
@@ -883,6 +925,7 @@ final class Simulator {
         let n = nodes[i]
         guard n.up else { return }
         if freeze { n.clock.freeze(at: now) } else { n.pausedUntil = max(n.pausedUntil, now + d) }
+        n.suspensions += 1
         let inc = n.incarnation
         if d > link.linkTimeout, let s = link.session {
             at(now + link.linkTimeout) { [self] in
@@ -899,6 +942,23 @@ final class Simulator {
     }
 
     // MARK: - heal and the operator
+
+    /// The scripted link drop: a write and a flush go to the master, the session is reset
+    /// under them, and the replication network stays cut for `d`.
+    private func dropLinkWithRequestsInFlight(downFor d: Int64) {
+        guard let m = master, let v = m.vol else { return trace("link drop: no master") }
+        measureFrom = now
+        let chunk = Int(rng.next() % UInt64(chunkCount))
+        let tag = nextTag()
+        history[chunk].append(WriteRecord(tag: tag, by: m.index))
+        v.submit(.write(chunk: chunk, tag: tag, index: historyBase[chunk] + history[chunk].count - 1, fua: false))
+        v.submit(.flush(submittedAt: now))
+        stats.faults += 1
+        trace("FAULT link reset with a write and a flush in flight, down for \(Self.fmt(d))")
+        for i in 0..<2 { link.setCut(from: i, to: 1 - i, true) }
+        link.reset("connection reset")
+        at(now + d) { [self] in for i in 0..<2 { link.setCut(from: i, to: 1 - i, false) } }
+    }
 
     private func heal() {
         healAt = now
