@@ -48,6 +48,7 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
     private let outboxLock = NSLock()
     private var sealer: FrameSealer
     private var outbox: [ByteBuffer] = []
+    private var outboxBytes = 0
     private var outboxDrainScheduled = false
     /// A flush is queued for the end of this loop turn (event loop only).
     private var flushQueued = false
@@ -66,6 +67,33 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
     public var bytesSent: UInt64 { sentCounter.load(ordering: .relaxed) }
     public var bytesReceived: UInt64 { receivedCounter.load(ordering: .relaxed) }
     func noteReceived(_ bytes: Int) { receivedCounter.wrappingAdd(UInt64(bytes), ordering: .relaxed) }
+
+    /// Bytes the channel may hold unsent before it reports itself unwritable, and the level
+    /// it must drain to before it is writable again (NIO's write-buffer water marks).
+    public static let sendBufferHigh = 8 << 20
+    public static let sendBufferLow = 2 << 20
+
+    /// The send buffer has room: the channel is under its high-water mark (or drained below
+    /// the low one since it crossed it) and the outbox holds less than that. Any thread.
+    public var hasRoom: Bool {
+        outboxLock.lock()
+        let queued = outboxBytes
+        outboxLock.unlock()
+        return queued < Self.sendBufferHigh && channel.isWritable
+    }
+
+    /// Reading paused by the owner (its apply queue is full): TCP's window then holds the
+    /// sender back. The idle timer does not count the pause as the peer's silence.
+    private let readsPausedFlag = Atomic<Bool>(false)
+    public var readsPaused: Bool { readsPausedFlag.load(ordering: .relaxed) }
+
+    /// Stops (or resumes) reading from the peer. Safe from any thread.
+    public func pauseReading(_ on: Bool) {
+        guard readsPausedFlag.exchange(on, ordering: .relaxed) != on else { return }
+        channel.eventLoop.execute { [channel] in
+            channel.setOption(ChannelOptions.autoRead, value: !on).whenSuccess { if !on { channel.read() } }
+        }
+    }
 
     init(channel: Channel, local: PeerHello, remote: PeerHello, sendKey: SymmetricKey, keyIndex: Int = 0) {
         self.channel = channel; self.local = local; self.remote = remote; self.keyIndex = keyIndex
@@ -89,6 +117,7 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
         sealer.seal(kind: kind, epoch: epoch, payload: payload, more: more, into: &out)
         sentCounter.wrappingAdd(UInt64(out.readableBytes), ordering: .relaxed)
         outbox.append(out)
+        outboxBytes += out.readableBytes
         let schedule = !onLoop && !outboxDrainScheduled
         if schedule { outboxDrainScheduled = true }
         outboxLock.unlock()
@@ -107,6 +136,7 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
         outboxLock.lock()
         let buffers = outbox
         outbox = []
+        outboxBytes = 0
         outboxDrainScheduled = false
         outboxLock.unlock()
         if !buffers.isEmpty { lastSent = .now() }
@@ -286,6 +316,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
             }
             return
         }
+        if c.readsPaused { lastReceive = now }  // not reading is not the peer's silence
         if now - lastReceive > idleTimeout + stalled {
             fail(ctx, "peer silent for more than \(idleTimeout.nanoseconds / 1_000_000) ms")
         } else if now - c.lastSent >= Self.keepaliveAfter(idleTimeout) {
@@ -303,6 +334,7 @@ final class PeerSessionHandler: ChannelInboundHandler, @unchecked Sendable {
 
     /// Bytes arrived (event loop only).
     func noteActivity() { lastReceive = .now() }
+
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let body = unwrapInboundIn(data)
@@ -528,7 +560,10 @@ private func configureTCP(_ channel: Channel, userTimeout: TimeAmount) -> EventL
     // Silence is detected by our own keepalives within the idle timeout; the kernel's limit
     // only aborts writes stuck for much longer, so a slow but live link (deep queue) survives.
     let ms = Int(userTimeout.nanoseconds / 1_000_000) * 4
-    return channel.setOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1).flatMap {
+    return channel.setOption(ChannelOptions.writeBufferWaterMark,
+                             value: .init(low: PeerConnection.sendBufferLow, high: PeerConnection.sendBufferHigh)).flatMap {
+        channel.setOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
+    }.flatMap {
         // Without TCP_USER_TIMEOUT a silently dropped link keeps unacknowledged data for minutes.
         channel.setOption(ChannelOptions.Types.SocketOption(level: .tcp, name: .init(rawValue: 18 /* TCP_USER_TIMEOUT */)), value: ms)
     }

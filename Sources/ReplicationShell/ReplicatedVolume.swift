@@ -61,6 +61,21 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
     /// queued them (as an I/O thread's report would be), in order (loop only).
     private var inlineOutcomes: [CoreEvent] = []
     private var feedingInline = false
+    /// Backpressure, sender side: writes whose frame went into a link send buffer over its
+    /// high-water mark (guarded by `linkHeldLock`; any thread). They are not "queued to the
+    /// peer" until it drains (`IOCompletion.queuedToPeer`), so protocol A stops acknowledging
+    /// — and the NBD export's per-client budget stops reading from clients — instead of
+    /// buffering without bound for a slow backup.
+    private let linkHeldLock = NSLock()
+    private var linkHeld: [UInt64] = []
+    private var linkHeldPoll = false
+    /// Backpressure, receiver side (loop only): data bytes of batches handed to `io` and not
+    /// yet done, per batch in order. Over `applyQueueBytes` a secondary stops reading the link
+    /// (TCP then holds the master back); at half of it, it reads again.
+    private var ioQueuedBytes = 0
+    private var ioQueuedSizes: [Int] = []
+    private var ioQueuedHead = 0
+    private var readsPaused = false
     /// Batches at most this large run on the loop: beyond it the copy and the MAC cost more
     /// than a hand-off, and the I/O thread lets the loop keep serving meanwhile.
     static let inlineBatchBytes = 128 * 1024
@@ -417,8 +432,82 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
             inlineOutcomes += execute(batch, epoch: epoch, conns: sessions)
         } else {
             ioQueued += 1
+            let bytes = Self.dataBytes(batch)
+            ioQueuedBytes += bytes
+            ioQueuedSizes.append(bytes)
+            if !readsPaused, core.role == .secondary, ioQueuedBytes > config.applyQueueBytes {
+                readsPaused = true
+                for c in sessions.values { c.pauseReading(true) }
+                logger.debug("apply queue at \(ioQueuedBytes) bytes: reading from the link paused")
+            }
             queueIO(batch, epoch: epoch, conns: sessions)
         }
+    }
+
+    private static func dataBytes(_ batch: IOBatch) -> Int {
+        var bytes = 0
+        for step in batch.steps {
+            switch step {
+            case .writeData(_, let data): bytes += data.readableBytes
+            case .send(_, let m): if case .write(_, _, _, _, let data?) = m { bytes += data.readableBytes }
+            default: break
+            }
+        }
+        return bytes
+    }
+
+    /// One batch handed to `io` is done (loop only).
+    private func ioBatchDone() {
+        ioQueued -= 1
+        if ioQueuedHead < ioQueuedSizes.count {
+            ioQueuedBytes -= ioQueuedSizes[ioQueuedHead]
+            ioQueuedHead += 1
+            if ioQueuedHead > 1024, ioQueuedHead * 2 > ioQueuedSizes.count {
+                ioQueuedSizes.removeFirst(ioQueuedHead)
+                ioQueuedHead = 0
+            }
+        }
+        if readsPaused, ioQueuedBytes <= config.applyQueueBytes / 2 {
+            readsPaused = false
+            for c in sessions.values { c.pauseReading(false) }
+            logger.debug("apply queue at \(ioQueuedBytes) bytes: reading from the link again")
+        }
+    }
+
+    /// While writes are held, every 2 ms: once the session's send buffer has room again
+    /// (NIO's writability drops below the low-water mark), they count as queued (loop only).
+    private func pollLinkHeld(_ conn: PeerConnection) {
+        guard !halted, sessionIDs[ObjectIdentifier(conn)] != nil else {
+            linkHeldLock.lock(); linkHeldPoll = false; linkHeldLock.unlock()
+            return
+        }
+        guard conn.hasRoom else {
+            loop.scheduleTask(in: .milliseconds(2)) { self.pollLinkHeld(conn) }
+            return
+        }
+        linkHeldLock.lock()
+        let held = linkHeld
+        linkHeld = []
+        linkHeldPoll = false
+        linkHeldLock.unlock()
+        if !held.isEmpty { run(.io(.queuedToPeer(held))) }
+    }
+
+    /// After a batch ran: a write whose frame went into a full send buffer is not queued to
+    /// the peer yet (any thread).
+    private func holdIfLinkFull(_ then: IOCompletion?, _ b: IOBatch, conns: [SessionID: PeerConnection]) -> IOCompletion? {
+        guard case let .localWrite(seq, true)? = then else { return then }
+        var conn: PeerConnection?
+        for step in b.steps { if case let .send(s, .write) = step { conn = conns[s] } }
+        guard let c = conn, !c.hasRoom else { return then }
+        linkHeldLock.lock()
+        linkHeld.append(seq)
+        let startPoll = !linkHeldPoll
+        linkHeldPoll = true
+        linkHeldLock.unlock()
+        // A task of its own, also on the loop: the core is never re-entered from a batch.
+        if startPoll { loop.scheduleTask(in: .milliseconds(2)) { self.pollLinkHeld(c) } }
+        return .localWrite(seq: seq, queued: false)
     }
 
     /// Whether `batch` cannot wait for the device: buffered data writes below
@@ -556,7 +645,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         if let (why, errno) = failure {
             return released + [.ioFailed(b.failure, why, errno: errno)]
         }
-        return released + (b.then.map { [CoreEvent.io($0)] } ?? []) + extra.map { .io($0) }
+        return released + (holdIfLinkFull(b.then, b, conns: conns).map { [CoreEvent.io($0)] } ?? []) + extra.map { .io($0) }
     }
 
     /// Acks and completes the resync chunks whose sync was merged into the one just done
@@ -589,7 +678,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         guard fromIO.post([events]) else { return }
         loop.execute {
             for batch in self.fromIO.take() {
-                self.ioQueued -= 1
+                self.ioBatchDone()
                 for e in batch { self.run(e, publishing: false) }
             }
             self.publish()
@@ -624,6 +713,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         nextSession += 1
         sessions[id] = conn
         sessionIDs[ObjectIdentifier(conn)] = id
+        if readsPaused { conn.pauseReading(true) }
         statusLock.lock(); linkConnections[ObjectIdentifier(conn)] = conn; statusLock.unlock()
         ticksWithoutLink = 0
         run(.linkUp(id, conn.remote.node))
@@ -638,6 +728,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         guard let conn else { return run(.linkDown(nil, why)) }
         guard let id = sessionIDs.removeValue(forKey: ObjectIdentifier(conn)) else { return }
         sessions[id] = nil
+        linkHeldLock.lock(); linkHeld = []; linkHeldLock.unlock()  // the core marks them with the link's loss
         statusLock.lock()
         if linkConnections.removeValue(forKey: ObjectIdentifier(conn)) != nil {
             closedLinkBytes.sent &+= conn.bytesSent
@@ -697,6 +788,11 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         dead.set()
         onLoop { self.halt() }
     }
+
+    /// Tests: a backup that stops reading its link (as a full apply queue makes it), and
+    /// what waits at the master for the link to drain.
+    func pauseLinkReadingForTests(_ on: Bool) { onLoop { for c in self.sessions.values { c.pauseReading(on) } } }
+    var writesHeldForLink: Int { linkHeldLock.lock(); defer { linkHeldLock.unlock() }; return linkHeld.count }
 
     /// A crash of the whole host: as `simulateCrash`, and every write the store had not
     /// synced is lost (needs `volatileCacheForTests`).
@@ -776,6 +872,9 @@ public struct ReplicatedVolumeConfig: Sendable {
     /// (or `simulatePowerCut()`) loses what a power cut would (`BackingStore(volatileCache:)`).
     /// The daemon sets it when `HAMGR_TEST_VOLATILE_CACHE=1`.
     public var volatileCacheForTests = false
+    /// Backpressure on the backup: data bytes of replicated writes queued for its disk
+    /// beyond which it stops reading the link until half of it is written.
+    public var applyQueueBytes = 64 << 20
 
     public init(cluster: String, me: NodeID, peer: NodeID, backingPath: String, metadataPath: String,
                 sizeBytes: UInt64, chunkBytes: Int = 64 << 10, replicationProtocol: ReplicationProtocol = .c,

@@ -66,6 +66,9 @@ final class VolumePair: @unchecked Sendable {
     var resyncRate = 256 << 20
     /// Stores keep unsynced writes in memory, so `simulatePowerCut()` loses them.
     var volatileCache = false
+    var applyQueueBytes: Int?
+    /// Hot extents of 1 MiB in the activity log.
+    var activityLogExtents = 8
     /// Where "a" dials its peer; nil: b's listener. A test sets it to put a relay in between.
     var dialPort: Int?
     var events = EventLog()
@@ -121,10 +124,11 @@ final class VolumePair: @unchecked Sendable {
                                        peerReplicationAddress: (host: "127.0.0.1", port: node == "a" ? (dialPort ?? listener.localPort!) : 1),
                                        clusterKey: key, linkTimeout: .seconds(2), resyncRateBytesPerSecond: resyncRate)
         c.activityLogExtentBytes = 1 << 20
-        c.activityLogExtents = 8
+        c.activityLogExtents = activityLogExtents
         c.redialDelay = .milliseconds(50)
         c.createBacking = true
         c.volatileCacheForTests = volatileCache
+        if let q = applyQueueBytes { c.applyQueueBytes = q }
         return c
     }
 

@@ -180,6 +180,13 @@ extension ReplicationCore {
         case .bitmapDurable(let seqs):
             for s in seqs { writes[s]?.bitmapDurable = true }
             evaluateAll(now)
+        case .queuedToPeer(let seqs):
+            for s in seqs {
+                guard var w = writes[s], !w.peerLost, w.confirmation < .queued else { continue }
+                w.confirmation = .queued
+                writes[s] = w
+                evaluate(s, now)
+            }
         case .resyncChunkSent(let n):
             counters.resyncBytesSent += UInt64(n)
         case .targetChunkWritten(let n):

@@ -106,7 +106,12 @@ public struct IOBatch: Sendable {
 
 /// What the shell reports when an I/O batch ends.
 public enum IOCompletion: Hashable, Sendable {
+    /// `queued`: its frame went to the link and the link's send buffer had room. A frame
+    /// sent into a full buffer reports `queued: false`, and `queuedToPeer` once it drained.
     case localWrite(seq: UInt64, queued: Bool)
+    /// The link's send buffer drained below its low-water mark: these writes' frames count
+    /// as queued to the peer now (what protocol A acknowledges on).
+    case queuedToPeer([UInt64])
     case bitmapDurable([UInt64])
     case resyncChunkSent(bytes: Int)
     case targetChunkWritten(bytes: Int)
