@@ -440,7 +440,7 @@ public struct ClusterConfig: Sendable, Equatable {
             }
             export.unixSocket = try e.string("unix_socket").map(resolve)
             if let bytes = try e.size("max_in_flight_bytes") {
-                guard bytes >= UInt64(ExportSettings.minInFlightBytes), bytes <= UInt64(Int32.max) else {
+                guard bytes >= UInt64(ExportSettings.minInFlightBytes), bytes <= UInt64(2 << 30) else {
                     throw ConfigError(key: "export.max_in_flight_bytes", message: "\(bytes) bytes: must be from 1MiB to 2GiB")
                 }
                 export.maxInFlightBytes = Int(bytes)

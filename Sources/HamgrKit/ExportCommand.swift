@@ -70,7 +70,7 @@ struct ExportCommand: ParsableCommand {
         for a in allow where ClientNetwork(a) == nil { throw ValidationError("--allow: '\(a)' is not an address or a network (e.g. 10.1.0.0/16)") }
         if let text = maxInFlightBytes {
             guard let b = ByteSize.parse(text) else { throw ValidationError("--max-in-flight-bytes: cannot read \"\(text)\" as a size (e.g. 64MiB)") }
-            guard b >= UInt64(ExportSettings.minInFlightBytes), b <= UInt64(Int32.max) else {
+            guard b >= UInt64(ExportSettings.minInFlightBytes), b <= UInt64(2 << 30) else {
                 throw ValidationError("--max-in-flight-bytes: \(b) bytes: must be from 1MiB to 2GiB")
             }
         }
