@@ -51,7 +51,7 @@ wait_nbd() {
     done
     echo "nbd-memory: no NBD server at $1" >&2; return 1
 }
-kb() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
+kb() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
 
 # The non-reading client: a fixed-newstyle handshake (NBD_OPT_GO), then requests as fast as
 # the socket takes them for SECONDS, never a reply read. Prints the requests fully sent.
@@ -103,7 +103,7 @@ EOF
 
 # run_load LABEL PID URI HOST PORT NAME LOAD → one result line in $WORK/results
 run_load() {
-    local label=$1 pid=$2 uri=$3 host=$4 port=$5 name=$6 load=$7 before peak=0 rss sent=- size_bytes
+    local label=$1 pid=$2 uri=$3 host=$4 port=$5 name=$6 load=$7 before peak=0 hwm=0 rss sent=- size_bytes note=
     size_bytes=$(nbdinfo --size "$uri")
     before=$(kb "$pid" VmRSS)
     case $load in
@@ -114,11 +114,15 @@ run_load() {
     local client=$!
     while kill -0 "$client" 2>/dev/null; do
         rss=$(kb "$pid" VmRSS); [ "${rss:-0}" -gt "$peak" ] && peak=$rss
+        rss=$(kb "$pid" VmHWM); [ "${rss:-0}" -gt "$hwm" ] && hwm=$rss
         sleep 0.05
     done
     wait "$client" || { echo "nbd-memory: $load client failed against $label" >&2; cat "$WORK/fio.out" "$WORK/sent" 2>/dev/null >&2; exit 1; }
     [ "$load" = fio ] || sent=$(cat "$WORK/sent")
-    echo "$label $load $((before / 1024)) $((peak / 1024)) $(( $(kb "$pid" VmHWM) / 1024 )) $sent" >>"$WORK/results"
+    # The client's close resets a connection with replies unread: note a server that dies of it.
+    sleep 0.5
+    kill -0 "$pid" 2>/dev/null || note="server-died-after-client-reset"
+    echo "$label $load $((before / 1024)) $((peak / 1024)) $((hwm / 1024)) $sent $note" >>"$WORK/results"
 }
 
 LOADS=(write read fio)
@@ -136,9 +140,9 @@ for load in "${LOADS[@]}"; do
         "${BUDGET_ARGS[@]}" >"$WORK/hamgr.log" 2>&1 &
     hp=$!; PIDS+=("$hp")
     wait_nbd "nbd://127.0.0.1:$port/bench"
-    BUDGET_LINE=$(grep -o 'in flight per connection.*' "$WORK/hamgr.log" | head -1)
+    BUDGET_LINE=$(grep -o 'in flight per connection[^)]*' "$WORK/hamgr.log" | head -1)
     run_load hamgr-export "$hp" "nbd://127.0.0.1:$port/bench" 127.0.0.1 "$port" bench "$load"
-    kill "$hp"; wait "$hp" 2>/dev/null || true
+    kill "$hp" 2>/dev/null || true; wait "$hp" 2>/dev/null || true
 
     # nbdkit file plugin, fresh per load.
     port=$(free_port)
@@ -147,7 +151,7 @@ for load in "${LOADS[@]}"; do
     np=$!; PIDS+=("$np")
     wait_nbd "nbd://127.0.0.1:$port/"
     run_load nbdkit-file "$np" "nbd://127.0.0.1:$port/" 127.0.0.1 "$port" "" "$load"
-    kill "$np"; wait "$np" 2>/dev/null || true
+    kill "$np" 2>/dev/null || true; wait "$np" 2>/dev/null || true
 done
 
 if [ "${BENCH_REPLICATED:-0}" = 1 ]; then
@@ -169,8 +173,8 @@ fi
 
 echo "nbd-memory: RUNTIME=${RUNTIME}s SIZE=$SIZE, hamgr export: ${BUDGET_LINE:-?}; load average: $(cut -d' ' -f1-3 /proc/loadavg)"
 printf '%-22s %-28s %10s %10s %10s %10s\n' target load "RSS MiB" "peak MiB" "HWM MiB" requests
-while read -r label load before peak hwm sent; do
+while read -r label load before peak hwm sent note; do
     dvar=DESC_$load
-    printf '%-22s %-28s %10s %10s %10s %10s\n' "$label" "${!dvar}" "$before" "$peak" "$hwm" "$sent"
+    printf '%-22s %-28s %10s %10s %10s %10s %s\n' "$label" "${!dvar}" "$before" "$peak" "$hwm" "$sent" "$note"
 done <"$WORK/results"
-echo "(RSS MiB: before the load; peak MiB: highest VmRSS sampled during it; HWM MiB: VmHWM at the end (since the process started); requests: fully sent by the non-reading client)"
+echo "(RSS MiB: before the load; peak MiB: highest VmRSS sampled during it; HWM MiB: VmHWM (peak since the process started), last seen while the client ran; requests: fully sent by the non-reading client)"
