@@ -12,6 +12,8 @@
 #   bench/nbd-memory.sh                       # builds hamgr (release) into .build-release first
 #   HAMGR_BIN=path/to/hamgr RUNTIME=20 bench/nbd-memory.sh
 #   MAX_IN_FLIGHT_BYTES=16MiB bench/nbd-memory.sh   # hamgr export --max-in-flight-bytes
+#   KEEP_WORK=1 bench/nbd-memory.sh           # keep the temp dir (servers' logs) afterwards
+#   LOADS="write read" BENCH_UNREPLICATED=0 BENCH_REPLICATED=1 bench/nbd-memory.sh  # a subset
 #   BENCH_REPLICATED=1 bench/nbd-memory.sh    # also: the master of a two-node protocol C
 #                                             # cluster (bench/lib.sh), same three loads
 # BENCH_REPLICATED: the cluster is started once (its nodes' RSS before each load is shown);
@@ -39,7 +41,7 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$WORK"
+    if [ "${KEEP_WORK:-0}" = 1 ]; then echo "nbd-memory: kept $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT INT TERM
 
@@ -125,7 +127,7 @@ run_load() {
     echo "$label $load $((before / 1024)) $((peak / 1024)) $((hwm / 1024)) $sent $note" >>"$WORK/results"
 }
 
-LOADS=(write read fio)
+read -r -a LOADS <<<"${LOADS:-write read fio}"
 DESC_write="non-reading 1MiB writes"
 DESC_read="non-reading 1MiB reads"
 DESC_fio="fio randwrite 1MiB QD32"
@@ -133,6 +135,7 @@ BUDGET_ARGS=()
 if [ -n "$MAX_IN_FLIGHT_BYTES" ]; then BUDGET_ARGS=(--max-in-flight-bytes "$MAX_IN_FLIGHT_BYTES"); fi
 
 for load in "${LOADS[@]}"; do
+    [ "${BENCH_UNREPLICATED:-1}" = 1 ] || break
     # hamgr export, fresh per load.
     port=$(free_port)
     rm -f "$WORK/hamgr.img"
