@@ -14,6 +14,8 @@
 #   MAX_IN_FLIGHT_BYTES=16MiB bench/nbd-memory.sh   # hamgr export --max-in-flight-bytes
 #   KEEP_WORK=1 bench/nbd-memory.sh           # keep the temp dir (servers' logs) afterwards
 #   LOADS="write read" BENCH_UNREPLICATED=0 BENCH_REPLICATED=1 bench/nbd-memory.sh  # a subset
+#   MAX_REQUESTS=1000 bench/nbd-memory.sh     # the non-reading client sends at most this many
+#                                             # (bounds what a server without a budget can take)
 #   BENCH_REPLICATED=1 bench/nbd-memory.sh    # also: the master of a two-node protocol C
 #                                             # cluster (bench/lib.sh), same three loads
 # BENCH_REPLICATED: the cluster is started once (its nodes' RSS before each load is shown);
@@ -60,6 +62,7 @@ kb() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status" 2>/dev/null || ec
 cat >"$WORK/nonreader.py" <<'EOF'
 import select, socket, struct, sys, time
 host, port, name, mode, seconds, size = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], float(sys.argv[5]), int(sys.argv[6])
+limit = int(sys.argv[7]) if len(sys.argv) > 7 and sys.argv[7] else None
 block = 1 << 20
 s = socket.socket()
 if mode == "read":
@@ -86,7 +89,7 @@ payload = bytes((i * 31) & 0xFF for i in range(block))
 s.setblocking(False)
 deadline = time.monotonic() + seconds
 sent, cookie = 0, 0
-while time.monotonic() < deadline:
+while time.monotonic() < deadline and (limit is None or sent < limit):
     offset = (cookie * block) % (size - block + 1) // block * block
     kind = 1 if mode == "write" else 0
     wire = memoryview(struct.pack(">IHHQQI", 0x25609513, 0, kind, cookie, offset, block) + (payload if kind == 1 else b""))
@@ -100,6 +103,8 @@ while time.monotonic() < deadline:
     if wire: break
     sent += 1
     cookie += 1
+# Hold the connection, still reading nothing, until the end of the load.
+time.sleep(max(0.0, deadline - time.monotonic()))
 print(sent)
 EOF
 
@@ -109,7 +114,7 @@ run_load() {
     size_bytes=$(nbdinfo --size "$uri")
     before=$(kb "$pid" VmRSS)
     case $load in
-        write|read) python3 "$WORK/nonreader.py" "$host" "$port" "$name" "$load" "$RUNTIME" "$size_bytes" >"$WORK/sent" & ;;
+        write|read) python3 "$WORK/nonreader.py" "$host" "$port" "$name" "$load" "$RUNTIME" "$size_bytes" "${MAX_REQUESTS:-}" >"$WORK/sent" & ;;
         fio) fio --name=m --ioengine=nbd --uri="$uri" --rw=randwrite --bs=1M --iodepth=32 --size="$SIZE" \
                  --time_based --runtime="$RUNTIME" --output-format=terse >"$WORK/fio.out" 2>&1 & ;;
     esac
@@ -143,7 +148,7 @@ for load in "${LOADS[@]}"; do
         "${BUDGET_ARGS[@]}" >"$WORK/hamgr.log" 2>&1 &
     hp=$!; PIDS+=("$hp")
     wait_nbd "nbd://127.0.0.1:$port/bench"
-    BUDGET_LINE=$(grep -o 'in flight per connection[^)]*' "$WORK/hamgr.log" | head -1)
+    BUDGET_LINE=$(grep -o 'in flight per connection[^)]*' "$WORK/hamgr.log" | head -1 || true)
     run_load hamgr-export "$hp" "nbd://127.0.0.1:$port/bench" 127.0.0.1 "$port" bench "$load"
     kill "$hp" 2>/dev/null || true; wait "$hp" 2>/dev/null || true
 
