@@ -480,7 +480,7 @@ public struct ClusterConfig: Sendable, Equatable {
         // [export]: TLS required by default once certificates are configured.
         var export = ExportSettings(tls: tls == nil ? .off : .require)
         if let e = try top.table("export") {
-            try e.allow(["tls", "client_ca_file", "allow", "unix_socket"])
+            try e.allow(["tls", "client_ca_file", "allow", "unix_socket", "max_in_flight_bytes", "max_in_flight_requests"])
             export.tls = try e.enumValue("tls", default: export.tls)
             export.clientCAFile = try e.string("client_ca_file").map(resolve)
             for (i, text) in (try e.stringArray("allow") ?? []).enumerated() {
@@ -490,6 +490,18 @@ public struct ClusterConfig: Sendable, Equatable {
                 export.allow.append(net)
             }
             export.unixSocket = try e.string("unix_socket").map(resolve)
+            if let bytes = try e.size("max_in_flight_bytes") {
+                guard bytes >= UInt64(ExportSettings.minInFlightBytes), bytes <= UInt64(2 << 30) else {
+                    throw ConfigError(key: "export.max_in_flight_bytes", message: "\(bytes) bytes: must be from 1MiB to 2GiB")
+                }
+                export.maxInFlightBytes = Int(bytes)
+            }
+            if let n = try e.int("max_in_flight_requests") {
+                guard (1...ExportSettings.maxInFlightRequestsLimit).contains(n) else {
+                    throw ConfigError(key: "export.max_in_flight_requests", message: "must be from 1 to \(ExportSettings.maxInFlightRequestsLimit), got \(n)")
+                }
+                export.maxInFlightRequests = n
+            }
         }
 
         // [status]: HTTPS by default once certificates are configured.

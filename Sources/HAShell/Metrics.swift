@@ -268,6 +268,8 @@ public final class NodeMetrics: @unchecked Sendable {
     public let nbdWrittenBytes: Counter
     public let nbdConnectionsAccepted: Counter
     public let nbdConnections: Gauge
+    public let nbdInFlightRequests: Gauge
+    public let nbdInFlightBytes: Gauge
 
     /// - Parameter writeLatencyBuckets: the bounds of whatever records write latency (the NBD
     ///   server keeps its own histogram; the daemon copies it in with `replace`).
@@ -303,6 +305,8 @@ public final class NodeMetrics: @unchecked Sendable {
         nbdWrittenBytes = registry.counter("hamgr_nbd_written_bytes_total", help: "Bytes accepted from NBD clients by successful writes.")
         nbdConnectionsAccepted = registry.counter("hamgr_nbd_connections_accepted_total", help: "NBD client connections accepted.")
         nbdConnections = registry.gauge("hamgr_nbd_connections", help: "NBD client connections open now.")
+        nbdInFlightRequests = registry.gauge("hamgr_nbd_in_flight_requests", help: "NBD requests accepted whose replies are not yet written to the socket, all connections.")
+        nbdInFlightBytes = registry.gauge("hamgr_nbd_in_flight_bytes", help: "Payload bytes of those requests (write data received, read data to send); each connection holds at most export.max_in_flight_bytes, or one larger request.")
         setRole(.secondary)
         setDiskState(.upToDate)
         for kind in Self.failoverKinds { failoverCounter(kind) }

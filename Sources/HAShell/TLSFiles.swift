@@ -43,14 +43,28 @@ public struct ExportSettings: Sendable, Equatable {
     /// A Unix-socket export for consumers on the node itself (no TLS, no allow-list:
     /// the socket's file mode decides). May name the node with `{name}`.
     public var unixSocket: String?
+    /// Payload bytes (writes received, read replies to send) one connection may hold until
+    /// the replies are written; past it the server stops reading from that client.
+    public var maxInFlightBytes: Int
+    /// Requests one connection may have admitted and not yet answered on the socket.
+    public var maxInFlightRequests: Int
+
+    public static let defaultMaxInFlightBytes = 64 << 20
+    public static let defaultMaxInFlightRequests = 256
+    /// Bounds checked by the config: below 1 MiB ordinary I/O would go one request at a time.
+    public static let minInFlightBytes = 1 << 20
+    public static let maxInFlightRequestsLimit = 65536
 
     /// Node `host`'s socket path.
     public func unixSocket(for host: String) -> String? {
         unixSocket?.replacingOccurrences(of: TLSSettings.hostPlaceholder, with: host)
     }
 
-    public init(tls: ExportTLSMode = .off, clientCAFile: String? = nil, allow: [ClientNetwork] = [], unixSocket: String? = nil) {
+    public init(tls: ExportTLSMode = .off, clientCAFile: String? = nil, allow: [ClientNetwork] = [], unixSocket: String? = nil,
+                maxInFlightBytes: Int = ExportSettings.defaultMaxInFlightBytes,
+                maxInFlightRequests: Int = ExportSettings.defaultMaxInFlightRequests) {
         self.tls = tls; self.clientCAFile = clientCAFile; self.allow = allow; self.unixSocket = unixSocket
+        self.maxInFlightBytes = maxInFlightBytes; self.maxInFlightRequests = maxInFlightRequests
     }
 }
 

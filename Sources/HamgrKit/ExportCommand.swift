@@ -54,6 +54,12 @@ struct ExportCommand: ParsableCommand {
     @Option(name: .long, help: "Also serve on this Unix socket (mode 0660; no TLS, no --allow).")
     var unix: String?
 
+    @Option(name: .long, help: "Payload bytes one connection may hold until their replies are written, 1MiB…2GiB (export.max_in_flight_bytes; default 64MiB).")
+    var maxInFlightBytes: String?
+
+    @Option(name: .long, help: "Requests one connection may hold until their replies are written, 1…65536 (export.max_in_flight_requests; default 256).")
+    var maxInFlightRequests: Int = ExportSettings.defaultMaxInFlightRequests
+
     func validate() throws {
         if let s = size, ByteSize.parse(s) == nil { throw ValidationError("--size: cannot read \"\(s)\" as a size (e.g. 256MiB, 1GiB, 4096)") }
         if HostPort.parse(listen) == nil { throw ValidationError("--listen: expected HOST:PORT, got \"\(listen)\"") }
@@ -62,6 +68,20 @@ struct ExportCommand: ParsableCommand {
         if tlsMode != .off && (tlsCert == nil || tlsKey == nil) { throw ValidationError("--tls \(tlsMode.rawValue): needs --tls-cert and --tls-key") }
         if tlsCaClients != nil && tlsMode == .off { throw ValidationError("--tls-ca-clients: needs --tls allow or require") }
         for a in allow where ClientNetwork(a) == nil { throw ValidationError("--allow: '\(a)' is not an address or a network (e.g. 10.1.0.0/16)") }
+        if let text = maxInFlightBytes {
+            guard let b = ByteSize.parse(text) else { throw ValidationError("--max-in-flight-bytes: cannot read \"\(text)\" as a size (e.g. 64MiB)") }
+            guard b >= UInt64(ExportSettings.minInFlightBytes), b <= UInt64(2 << 30) else {
+                throw ValidationError("--max-in-flight-bytes: \(b) bytes: must be from 1MiB to 2GiB")
+            }
+        }
+        if !(1...ExportSettings.maxInFlightRequestsLimit).contains(maxInFlightRequests) {
+            throw ValidationError("--max-in-flight-requests: must be from 1 to \(ExportSettings.maxInFlightRequestsLimit), got \(maxInFlightRequests)")
+        }
+    }
+
+    private var inFlightLimits: NBDInFlightBudget.Limits {
+        .init(maxRequests: maxInFlightRequests,
+              maxBytes: maxInFlightBytes.flatMap(ByteSize.parse).map { Int($0) } ?? ExportSettings.defaultMaxInFlightBytes)
     }
 
     private var tlsMode: ExportTLSMode {
@@ -91,12 +111,13 @@ struct ExportCommand: ParsableCommand {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: eventLoops ?? System.coreCount)
         let volume = LocalVolume(store: store, ioThreads: ioThreads, readOnly: readOnly)
         let server = NBDServer(group: group, exportName: name, exportDescription: "hamgr unreplicated export of \(backing)",
-                               tls: tlsServer, allow: allow.compactMap(ClientNetwork.init), logger: logger)
+                               tls: tlsServer, allow: allow.compactMap(ClientNetwork.init), inFlightLimits: inFlightLimits, logger: logger)
         server.setVolume(volume, refusal: "")
         try server.start(host: host, port: port).wait()
         if let path = unix { try server.start(unixSocket: path).wait() }
         // One line on stdout that scripts can wait for and parse.
-        print("hamgr export: serving \(backing) (\(store.sizeBytes) bytes) as \"\(name)\" on \(host):\(server.boundPort ?? port)")
+        print("hamgr export: serving \(backing) (\(store.sizeBytes) bytes) as \"\(name)\" on \(host):\(server.boundPort ?? port)"
+              + " (in flight per connection at most \(inFlightLimits.maxBytes) bytes, \(inFlightLimits.maxRequests) requests)")
         fflush(stdout)
 
         waitForTermination()

@@ -116,7 +116,9 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
                         now: MonotonicClock.now())
         coreSnapshot = core.status
         nbd = NBDServer(group: group, childGroup: replicatedVolume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)",
-                        tls: try Self.exportTLS(config, host: me.name.name), allow: config.export.allow, logger: logger)
+                        tls: try Self.exportTLS(config, host: me.name.name), allow: config.export.allow,
+                        inFlightLimits: .init(maxRequests: config.export.maxInFlightRequests, maxBytes: config.export.maxInFlightBytes),
+                        logger: logger)
         hooks = HookRunner(hooks: config.hooks, logger: logger, metrics: metrics)
         let resourceContext = ResourceContext(cluster: config.cluster.name, node: me.name.name, export: try NBDAttachTarget.own(config, node: me))
         resources = ResourceManager(resources: config.resources, logger: logger, metrics: metrics, context: resourceContext) { [weak self] resource, reason in
@@ -608,6 +610,8 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
                 metrics.nbdConnectionsAccepted.increment(by: Double(now.connectionsAccepted - nbdSeen.connectionsAccepted))
             }
             metrics.nbdConnections.set(now.connectionsOpen)
+            metrics.nbdInFlightRequests.set(now.inFlightRequests)
+            metrics.nbdInFlightBytes.set(now.inFlightBytes)
             if link.sent > linkSeen.sent { metrics.replicationSentBytes.increment(by: Double(link.sent - linkSeen.sent)) }
             if link.received > linkSeen.received { metrics.replicationReceivedBytes.increment(by: Double(link.received - linkSeen.received)) }
             linkSeen = (max(link.sent, linkSeen.sent), max(link.received, linkSeen.received))

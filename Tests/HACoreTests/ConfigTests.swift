@@ -337,4 +337,27 @@ final class ConfigTests: XCTestCase {
         XCTAssertEqual(ByteSize.format(1536 << 20), "1.5 GiB")
         XCTAssertEqual(ByteSize.format(100), "100 B")
     }
+
+    /// `[export] max_in_flight_bytes` and `max_in_flight_requests`: defaults, sizes, and
+    /// refusals that name the key.
+    func testExportInFlightLimits() throws {
+        let f = try ConfigFixture()
+        let defaults = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML))
+        XCTAssertEqual(defaults.export.maxInFlightBytes, 64 << 20)
+        XCTAssertEqual(defaults.export.maxInFlightRequests, 256)
+        let set = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML + "\n[export]\nmax_in_flight_bytes = \"16MiB\"\nmax_in_flight_requests = 32\n"))
+        XCTAssertEqual(set.export.maxInFlightBytes, 16 << 20)
+        XCTAssertEqual(set.export.maxInFlightRequests, 32)
+        for (line, key) in [("max_in_flight_bytes = \"512KiB\"", "export.max_in_flight_bytes"),
+                            ("max_in_flight_bytes = \"3GiB\"", "export.max_in_flight_bytes"),
+                            ("max_in_flight_bytes = \"lots\"", "export.max_in_flight_bytes"),
+                            ("max_in_flight_requests = 0", "export.max_in_flight_requests"),
+                            ("max_in_flight_requests = 100000", "export.max_in_flight_requests"),
+                            ("max_in_flight_requests = \"8\"", "export.max_in_flight_requests")] {
+            XCTAssertThrowsError(try ClusterConfig.load(path: f.write(ConfigFixture.validTOML + "\n[export]\n" + line + "\n")), line) { error in
+                guard let e = error as? ConfigError else { return XCTFail("\(line): not a ConfigError: \(error)") }
+                XCTAssertEqual(e.key, key, "\(line) → \(e)")
+            }
+        }
+    }
 }

@@ -134,6 +134,8 @@ final class MetricsTests: XCTestCase {
             "hamgr_nbd_read_bytes_total 0",
             "hamgr_nbd_written_bytes_total 0",
             "hamgr_nbd_connections 0",
+            "hamgr_nbd_in_flight_requests 0",
+            "hamgr_nbd_in_flight_bytes 0",
             "hamgr_nbd_connections_accepted_total 0",
             "hamgr_watchdog_misses_total 0",
         ] {

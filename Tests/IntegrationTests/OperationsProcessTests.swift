@@ -58,6 +58,9 @@ final class OperationsProcessTests: XCTestCase {
         XCTAssertGreaterThan(value(before.b, "hamgr_replication_received_bytes_total") ?? 0, 4096, before.b)
         XCTAssertGreaterThanOrEqual(value(before.m, "hamgr_nbd_written_bytes_total") ?? 0, 4096, before.m)
         XCTAssertNotNil(value(before.m, "hamgr_nbd_connections"), before.m)
+        // No client is waiting for a reply between the workload and the scrape.
+        XCTAssertEqual(value(before.m, "hamgr_nbd_in_flight_requests"), 0, before.m)
+        XCTAssertEqual(value(before.m, "hamgr_nbd_in_flight_bytes"), 0, before.m)
         let writes = try shell(["qemu-io", "-f", "raw", "-c", "write -P 9 1M 1M", h.node(master).nbdURI], timeout: 30)
         XCTAssertEqual(writes.status, 0, writes.stdout + writes.stderr)
         let later = (m: try scrape(h.node(master).statusAddress), b: try scrape(h.node(backup).statusAddress))

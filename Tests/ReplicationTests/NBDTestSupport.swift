@@ -20,6 +20,7 @@ final class TestExport {
 
     init(size: UInt64 = 64 << 20, exportName: String = "test", readOnly: Bool = false, open: Bool = true,
          tls: NBDServer.TLS? = nil, allow: [ClientNetwork] = [], unixSocket: Bool = false, logger: Logger? = nil,
+         inFlightLimits: NBDInFlightBudget.Limits = .defaults,
          serve: (LocalVolume) -> BlockVolume = { $0 }) throws {
         directory = NSTemporaryDirectory() + "nbdtest-" + UUID().uuidString.prefix(8)
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
@@ -31,7 +32,7 @@ final class TestExport {
         var defaultLogger = Logger(label: "nbd-test")
         defaultLogger.logLevel = ProcessInfo.processInfo.environment["NBD_TEST_DEBUG"] != nil ? .debug : .warning
         server = NBDServer(group: group, exportName: exportName, exportDescription: "test export", tls: tls, allow: allow,
-                           logger: logger ?? defaultLogger)
+                           inFlightLimits: inFlightLimits, logger: logger ?? defaultLogger)
         if open { server.setVolume(serve(volume), refusal: "") }
         try server.start(host: "127.0.0.1", port: 0).wait()
         if unixSocket { try server.start(unixSocket: socketPath).wait() }
@@ -127,6 +128,13 @@ final class RawNBDSocket {
     }
 
     func shutdownWrite() { shutdown(fd, Int32(SHUT_WR)) }
+
+    /// A fixed receive buffer (no autotuning), so that replies the test does not read stay
+    /// in the server rather than in this socket. Call before connecting data flows.
+    func setReceiveBuffer(bytes: Int) {
+        var n = Int32(bytes)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &n, socklen_t(MemoryLayout<Int32>.size))
+    }
 
     /// Hard close with RST (SO_LINGER 0), as a crashed client would.
     func abort() {

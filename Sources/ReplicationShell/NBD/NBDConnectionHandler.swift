@@ -9,13 +9,14 @@ import Replication
 /// as each completes (in any order, as the spec allows) and flushed once per loop turn.
 /// With `tls`, NBD_OPT_STARTTLS puts a TLS handler in front of this one, and everything
 /// after its reply (options, then transmission) is encrypted.
+///
+/// Memory: a request is admitted only within the connection's `NBDInFlightBudget` and
+/// counts against it until its reply's write completes; while the next request does not
+/// fit, or the channel is not writable (replies queued past the high watermark), the
+/// handler stops reading from the client (docs/nbd.md, "Memory bound").
 final class NBDConnectionHandler: ChannelInboundHandler {
     typealias InboundIn = ByteBuffer
     typealias OutboundOut = ByteBuffer
-
-    /// Stop reading from a client with this many requests or payload bytes outstanding.
-    static let maxInFlightRequests = 512
-    static let maxInFlightBytes = 256 * 1024 * 1024
 
     private enum Phase { case clientFlags, options, transmission, closed }
 
@@ -35,13 +36,21 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     private var capabilities = VolumeCapabilities()
     private var exportSize: UInt64 = 0
     private var decoder = NBDRequestDecoder(maximumPayloadBytes: VolumeCapabilities().maximumBlockSize)
-    private var inFlightRequests = 0
-    private var inFlightBytes = 0
+    /// Requests dispatched whose reply is not yet decided (NBD_CMD_DISC waits for them).
+    private var unansweredRequests = 0
+    /// Requests and bytes admitted whose replies are not yet written to the socket.
+    private var budget: NBDInFlightBudget
+    /// The request at the head of `pending` does not fit the budget: reading stays off.
+    private var waitingForBudget = false
+    private var processing = false
     private var disconnectRequested = false
     private var readingPaused = false
     private var flushScheduled = false
     /// Replies of this loop turn not yet handed to the channel: small replies share one buffer.
     private var outbound: ByteBuffer?
+    /// The requests (count, payload bytes) whose replies are in `outbound`: released from
+    /// the budget when the write carrying them completes.
+    private var outboundReleases = (count: 0, cost: 0)
     /// A write whose header arrived before all of its payload: the payload is gathered as
     /// slices of the receive buffers (no copy on the event loop; perf showed the copy of
     /// 1 MiB writes as the loop thread's main cost) and handed to a `ScatterWriteVolume` as
@@ -54,6 +63,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         self.server = server
         self.tls = tls
         self.logger = server.logger
+        self.budget = NBDInFlightBudget(limits: server.inFlightLimits)
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -65,7 +75,8 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         self.context = nil
         phase = .closed
         pending = nil
-        partialWrite = nil
+        dropPartialWrite()
+        dropOutbound()
     }
 
     func channelActive(context: ChannelHandlerContext) {
@@ -81,14 +92,20 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if phase != .closed, inFlightRequests > 0 || (pending?.readableBytes ?? 0) > 0 {
-            logger.info("NBD client went away", metadata: ["inFlight": "\(inFlightRequests)", "unparsedBytes": "\(pending?.readableBytes ?? 0)"])
+        if phase != .closed, unansweredRequests > 0 || (pending?.readableBytes ?? 0) > 0 {
+            logger.info("NBD client went away", metadata: ["inFlight": "\(unansweredRequests)", "unparsedBytes": "\(pending?.readableBytes ?? 0)"])
         }
         phase = .closed
         pending = nil
-        partialWrite = nil
+        dropPartialWrite()
+        dropOutbound()
         handshakeDeadline?.cancel()
         context.fireChannelInactive()
+    }
+
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        if phase == .transmission { updateReading(context) }
+        context.fireChannelWritabilityChanged()
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
@@ -126,7 +143,9 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     // MARK: decoding
 
     private func process(_ context: ChannelHandlerContext) {
-        guard var buffer = pending else { return }
+        guard !processing, var buffer = pending else { return }
+        processing = true
+        defer { processing = false }
         pending = nil
         var slicedPayloads = false
         do {
@@ -148,11 +167,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
                         buffer.moveReaderIndex(to: buffer.writerIndex)
                         break loop
                     }
-                    if inFlightRequests >= Self.maxInFlightRequests || inFlightBytes >= Self.maxInFlightBytes {
-                        pauseReading(context)
-                        break loop
-                    }
-                    if var pw = partialWrite {
+                    if var pw = partialWrite {  // admitted with its header
                         let n = min(Int(pw.header.length) - pw.received, buffer.readableBytes)
                         pw.chunks.append(buffer.readSlice(length: n)!)
                         pw.received += n
@@ -162,26 +177,43 @@ final class NBDConnectionHandler: ChannelInboundHandler {
                             break loop
                         }
                         partialWrite = nil
-                        dispatchWrite(pw.header, chunks: pw.chunks, context)
+                        dispatch(pw.header, payload: nil, writeChunks: pw.chunks, cost: Int(pw.header.length), context)
                         continue loop
                     }
-                    if let need = decoder.bytesNeeded(buffer), need > buffer.readableBytes,
-                       let header = try NBDRequestDecoder.peekHeader(buffer) {
-                        // A write whose payload is still arriving (bytesNeeded counts only payloads it buffers).
-                        buffer.moveReaderIndex(forwardBy: NBDLimits.requestHeaderBytes)
-                        let n = buffer.readableBytes
-                        partialWrite = (header, n > 0 ? [buffer.readSlice(length: n)!] : [], n)
-                        slicedPayloads = true
-                        break loop
+                    var cost = 0
+                    if !decoder.isSkippingPayload, let header = try NBDRequestDecoder.peekHeader(buffer) {
+                        // Nothing of a request is taken off the wire until it fits the budget.
+                        cost = NBDInFlightBudget.cost(of: header, maximumPayloadBytes: capabilities.maximumBlockSize)
+                        guard budget.admits(cost: cost) else {
+                            waitingForBudget = true
+                            updateReading(context)
+                            break loop
+                        }
+                        if waitingForBudget {
+                            waitingForBudget = false
+                            updateReading(context)
+                        }
+                        if let need = decoder.bytesNeeded(buffer), need > buffer.readableBytes {
+                            // A write whose payload is still arriving (bytesNeeded counts only payloads it buffers).
+                            admit(cost)
+                            buffer.moveReaderIndex(forwardBy: NBDLimits.requestHeaderBytes)
+                            let n = buffer.readableBytes
+                            partialWrite = (header, n > 0 ? [buffer.readSlice(length: n)!] : [], n)
+                            slicedPayloads = true
+                            break loop
+                        }
                     }
                     guard let event = try decoder.next(&buffer) else { break loop }
                     switch event {
                     case .request(let header, let payload):
                         if payload != nil { slicedPayloads = true }
-                        dispatch(header, payload: payload, context)
+                        if header.type != NBDCommand.disconnect { admit(cost) }
+                        dispatch(header, payload: payload, cost: cost, context)
                     case .oversizedWrite(let header):
-                        inFlightRequests += 1
-                        complete(header, .write, .failure(.invalid, "write of \(header.length) bytes exceeds the maximum payload of \(capabilities.maximumBlockSize)"), started: nil)
+                        // Checked against the budget at its header (cost 0); nothing was released since.
+                        admit(0)
+                        unansweredRequests += 1
+                        complete(header, .write, .failure(.invalid, "write of \(header.length) bytes exceeds the maximum payload of \(capabilities.maximumBlockSize)"), started: nil, cost: 0)
                     }
                 case .closed:
                     break loop
@@ -197,7 +229,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             // Write payloads still reference this storage: appending to it would copy it all
             // (copy-on-write), so move what is left to fresh storage. That is usually less
             // than a request header (payloads that do not fit go to `partialWrite`); more
-            // only while reading is paused for too many requests in flight.
+            // only while reading is paused for the budget.
             var fresh = context.channel.allocator.buffer(capacity: max(buffer.readableBytes, 4096))
             fresh.writeBuffer(&buffer)
             pending = fresh
@@ -343,11 +375,8 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         case failure(NBDError, String)
     }
 
-    private func dispatchWrite(_ h: NBDRequestHeader, chunks: [ByteBuffer], _ context: ChannelHandlerContext) {
-        dispatch(h, payload: nil, writeChunks: chunks, context)
-    }
-
-    private func dispatch(_ h: NBDRequestHeader, payload: ByteBuffer?, writeChunks: [ByteBuffer]? = nil, _ context: ChannelHandlerContext) {
+    /// `cost`: what the request was admitted with; released once its reply is written.
+    private func dispatch(_ h: NBDRequestHeader, payload: ByteBuffer?, writeChunks: [ByteBuffer]? = nil, cost: Int, _ context: ChannelHandlerContext) {
         let kind = NBDOperationKind(command: h.type)
         if kind == .disconnect {
             disconnectRequested = true
@@ -355,11 +384,11 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             closeIfDrained(context)
             return
         }
-        inFlightRequests += 1
-        guard let volume = volume else { return complete(h, kind, .failure(.shutdown, "the export is closed"), started: nil) }
+        unansweredRequests += 1
+        guard let volume = volume else { return complete(h, kind, .failure(.shutdown, "the export is closed"), started: nil, cost: cost) }
         switch NBDRequestVerdict.check(h, capabilities: capabilities, exportSize: exportSize) {
-        case .reject(let e, let why): return complete(h, kind, .failure(e, why), started: nil)
-        case .nothingToDo: return complete(h, kind, .success(nil), started: nil)
+        case .reject(let e, let why): return complete(h, kind, .failure(e, why), started: nil, cost: cost)
+        case .nothingToDo: return complete(h, kind, .success(nil), started: nil, cost: cost)
         case .serve: break
         }
         let loop = context.eventLoop
@@ -368,12 +397,11 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         switch kind {
         case .read:
             volume.read(offset: h.offset, length: Int(h.length), on: loop).whenComplete { [self] r in
-                completeResult(h, kind, r.map { .success($0) }, started: nil)
+                completeResult(h, kind, r.map { .success($0) }, started: nil, cost: cost)
             }
         case .write:
             let chunks = writeChunks ?? [payload ?? ByteBuffer()]
             let bytes = Int(h.length)
-            inFlightBytes += bytes
             let started = NIODeadline.now()
             let written: EventLoopFuture<Void>
             if chunks.count == 1 {
@@ -386,35 +414,34 @@ final class NBDConnectionHandler: ChannelInboundHandler {
                 written = volume.write(offset: h.offset, data: joined, fua: fua, on: loop)
             }
             written.whenComplete { [self] r in
-                inFlightBytes -= bytes
-                completeResult(h, kind, r.map { _ in .success(nil) }, started: started, bytes: bytes)
+                completeResult(h, kind, r.map { _ in .success(nil) }, started: started, bytes: bytes, cost: cost)
             }
         case .flush:
-            volume.flush(on: loop).whenComplete { [self] r in completeResult(h, kind, r.map { _ in .success(nil) }, started: nil) }
+            volume.flush(on: loop).whenComplete { [self] r in completeResult(h, kind, r.map { _ in .success(nil) }, started: nil, cost: cost) }
         case .trim:
             volume.trim(offset: h.offset, length: Int(h.length), fua: fua, on: loop).whenComplete { [self] r in
-                completeResult(h, kind, r.map { _ in .success(nil) }, started: nil)
+                completeResult(h, kind, r.map { _ in .success(nil) }, started: nil, cost: cost)
             }
         case .writeZeroes:
             volume.writeZeroes(offset: h.offset, length: Int(h.length), fua: fua, mayDeallocate: !h.flags.contains(.noHole), on: loop)
-                .whenComplete { [self] r in completeResult(h, kind, r.map { _ in .success(nil) }, started: nil) }
+                .whenComplete { [self] r in completeResult(h, kind, r.map { _ in .success(nil) }, started: nil, cost: cost) }
         case .disconnect, .unknown:
-            complete(h, kind, .failure(.invalid, "unknown command \(h.type)"), started: nil)
+            complete(h, kind, .failure(.invalid, "unknown command \(h.type)"), started: nil, cost: cost)
         }
     }
 
-    private func completeResult(_ h: NBDRequestHeader, _ kind: NBDOperationKind, _ result: Result<Outcome, Error>, started: NIODeadline?, bytes: Int = 0) {
+    private func completeResult(_ h: NBDRequestHeader, _ kind: NBDOperationKind, _ result: Result<Outcome, Error>, started: NIODeadline?, bytes: Int = 0, cost: Int) {
         let outcome: Outcome
         switch result {
         case .success(let o): outcome = o
         case .failure(let e as VolumeError): outcome = .failure(NBDError(e), e.description)
         case .failure(let e): outcome = .failure(.io, "\(e)")
         }
-        complete(h, kind, outcome, started: started, bytes: bytes)
+        complete(h, kind, outcome, started: started, bytes: bytes, cost: cost)
     }
 
-    private func complete(_ h: NBDRequestHeader, _ kind: NBDOperationKind, _ outcome: Outcome, started: NIODeadline?, bytes: Int = 0) {
-        inFlightRequests -= 1
+    private func complete(_ h: NBDRequestHeader, _ kind: NBDOperationKind, _ outcome: Outcome, started: NIODeadline?, bytes: Int = 0, cost: Int) {
+        unansweredRequests -= 1
         let latency = started.map { Double((NIODeadline.now() - $0).nanoseconds) / 1e9 }
         switch outcome {
         case .success(let data):
@@ -423,9 +450,11 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             server.recorder.record(kind, e, latencySeconds: latency)
             logger.debug("NBD request failed", metadata: ["op": "\(kind.name)", "error": "\(e.name)", "reason": "\(why)"])
         }
-        guard phase == .transmission, let context = context else { return }
+        guard phase == .transmission, let context = context else { return release(count: 1, cost: cost) }
         var out = outbound ?? context.channel.allocator.buffer(capacity: 4096)
         outbound = nil
+        outboundReleases.count += 1
+        outboundReleases.cost += cost
         switch outcome {
         case .success(let data):
             if kind == .read, var data = data, data.readableBytes > 0 {
@@ -438,8 +467,9 @@ final class NBDConnectionHandler: ChannelInboundHandler {
                     out.writeBuffer(&data)
                     outbound = out
                 } else {
+                    // The data's write completes after the header's: it releases both.
                     context.write(wrapOutboundOut(out), promise: nil)
-                    context.write(wrapOutboundOut(data), promise: nil)
+                    context.write(wrapOutboundOut(data), promise: releasePromise(context))
                 }
             } else {
                 if kind == .read && structuredReplies {
@@ -458,9 +488,6 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             outbound = out
         }
         scheduleFlush(context)
-        if readingPaused, inFlightRequests < Self.maxInFlightRequests / 2, inFlightBytes < Self.maxInFlightBytes / 2 {
-            resumeReading(context)
-        }
         closeIfDrained(context)
     }
 
@@ -474,22 +501,66 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             guard volume?.mayAnswer() ?? true else { return refuseToAnswer(context) }
             if let out = outbound {
                 outbound = nil
-                context.write(wrapOutboundOut(out), promise: nil)
+                context.write(wrapOutboundOut(out), promise: releasePromise(context))
             }
             context.flush()
         }
     }
 
-    private func pauseReading(_ context: ChannelHandlerContext) {
-        guard !readingPaused else { return }
-        readingPaused = true
-        _ = try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+    // MARK: budget
+
+    private func admit(_ cost: Int) {
+        budget.admit(cost: cost)
+        server.recorder.inFlightChanged(requests: 1, bytes: cost)
     }
 
-    private func resumeReading(_ context: ChannelHandlerContext) {
-        readingPaused = false
-        _ = try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
-        process(context)  // requests already buffered
+    /// A promise that releases the requests whose replies are in the write it is given to
+    /// (`outboundReleases`, taken now); nil if there are none.
+    private func releasePromise(_ context: ChannelHandlerContext) -> EventLoopPromise<Void>? {
+        let taken = outboundReleases
+        outboundReleases = (0, 0)
+        guard taken.count > 0 else { return nil }
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        promise.futureResult.whenComplete { [self] _ in release(count: taken.count, cost: taken.cost) }
+        return promise
+    }
+
+    /// Replies that will never be written (the connection is closing): their requests leave the budget.
+    private func dropOutbound() {
+        outbound = nil
+        let taken = outboundReleases
+        outboundReleases = (0, 0)
+        release(count: taken.count, cost: taken.cost)
+    }
+
+    /// A write whose payload will never complete: it was admitted with its header.
+    private func dropPartialWrite() {
+        guard let pw = partialWrite else { return }
+        partialWrite = nil
+        release(count: 1, cost: Int(pw.header.length))
+    }
+
+    private func release(count: Int, cost: Int) {
+        guard count > 0 else { return }
+        budget.release(count: count, cost: cost)
+        server.recorder.inFlightChanged(requests: -count, bytes: -cost)
+        guard phase == .transmission, let context else { return }
+        if waitingForBudget { process(context) }  // the buffered request may fit now
+        updateReading(context)
+    }
+
+    /// Reading stops while the next request does not fit the budget or replies are queued
+    /// past the channel's high watermark; it resumes once neither holds and at most half of
+    /// the budget is in use.
+    private func updateReading(_ context: ChannelHandlerContext) {
+        if waitingForBudget || !context.channel.isWritable {
+            guard !readingPaused else { return }
+            readingPaused = true
+            _ = try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: false)
+        } else if readingPaused, budget.mayResumeReading {
+            readingPaused = false
+            _ = try? context.channel.syncOptions?.setOption(ChannelOptions.autoRead, value: true)
+        }
     }
 
     /// The volume may no longer answer (its lease lapsed since these replies were decided):
@@ -497,19 +568,22 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     /// as failed — never as acknowledged by a deposed master.
     private func refuseToAnswer(_ context: ChannelHandlerContext) {
         logger.notice("NBD replies pending after this node's lease lapsed: closing the connection unanswered",
-                      metadata: ["event": "nbd_replies_dropped", "inFlight": "\(inFlightRequests)"])
-        outbound = nil
+                      metadata: ["event": "nbd_replies_dropped", "inFlight": "\(unansweredRequests)"])
+        phase = .closed
+        dropOutbound()
         close(context)
     }
 
     private func closeIfDrained(_ context: ChannelHandlerContext) {
-        guard disconnectRequested, inFlightRequests == 0, phase == .transmission else { return }
+        guard disconnectRequested, unansweredRequests == 0, phase == .transmission else { return }
         guard volume?.mayAnswer() ?? true else { return refuseToAnswer(context) }
         phase = .closed
         // Flush the last replies first: NBD_CMD_DISC means "finish what is outstanding".
         let last = outbound ?? context.channel.allocator.buffer(capacity: 0)
         outbound = nil
-        context.writeAndFlush(wrapOutboundOut(last)).whenComplete { _ in
+        let released = releasePromise(context)
+        context.writeAndFlush(wrapOutboundOut(last)).whenComplete { result in
+            released?.completeWith(result)
             context.close(promise: nil)
         }
     }

@@ -25,6 +25,9 @@ public final class NBDServer: @unchecked Sendable {
         get { lock.withLock { state.allow } }
         set { lock.withLockVoid { state.allow = newValue } }
     }
+    /// What each connection may hold in requests and payload bytes until their replies are
+    /// written (`export.max_in_flight_requests`, `export.max_in_flight_bytes`).
+    public let inFlightLimits: NBDInFlightBudget.Limits
     /// A connection that has not entered the transmission phase by then is closed, so that
     /// clients stuck in (or abandoning) the handshake hold no connection for ever. Applies
     /// to connections accepted after it is set. Default 30 s.
@@ -56,8 +59,9 @@ public final class NBDServer: @unchecked Sendable {
     /// - Parameter childGroup: where accepted connections live (default: `group`). A node
     ///   passes its volume's loop, so requests reach the replication core without a thread hop.
     public init(group: EventLoopGroup, childGroup: EventLoopGroup? = nil, exportName: String, exportDescription: String? = nil,
-                tls: TLS? = nil, allow: [ClientNetwork] = [], logger: Logger) {
+                tls: TLS? = nil, allow: [ClientNetwork] = [], inFlightLimits: NBDInFlightBudget.Limits = .defaults, logger: Logger) {
         self.group = group
+        self.inFlightLimits = inFlightLimits
         self.childGroup = childGroup ?? group
         self.exportName = exportName
         self.exportDescription = exportDescription
@@ -111,6 +115,10 @@ public final class NBDServer: @unchecked Sendable {
             .serverChannelOption(ChannelOptions.backlog, value: 256)
             .childChannelOption(ChannelOptions.recvAllocator,
                                 value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 64 * 1024, maximum: 1024 * 1024))
+            // Replies queued in NIO past the byte budget make the channel unwritable, and the
+            // connection stops reading until they drain (NBDConnectionHandler).
+            .childChannelOption(ChannelOptions.writeBufferWaterMark,
+                                value: .init(low: max(inFlightLimits.maxBytes / 2, 1), high: max(inFlightLimits.maxBytes, 2)))
             .childChannelInitializer { [self] channel in
                 if tcp, !allows(channel.remoteAddress) {
                     logger.notice("NBD client not in export.allow; closing before the greeting",

@@ -20,6 +20,12 @@ public struct NBDStatistics: Sendable, Equatable {
     public var writeLatency = NBDLatencyHistogram()
     public var connectionsOpen: Int = 0
     public var connectionsAccepted: UInt64 = 0
+    /// Requests admitted on all connections whose replies are not yet written to the socket.
+    public var inFlightRequests: Int = 0
+    /// Payload bytes of those requests (write data received, read data to send).
+    public var inFlightBytes: Int = 0
+    /// The highest `inFlightBytes` since the server started.
+    public var inFlightBytesPeak: Int = 0
 
     public init() {}
 
@@ -85,6 +91,9 @@ final class NBDStatisticsRecorder: @unchecked Sendable {
         var latencySum: Double = 0
         var open = 0
         var accepted: UInt64 = 0
+        var inFlightRequests = 0
+        var inFlightBytes = 0
+        var inFlightBytesPeak = 0
     }
     private let lock = NIOLock()
     private var table = Table()
@@ -109,6 +118,15 @@ final class NBDStatisticsRecorder: @unchecked Sendable {
     func connectionOpened() { lock.withLockVoid { table.open += 1; table.accepted &+= 1 } }
     func connectionClosed() { lock.withLockVoid { table.open -= 1 } }
 
+    /// A connection admitted (positive) or released (negative) requests and their bytes.
+    func inFlightChanged(requests: Int, bytes: Int) {
+        lock.withLockVoid {
+            table.inFlightRequests += requests
+            table.inFlightBytes += bytes
+            table.inFlightBytesPeak = max(table.inFlightBytesPeak, table.inFlightBytes)
+        }
+    }
+
     func snapshot() -> NBDStatistics {
         let t = lock.withLock { table }
         var s = NBDStatistics()
@@ -129,6 +147,9 @@ final class NBDStatisticsRecorder: @unchecked Sendable {
         s.writeLatency.sumSeconds = t.latencySum
         s.connectionsOpen = t.open
         s.connectionsAccepted = t.accepted
+        s.inFlightRequests = t.inFlightRequests
+        s.inFlightBytes = t.inFlightBytes
+        s.inFlightBytesPeak = t.inFlightBytesPeak
         return s
     }
 }
