@@ -18,9 +18,11 @@
 #                                             # (bounds what a server without a budget can take)
 #   BENCH_REPLICATED=1 bench/nbd-memory.sh    # also: the master of a two-node protocol C
 #                                             # cluster (bench/lib.sh), same three loads
-# BENCH_REPLICATED: the cluster is started once (its nodes' RSS before each load is shown);
-# a slow backup is what makes replicated writes hold memory, and replication-link
-# backpressure is separate work — this mode only measures the master under the same loads.
+# BENCH_REPLICATED: the cluster is started once (its nodes' RSS before each load is shown).
+#   REPL_PROTOCOL=A|B|C (default C): the cluster's replication protocol.
+#   SLOW_BACKUP=1: during each load the backup process is stopped 400 ms out of every 500 ms
+#   (SIGSTOP/SIGCONT): a backup that takes a fifth of what the master sends. Under protocol A
+#   that is what made a master buffer without bound before the link's backpressure.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -167,15 +169,25 @@ if [ "${BENCH_REPLICATED:-0}" = 1 ]; then
     . "$ROOT/bench/lib.sh"
     HACTL_BIN=${HACTL_BIN:-$ROOT/.build-release/release/hactl}
     vol=${SIZE/%G/GiB}; vol=${vol/%M/MiB}
-    cluster_init "$WORK/repl" bench-mem C "$vol"
+    cluster_init "$WORK/repl" bench-mem "${REPL_PROTOCOL:-C}" "$vol"
     if [ -n "$MAX_IN_FLIGHT_BYTES" ]; then printf '\n[export]\nmax_in_flight_bytes = "%s"\n' "$MAX_IN_FLIGHT_BYTES" >>"$CLUSTER_CONF"; fi
     cluster_start w; cluster_start a; cluster_start b
     PIDS+=("${CPID[a]}" "${CPID[b]}" "${CPID[w]}")
     m=$(wait_master_in_sync 180) || { echo "nbd-memory: replicated cluster not in sync within 180 s" >&2; exit 1; }
     svc=SERVICE_$m; addr=${!svc}
     wait_nbd "nbd://$addr/bench-mem"
+    if [ "$m" = a ]; then backup=b; else backup=a; fi
+    label="replicated-${REPL_PROTOCOL:-C}-master-$m"
+    [ "${SLOW_BACKUP:-0}" = 1 ] && label="$label-slowbk"
     for load in "${LOADS[@]}"; do
-        run_load "replicated-C-master-$m" "${CPID[$m]}" "nbd://$addr/bench-mem" "${addr%:*}" "${addr##*:}" bench-mem "$load"
+        cycler=""
+        if [ "${SLOW_BACKUP:-0}" = 1 ]; then
+            bpid=${CPID[$backup]}
+            ( for _ in $(seq 1 $((RUNTIME * 2 + 40))); do kill -STOP "$bpid" 2>/dev/null || exit 0; sleep 0.4; kill -CONT "$bpid" 2>/dev/null || exit 0; sleep 0.1; done ) &
+            cycler=$!
+        fi
+        run_load "$label" "${CPID[$m]}" "nbd://$addr/bench-mem" "${addr%:*}" "${addr##*:}" bench-mem "$load"
+        if [ -n "$cycler" ]; then kill "$cycler" 2>/dev/null || true; wait "$cycler" 2>/dev/null || true; kill -CONT "${CPID[$backup]}" 2>/dev/null || true; fi
     done
 fi
 
