@@ -133,14 +133,15 @@ final class StatusTLSTests: XCTestCase {
         let commands: [[String]] = [
             ["switchover"], ["promote"], ["demote"], ["maintenance", "on"], ["verify", "--no-wait"], ["resync", "--no-wait"],
             ["resolve", "--discard", "peer", "--yes"], ["bootstrap", "--source", "a", "--yes"], ["invalidate", "--yes"],
-            ["arbitrator-accept", "--yes"],
+            ["arbitrator-accept", "--yes"], ["resource", "cleanup", "--node", "a"],
         ]
         for c in commands {
             let r = try hactl(common + c)
             XCTAssertEqual(r.status, 0, "\(c): \(r.stderr)")
         }
         XCTAssertEqual(a.seen, [.switchover, .promote(force: false), .demote, .maintenance(on: true), .verify(repair: false), .resync,
-                                .resolve(discard: .peer), .bootstrap(assumeClean: false), .invalidate, .acceptArbitrator])
+                                .resolve(discard: .peer), .bootstrap(assumeClean: false), .invalidate, .acceptArbitrator,
+                                .resourceCleanup(name: nil)])
         XCTAssertEqual(Set(a.seen.map(\.action)), Set(AdminCommand.actions), "every admin action the API has")
         XCTAssertEqual(b.seen, [])
     }
