@@ -150,6 +150,7 @@ final class Simulator {
         self.rng = rng
         history = [[WriteRecord]](repeating: [], count: chunkCount)
         historyBase = [Int](repeating: 0, count: chunkCount)
+        reinsertAt = [Int](repeating: 0, count: chunkCount)
     }
 
     func replicationSettings(for i: Int) -> ReplicationSettings {
@@ -419,6 +420,9 @@ final class Simulator {
     /// Per chunk, every write submitted to any master, in submission order.
     private var history: [[WriteRecord]]
     private var historyBase: [Int]
+    /// Per chunk, where a write in flight across the last rebaseline is placed when it is
+    /// acknowledged (after the reference and the ones placed before it).
+    private var reinsertAt: [Int]
     private var lastPowerLoss: Int64 = -1
     private var lastCrash: Int64 = -1
     private var lastLinkLoss: Int64 = -1
@@ -482,7 +486,11 @@ final class Simulator {
         let c = Int(offset) / chunkBytes
         guard c < chunkCount else { return }
         let tag = data.flatMap { Pattern.tag(of: Array($0.readableBytesView)[...]) } ?? 0
-        if let k = history[c].firstIndex(where: { $0.by == from && $0.tag == tag && !$0.queued }) { history[c][k].queued = true }
+        // The newest match: data tags are unique, but every zero write has tag 0, and an
+        // older zero write that was never sent (issued while no link followed) must not take
+        // the mark of the one being sent now (seed 3001: a later zero write counted as never
+        // queued, so protocol A's allowance for it did not apply).
+        if let k = history[c].lastIndex(where: { $0.by == from && $0.tag == tag && !$0.queued }) { history[c][k].queued = true }
     }
 
     /// Node `to`'s core took a write frame or a resync chunk.
@@ -492,7 +500,7 @@ final class Simulator {
             let c = Int(offset) / chunkBytes
             guard c < chunkCount else { return }
             let tag = data.flatMap { Pattern.tag(of: Array($0.readableBytesView)[...]) } ?? 0
-            if let k = history[c].firstIndex(where: { $0.by == 1 - to && $0.tag == tag && $0.queued && !$0.peerGot }) { history[c][k].peerGot = true }
+            if let k = history[c].lastIndex(where: { $0.by == 1 - to && $0.tag == tag && $0.queued && !$0.peerGot }) { history[c][k].peerGot = true }
         case let .resyncData(chunk, data):
             let c = Int(chunk)
             guard c < chunkCount, let tag = Pattern.tag(of: Array(data.readableBytesView)[...]) else { return }
@@ -541,6 +549,7 @@ final class Simulator {
             let tag = Pattern.tag(of: n.disk.current[c * chunkBytes..<(c + 1) * chunkBytes]) ?? 0
             historyBase[c] += history[c].count
             history[c] = [WriteRecord(tag: tag, ackedAt: now, durable: false)]
+            reinsertAt[c] = 1
         }
     }
 
@@ -568,6 +577,7 @@ final class Simulator {
             trace("model: chunk \(c)'s promised content (\(describeFloor(c))) existed only on \(Self.names[i])'s destroyed store; the survivor's tag \(tag) is the reference")
             historyBase[c] += history[c].count
             history[c] = [WriteRecord(tag: tag, ackedAt: now, durable: false)]
+            reinsertAt[c] = 1
         }
     }
 
@@ -614,8 +624,22 @@ final class Simulator {
         case let .write(chunk, tag, index, fua):
             stats.writesAcked += 1
             trace("\(n.name) ACK write chunk \(chunk) tag \(tag) (epoch \(epoch))")
-            let k = index - historyBase[chunk]
-            guard k >= 0, k < history[chunk].count else { return }
+            var k = index - historyBase[chunk]
+            if k < 0 || k >= history[chunk].count || history[chunk][k].tag != tag {
+                if let j = history[chunk].lastIndex(where: { $0.tag == tag && $0.by == n.index && $0.ackedAt < 0 }) {
+                    k = j
+                } else {
+                    // The model was rebaselined while this write was in flight (seed 4783: a
+                    // forced promotion's reference taken before the write reached the disk).
+                    // Submitted before every write recorded since, it goes right after the
+                    // reference (and after writes placed there the same way), not at the end
+                    // (seed 1886: a newer write was submitted and written meanwhile).
+                    let at = min(reinsertAt[chunk], history[chunk].count)
+                    history[chunk].insert(WriteRecord(tag: tag, by: n.index), at: at)
+                    reinsertAt[chunk] = at + 1
+                    k = at
+                }
+            }
             history[chunk][k].ackedAt = now
             if fua { history[chunk][k].durable = true }
             if acknowledgedAlone(n) { history[chunk][k].soleHolder = n.index }

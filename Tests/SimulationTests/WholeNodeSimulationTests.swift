@@ -82,6 +82,18 @@ final class WholeNodeSimulationTests: XCTestCase {
     /// (113: protocol C master wrote alone with its peer outdated, then lost its disk; 1288:
     /// both disks replaced one after the other; 4068: a flush acknowledged alone made a write
     /// durable on the master only). The promise falls back to the surviving store's bytes.
+    /// Model regressions from the 10,000-seed CI sweep of 2026-12-06: 3001 (protocol A: a zero
+    /// write queued to the peer was matched to an older zero write never sent, so A's
+    /// allowance did not apply to it), 4783 (a write in flight across a rebaseline of the model
+    /// was not counted when acknowledged), 1886 (the first fix for 4783 placed such a write
+    /// after newer ones).
+    func testRegressionSeedsModelMatching() {
+        for seed: UInt64 in [1886, 3001, 4783] {
+            let r = Self.run(seed)
+            XCTAssertNil(r.violation, Self.report(r))
+        }
+    }
+
     func testRegressionSeedsDestroyedSoleCopy() {
         for seed: UInt64 in [113, 1288, 4068] {
             let r = Self.run(seed)
