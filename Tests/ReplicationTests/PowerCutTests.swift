@@ -64,6 +64,13 @@ final class PowerCutTests: XCTestCase {
         for f in futures { try f.wait() }
     }
 
+    /// Every 16th block at version 1, then a flush: what every run starts from, durable.
+    func writeFlushedBaseline(_ v: ReplicatedVolume, _ model: inout Model, on loop: EventLoop) throws {
+        try write(v, Array(stride(from: 0, to: 4096, by: 16)), 1, &model, on: loop)
+        try v.flush(on: loop).wait()
+        model.flushed()
+    }
+
     func assertIdentical(_ pair: VolumePair, _ model: Model, file: StaticString = #filePath, line: UInt = #line) {
         let a = pair.fileBytes("a"), b = pair.fileBytes("b")
         XCTAssertTrue(a == b, "the stores differ", file: file, line: line)
@@ -81,9 +88,7 @@ final class PowerCutTests: XCTestCase {
         let a = try XCTUnwrap(pair.a)
         let loop = pair.group.next()
         var model = Model()
-        try write(a, Array(stride(from: 0, to: 4096, by: 16)), 1, &model, on: loop)
-        try a.flush(on: loop).wait()
-        model.flushed()
+        try writeFlushedBaseline(a, &model, on: loop)
         pair.b!.simulatePowerCut()
         waitUntil("link down") { a.status.peerState == .disconnected }
         a.setWriteGate(VolumePair.openGate(Epoch(1), peerRequired: false))  // the arbitrator outdated b
@@ -119,9 +124,7 @@ final class PowerCutTests: XCTestCase {
         let a = try XCTUnwrap(pair.a), b = try XCTUnwrap(pair.b)
         let loop = pair.group.next()
         var model = Model()
-        try write(a, Array(stride(from: 0, to: 4096, by: 16)), 1, &model, on: loop)
-        try a.flush(on: loop).wait()
-        model.flushed()
+        try writeFlushedBaseline(a, &model, on: loop)
         // 16 extents of 1 MiB, the log holds 8: three rounds over all of them, no flush.
         for round in 0..<3 {
             try write(a, Array(stride(from: 3 + round, to: 4096, by: 64)), UInt8(2 + round), &model, on: loop)
@@ -164,9 +167,7 @@ final class PowerCutTests: XCTestCase {
         let a = try XCTUnwrap(pair.a)
         let loop = pair.group.next()
         var model = Model()
-        try write(a, Array(stride(from: 0, to: 4096, by: 16)), 1, &model, on: loop)
-        try a.flush(on: loop).wait()
-        model.flushed()
+        try writeFlushedBaseline(a, &model, on: loop)
         // Acknowledged, not flushed, in the first 4 MiB; then a burst in flight in the next
         // 4 MiB when the backup loses power. Separate chunks: a chunk of the first part is
         // resynced only if the master recorded that the backup had not synced it. Eight 1 MiB
