@@ -112,7 +112,7 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
                         settings: QuorumSettings(timings: config.timeouts, splitBrain: config.cluster.splitBrain,
                                                  plantedBugs: Self.plantedBugs()),
                         persisted: persisted,
-                        disk: LocalDisk(state: repairPending ? .outdated : st.diskState, generations: st.generations),
+                        disk: LocalDisk(state: repairPending ? .outdated : st.diskState, generations: st.generations, crashCopyOnPeer: st.crashCopyOnPeer),
                         now: MonotonicClock.now())
         coreSnapshot = core.status
         nbd = NBDServer(group: group, childGroup: replicatedVolume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)",

@@ -184,8 +184,8 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
         case .peer(let state):
             feed(.peerReplication(state))
             if state == .inSync { advanceRepair(mismatches: nil) }
-        case .disk(let state, let generations):
-            feed(.disk(LocalDisk(state: reportedDisk(state), generations: generations)))
+        case .disk(let state, let generations, let crashCopyOnPeer):
+            feed(.disk(LocalDisk(state: reportedDisk(state), generations: generations, crashCopyOnPeer: crashCopyOnPeer)))
         case .splitBrain(let detail):
             host.log(event("splitBrain", [("detail", detail)]))
         case .diskFailure(let detail):
@@ -223,7 +223,7 @@ public final class NodeRuntime<Host: NodeHost>: @unchecked Sendable {
             host.clearDiskFailure()
             host.log(event("diskRepaired"))
             let v = host.volume.status
-            feed(.disk(LocalDisk(state: v.diskState, generations: v.generations)))
+            feed(.disk(LocalDisk(state: v.diskState, generations: v.generations, crashCopyOnPeer: v.crashCopyOnPeer)))
             return
         case .gaveUp:
             host.log(event("diskRepairFailed", [("why", "still mismatching after \(DiskRepair.maxRounds - 1) resyncs; this node stays outdated")]))

@@ -422,10 +422,22 @@ public struct NodeCore: Sendable {
         startCandidacy(force: false, bump: false, now, &out)
     }
 
+    /// A crashed primary under protocol B or C whose peer is reachable and up to date in the
+    /// same generation waits for the replication link to bring its crash extents back from
+    /// that peer: promoted first, it would be the sync source and overwrite acknowledged writes
+    /// only the peer still holds. A peer that is silent, outdated or elsewhere in history
+    /// leaves the choice to the usual rules (the peer, if it can, stands itself meanwhile).
+    private func crashCopyBlocker(_ now: Instant) -> String? {
+        guard disk.crashCopyOnPeer, let c = lastPeerContact, now - c < timings.failureTimeout,
+              let h = peerHeartbeat, h.disk == .upToDate, h.generations.current == disk.generations.current else { return nil }
+        return "\(peer) holds every write this node acknowledged before it crashed: waiting for the replication link to resync the crash extents from it"
+    }
+
     private func candidacyBlocker(_ now: Instant) -> String? {
         if state.maintenance { return "maintenance mode is on" }
         if handover != nil { return "handed over to \(peer) (switchover)" }
         if disk.state != .upToDate { return "local disk is \(disk.state.rawValue)" }
+        if let b = crashCopyBlocker(now) { return b }
         if let g = state.masterGeneration, !g.isNone, disk.generations.current != g, !disk.generations.knows(g) {
             return "local data is behind generation \(g), which the last master announced (its newer data is on no reachable disk: promote --force accepts the loss)"
         }
@@ -975,6 +987,7 @@ public struct NodeCore: Sendable {
             guard candidacy == nil || force else { return refuse("an election is already running") }
             if force { candidacy = nil }
             if !force, disk.state != .upToDate { return refuse("local disk is \(disk.state.rawValue); promote --force overrides") }
+            if !force, let b = crashCopyBlocker(now) { return refuse(b + "; promote --force overrides") }
             if let m = state.master, m != me, now < lastHeardMaster + timings.failureTimeout {
                 return refuse("\(m) is master at epoch \(state.promisedEpoch); run switchover there")
             }

@@ -4,7 +4,13 @@ import HACore
 public struct LocalDisk: Equatable, Sendable {
     public var state: DiskState
     public var generations: DataGenerations
-    public init(state: DiskState, generations: DataGenerations) { self.state = state; self.generations = generations }
+    /// This node crashed as primary under protocol B or C and has not yet taken its crash
+    /// extents back from its peer, which holds every write it acknowledged there: it does not
+    /// stand for election while that peer is up to date in its generation and reachable.
+    public var crashCopyOnPeer: Bool
+    public init(state: DiskState, generations: DataGenerations, crashCopyOnPeer: Bool = false) {
+        self.state = state; self.generations = generations; self.crashCopyOnPeer = crashCopyOnPeer
+    }
 }
 
 public enum AdminCommand: Equatable, Sendable {

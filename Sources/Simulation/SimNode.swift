@@ -111,7 +111,7 @@ final class SimNode: NodeHost, @unchecked Sendable {
         let reported: DiskState = repairPending && st.diskState == .upToDate ? .outdated : st.diskState
         let core = NodeCore(cluster: Simulator.cluster, me: name, peer: peerName, arbitrator: Simulator.arbitratorName,
                             settings: sim.quorumSettings, persisted: persisted,
-                            disk: LocalDisk(state: reported, generations: st.generations), now: localNow())
+                            disk: LocalDisk(state: reported, generations: st.generations, crashCopyOnPeer: st.crashCopyOnPeer), now: localNow())
         if core.status.epoch < maxEpoch {
             sim.violate(5, "\(name) restarted at epoch \(core.status.epoch) after having promised \(maxEpoch): epoch went back")
         }

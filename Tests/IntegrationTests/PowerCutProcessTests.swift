@@ -58,4 +58,40 @@ final class PowerCutProcessTests: XCTestCase {
         h.kill9(master); h.kill9(backup)
         XCTAssertEqual(try h.volumeDigest(master), try h.volumeDigest(backup), "stores differ after the backup's power cut and resync")
     }
+
+    /// The master is cut after acknowledged, unflushed protocol C writes while the arbitrator
+    /// is down and the backup in maintenance: nobody can take over, and the old master comes
+    /// back as master. It must take its crash extents from the backup, which wrote every one
+    /// of those writes before they were acknowledged; with its own copy as the source (as
+    /// before issue 13's last change) they were lost on both nodes.
+    func testMasterPowerCutReturnsAsMasterWithEveryAcknowledgedWrite() throws {
+        let h = try ClusterHarness(name: "pcutm", subnet: 49)
+        defer { h.shutdown() }
+        let volatile = ["HAMGR_TEST_VOLATILE_CACHE": "1"]
+        try h.startArbitrator()
+        try h.startNode("a", env: volatile)
+        try h.startNode("b", env: volatile)
+        let (master, backup) = try h.startedCluster(startProcesses: false)
+        XCTAssertEqual(try h.admin(backup, "maintenance", body: "{\"on\": true}").code, 200)
+        _ = h.stop("w")
+        let r = try shell(["/usr/bin/python3", "-c", """
+            import nbd, sys
+            h = nbd.NBD(); h.connect_uri(sys.argv[1])
+            for s in range(1, 301):
+                h.pwrite(bytes([s % 250 + 1]) * \(PatternWorkload.writeBytes), s * \(PatternWorkload.writeBytes))
+            h.shutdown()
+            """, h.node(master).nbdURI], timeout: 120)
+        XCTAssertEqual(r.status, 0, r.stderr)
+        var expected: [Int: Int] = [:]
+        for s in 1...300 { expected[s * PatternWorkload.writeBytes] = s % 250 + 1 }
+        h.kill9(master)  // a power cut: its unsynced writes, all 300, die with it
+        try h.startNode(master, env: volatile)
+        XCTAssertNotNil(h.waitForRole(master, "primary", within: 60))
+        h.waitFor(master, "in sync", within: 60) { self.replication($0) == "inSync" }
+        let bad = try verifyPatterns(uri: h.node(master).nbdURI, expected: expected)
+        XCTAssertEqual(bad, [], "acknowledged writes lost by the returning master")
+        try flush(h.node(master).nbdURI)
+        h.kill9(master); h.kill9(backup)
+        XCTAssertEqual(try h.volumeDigest(master), try h.volumeDigest(backup), "stores differ after the master's power cut")
+    }
 }

@@ -129,6 +129,38 @@ final class ProtocolRuleTests: XCTestCase {
         XCTAssertEqual(h.status(H.b).whyNotPromoted, "local disk is inconsistent")
     }
 
+    /// A crashed primary of protocol B/C does not stand while its peer, reachable and up to
+    /// date in its generation, holds the only copy of writes it acknowledged: it waits for
+    /// the link to resync its crash extents (docs/replication.md "Power cuts").
+    func testCrashedPrimaryWaitsForItsPeersCopyOfTheCrashExtents() {
+        let crashed = LocalDisk(state: .upToDate, generations: gen1, crashCopyOnPeer: true)
+        let h = H(disks: [H.a: crashed])
+        h.handle(H.b, .admin(.maintenance(true)))  // b never stands: only a could
+        h.tick(H.b)  // its heartbeat reaches a first (a restarted node has its quarantine to hear it)
+        h.deliverAll()
+        h.run(for: .seconds(5))
+        XCTAssertEqual(h.status(H.a).role, .secondary)
+        XCTAssertFalse(h.actions[H.a, default: []].sent.contains { if case .voteRequest = $0.message { return true }; return false })
+        XCTAssertEqual(h.status(H.a).whyNotPromoted,
+                       "b holds every write this node acknowledged before it crashed: waiting for the replication link to resync the crash extents from it")
+        // A forced promotion is the operator's call; a plain one waits like the election.
+        let refused = h.handle(H.a, .admin(.promote(force: false)))
+        XCTAssertTrue(refused.contains { if case .adminResult(_, .failure(let why)) = $0 { return why.reason.hasSuffix("promote --force overrides") }; return false })
+        h.run(for: .seconds(2))
+        XCTAssertEqual(h.status(H.a).role, .secondary)
+        // The resync brought them back: it stands and wins.
+        h.handle(H.a, .disk(LocalDisk(state: .upToDate, generations: gen1)))
+        h.run(for: .seconds(5))
+        XCTAssertEqual(h.status(H.a).role, .primary)
+    }
+
+    /// … but a silent peer holds nothing it could give: the crashed primary stands with its own copy.
+    func testCrashedPrimaryStandsWhenItsPeerIsSilent() {
+        let h = H(disks: [H.a: LocalDisk(state: .upToDate, generations: gen1, crashCopyOnPeer: true)])
+        h.run(for: .seconds(5), drop: { from, to, _ in from == H.b || to == H.b })
+        XCTAssertEqual(h.status(H.a).role, .primary)
+    }
+
     /// "… and not marked outdated at this voter …"; whyNotPromoted says so.
     func testArbitratorRefusesCandidateMarkedOutdatedAndStatusSaysWhy() {
         let h = H()

@@ -9,10 +9,10 @@ class GenerationRowTestCase: XCTestCase {
     let X0 = GenerationID(0x10), X1 = GenerationID(0x11), X2 = GenerationID(0x12), X3 = GenerationID(0x13), X4 = GenerationID(0x14), Z = GenerationID(0x99)
 
     func side(_ n: NodeID, _ cur: GenerationID, bitmap: GenerationID = .none, history: [GenerationID] = [], disk: DiskState = .upToDate,
-              role: Role = .secondary, dirty: Bool = false, crashed: Bool = false, discard: Bool = false,
+              role: Role = .secondary, dirty: Bool = false, crashed: Bool = false, copyOnPeer: Bool = false, discard: Bool = false,
               size: UInt64 = 1 << 30, chunk: Int = 65536, fresh: Bool = false, empty: Bool = false, clean: Bool = false) -> SyncSide {
         SyncSide(node: n, generations: DataGenerations(current: cur, bitmap: bitmap, history: history), diskState: disk, role: role,
-                 hasDirtyChunks: dirty, crashedPrimary: crashed, discardLocal: discard, sizeBytes: size, chunkBytes: chunk,
+                 hasDirtyChunks: dirty, crashedPrimary: crashed, crashCopyOnPeer: copyOnPeer, discardLocal: discard, sizeBytes: size, chunkBytes: chunk,
                  fresh: fresh, emptyFresh: empty, assumeClean: clean)
     }
 
@@ -63,6 +63,22 @@ final class GenerationDecisionTests: GenerationRowTestCase {
         var demotedNew = side("b", X1, dirty: true)
         demotedNew.primaryEpoch = Epoch(3)
         check(crashedOld, demotedNew, .becomeTarget(.bitmap))
+        // A crashed primary under protocol B/C: its up-to-date peer holds every write it
+        // acknowledged, so the peer is source for the crash extents, even when the crashed
+        // side was primary in a later epoch (it is the one whose unflushed writes are gone).
+        var crashedC = side("a", X1, dirty: true, crashed: true, copyOnPeer: true)
+        crashedC.primaryEpoch = Epoch(4)
+        check(crashedC, side("b", X1), .becomeTarget(.bitmap))
+        check(side("a", X1), side("b", X1, dirty: true, crashed: true, copyOnPeer: true), .becomeSource(.bitmap))
+        // … but not from an outdated peer, not from another crashed primary, and never into a
+        // primary: there the crashed side's own copy stays the source.
+        check(crashedC, side("b", X1, disk: .outdated), .becomeSource(.bitmap))
+        check(side("a", X1, dirty: true, crashed: true, copyOnPeer: true), side("b", X1, dirty: true, crashed: true), .becomeSource(.bitmap))
+        check(side("a", X1, role: .primary, dirty: true, crashed: true, copyOnPeer: true), side("b", X1), .becomeSource(.bitmap))
+        // A later primary still wins over a crashed one of protocol B/C (it holds those writes).
+        var later = side("b", X1, dirty: true)
+        later.primaryEpoch = Epoch(5)
+        check(crashedC, later, .becomeTarget(.bitmap))
         // An interrupted resync: the inconsistent side is target.
         check(side("a", X1, disk: .inconsistent), side("b", X1), .becomeTarget(.bitmap))
         check(side("a", X1, role: .primary), side("b", X1, role: .primary), .refuse(""))
@@ -122,10 +138,10 @@ final class GenerationDecisionTests: GenerationRowTestCase {
         for _ in 0..<5000 {
             let a = side("a", pick(Array(ids.dropFirst())), bitmap: pick(ids), history: [pick(ids)].filter { !$0.isNone },
                          disk: pick(DiskState.allCases), role: pick(Role.allCases), dirty: pick([true, false]),
-                         crashed: pick([true, false]), discard: pick([true, false]), empty: pick([true, false]), clean: pick([true, false]))
+                         crashed: pick([true, false]), copyOnPeer: pick([true, false]), discard: pick([true, false]), empty: pick([true, false]), clean: pick([true, false]))
             let b = side("b", pick(Array(ids.dropFirst())), bitmap: pick(ids), history: [pick(ids)].filter { !$0.isNone },
                          disk: pick(DiskState.allCases), role: pick(Role.allCases), dirty: pick([true, false]),
-                         crashed: pick([true, false]), discard: pick([true, false]), empty: pick([true, false]), clean: pick([true, false]))
+                         crashed: pick([true, false]), copyOnPeer: pick([true, false]), discard: pick([true, false]), empty: pick([true, false]), clean: pick([true, false]))
             let da = SyncDecision.decide(me: a, peer: b), db = SyncDecision.decide(me: b, peer: a)
             XCTAssertEqual(da.mirrored, db, "\(a) vs \(b)")
             // Invariants: never sync into a primary, never from an inconsistent side.

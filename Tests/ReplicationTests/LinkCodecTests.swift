@@ -9,7 +9,7 @@ final class LinkCodecTests: XCTestCase {
         let gens = DataGenerations(current: GenerationID(5), bitmap: GenerationID(4), history: [GenerationID(3), GenerationID(2)])
         return [
             .handshake(LinkHandshake(sizeBytes: 1 << 30, chunkBytes: 65536, generations: gens, diskState: .outdated, role: .primary,
-                                     crashedPrimary: true, discardLocal: false, dirtyChunks: 3, dirtyPages: 1,
+                                     crashedPrimary: true, crashCopyOnPeer: true, discardLocal: false, dirtyChunks: 3, dirtyPages: 1,
                                      wasPrimary: true)),
             .dirtyBitmap([BitmapPage(index: 0, bytes: [UInt8](repeating: 0x81, count: 4096)),
                           BitmapPage(index: 7, bytes: [UInt8](repeating: 0, count: 4095) + [1])]),

@@ -111,14 +111,24 @@ final class PowerCutTests: XCTestCase {
     /// The primary loses power with writes in more extents than its activity log holds: the
     /// writes acknowledged since the last flush are on the backup (written, not synced) and
     /// gone from the primary. Every extent with such a write is still in the log (an extent
-    /// leaves only once its writes are durable on both nodes), so the returning primary —
-    /// master again, or resync target after a failover — makes the stores identical.
-    func testPrimaryPowerCutWithHotExtentsReturningAsPrimary() throws { try primaryPowerCut(failover: false) }
+    /// leaves only once its writes are durable on both nodes).
+    ///
+    /// Under protocol C the backup wrote every one of them before it was acknowledged, so
+    /// none may be lost: the returning node takes its crash extents from the backup before it
+    /// is master again (`strict`), and after a failover the backup is master with all of them.
+    func testPrimaryPowerCutWithHotExtentsReturningAsPrimary() throws { try primaryPowerCut(.c, .pullThenPromote) }
+    func testPrimaryPowerCutWithHotExtentsAfterAFailover() throws { try primaryPowerCut(.c, .failover) }
+    /// Promoted before the link is back (the backup unreachable, say): its own copy is all it
+    /// has, and the flushed writes are what survives; the stores still end identical.
+    func testPrimaryPowerCutWithHotExtentsPromotedBeforeTheLink() throws { try primaryPowerCut(.c, .promoteThenLink) }
+    /// Protocol A acknowledges writes the backup may never have had: the crashed primary's
+    /// copy stays the source, and the flushed writes survive.
+    func testPrimaryPowerCutWithHotExtentsUnderProtocolA() throws { try primaryPowerCut(.a, .pullThenPromote) }
 
-    func testPrimaryPowerCutWithHotExtentsAfterAFailover() throws { try primaryPowerCut(failover: true) }
+    enum Return { case pullThenPromote, promoteThenLink, failover }
 
-    func primaryPowerCut(failover: Bool) throws {
-        let pair = try VolumePair(test: self)
+    func primaryPowerCut(_ proto: ReplicationProtocol, _ how: Return) throws {
+        let pair = try VolumePair(test: self, proto: proto)
         pair.volatileCache = true
         try pair.connectPrimary()
         let a = try XCTUnwrap(pair.a), b = try XCTUnwrap(pair.b)
@@ -131,17 +141,28 @@ final class PowerCutTests: XCTestCase {
         }
         a.simulatePowerCut()
         waitUntil("b sees the link go") { b.status.peerState == .disconnected }
-        if failover {
+        let a2 = try pair.open("a", start: false)
+        XCTAssertGreaterThan(a2.status.outOfSyncBytes, 0, "the crashed primary's log marks its hot extents")
+        XCTAssertEqual(a2.status.crashCopyOnPeer, proto != .a, "the peer holds every acknowledged write under B and C")
+        switch how {
+        case .failover:
             try b.becomePrimary(epoch: Epoch(2), newGeneration: true)
             b.setWriteGate(VolumePair.openGate(Epoch(2), peerRequired: false))
-            let a2 = try pair.open("a", start: false)
             a2.becomeSecondary(epoch: Epoch(2))
             a2.start()
             waitUntil("old primary resynced") { b.status.peerState == .inSync && a2.status.diskState == .upToDate }
             try b.flush(on: loop).wait()
-        } else {
-            let a2 = try pair.open("a", start: false)
-            XCTAssertGreaterThan(a2.status.outOfSyncBytes, 0, "the crashed primary's log marks its hot extents")
+        case .pullThenPromote:
+            a2.start()
+            waitUntil("crash extents resynced") {
+                a2.status.peerState == .inSync && a2.status.diskState == .upToDate && !a2.status.crashCopyOnPeer
+            }
+            b.setPromisedEpoch(Epoch(2))
+            try a2.becomePrimary(epoch: Epoch(2), newGeneration: false)
+            a2.setWriteGate(VolumePair.openGate(Epoch(2)))
+            waitUntil("link back after the promotion") { a2.status.peerState == .inSync && b.status.peerState == .inSync }
+            try a2.flush(on: loop).wait()
+        case .promoteThenLink:
             b.setPromisedEpoch(Epoch(2))
             try a2.becomePrimary(epoch: Epoch(2), newGeneration: false)
             a2.setWriteGate(VolumePair.openGate(Epoch(2)))
@@ -149,6 +170,35 @@ final class PowerCutTests: XCTestCase {
             waitUntil("hot extents resynced") { a2.status.peerState == .inSync && b.status.peerState == .inSync }
             try a2.flush(on: loop).wait()
         }
+        // Where the surviving copy held every acknowledged write, each block must hold the last
+        // version written (all were acknowledged); otherwise the flushed one or a later one.
+        if proto == .c && how != .promoteThenLink { model.flushed() }
+        assertIdentical(pair, model)
+    }
+
+    /// The primary loses power under C and takes its crash extents back from the backup,
+    /// whose copy of them was still in its volatile cache; then the backup loses power too.
+    /// The resync source syncs before it reads its first chunk, so what it sent survives and
+    /// both nodes still hold every acknowledged write (simulator seed 326: without that sync
+    /// the backup came back older than its peer, with no bit set on either side).
+    func testResyncSourcePowerCutAfterServingTheCrashExtents() throws {
+        let pair = try VolumePair(test: self)
+        pair.volatileCache = true
+        try pair.connectPrimary()
+        let a = try XCTUnwrap(pair.a), b = try XCTUnwrap(pair.b)
+        let loop = pair.group.next()
+        var model = Model()
+        try writeFlushedBaseline(a, &model, on: loop)
+        try write(a, Array(stride(from: 3, to: 512, by: 64)), 2, &model, on: loop)
+        a.simulatePowerCut()
+        waitUntil("b sees the link go") { b.status.peerState == .disconnected }
+        let a2 = try pair.open("a")
+        waitUntil("crash extents taken from b") { a2.status.peerState == .inSync && a2.status.diskState == .upToDate && !a2.status.crashCopyOnPeer }
+        b.simulatePowerCut()
+        waitUntil("a sees the link go") { a2.status.peerState == .disconnected }
+        let b2 = try pair.open("b")
+        waitUntil("link back") { a2.status.peerState == .inSync && b2.status.peerState == .inSync }
+        model.flushed()  // protocol C: every acknowledged write must be there
         assertIdentical(pair, model)
     }
 

@@ -27,14 +27,17 @@ public struct LinkHandshake: Hashable, Sendable {
     /// (a version-2 decoder would refuse the unknown flag bit anyway) and the newest epoch the
     /// side was primary in. 4: the dirty bitmap follows in `dirtyBitmap` frames (it was a
     /// list of runs in the handshake, which a fragmented bitmap could push past the frame
-    /// limit); all-zero resync chunks travel as `resyncZeroes`.
-    public static let protocolVersion: UInt16 = 4
+    /// limit); all-zero resync chunks travel as `resyncZeroes`. 5: the crashCopyOnPeer flag
+    /// (a crashed primary under protocol B/C takes its crash extents from its peer).
+    public static let protocolVersion: UInt16 = 5
     public var sizeBytes: UInt64
     public var chunkBytes: UInt32
     public var generations: DataGenerations
     public var diskState: DiskState
     public var role: Role
     public var crashedPrimary: Bool
+    /// A crashed primary whose peer held every write it acknowledged (protocol B or C).
+    public var crashCopyOnPeer: Bool
     public var discardLocal: Bool
     /// Chunks this side holds out of sync (bitmap bits ∪ crash AL extents).
     public var dirtyChunks: UInt64
@@ -53,10 +56,10 @@ public struct LinkHandshake: Hashable, Sendable {
     public var primaryEpoch: Epoch
 
     public init(sizeBytes: UInt64, chunkBytes: UInt32, generations: DataGenerations, diskState: DiskState, role: Role,
-                crashedPrimary: Bool, discardLocal: Bool, dirtyChunks: UInt64 = 0, dirtyPages: UInt32 = 0, fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false,
+                crashedPrimary: Bool, crashCopyOnPeer: Bool = false, discardLocal: Bool, dirtyChunks: UInt64 = 0, dirtyPages: UInt32 = 0, fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false,
                 wasPrimary: Bool = false, primaryEpoch: Epoch = .zero) {
         self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.generations = generations
-        self.diskState = diskState; self.role = role; self.crashedPrimary = crashedPrimary
+        self.diskState = diskState; self.role = role; self.crashedPrimary = crashedPrimary; self.crashCopyOnPeer = crashedPrimary && crashCopyOnPeer
         self.discardLocal = discardLocal; self.dirtyChunks = dirtyChunks; self.dirtyPages = dirtyPages; self.fresh = fresh || emptyFresh; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
         self.wasPrimary = wasPrimary
         self.primaryEpoch = primaryEpoch
@@ -185,7 +188,9 @@ public enum LinkMessage: Hashable, Sendable {
             Self.writeGenerations(h.generations, &b)
             b.writeInteger(MetadataLayout.diskCode(h.diskState))
             b.writeInteger(UInt8(h.role == .primary ? 1 : 0))
-            b.writeInteger(UInt8((h.crashedPrimary ? 1 : 0) | (h.discardLocal ? 2 : 0) | (h.emptyFresh ? 4 : 0) | (h.assumeClean ? 8 : 0) | (h.fresh ? 16 : 0) | (h.wasPrimary ? 32 : 0)))
+            let bits: [(Bool, UInt8)] = [(h.crashedPrimary, 1), (h.discardLocal, 2), (h.emptyFresh, 4), (h.assumeClean, 8),
+                                         (h.fresh, 16), (h.wasPrimary, 32), (h.crashCopyOnPeer, 64)]
+            b.writeInteger(bits.reduce(UInt8(0)) { $1.0 ? $0 | $1.1 : $0 })
             b.writeInteger(h.dirtyChunks)
             b.writeInteger(h.dirtyPages)
             b.writeInteger(h.primaryEpoch.value)
@@ -238,11 +243,11 @@ public enum LinkMessage: Hashable, Sendable {
             guard v == LinkHandshake.protocolVersion else { return .failure(.version(v)) }
             guard let size: UInt64 = b.readInteger(), let chunk: UInt32 = b.readInteger(),
                   let gens = readGenerations(&b), let dc: UInt8 = b.readInteger(), let disk = MetadataLayout.disk(dc),
-                  let role: UInt8 = b.readInteger(), role <= 1, let fl: UInt8 = b.readInteger(), fl <= 63,
+                  let role: UInt8 = b.readInteger(), role <= 1, let fl: UInt8 = b.readInteger(), fl <= 127,
                   let dirtyChunks: UInt64 = b.readInteger(), let dirtyPages: UInt32 = b.readInteger(),
                   let pe: UInt64 = b.readInteger() else { return fail("bad handshake fields") }
             msg = .handshake(LinkHandshake(sizeBytes: size, chunkBytes: chunk, generations: gens, diskState: disk,
-                                           role: role == 1 ? .primary : .secondary, crashedPrimary: fl & 1 != 0,
+                                           role: role == 1 ? .primary : .secondary, crashedPrimary: fl & 1 != 0, crashCopyOnPeer: fl & 64 != 0,
                                            discardLocal: fl & 2 != 0, dirtyChunks: dirtyChunks, dirtyPages: dirtyPages, fresh: fl & 16 != 0, emptyFresh: fl & 4 != 0, assumeClean: fl & 8 != 0,
                                            wasPrimary: fl & 32 != 0, primaryEpoch: Epoch(pe)))
         case .write:

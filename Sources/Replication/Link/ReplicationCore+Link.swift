@@ -22,6 +22,7 @@ extension ReplicationCore {
         let pageCount = pages.reduce(0) { n, m in if case .dirtyBitmap(let p) = m { return n + p.count }; return n }
         let hs = LinkHandshake(sizeBytes: settings.sizeBytes, chunkBytes: UInt32(settings.chunkBytes), generations: header.generations,
                                diskState: header.diskState, role: role, crashedPrimary: header.flags.contains(.crashRecoveryPending) && !header.flags.contains(.steppedDown),
+                               crashCopyOnPeer: crashCopyOnPeer,
                                discardLocal: header.flags.contains(.discardLocal), dirtyChunks: UInt64(bitmap.setCount), dirtyPages: UInt32(pageCount),
                                fresh: header.flags.contains(.fresh), emptyFresh: emptyFresh && header.flags.contains(.fresh),
                                assumeClean: header.flags.contains(.assumeClean), wasPrimary: primarySinceOpen,
@@ -255,10 +256,10 @@ extension ReplicationCore {
         l.peerBitmap = nil
         let mine = l.sent
         let me = SyncSide(node: settings.me, generations: mine.generations, diskState: mine.diskState, role: mine.role,
-                          hasDirtyChunks: mine.dirtyChunks > 0, crashedPrimary: mine.crashedPrimary, discardLocal: mine.discardLocal,
+                          hasDirtyChunks: mine.dirtyChunks > 0, crashedPrimary: mine.crashedPrimary, crashCopyOnPeer: mine.crashCopyOnPeer, discardLocal: mine.discardLocal,
                           sizeBytes: mine.sizeBytes, chunkBytes: Int(mine.chunkBytes), fresh: mine.fresh, emptyFresh: mine.emptyFresh, assumeClean: mine.assumeClean, wasPrimary: mine.wasPrimary, primaryEpoch: mine.primaryEpoch)
         let them = SyncSide(node: settings.peer, generations: peer.generations, diskState: peer.diskState, role: peer.role,
-                            hasDirtyChunks: peer.dirtyChunks > 0, crashedPrimary: peer.crashedPrimary, discardLocal: peer.discardLocal,
+                            hasDirtyChunks: peer.dirtyChunks > 0, crashedPrimary: peer.crashedPrimary, crashCopyOnPeer: peer.crashCopyOnPeer, discardLocal: peer.discardLocal,
                             sizeBytes: peer.sizeBytes, chunkBytes: Int(peer.chunkBytes), fresh: peer.fresh, emptyFresh: peer.emptyFresh, assumeClean: peer.assumeClean, wasPrimary: peer.wasPrimary, primaryEpoch: peer.primaryEpoch)
         var d = SyncDecision.decide(me: me, peer: them)
         if settings.plantedBugs.contains(.freshMetadataTrusted) {

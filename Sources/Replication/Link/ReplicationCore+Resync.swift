@@ -39,6 +39,13 @@ extension ReplicationCore {
                            totalBytes: total)
         log(.notice, "resync source: \(bitmap.setCount) chunks (\(total) bytes) to \(settings.peer) at ≤ \(settings.resyncRateBytesPerSecond) B/s")
         out.append(.emit(.resyncProgress(done: 0, total: total)))
+        // The target will be called up to date with the bytes this node reads now, some of
+        // which may sit in its volatile cache (a backup's replicated writes are not synced
+        // until a flush). Sync first, ahead of every chunk read on the I/O queue: a power cut
+        // of this node after the resync must not leave it different from its target with no
+        // bit set on either side (simulator seed 326: the backup, source of a crashed
+        // master's extents under C, lost a synced-nowhere zero write it had just sent).
+        out.append(.io(IOBatch(steps: [.sync], then: nil, failure: nil, ack: nil)))
         pumpResync(now)
     }
 

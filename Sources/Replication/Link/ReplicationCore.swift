@@ -214,7 +214,14 @@ public struct ReplicationCore: Sendable {
     /// PLANTED BUG `resyncOverNewerWrite` only (test-only): the resync chunk held back.
     var plantedHeldResyncChunk: IOBatch?
 
-    struct DiskSnapshot: Hashable { var state: DiskState; var generations: DataGenerations }
+    struct DiskSnapshot: Hashable { var state: DiskState; var generations: DataGenerations; var crashCopyOnPeer: Bool }
+
+    /// A crashed primary whose acknowledged writes were all on its peer (protocol B or C, this
+    /// generation), crash extents not yet resynced.
+    var crashCopyOnPeer: Bool {
+        header.flags.contains(.crashRecoveryPending) && header.flags.contains(.acknowledgedOnPeer)
+            && !header.flags.contains(.steppedDown) && header.diskState == .upToDate
+    }
 
     enum Held: Sendable {
         case write(RequestID, WriteOp, offset: UInt64, length: Int, fua: Bool)
@@ -356,7 +363,7 @@ public struct ReplicationCore: Sendable {
         roleEpoch = header.epoch
         promisedEpoch = header.epoch
         rng = SplitMix64(seed: seed)
-        lastDisk = DiskSnapshot(state: header.diskState, generations: header.generations)
+        lastDisk = DiskSnapshot(state: header.diskState, generations: header.generations, crashCopyOnPeer: crashCopyOnPeer)
     }
 
     // MARK: entry points
@@ -426,6 +433,7 @@ public struct ReplicationCore: Sendable {
         header.epoch = max(header.epoch, epoch)
         header.flags.insert(.wasPrimary)
         header.flags.remove(.steppedDown)
+        if settings.replicationProtocol == .a { header.flags.remove(.acknowledgedOnPeer) } else { header.flags.insert(.acknowledgedOnPeer) }
         header.primaryEpoch = max(header.primaryEpoch, roleEpoch)
         primarySinceOpen = true
         if newGeneration { header.generations.branch(to: freshGeneration()); header.flags.remove(.assumeClean) }
@@ -515,6 +523,7 @@ public struct ReplicationCore: Sendable {
         s.oldestUnconfirmedWrite = writes.oldestUnconfirmedIssued
         s.verifyRunning = verify != nil
         s.fresh = header.flags.contains(.fresh)
+        s.crashCopyOnPeer = crashCopyOnPeer
         s.diskNote = diskNote
         return s
     }
@@ -589,8 +598,8 @@ public struct ReplicationCore: Sendable {
     mutating func noteChanges() {
         let p = peerState
         if p != lastPeerState { lastPeerState = p; out.append(.emit(.peer(p))) }
-        let d = DiskSnapshot(state: header.diskState, generations: header.generations)
-        if d != lastDisk { lastDisk = d; out.append(.emit(.disk(d.state, d.generations))) }
+        let d = DiskSnapshot(state: header.diskState, generations: header.generations, crashCopyOnPeer: crashCopyOnPeer)
+        if d != lastDisk { lastDisk = d; out.append(.emit(.disk(d.state, d.generations, crashCopyOnPeer: d.crashCopyOnPeer))) }
     }
 }
 

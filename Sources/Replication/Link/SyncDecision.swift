@@ -10,6 +10,9 @@ public struct SyncSide: Hashable, Sendable {
     public var hasDirtyChunks: Bool
     /// The side was primary and crashed; its AL extents are in its dirty set.
     public var crashedPrimary: Bool
+    /// A crashed primary whose peer held every write it acknowledged (protocol B or C): the
+    /// peer's copy of its crash extents is the one to keep.
+    public var crashCopyOnPeer: Bool
     /// The operator chose to discard this side's changes after a split brain.
     public var discardLocal: Bool
     public var sizeBytes: UInt64
@@ -29,11 +32,11 @@ public struct SyncSide: Hashable, Sendable {
     public var primaryEpoch: Epoch
 
     public init(node: NodeID, generations: DataGenerations, diskState: DiskState, role: Role,
-                hasDirtyChunks: Bool = false, crashedPrimary: Bool = false, discardLocal: Bool = false,
+                hasDirtyChunks: Bool = false, crashedPrimary: Bool = false, crashCopyOnPeer: Bool = false, discardLocal: Bool = false,
                 sizeBytes: UInt64, chunkBytes: Int, fresh: Bool = false, emptyFresh: Bool = false, assumeClean: Bool = false,
                 wasPrimary: Bool = false, primaryEpoch: Epoch = .zero) {
         self.node = node; self.generations = generations; self.diskState = diskState; self.role = role
-        self.hasDirtyChunks = hasDirtyChunks; self.crashedPrimary = crashedPrimary; self.discardLocal = discardLocal
+        self.hasDirtyChunks = hasDirtyChunks; self.crashedPrimary = crashedPrimary; self.crashCopyOnPeer = crashedPrimary && crashCopyOnPeer; self.discardLocal = discardLocal
         self.sizeBytes = sizeBytes; self.chunkBytes = chunkBytes; self.fresh = fresh || emptyFresh; self.emptyFresh = emptyFresh; self.assumeClean = assumeClean
         self.wasPrimary = wasPrimary
         self.primaryEpoch = primaryEpoch
@@ -129,6 +132,16 @@ public enum SyncDecision: Hashable, Sendable, CustomStringConvertible {
             if a.role == .primary && b.role == .primary { return .refuse("both sides are primary") }
             if !a.hasDirtyChunks && !b.hasDirtyChunks { return .inSync }
             else if a.role != b.role { result = a.role == .primary ? .becomeSource(.bitmap) : .becomeTarget(.bitmap) }
+            // Two secondaries, one a crashed primary under protocol B or C: its power cut may
+            // have taken acknowledged writes it had not flushed, while the peer received (B) or
+            // wrote (C) every one before the acknowledgement. The peer's copy of the crash
+            // extents is the one with every acknowledged write; the crashed side's own extra
+            // writes there were never acknowledged. (A later primary in this generation would
+            // win below anyway: it holds these writes too, and newer ones.)
+            else if a.crashCopyOnPeer != b.crashCopyOnPeer, (a.crashCopyOnPeer ? b : a).diskState == .upToDate,
+                    !(a.crashCopyOnPeer ? b : a).crashedPrimary {
+                result = a.crashCopyOnPeer ? .becomeTarget(.bitmap) : .becomeSource(.bitmap)
+            }
             // Two secondaries: the later primary wrote after the earlier one (epochs order the
             // masters), so its copy of any chunk both touched is the newer (simulator seed 2618:
             // a crashed primary of epoch 2 overwrote the writes its successor of epoch 3

@@ -45,7 +45,9 @@ public struct VolumeCapabilities: Sendable, Equatable {
 /// What the volume reports to the daemon (metrics, hooks, quorum core).
 public enum ReplicationEvent: Sendable {
     case peer(PeerReplicationState)
-    case disk(DiskState, DataGenerations)
+    /// `crashCopyOnPeer`: a crashed primary whose peer holds the newest copy of its crash
+    /// extents (`ReplicationStatus.crashCopyOnPeer`).
+    case disk(DiskState, DataGenerations, crashCopyOnPeer: Bool)
     case splitBrain(String)
     case diskFailure(String)
     case resyncProgress(done: UInt64, total: UInt64)
@@ -77,6 +79,10 @@ public struct ReplicationStatus: Sendable, Equatable {
     public var verifyRunning = false
     /// Metadata created on this store and no data adopted since.
     public var fresh = false
+    /// This node crashed as primary under protocol B or C and its crash extents are not yet
+    /// resynced: its peer, if up to date in the same generation, holds every write this node
+    /// acknowledged there, so the node takes them from the peer before it stands for election.
+    public var crashCopyOnPeer = false
     /// Why the disk is not up to date, for /status (nil when it is).
     public var diskNote: String?
     public var splitBrain: String?

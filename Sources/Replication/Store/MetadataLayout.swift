@@ -25,6 +25,11 @@ public struct MetadataFlags: OptionSet, Hashable, Sendable {
     /// it does not make this node the sync source as a crashed primary — whoever was master
     /// after it holds newer data.
     public static let steppedDown = MetadataFlags(rawValue: 1 << 6)
+    /// Primary under protocol B or C: the peer had every write before this node acknowledged
+    /// it (received under B, written under C). After a crash of this primary the peer's copy
+    /// of the crash extents holds every acknowledged write; this node's own copy may have lost
+    /// the unflushed ones with its power.
+    public static let acknowledgedOnPeer = MetadataFlags(rawValue: 1 << 7)
 }
 
 /// The durable header of a replicated volume's metadata file.

@@ -92,12 +92,18 @@ func verifyPatterns(uri: String, expected: [Int: Int], file: StaticString = #fil
             XCTFail("qemu-io read-back failed: \(r.stdout) \(r.stderr)", file: file, line: line)
             return part.map(\.key)
         }
-        // Each successful read prints "read N/N bytes at offset X"; failed ones print the mismatch.
-        let okOffsets = Set(r.stdout.split(separator: "\n").compactMap { l -> Int? in
-            guard l.hasPrefix("read "), let rr = l.range(of: "at offset ") else { return nil }
-            return Int(l[rr.upperBound...].trimmingCharacters(in: .whitespaces))
-        })
-        bad += part.map(\.key).filter { !okOffsets.contains($0) }
+        // Every read that ran prints "read N/N bytes at offset X", a mismatching one too: it
+        // prints "Pattern verification failed at offset X, N bytes" before. A read counts only
+        // with the first line and without the second.
+        func offsets(_ prefix: String, upTo end: Character?) -> Set<Int> {
+            Set(r.stdout.split(separator: "\n").compactMap { l -> Int? in
+                guard l.hasPrefix(prefix), let rr = l.range(of: "at offset ") else { return nil }
+                let tail = l[rr.upperBound...]
+                return Int((end.flatMap { tail.split(separator: $0).first } ?? tail).trimmingCharacters(in: .whitespaces))
+            })
+        }
+        let read = offsets("read ", upTo: nil), mismatched = offsets("Pattern verification failed", upTo: ",")
+        bad += part.map(\.key).filter { !read.contains($0) || mismatched.contains($0) }
     }
     return bad
 }
