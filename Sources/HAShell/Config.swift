@@ -37,9 +37,16 @@ public struct ClusterConfig: Sendable, Equatable {
         public var chunkSizeBytes: UInt64
         /// Resync bandwidth cap in bytes per second.
         public var resyncRateBytesPerSecond: UInt64
+        /// Sealed frames the replication link may hold unsent on the master before writes
+        /// stop counting as queued to the peer (protocol A's acknowledgement waits).
+        public var linkSendBufferBytes: UInt64 = Volume.defaultLinkSendBufferBytes
+        /// Replicated writes queued for the backup's disk beyond which it stops reading the link.
+        public var applyQueueBytes: UInt64 = Volume.defaultApplyQueueBytes
 
         public static let defaultChunkSizeBytes: UInt64 = 64 << 10
         public static let defaultResyncRateBytesPerSecond: UInt64 = 100 << 20
+        public static let defaultLinkSendBufferBytes: UInt64 = 8 << 20
+        public static let defaultApplyQueueBytes: UInt64 = 64 << 20
 
         public init(sizeBytes: UInt64, chunkSizeBytes: UInt64 = Volume.defaultChunkSizeBytes,
                     resyncRateBytesPerSecond: UInt64 = Volume.defaultResyncRateBytesPerSecond) {
@@ -213,6 +220,8 @@ public struct ClusterConfig: Sendable, Equatable {
         diff("volume.size", volume.sizeBytes, other.volume.sizeBytes)
         diff("volume.chunk_size", volume.chunkSizeBytes, other.volume.chunkSizeBytes)
         diff("volume.resync_rate", volume.resyncRateBytesPerSecond, other.volume.resyncRateBytesPerSecond)
+        diff("volume.link_send_buffer", volume.linkSendBufferBytes, other.volume.linkSendBufferBytes)
+        diff("volume.apply_queue", volume.applyQueueBytes, other.volume.applyQueueBytes)
         for i in 0..<max(nodes.count, other.nodes.count) {
             guard i < nodes.count, i < other.nodes.count else { out.append("node[\(i)]"); continue }
             let (a, b) = (nodes[i], other.nodes[i])
@@ -399,12 +408,14 @@ public struct ClusterConfig: Sendable, Equatable {
 
         // [volume]
         let v = try top.requiredTable("volume")
-        try v.allow(["size", "chunk_size", "resync_rate", "create"])
+        try v.allow(["size", "chunk_size", "resync_rate", "create", "link_send_buffer", "apply_queue"])
         let createAll = try v.bool("create") ?? false
-        let volume = Volume(
+        var volume = Volume(
             sizeBytes: try v.size("size", required: true)!,
             chunkSizeBytes: try v.size("chunk_size") ?? Volume.defaultChunkSizeBytes,
             resyncRateBytesPerSecond: try v.size("resync_rate") ?? Volume.defaultResyncRateBytesPerSecond)
+        volume.linkSendBufferBytes = try v.size("link_send_buffer") ?? Volume.defaultLinkSendBufferBytes
+        volume.applyQueueBytes = try v.size("apply_queue") ?? Volume.defaultApplyQueueBytes
 
         // [[node]]
         let nodeTables = try top.requiredArrayOfTables("node")
@@ -587,6 +598,12 @@ public struct ClusterConfig: Sendable, Equatable {
         }
         if volume.resyncRateBytesPerSecond < 1 << 20 {
             throw ConfigError(key: "volume.resync_rate", message: "\(volume.resyncRateBytesPerSecond) bytes/s; must be at least 1MiB (per second)")
+        }
+        if !(1 << 20 ... 1 << 30).contains(volume.linkSendBufferBytes) {
+            throw ConfigError(key: "volume.link_send_buffer", message: "\(ByteSize.format(volume.linkSendBufferBytes)): must be from 1MiB to 1GiB")
+        }
+        if !(4 << 20 ... 4 << 30).contains(volume.applyQueueBytes) {
+            throw ConfigError(key: "volume.apply_queue", message: "\(ByteSize.format(volume.applyQueueBytes)): must be from 4MiB to 4GiB")
         }
 
         // The lease rule (design.md §2): one inequality, checked at start.

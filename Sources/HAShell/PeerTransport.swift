@@ -69,9 +69,20 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
     func noteReceived(_ bytes: Int) { receivedCounter.wrappingAdd(UInt64(bytes), ordering: .relaxed) }
 
     /// Bytes the channel may hold unsent before it reports itself unwritable, and the level
-    /// it must drain to before it is writable again (NIO's write-buffer water marks).
-    public static let sendBufferHigh = 8 << 20
-    public static let sendBufferLow = 2 << 20
+    /// it must drain to before it is writable again (NIO's write-buffer water marks), until
+    /// the owner sets its own (`setSendBuffer`).
+    public static let defaultSendBufferBytes = 8 << 20
+    private let sendBufferLimit = Atomic<Int>(PeerConnection.defaultSendBufferBytes)
+
+    /// The send buffer's high-water mark (the low one is a quarter of it): the replicated
+    /// volume's `volume.link_send_buffer`. Any thread.
+    public func setSendBuffer(_ bytes: Int) {
+        let high = max(64 << 10, bytes)
+        sendBufferLimit.store(high, ordering: .relaxed)
+        channel.eventLoop.execute { [channel] in
+            _ = channel.setOption(ChannelOptions.writeBufferWaterMark, value: .init(low: high / 4, high: high))
+        }
+    }
 
     /// The send buffer has room: the channel is under its high-water mark (or drained below
     /// the low one since it crossed it) and the outbox holds less than that. Any thread.
@@ -79,7 +90,7 @@ public final class PeerConnection: @unchecked Sendable, CustomStringConvertible 
         outboxLock.lock()
         let queued = outboxBytes
         outboxLock.unlock()
-        return queued < Self.sendBufferHigh && channel.isWritable
+        return queued < sendBufferLimit.load(ordering: .relaxed) && channel.isWritable
     }
 
     /// Reading paused by the owner (its apply queue is full): TCP's window then holds the
@@ -561,7 +572,7 @@ private func configureTCP(_ channel: Channel, userTimeout: TimeAmount) -> EventL
     // only aborts writes stuck for much longer, so a slow but live link (deep queue) survives.
     let ms = Int(userTimeout.nanoseconds / 1_000_000) * 4
     return channel.setOption(ChannelOptions.writeBufferWaterMark,
-                             value: .init(low: PeerConnection.sendBufferLow, high: PeerConnection.sendBufferHigh)).flatMap {
+                             value: .init(low: PeerConnection.defaultSendBufferBytes / 4, high: PeerConnection.defaultSendBufferBytes)).flatMap {
         channel.setOption(ChannelOptions.socketOption(.tcp_nodelay), value: 1)
     }.flatMap {
         // Without TCP_USER_TIMEOUT a silently dropped link keeps unacknowledged data for minutes.

@@ -104,6 +104,8 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
             linkTimeout: config.timeouts.failureTimeout,
             resyncRateBytesPerSecond: Int(config.volume.resyncRateBytesPerSecond),
             createBacking: me.create)
+        volumeConfig.linkSendBufferBytes = Int(config.volume.linkSendBufferBytes)
+        volumeConfig.applyQueueBytes = Int(config.volume.applyQueueBytes)
         volumeConfig.volatileCacheForTests = Self.volatileCacheForTests(logger)
         replicatedVolume = try ReplicatedVolume(config: volumeConfig, group: group, logger: logger, clock: { MonotonicClock.now() })
         let st = replicatedVolume.status

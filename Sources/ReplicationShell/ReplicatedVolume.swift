@@ -713,6 +713,7 @@ public final class ReplicatedVolume: BlockVolume, ReplicationHost, @unchecked Se
         nextSession += 1
         sessions[id] = conn
         sessionIDs[ObjectIdentifier(conn)] = id
+        conn.setSendBuffer(config.linkSendBufferBytes)
         if readsPaused { conn.pauseReading(true) }
         statusLock.lock(); linkConnections[ObjectIdentifier(conn)] = conn; statusLock.unlock()
         ticksWithoutLink = 0
@@ -873,8 +874,13 @@ public struct ReplicatedVolumeConfig: Sendable {
     /// The daemon sets it when `HAMGR_TEST_VOLATILE_CACHE=1`.
     public var volatileCacheForTests = false
     /// Backpressure on the backup: data bytes of replicated writes queued for its disk
-    /// beyond which it stops reading the link until half of it is written.
+    /// beyond which it stops reading the link until half of it is written
+    /// (`volume.apply_queue`).
     public var applyQueueBytes = 64 << 20
+    /// Backpressure on the master: sealed frames the link may hold unsent; a write whose
+    /// frame finds it full does not count as queued to the peer until it drains
+    /// (`volume.link_send_buffer`).
+    public var linkSendBufferBytes = PeerConnection.defaultSendBufferBytes
 
     public init(cluster: String, me: NodeID, peer: NodeID, backingPath: String, metadataPath: String,
                 sizeBytes: UInt64, chunkBytes: Int = 64 << 10, replicationProtocol: ReplicationProtocol = .c,

@@ -360,4 +360,27 @@ final class ConfigTests: XCTestCase {
             }
         }
     }
+
+    /// `[volume] link_send_buffer` and `apply_queue`: the link's backpressure bounds.
+    func testLinkBackpressureBounds() throws {
+        let f = try ConfigFixture()
+        let defaults = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML))
+        XCTAssertEqual(defaults.volume.linkSendBufferBytes, 8 << 20)
+        XCTAssertEqual(defaults.volume.applyQueueBytes, 64 << 20)
+        let set = try ClusterConfig.load(path: f.write(ConfigFixture.variant("resync_rate = \"100MiB\"",
+                                                                           "resync_rate = \"100MiB\"\nlink_send_buffer = \"32MiB\"\napply_queue = \"256MiB\"")))
+        XCTAssertEqual(set.volume.linkSendBufferBytes, 32 << 20)
+        XCTAssertEqual(set.volume.applyQueueBytes, 256 << 20)
+        XCTAssertEqual(defaults.changedKeys(comparedTo: set), ["volume.link_send_buffer", "volume.apply_queue"])
+        for (line, key) in [("link_send_buffer = \"512KiB\"", "volume.link_send_buffer"),
+                            ("link_send_buffer = \"2GiB\"", "volume.link_send_buffer"),
+                            ("apply_queue = \"1MiB\"", "volume.apply_queue"),
+                            ("apply_queue = \"8GiB\"", "volume.apply_queue"),
+                            ("apply_queue = 7", "volume.apply_queue")] {
+            XCTAssertThrowsError(try ClusterConfig.load(path: f.write(ConfigFixture.variant("resync_rate = \"100MiB\"", "resync_rate = \"100MiB\"\n" + line))), line) { error in
+                guard let e = error as? ConfigError else { return XCTFail("\(line): not a ConfigError: \(error)") }
+                XCTAssertEqual(e.key, key, "\(line) → \(e)")
+            }
+        }
+    }
 }

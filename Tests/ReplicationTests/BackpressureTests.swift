@@ -1,5 +1,6 @@
 import Foundation
 import HACore
+import HAShell
 import NIOCore
 @testable import Replication
 @testable import ReplicationShell
@@ -20,7 +21,15 @@ final class BackpressureTests: XCTestCase {
     /// than the link timeout, does not end the session; once the backup reads again, every
     /// write completes and the stores are identical.
     func testProtocolAMasterStopsAcknowledgingWhileTheBackupDoesNotRead() throws {
-        let pair = try VolumePair(test: self, proto: .a, fresh: true)
+        let small = try acknowledgedWhileTheBackupDoesNotRead(sendBuffer: PeerConnection.defaultSendBufferBytes)
+        // `volume.link_send_buffer`: four times the buffer holds more writes before the hold.
+        let large = try acknowledgedWhileTheBackupDoesNotRead(sendBuffer: 4 * PeerConnection.defaultSendBufferBytes, name: "large")
+        XCTAssertGreaterThan(large, small, "a larger send buffer lets more writes through before the hold")
+    }
+
+    func acknowledgedWhileTheBackupDoesNotRead(sendBuffer: Int, name: String = #function) throws -> Int {
+        let pair = try VolumePair(test: self, proto: .a, fresh: true, name: name)
+        pair.linkSendBufferBytes = sendBuffer
         pair.sizeBytes = 256 << 20
         pair.activityLogExtents = 256  // no activity-log barrier (which waits for the peer) in the way
         try pair.pairUp()
@@ -47,7 +56,8 @@ final class BackpressureTests: XCTestCase {
         try a.flush(on: loop).wait()
         XCTAssertEqual(a.writesHeldForLink, 0)
         XCTAssertTrue(pair.fileBytes("a") == pair.fileBytes("b"))
-        print("protocol A, backup not reading: \(ackedWhilePaused) of \(count) 1 MiB writes acknowledged while paused")
+        print("protocol A, backup not reading, \(sendBuffer >> 20) MiB send buffer: \(ackedWhilePaused) of \(count) 1 MiB writes acknowledged while paused")
+        return ackedWhilePaused
     }
 
     /// A backup whose disk falls behind stops reading the link at `applyQueueBytes` of queued

@@ -67,6 +67,7 @@ final class VolumePair: @unchecked Sendable {
     /// Stores keep unsynced writes in memory, so `simulatePowerCut()` loses them.
     var volatileCache = false
     var applyQueueBytes: Int?
+    var linkSendBufferBytes: Int?
     /// Hot extents of 1 MiB in the activity log.
     var activityLogExtents = 8
     /// Where "a" dials its peer; nil: b's listener. A test sets it to put a relay in between.
@@ -129,6 +130,7 @@ final class VolumePair: @unchecked Sendable {
         c.createBacking = true
         c.volatileCacheForTests = volatileCache
         if let q = applyQueueBytes { c.applyQueueBytes = q }
+        if let l = linkSendBufferBytes { c.linkSendBufferBytes = l }
         return c
     }
 
