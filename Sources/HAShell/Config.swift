@@ -257,6 +257,9 @@ public struct ClusterConfig: Sendable, Equatable {
         diff("export.client_ca_file", export.clientCAFile, other.export.clientCAFile)
         diff("export.allow", export.allow, other.export.allow)
         diff("export.unix_socket", export.unixSocket, other.export.unixSocket)
+        diff("export.max_in_flight_bytes", export.maxInFlightBytes, other.export.maxInFlightBytes)
+        diff("export.max_in_flight_requests", export.maxInFlightRequests, other.export.maxInFlightRequests)
+        diff("export.max_connections", export.maxConnections, other.export.maxConnections)
         diff("status.tls", status.tls, other.status.tls)
         diff("status.read_token_file", status.readTokenFile, other.status.readTokenFile)
         diff("log.level", logLevel, other.logLevel)
@@ -491,7 +494,7 @@ public struct ClusterConfig: Sendable, Equatable {
         // [export]: TLS required by default once certificates are configured.
         var export = ExportSettings(tls: tls == nil ? .off : .require)
         if let e = try top.table("export") {
-            try e.allow(["tls", "client_ca_file", "allow", "unix_socket", "max_in_flight_bytes", "max_in_flight_requests"])
+            try e.allow(["tls", "client_ca_file", "allow", "unix_socket", "max_in_flight_bytes", "max_in_flight_requests", "max_connections"])
             export.tls = try e.enumValue("tls", default: export.tls)
             export.clientCAFile = try e.string("client_ca_file").map(resolve)
             for (i, text) in (try e.stringArray("allow") ?? []).enumerated() {
@@ -512,6 +515,12 @@ public struct ClusterConfig: Sendable, Equatable {
                     throw ConfigError(key: "export.max_in_flight_requests", message: "must be from 1 to \(ExportSettings.maxInFlightRequestsLimit), got \(n)")
                 }
                 export.maxInFlightRequests = n
+            }
+            if let n = try e.int("max_connections") {
+                guard (1...ExportSettings.maxConnectionsLimit).contains(n) else {
+                    throw ConfigError(key: "export.max_connections", message: "must be from 1 to \(ExportSettings.maxConnectionsLimit), got \(n)")
+                }
+                export.maxConnections = n
             }
         }
 

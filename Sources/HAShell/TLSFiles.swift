@@ -48,12 +48,17 @@ public struct ExportSettings: Sendable, Equatable {
     public var maxInFlightBytes: Int
     /// Requests one connection may have admitted and not yet answered on the socket.
     public var maxInFlightRequests: Int
+    /// Connections the export keeps open at once (TCP and Unix socket together); one more
+    /// is closed before the greeting.
+    public var maxConnections: Int = ExportSettings.defaultMaxConnections
 
     public static let defaultMaxInFlightBytes = 64 << 20
     public static let defaultMaxInFlightRequests = 256
     /// Bounds checked by the config: below 1 MiB ordinary I/O would go one request at a time.
     public static let minInFlightBytes = 1 << 20
     public static let maxInFlightRequestsLimit = 65536
+    public static let defaultMaxConnections = 16
+    public static let maxConnectionsLimit = 4096
 
     /// Node `host`'s socket path.
     public func unixSocket(for host: String) -> String? {

@@ -60,6 +60,9 @@ struct ExportCommand: ParsableCommand {
     @Option(name: .long, help: "Requests one connection may hold until their replies are written, 1…65536 (export.max_in_flight_requests; default 256).")
     var maxInFlightRequests: Int = ExportSettings.defaultMaxInFlightRequests
 
+    @Option(name: .long, help: "Connections kept open at once, 1…4096; one more is closed before the greeting (export.max_connections; default 16).")
+    var maxConnections: Int = ExportSettings.defaultMaxConnections
+
     func validate() throws {
         if let s = size, ByteSize.parse(s) == nil { throw ValidationError("--size: cannot read \"\(s)\" as a size (e.g. 256MiB, 1GiB, 4096)") }
         if HostPort.parse(listen) == nil { throw ValidationError("--listen: expected HOST:PORT, got \"\(listen)\"") }
@@ -77,11 +80,15 @@ struct ExportCommand: ParsableCommand {
         if !(1...ExportSettings.maxInFlightRequestsLimit).contains(maxInFlightRequests) {
             throw ValidationError("--max-in-flight-requests: must be from 1 to \(ExportSettings.maxInFlightRequestsLimit), got \(maxInFlightRequests)")
         }
+        if !(1...ExportSettings.maxConnectionsLimit).contains(maxConnections) {
+            throw ValidationError("--max-connections: must be from 1 to \(ExportSettings.maxConnectionsLimit), got \(maxConnections)")
+        }
     }
 
     private var inFlightLimits: NBDInFlightBudget.Limits {
         .init(maxRequests: maxInFlightRequests,
-              maxBytes: maxInFlightBytes.flatMap(ByteSize.parse).map { Int($0) } ?? ExportSettings.defaultMaxInFlightBytes)
+              maxBytes: maxInFlightBytes.flatMap(ByteSize.parse).map { Int($0) } ?? ExportSettings.defaultMaxInFlightBytes,
+              maxConnections: maxConnections)
     }
 
     private var tlsMode: ExportTLSMode {

@@ -119,7 +119,8 @@ final class NodeDaemon: NodeHost, @unchecked Sendable {
         coreSnapshot = core.status
         nbd = NBDServer(group: group, childGroup: replicatedVolume.eventLoop, exportName: me.exportName, exportDescription: "hamgr \(config.cluster.name)",
                         tls: try Self.exportTLS(config, host: me.name.name), allow: config.export.allow,
-                        inFlightLimits: .init(maxRequests: config.export.maxInFlightRequests, maxBytes: config.export.maxInFlightBytes),
+                        inFlightLimits: .init(maxRequests: config.export.maxInFlightRequests, maxBytes: config.export.maxInFlightBytes,
+                                              maxConnections: config.export.maxConnections),
                         logger: logger)
         hooks = HookRunner(hooks: config.hooks, logger: logger, metrics: metrics)
         let resourceContext = ResourceContext(cluster: config.cluster.name, node: me.name.name, export: try NBDAttachTarget.own(config, node: me))

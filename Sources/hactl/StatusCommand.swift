@@ -151,13 +151,16 @@ enum StatusTable {
 
     /// The arbitrator's view: one row per cluster it serves.
     static func render(arbitrator w: ArbitratorStatusDocument) -> String {
-        var rows: [[String]] = [["CLUSTER", "MASTER", "EPOCH", "OUTDATED", "LAST CONTACT"]]
+        var rows: [[String]] = [["CLUSTER", "MASTER", "EPOCH", "LEASE LEFT", "LINKED", "OUTDATED", "LAST CONTACT"]]
         for c in w.clusters.sorted(by: { $0.name < $1.name }) {
             let outdated = c.outdated.map { "\($0.node)@\($0.epoch)" }.joined(separator: ",")
             let contact = c.lastContactMs.keys.sorted().map { node in
                 "\(node) " + (c.lastContactMs[node].flatMap { $0 }.map { "\($0) ms" } ?? "never")
             }.joined(separator: ", ")
-            rows.append([c.name, c.master ?? "none", String(c.epoch), outdated.isEmpty ? "-" : outdated, contact])
+            // Both columns are "?" for an arbitrator too old to report them.
+            let lease = c.master == nil ? "-" : c.leaseRemainingMs.map { "\($0) ms" } ?? "?"
+            let linked = c.connected.map { $0.isEmpty ? "none" : $0.joined(separator: ",") } ?? "?"
+            rows.append([c.name, c.master ?? "none", String(c.epoch), lease, linked, outdated.isEmpty ? "-" : outdated, contact])
         }
         return "arbitrator (version \(w.version)): \(w.clusters.count) cluster(s)\n" + table(rows)
     }

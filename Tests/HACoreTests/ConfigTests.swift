@@ -345,15 +345,21 @@ final class ConfigTests: XCTestCase {
         let defaults = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML))
         XCTAssertEqual(defaults.export.maxInFlightBytes, 64 << 20)
         XCTAssertEqual(defaults.export.maxInFlightRequests, 256)
-        let set = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML + "\n[export]\nmax_in_flight_bytes = \"16MiB\"\nmax_in_flight_requests = 32\n"))
+        XCTAssertEqual(defaults.export.maxConnections, 16)
+        let set = try ClusterConfig.load(path: f.write(ConfigFixture.validTOML + "\n[export]\nmax_in_flight_bytes = \"16MiB\"\nmax_in_flight_requests = 32\nmax_connections = 4\n"))
         XCTAssertEqual(set.export.maxInFlightBytes, 16 << 20)
         XCTAssertEqual(set.export.maxInFlightRequests, 32)
+        XCTAssertEqual(set.export.maxConnections, 4)
+        XCTAssertEqual(defaults.changedKeys(comparedTo: set), ["export.max_in_flight_bytes", "export.max_in_flight_requests", "export.max_connections"],
+                       "a reload names them: they apply at the next start")
         for (line, key) in [("max_in_flight_bytes = \"512KiB\"", "export.max_in_flight_bytes"),
                             ("max_in_flight_bytes = \"3GiB\"", "export.max_in_flight_bytes"),
                             ("max_in_flight_bytes = \"lots\"", "export.max_in_flight_bytes"),
                             ("max_in_flight_requests = 0", "export.max_in_flight_requests"),
                             ("max_in_flight_requests = 100000", "export.max_in_flight_requests"),
-                            ("max_in_flight_requests = \"8\"", "export.max_in_flight_requests")] {
+                            ("max_in_flight_requests = \"8\"", "export.max_in_flight_requests"),
+                            ("max_connections = 0", "export.max_connections"),
+                            ("max_connections = 5000", "export.max_connections")] {
             XCTAssertThrowsError(try ClusterConfig.load(path: f.write(ConfigFixture.validTOML + "\n[export]\n" + line + "\n")), line) { error in
                 guard let e = error as? ConfigError else { return XCTFail("\(line): not a ConfigError: \(error)") }
                 XCTAssertEqual(e.key, key, "\(line) → \(e)")

@@ -135,7 +135,9 @@ final class HactlTests: XCTestCase {
     func testArbitratorEndpointShowsItsClusters() throws {
         var logger = Logger(label: "hactl-test"); logger.logLevel = .critical
         let doc = ArbitratorStatusDocument(clusters: [.init(name: "web1", master: "a", epoch: 7, outdated: [.init(node: "b", epoch: 6)],
-                                                            lastContactMs: ["a": 120, "b": nil])])
+                                                            lastContactMs: ["a": 120, "b": nil], leaseRemainingMs: 950, connected: ["a"]),
+                                                      .init(name: "web2", master: nil, epoch: 3, outdated: [], lastContactMs: ["c": 40],
+                                                            connected: [])])
         let w = StatusServer(group: group, host: "127.0.0.1", port: 0, adminToken: nil,
                              handlers: StatusHandlers(statusDocument: { doc }, metrics: { "" }, healthy: { true },
                                                       admin: { _, loop in loop.makeSucceededFuture(.refused("no", status: 404)) }),
@@ -146,9 +148,10 @@ final class HactlTests: XCTestCase {
         let r = try hactl(["--endpoint", url, "status"], token: false)
         XCTAssertEqual(r.status, 0, r.stderr)
         XCTAssertEqual(r.stdout, """
-        arbitrator (version \(hamgrVersion)): 1 cluster(s)
-        CLUSTER  MASTER  EPOCH  OUTDATED  LAST CONTACT
-        web1     a       7      b@6       a 120 ms, b never
+        arbitrator (version \(hamgrVersion)): 2 cluster(s)
+        CLUSTER  MASTER  EPOCH  LEASE LEFT  LINKED  OUTDATED  LAST CONTACT
+        web1     a       7      950 ms      a       b@6       a 120 ms, b never
+        web2     none    3      -           none    -         c 40 ms
 
         """)
         let json = try hactl(["--endpoint", url, "status", "--json"], token: false)

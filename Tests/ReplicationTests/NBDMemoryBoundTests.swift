@@ -150,6 +150,32 @@ final class NBDMemoryBoundTests: XCTestCase {
         XCTAssertEqual(export.server.statistics.count("read"), UInt64(count + 1), "the client's reads and the other client's one")
     }
 
+    /// `export.max_connections`: the per-connection budget times this is the export's bound.
+    /// One connection over it is closed before the greeting and logged; a slot freed by a
+    /// client that left is taken by the next one (nbdinfo, a real client).
+    func testConnectionsOverTheLimitAreClosedBeforeTheGreeting() throws {
+        let log = EventLog()
+        let limits = NBDInFlightBudget.Limits(maxRequests: 8, maxBytes: Self.mib, maxConnections: 2)
+        let export = try TestExport(size: 1 << 20, logger: log.logger(), inFlightLimits: limits)
+        defer { export.stop() }
+        var held = [try RawNBDSocket(port: export.port), try RawNBDSocket(port: export.port)]
+        for s in held { XCTAssertNotNil(s.greet(), "within the limit") }
+        XCTAssertEqual(try RawNBDSocket(port: export.port).receiveUntilClosed(), [], "the third is closed with no byte sent")
+        XCTAssertTrue(TestExport.eventually { log.entries(event: "nbd_connection_limit").count == 1 }, "\(log.all)")
+        if ProcessRunner.which("nbdinfo") != nil {
+            XCTAssertNotEqual(try ProcessRunner.run("nbdinfo", ["--size", export.uri], timeout: 30).exitCode, 0, "a real client is refused too")
+        }
+        held.removeLast()  // closes it: its slot frees once the server sees the close
+        XCTAssertTrue(TestExport.eventually { export.server.statistics.connectionsOpen == 1 })
+        if ProcessRunner.which("nbdinfo") != nil {
+            let r = try ProcessRunner.run("nbdinfo", ["--size", export.uri], timeout: 30)
+            XCTAssertEqual(r.stdout.trimmingCharacters(in: .whitespacesAndNewlines), "\(1 << 20)", r.stderr)
+        } else {
+            XCTAssertNotNil(try RawNBDSocket(port: export.port).greet(), "the freed slot is taken")
+        }
+        XCTAssertNotNil(held.first)
+    }
+
     /// A request larger than the whole budget is still served, by itself.
     func testRequestLargerThanTheBudgetIsServedAlone() throws {
         let limits = NBDInFlightBudget.Limits(maxRequests: 8, maxBytes: Self.mib)

@@ -14,14 +14,20 @@ public struct NBDInFlightBudget: Sendable, Equatable {
         public var maxRequests: Int
         /// Payload bytes of those requests (`export.max_in_flight_bytes`).
         public var maxBytes: Int
+        /// Open connections the export keeps at once (`export.max_connections`); one more is
+        /// closed before the greeting. With the two above it bounds the whole export:
+        /// `maxConnections × maxBytes` of request payload at most.
+        public var maxConnections: Int
 
         /// 64 MiB: twice the NBD maximum block size, and QD32 of 1 MiB requests with room
-        /// to spare; 256 requests: above the Linux nbd driver's default queue depth (128).
-        public static let defaults = Limits(maxRequests: 256, maxBytes: 64 << 20)
+        /// to spare; 256 requests: above the Linux nbd driver's default queue depth (128);
+        /// 16 connections: qemu's and nbdcopy's multi-conn (4 each) several times over.
+        public static let defaults = Limits(maxRequests: 256, maxBytes: 64 << 20, maxConnections: 16)
 
-        public init(maxRequests: Int, maxBytes: Int) {
+        public init(maxRequests: Int, maxBytes: Int, maxConnections: Int = Limits.defaults.maxConnections) {
             self.maxRequests = maxRequests
             self.maxBytes = maxBytes
+            self.maxConnections = maxConnections
         }
     }
 

@@ -192,13 +192,24 @@ public final class NBDServer: @unchecked Sendable {
     // MARK: connection registry (called by NBDConnectionHandler)
 
     private func register(_ channel: Channel) -> Bool {
-        let ok = lock.withLock { () -> Bool in
-            guard !state.stopped else { return false }
+        enum Outcome { case registered, stopped, full(Int) }
+        let outcome = lock.withLock { () -> Outcome in
+            guard !state.stopped else { return .stopped }
+            guard state.connections.count < inFlightLimits.maxConnections else { return .full(state.connections.count) }
             state.connections[ObjectIdentifier(channel)] = (channel, nil)
-            return true
+            return .registered
         }
-        if ok { recorder.connectionOpened() }
-        return ok
+        switch outcome {
+        case .registered:
+            recorder.connectionOpened()
+            return true
+        case .stopped:
+            return false
+        case .full(let open):
+            logger.warning("NBD client refused: \(open) connections open, export.max_connections is \(inFlightLimits.maxConnections); closing before the greeting",
+                           metadata: ["event": "nbd_connection_limit", "peer": "\(channel.remoteAddress.map { "\($0)" } ?? "unix socket")"])
+            return false
+        }
     }
 
     private func unregister(_ channel: Channel) {

@@ -29,7 +29,7 @@ public func frameFuzz(_ data: UnsafePointer<UInt8>, _ size: Int) -> CInt {
                 // Seeds may hold frames sealed with the fuzz key; those must decode consistently.
                 if case .success(let f) = opener.open(body) {
                     precondition(f.sequence == expected && opener.nextSequence == expected &+ 1)
-                    precondition(f.payload.readableBytes == body.readableBytes - Frame.headerBytes - Frame.macBytes)
+                    precondition(f.payload.readableBytes == body.readableBytes - Frame.headerBytes - Frame.tagBytes)
                 }
             }
         } catch {
