@@ -63,6 +63,35 @@ final class CoreRaceTests: XCTestCase {
         XCTAssertTrue(acts.contains { if case .log(_, let m) = $0 { return m.contains("sync source") }; return false })
     }
 
+    /// Seeds 3183, 4667, 5393: a flush sent, the link gone before the peer answered it (the
+    /// peer refused its frame's epoch), and the link back at once with nothing dirty on
+    /// either side. No resync runs and the arbitrator is never asked to outdate a peer in
+    /// sync, so the flush waited for ever; a handshake that finds the peer in sync now
+    /// counts it as done there (every write before it that the peer had not synced would
+    /// have been marked).
+    func testFlushCaughtByALinkDropIsAnsweredWhenTheLinkComesBackInSync() throws {
+        var a = Self.core("a", "b")
+        let now = Instant(nanoseconds: 1_000_000_000)
+        _ = try a.becomePrimary(epoch: Epoch(1), newGeneration: false, now: now).get()
+        _ = a.handle(.gate(WriteGate(epoch: Epoch(1), validUntil: now + .seconds(60), peerRequired: true)), now: now)
+        _ = a.handle(.linkUp(1, "b"), now: now)
+        _ = Self.greet(&a, session: 1, role: .secondary, crashedPrimary: false, dirty: [], now: now)
+        XCTAssertEqual(a.status.peerState, .inSync)
+        let flushed = a.handle(.flush(7), now: now)
+        let local = flushed.compactMap { if case .io(let b) = $0 { return b.then }; return nil }
+        XCTAssertFalse(local.isEmpty, "the flush's local sync")
+        var acts: [CoreAction] = []
+        for c in local { acts += a.handle(.io(c), now: now) }
+        acts += a.handle(.linkDown(1, "refused: fenced flush frame"), now: now)
+        for c in acts.compactMap({ a in if case .io(let b) = a { return b.then }; return nil }) { acts += a.handle(.io(c), now: now) }
+        func answered(_ xs: [CoreAction]) -> Bool { xs.contains { if case .complete(7, nil) = $0 { return true }; return false } }
+        XCTAssertFalse(answered(acts), "not before the peer is back or outdated")
+        _ = a.handle(.linkUp(2, "b"), now: now)
+        let back = Self.greet(&a, session: 2, role: .secondary, crashedPrimary: false, dirty: [], now: now)
+        XCTAssertEqual(a.status.peerState, .inSync)
+        XCTAssertTrue(answered(back), "answered once the link is back in sync: \(back)")
+    }
+
     /// Seed 693: a secondary verifying against a writing primary. The primary wrote chunk 1
     /// (and sent it) after the secondary had read its hash of chunk 1, so the primary's
     /// compare says "differs". That mismatch is checked again behind the write; it is not reported.

@@ -333,6 +333,7 @@ extension ReplicationCore {
         l.held = []
         link = l
         if case .becomeSource = d { startResync(now) }
+        if case .inSync = d, role == .primary { peerHoldsWritesItLost() }
         admitWaiting()
         for h in held { submitWrite(h, now) }
         evaluateAll(now)

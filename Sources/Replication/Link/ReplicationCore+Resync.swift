@@ -99,13 +99,24 @@ extension ReplicationCore {
         // before saying it finished. The peer has them durably, as protocol C would: without
         // this, a write caught by a short link drop waited for an outdate mark that a peer
         // back in sync never gets (found by LinkSecurityTests' tampered-frame cases).
+        peerHoldsWritesItLost()
+        evaluateAll(now)
+    }
+
+    /// The peer is back in sync with every chunk a write that lost it touched (a finished
+    /// resync, or a handshake that found nothing dirty on either side): such writes count as
+    /// written there durably. A flush that lost the peer touches no chunk; with nothing
+    /// dirty, every write before it that the peer had not synced would have been marked
+    /// (transfer log), so the peer holds them all durably (simulator seeds 3183, 4667,
+    /// 5393: a flush refused by the peer's epoch fence, the link back in sync at once, the
+    /// flush waiting for an outdate mark that never came).
+    mutating func peerHoldsWritesItLost() {
         for seq in writes.keys.sorted() {
-            guard var w = writes[seq], w.peerLost, !w.failedLocally else { continue }
+            guard var w = writes[seq], w.peerLost, !w.failedLocally, !w.chunks.contains(where: bitmap.isSet) else { continue }
             w.peerLost = false
             w.confirmation = .written
             writes[seq] = w
         }
-        evaluateAll(now)
     }
 
     mutating func targetSynced(_ session: SessionID) {
