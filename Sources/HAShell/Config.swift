@@ -417,8 +417,8 @@ public struct ClusterConfig: Sendable, Equatable {
             sizeBytes: try v.size("size", required: true)!,
             chunkSizeBytes: try v.size("chunk_size") ?? Volume.defaultChunkSizeBytes,
             resyncRateBytesPerSecond: try v.size("resync_rate") ?? Volume.defaultResyncRateBytesPerSecond)
-        volume.linkSendBufferBytes = try v.size("link_send_buffer") ?? Volume.defaultLinkSendBufferBytes
-        volume.applyQueueBytes = try v.size("apply_queue") ?? Volume.defaultApplyQueueBytes
+        volume.linkSendBufferBytes = try v.size("link_send_buffer", in: (1 << 20)...(1 << 30)) ?? Volume.defaultLinkSendBufferBytes
+        volume.applyQueueBytes = try v.size("apply_queue", in: (4 << 20)...(4 << 30)) ?? Volume.defaultApplyQueueBytes
 
         // [[node]]
         let nodeTables = try top.requiredArrayOfTables("node")
@@ -504,24 +504,9 @@ public struct ClusterConfig: Sendable, Equatable {
                 export.allow.append(net)
             }
             export.unixSocket = try e.string("unix_socket").map(resolve)
-            if let bytes = try e.size("max_in_flight_bytes") {
-                guard bytes >= UInt64(ExportSettings.minInFlightBytes), bytes <= UInt64(2 << 30) else {
-                    throw ConfigError(key: "export.max_in_flight_bytes", message: "\(bytes) bytes: must be from 1MiB to 2GiB")
-                }
-                export.maxInFlightBytes = Int(bytes)
-            }
-            if let n = try e.int("max_in_flight_requests") {
-                guard (1...ExportSettings.maxInFlightRequestsLimit).contains(n) else {
-                    throw ConfigError(key: "export.max_in_flight_requests", message: "must be from 1 to \(ExportSettings.maxInFlightRequestsLimit), got \(n)")
-                }
-                export.maxInFlightRequests = n
-            }
-            if let n = try e.int("max_connections") {
-                guard (1...ExportSettings.maxConnectionsLimit).contains(n) else {
-                    throw ConfigError(key: "export.max_connections", message: "must be from 1 to \(ExportSettings.maxConnectionsLimit), got \(n)")
-                }
-                export.maxConnections = n
-            }
+            if let b = try e.size("max_in_flight_bytes", in: UInt64(ExportSettings.minInFlightBytes)...(2 << 30)) { export.maxInFlightBytes = Int(b) }
+            if let n = try e.int("max_in_flight_requests", in: 1...ExportSettings.maxInFlightRequestsLimit) { export.maxInFlightRequests = n }
+            if let n = try e.int("max_connections", in: 1...ExportSettings.maxConnectionsLimit) { export.maxConnections = n }
         }
 
         // [status]: HTTPS by default once certificates are configured.
@@ -607,12 +592,6 @@ public struct ClusterConfig: Sendable, Equatable {
         }
         if volume.resyncRateBytesPerSecond < 1 << 20 {
             throw ConfigError(key: "volume.resync_rate", message: "\(volume.resyncRateBytesPerSecond) bytes/s; must be at least 1MiB (per second)")
-        }
-        if !(1 << 20 ... 1 << 30).contains(volume.linkSendBufferBytes) {
-            throw ConfigError(key: "volume.link_send_buffer", message: "\(ByteSize.format(volume.linkSendBufferBytes)): must be from 1MiB to 1GiB")
-        }
-        if !(4 << 20 ... 4 << 30).contains(volume.applyQueueBytes) {
-            throw ConfigError(key: "volume.apply_queue", message: "\(ByteSize.format(volume.applyQueueBytes)): must be from 4MiB to 4GiB")
         }
 
         // The lease rule (design.md §2): one inequality, checked at start.
@@ -766,6 +745,13 @@ private final class TableReader {
         return i
     }
 
+    /// An integer within `range` (nil when absent); outside it, an error naming the range.
+    func int(_ k: String, in range: ClosedRange<Int>) throws -> Int? {
+        guard let i = try int(k) else { return nil }
+        guard range.contains(i) else { throw ConfigError(key: key(k), message: "must be from \(range.lowerBound) to \(range.upperBound), got \(i)") }
+        return i
+    }
+
     func positiveInt(_ k: String) throws -> Int? {
         guard let i = try int(k) else { return nil }
         guard i > 0 else { throw ConfigError(key: key(k), message: "must be positive, got \(i)") }
@@ -783,6 +769,15 @@ private final class TableReader {
         if let d = v.double { return d }
         if let i = v.int { return Double(i) }
         throw typeError(k, "a number", v)
+    }
+
+    /// A size within `range` (nil when absent); outside it, an error naming the range.
+    func size(_ k: String, in range: ClosedRange<UInt64>) throws -> UInt64? {
+        guard let b = try size(k) else { return nil }
+        guard range.contains(b) else {
+            throw ConfigError(key: key(k), message: "\(ByteSize.format(b)): must be from \(ByteSize.format(range.lowerBound)) to \(ByteSize.format(range.upperBound))")
+        }
+        return b
     }
 
     /// A size: a string such as "64KiB" or a bare integer of bytes.
