@@ -5,28 +5,45 @@ import XCTest
 /// from Debian's resource-agents runs as a resource of the master, and hooks announce
 /// promotions and demotions with the documented environment.
 final class ResourcesAndHooksProcessTests: XCTestCase {
+    static let dummyAgent = "/usr/lib/ocf/resource.d/heartbeat/Dummy"
+
+    /// A cluster whose one resource is the real Dummy agent, each node with its own
+    /// `HA_RSCTMP` (where the agent keeps its state file). `extraTOML` follows the resource.
+    private func dummyCluster(name: String, subnet: Int, monitorMs: Int, maxRestarts: Int? = nil,
+                              extraTOML: String = "") throws -> ClusterHarness {
+        guard FileManager.default.isExecutableFile(atPath: Self.dummyAgent) else { throw XCTSkip("resource-agents is not installed") }
+        let h = try ClusterHarness(name: name, subnet: subnet, extraTOML: """
+            [[resource]]
+            name = "dummy"
+            agent = "ocf:heartbeat:Dummy"
+            monitor_interval_ms = \(monitorMs)
+            \(maxRestarts.map { "max_restarts = \($0)" } ?? "")
+
+            \(extraTOML)
+            """)
+        for n in ["a", "b"] { try FileManager.default.createDirectory(atPath: rscDir(h, n), withIntermediateDirectories: true) }
+        return h
+    }
+
+    private func rscDir(_ h: ClusterHarness, _ node: String) -> String { h.dir.appendingPathComponent("\(node)-rsc").path }
+    /// The Dummy agent's state file on `node`: present while it runs there.
+    private func stateFile(_ h: ClusterHarness, _ node: String) -> String { rscDir(h, node) + "/Dummy-dummy.state" }
+
+    /// Arbitrator, then both nodes; returns (master, backup) once the cluster is up.
+    private func start(_ h: ClusterHarness) throws -> (String, String) {
+        try h.startArbitrator()
+        for n in ["a", "b"] { try h.startNode(n, env: ["HA_RSCTMP": rscDir(h, n)]) }
+        return try h.startedCluster(startProcesses: false)
+    }
+
     /// Maintenance on the master (issue 12): its resources are unmanaged — one stopped by
     /// hand is neither restarted nor a reason to switch over — while it stays master; off
     /// again, the monitor restarts it.
     func testMaintenanceOnTheMasterUnmanagesItsResources() throws {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/lib/ocf/resource.d/heartbeat/Dummy") else {
-            throw XCTSkip("resource-agents is not installed")
-        }
-        let h = try ClusterHarness(name: "maint", subnet: 95, extraTOML: """
-            [[resource]]
-            name = "dummy"
-            agent = "ocf:heartbeat:Dummy"
-            monitor_interval_ms = 200
-            max_restarts = 0
-            """)
+        let h = try dummyCluster(name: "maint", subnet: 95, monitorMs: 200, maxRestarts: 0)
         defer { h.shutdown() }
-        func stateFile(_ n: String) -> String { h.dir.appendingPathComponent("\(n)-rsc/Dummy-dummy.state").path }
-        for n in ["a", "b"] {
-            try FileManager.default.createDirectory(atPath: h.dir.appendingPathComponent("\(n)-rsc").path, withIntermediateDirectories: true)
-        }
-        try h.startArbitrator()
-        for n in ["a", "b"] { try h.startNode(n, env: ["HA_RSCTMP": h.dir.appendingPathComponent("\(n)-rsc").path]) }
-        let (master, _) = try h.startedCluster(startProcesses: false)
+        func stateFile(_ n: String) -> String { self.stateFile(h, n) }
+        let (master, _) = try start(h)
         XCTAssertTrue(waitUntil(10) { FileManager.default.fileExists(atPath: stateFile(master)) }, h.tail(master))
 
         let on = try h.admin(master, "maintenance", body: "{\"on\": true}")
@@ -56,24 +73,10 @@ final class ResourcesAndHooksProcessTests: XCTestCase {
     /// `hactl resource cleanup` (issue 12): the master's restart count of a resource goes back
     /// to 0 through the admin endpoint; an unknown name is refused naming the known ones.
     func testResourceCleanupResetsTheFailureCount() throws {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/lib/ocf/resource.d/heartbeat/Dummy") else {
-            throw XCTSkip("resource-agents is not installed")
-        }
-        let h = try ClusterHarness(name: "cleanup", subnet: 96, extraTOML: """
-            [[resource]]
-            name = "dummy"
-            agent = "ocf:heartbeat:Dummy"
-            monitor_interval_ms = 200
-            max_restarts = 3
-            """)
+        let h = try dummyCluster(name: "cleanup", subnet: 96, monitorMs: 200, maxRestarts: 3)
         defer { h.shutdown() }
-        func stateFile(_ n: String) -> String { h.dir.appendingPathComponent("\(n)-rsc/Dummy-dummy.state").path }
-        for n in ["a", "b"] {
-            try FileManager.default.createDirectory(atPath: h.dir.appendingPathComponent("\(n)-rsc").path, withIntermediateDirectories: true)
-        }
-        try h.startArbitrator()
-        for n in ["a", "b"] { try h.startNode(n, env: ["HA_RSCTMP": h.dir.appendingPathComponent("\(n)-rsc").path]) }
-        let (master, backup) = try h.startedCluster(startProcesses: false)
+        func stateFile(_ n: String) -> String { self.stateFile(h, n) }
+        let (master, backup) = try start(h)
         XCTAssertTrue(waitUntil(10) { FileManager.default.fileExists(atPath: stateFile(master)) }, h.tail(master))
         func dummy(_ n: String) -> [String: Any]? { (h.status(n)?["resources"] as? [[String: Any]])?.first }
         try FileManager.default.removeItem(atPath: stateFile(master))
@@ -104,21 +107,12 @@ final class ResourcesAndHooksProcessTests: XCTestCase {
     /// A resource left running (by a crash of this node as master, or by hand) is found by a
     /// probe at start and stopped before the node can be master (issue 12).
     func testResourceLeftRunningIsStoppedAtStart() throws {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/lib/ocf/resource.d/heartbeat/Dummy") else {
-            throw XCTSkip("resource-agents is not installed")
-        }
-        let h = try ClusterHarness(name: "stray", subnet: 94, extraTOML: """
-            [[resource]]
-            name = "dummy"
-            agent = "ocf:heartbeat:Dummy"
-            monitor_interval_ms = 300
-            """)
+        let h = try dummyCluster(name: "stray", subnet: 94, monitorMs: 300)
         defer { h.shutdown() }
-        let rsc = h.dir.appendingPathComponent("a-rsc").path
-        try FileManager.default.createDirectory(atPath: rsc, withIntermediateDirectories: true)
+        let rsc = rscDir(h, "a")
         // What the agent's own start leaves: its state file.
-        let state = rsc + "/Dummy-dummy.state"
-        let started = try shell(["/usr/lib/ocf/resource.d/heartbeat/Dummy", "start"],
+        let state = stateFile(h, "a")
+        let started = try shell([Self.dummyAgent, "start"],
                                 env: ["OCF_ROOT": "/usr/lib/ocf", "OCF_RESOURCE_INSTANCE": "dummy", "HA_RSCTMP": rsc])
         XCTAssertEqual(started.status, 0, started.stderr)
         XCTAssertTrue(FileManager.default.fileExists(atPath: state), "the stray is running before hamgr starts")
@@ -131,9 +125,6 @@ final class ResourcesAndHooksProcessTests: XCTestCase {
     }
 
     func testDummyResourceFollowsTheMasterAndRepeatedFailureSwitchesOver() throws {
-        guard FileManager.default.isExecutableFile(atPath: "/usr/lib/ocf/resource.d/heartbeat/Dummy") else {
-            throw XCTSkip("resource-agents is not installed")
-        }
         let hookDir = FileManager.default.temporaryDirectory.appendingPathComponent("hamgr-hooks-\(getpid())")
         try FileManager.default.createDirectory(at: hookDir, withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(at: hookDir) }
@@ -142,25 +133,14 @@ final class ResourcesAndHooksProcessTests: XCTestCase {
         try "#!/bin/sh\necho \"$(env | grep '^HAMGR_' | sort | tr '\\n' ' ')\" >> \(hookLog)\n"
             .write(toFile: hook, atomically: true, encoding: .utf8)
         chmod(hook, 0o755)
-        let h = try ClusterHarness(name: "rsc", subnet: 37, extraTOML: """
-            [[resource]]
-            name = "dummy"
-            agent = "ocf:heartbeat:Dummy"
-            monitor_interval_ms = 300
-            max_restarts = 1
-
+        let h = try dummyCluster(name: "rsc", subnet: 37, monitorMs: 300, maxRestarts: 1, extraTOML: """
             [hooks]
             on_promote = "\(hook)"
             on_demote = "\(hook)"
             """)
         defer { h.shutdown() }
-        func stateFile(_ n: String) -> String { h.dir.appendingPathComponent("\(n)-rsc/Dummy-dummy.state").path }
-        for n in ["a", "b"] {
-            try FileManager.default.createDirectory(atPath: h.dir.appendingPathComponent("\(n)-rsc").path, withIntermediateDirectories: true)
-        }
-        try h.startArbitrator()
-        for n in ["a", "b"] { try h.startNode(n, env: ["HA_RSCTMP": h.dir.appendingPathComponent("\(n)-rsc").path]) }
-        let (master, backup) = try h.startedCluster(startProcesses: false)
+        func stateFile(_ n: String) -> String { self.stateFile(h, n) }
+        let (master, backup) = try start(h)
 
         // Started after promotion, on the master only.
         XCTAssertTrue(waitUntil(10) { FileManager.default.fileExists(atPath: stateFile(master)) }, "Dummy not started on the master\n\(h.tail(master))")
