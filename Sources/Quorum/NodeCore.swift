@@ -415,6 +415,10 @@ public struct NodeCore: Sendable {
         }
         if now < lastHeardMaster + timings.failureTimeout { return } // the master is alive
         if let blocker = candidacyBlocker(now) {
+            // The wait for the peer's copy of the crash extents can last a resync: say so once.
+            if blocker != whyNotPromoted, blocker == crashCopyBlocker(now) {
+                log("waitingForPeerCopy", [("peer", peer.name), ("why", blocker)], &out)
+            }
             whyNotPromoted = blocker
             return
         }

@@ -143,6 +143,7 @@ final class ProtocolRuleTests: XCTestCase {
         XCTAssertFalse(h.actions[H.a, default: []].sent.contains { if case .voteRequest = $0.message { return true }; return false })
         XCTAssertEqual(h.status(H.a).whyNotPromoted,
                        "b holds every write this node acknowledged before it crashed: waiting for the replication link to resync the crash extents from it")
+        XCTAssertEqual(h.actions[H.a, default: []].logNames.filter { $0 == "waitingForPeerCopy" }.count, 1, "one event for the wait")
         // A forced promotion is the operator's call; a plain one waits like the election.
         let refused = h.handle(H.a, .admin(.promote(force: false)))
         XCTAssertTrue(refused.contains { if case .adminResult(_, .failure(let why)) = $0 { return why.reason.hasSuffix("promote --force overrides") }; return false })
