@@ -64,11 +64,20 @@ final class PowerCutTests: XCTestCase {
         for f in futures { try f.wait() }
     }
 
-    /// Every 16th block at version 1, then a flush: what every run starts from, durable.
-    func writeFlushedBaseline(_ v: ReplicatedVolume, _ model: inout Model, on loop: EventLoop) throws {
-        try write(v, Array(stride(from: 0, to: 4096, by: 16)), 1, &model, on: loop)
-        try v.flush(on: loop).wait()
+    /// What every run starts from: a connected pair whose stores lose unsynced writes on a
+    /// power cut, `a` primary, and every 16th block at version 1, flushed (durable).
+    func startFlushedPair(_ model: inout Model, proto: ReplicationProtocol = .c, resyncRate: Int? = nil,
+                          name: String = #function) throws -> (pair: VolumePair, a: ReplicatedVolume, b: ReplicatedVolume, loop: EventLoop) {
+        let pair = try VolumePair(test: self, proto: proto, name: name)
+        pair.volatileCache = true
+        if let r = resyncRate { pair.resyncRate = r }
+        try pair.connectPrimary()
+        let a = try XCTUnwrap(pair.a), b = try XCTUnwrap(pair.b)
+        let loop = pair.group.next()
+        try write(a, Array(stride(from: 0, to: 4096, by: 16)), 1, &model, on: loop)
+        try a.flush(on: loop).wait()
         model.flushed()
+        return (pair, a, b, loop)
     }
 
     func assertIdentical(_ pair: VolumePair, _ model: Model, file: StaticString = #filePath, line: UInt = #line) {
@@ -81,15 +90,9 @@ final class PowerCutTests: XCTestCase {
     /// durable, so the bits the source cleared are really on its disk; the second resync sends
     /// the rest, and the stores end identical.
     func testTargetPowerCutMidResync() throws {
-        let pair = try VolumePair(test: self)
-        pair.volatileCache = true
-        pair.resyncRate = 4 << 20
-        try pair.connectPrimary()
-        let a = try XCTUnwrap(pair.a)
-        let loop = pair.group.next()
         var model = Model()
-        try writeFlushedBaseline(a, &model, on: loop)
-        pair.b!.simulatePowerCut()
+        let (pair, a, b, loop) = try startFlushedPair(&model, resyncRate: 4 << 20)
+        b.simulatePowerCut()
         waitUntil("link down") { a.status.peerState == .disconnected }
         a.setWriteGate(VolumePair.openGate(Epoch(1), peerRequired: false))  // the arbitrator outdated b
         try write(a, Array(stride(from: 1, to: 4096, by: 2)), 2, &model, on: loop)  // 8 MiB: two seconds of resync
@@ -131,13 +134,8 @@ final class PowerCutTests: XCTestCase {
     enum Return { case pullThenPromote, promoteThenLink, failover }
 
     func primaryPowerCut(_ proto: ReplicationProtocol, _ how: Return) throws {
-        let pair = try VolumePair(test: self, proto: proto)
-        pair.volatileCache = true
-        try pair.connectPrimary()
-        let a = try XCTUnwrap(pair.a), b = try XCTUnwrap(pair.b)
-        let loop = pair.group.next()
         var model = Model()
-        try writeFlushedBaseline(a, &model, on: loop)
+        let (pair, a, b, loop) = try startFlushedPair(&model, proto: proto)
         // 16 extents of 1 MiB, the log holds 8: three rounds over all of them, no flush.
         for round in 0..<3 {
             try write(a, Array(stride(from: 3 + round, to: 4096, by: 64)), UInt8(2 + round), &model, on: loop)
@@ -185,13 +183,8 @@ final class PowerCutTests: XCTestCase {
     /// both nodes still hold every acknowledged write (simulator seed 326: without that sync
     /// the backup came back older than its peer, with no bit set on either side).
     func testResyncSourcePowerCutAfterServingTheCrashExtents() throws {
-        let pair = try VolumePair(test: self)
-        pair.volatileCache = true
-        try pair.connectPrimary()
-        let a = try XCTUnwrap(pair.a), b = try XCTUnwrap(pair.b)
-        let loop = pair.group.next()
         var model = Model()
-        try writeFlushedBaseline(a, &model, on: loop)
+        let (pair, a, b, loop) = try startFlushedPair(&model)
         try write(a, Array(stride(from: 3, to: 512, by: 64)), 2, &model, on: loop)
         a.simulatePowerCut()
         waitUntil("b sees the link go") { b.status.peerState == .disconnected }
@@ -214,13 +207,8 @@ final class PowerCutTests: XCTestCase {
     func testBackupPowerCutUnderProtocolC() throws { try backupPowerCut(.c) }
 
     func backupPowerCut(_ proto: ReplicationProtocol) throws {
-        let pair = try VolumePair(test: self, proto: proto)
-        pair.volatileCache = true
-        try pair.connectPrimary()
-        let a = try XCTUnwrap(pair.a)
-        let loop = pair.group.next()
         var model = Model()
-        try writeFlushedBaseline(a, &model, on: loop)
+        let (pair, a, b, loop) = try startFlushedPair(&model, proto: proto)
         // Acknowledged, not flushed, in the first 4 MiB; then a burst in flight in the next
         // 4 MiB when the backup loses power. Separate chunks: a chunk of the first part is
         // resynced only if the master recorded that the backup had not synced it. Eight 1 MiB
@@ -229,7 +217,7 @@ final class PowerCutTests: XCTestCase {
         let burst = Array(stride(from: 1031, to: 2048, by: 8))
         let futures = burst.map { a.write(offset: UInt64($0 * Self.block), data: Self.contents($0, 3), fua: false, on: loop) }
         for blk in burst { model.wrote(blk, 3) }
-        pair.b!.simulatePowerCut()
+        b.simulatePowerCut()
         waitUntil("link down") { a.status.peerState == .disconnected }
         a.setWriteGate(VolumePair.openGate(Epoch(1), peerRequired: false))  // the arbitrator outdated b
         for f in futures { try f.wait() }
